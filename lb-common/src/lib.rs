@@ -1,0 +1,328 @@
+//! Types and constants shared by the `lb` datapath (lb-ebpf) and the agent (lb-userspace).
+//!
+//! Everything that crosses the kernel/user boundary is defined here once: map names, key and
+//! value layouts, datapath counter indices, and the small pieces of decision logic (backend slot
+//! selection) that must behave identically on both sides and are unit-tested on the host.
+//!
+//! # Layout rules
+//! * `#[repr(C)]`, `Copy`, explicit `_pad` fields, no implicit padding, no `bool`/enum/`Option`.
+//! * Addresses are byte arrays in network order (`[198, 19, 0, 10]`), so they read naturally in
+//!   `bpftool map dump`. Ports are **host order** `u16` for the same reason; the datapath
+//!   converts once per `connect()`.
+//! * Any change to a layout or its meaning bumps the `_Vn` suffix of the map name. Never change a
+//!   layout in place: a restarted agent adopts the pinned maps of the previous one.
+#![no_std]
+
+pub mod stats;
+
+pub use stats::Stat;
+
+/// IANA protocol numbers as found in `bpf_sock_addr.protocol`.
+pub const IPPROTO_TCP: u8 = 6;
+/// UDP.
+pub const IPPROTO_UDP: u8 = 17;
+/// SCTP.
+pub const IPPROTO_SCTP: u8 = 132;
+
+/// Scope of a frontend entry. Only [`SCOPE_ALL`] exists today; the field is reserved so that
+/// traffic-policy scopes (internal/external, local-only) can be added without a layout change.
+pub const SCOPE_ALL: u8 = 0;
+
+/// `SvcValue::flags`: this is the VIP marker entry (`dport = 0, proto = 0, slot = 0`), present
+/// for every address that is a frontend on any port. A `connect()` to a marked VIP on a port or
+/// protocol without a frontend is rejected rather than routed.
+pub const SVC_FLAG_VIP_MARKER: u16 = 1 << 0;
+
+// ---------------------------------------------------------------------------------------------
+// Map names. ≤ 15 bytes (the kernel keeps 15 + NUL). Mirrored by the `#[btf_map]` statics in
+// lb-ebpf; lb-userspace tests that the loaded object carries every one of them.
+// ---------------------------------------------------------------------------------------------
+
+/// IPv4 services: [`Svc4Key`] → [`SvcValue`].
+pub const MAP_SVC4: &str = "LB4_SVC_V1";
+/// IPv4 backends: backend id (`u32`) → [`Backend4`].
+pub const MAP_BE4: &str = "LB4_BE_V1";
+/// IPv6 services: [`Svc6Key`] → [`SvcValue`].
+pub const MAP_SVC6: &str = "LB6_SVC_V1";
+/// IPv6 backends: backend id (`u32`) → [`Backend6`].
+pub const MAP_BE6: &str = "LB6_BE_V1";
+/// IPv4 per-socket reverse NAT: [`RevNat4Key`] → [`RevNat4Value`].
+pub const MAP_RNAT4: &str = "LB4_RNAT_SK_V1";
+/// IPv6 per-socket reverse NAT: [`RevNat6Key`] → [`RevNat6Value`].
+pub const MAP_RNAT6: &str = "LB6_RNAT_SK_V1";
+/// Per-CPU datapath counters: [`Stat`] index (`u32`) → `u64`.
+pub const MAP_STATS: &str = "LB_STATS_V1";
+
+/// Every map the datapath object must define.
+pub const ALL_MAPS: [&str; 7] =
+    [MAP_SVC4, MAP_BE4, MAP_SVC6, MAP_BE6, MAP_RNAT4, MAP_RNAT6, MAP_STATS];
+
+/// Default `max_entries` of the service maps (frontends + backend slots + VIP markers).
+/// 10,000 Services × (1 frontend + 4 slots + 1 marker) = 60,000; the default leaves room for
+/// 50,000 × 4. Overridden at load time by `lb-agent run --max-service-entries`.
+pub const DEFAULT_SVC_ENTRIES: u32 = 1 << 19;
+/// Default `max_entries` of the backend maps.
+pub const DEFAULT_BE_ENTRIES: u32 = 1 << 18;
+/// Default `max_entries` of the LRU reverse-NAT maps (one entry per socket × backend).
+pub const DEFAULT_RNAT_ENTRIES: u32 = 1 << 18;
+
+// ---------------------------------------------------------------------------------------------
+// Service maps.
+// ---------------------------------------------------------------------------------------------
+
+/// Key of `LB4_SVC_V1`. Written by the agent only.
+///
+/// `backend_slot == 0` is the frontend entry (its value carries the backend count);
+/// `1..=count` are the backend slots (their value carries a backend id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Svc4Key {
+    /// Frontend address, network order.
+    pub address: [u8; 4],
+    /// Frontend port, host order. 0 in the VIP marker.
+    pub dport: u16,
+    /// 0 = frontend, 1..=count = backend slot.
+    pub backend_slot: u16,
+    /// `IPPROTO_*`. 0 in the VIP marker.
+    pub proto: u8,
+    /// `SCOPE_*`.
+    pub scope: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Key of `LB6_SVC_V1`; same meaning as [`Svc4Key`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Svc6Key {
+    /// Frontend address, network order.
+    pub address: [u8; 16],
+    /// Frontend port, host order. 0 in the VIP marker.
+    pub dport: u16,
+    /// 0 = frontend, 1..=count = backend slot.
+    pub backend_slot: u16,
+    /// `IPPROTO_*`. 0 in the VIP marker.
+    pub proto: u8,
+    /// `SCOPE_*`.
+    pub scope: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Value of `LB4_SVC_V1` / `LB6_SVC_V1`.
+///
+/// * frontend (slot 0): `count` = number of backend slots, `flags`, `affinity_timeout`;
+///   `backend_id` = 0. `count == 0` means "known service, no usable endpoint" → REJECT.
+/// * backend slot (slot ≥ 1): `backend_id` = key into the backend map; other fields 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct SvcValue {
+    /// Backend id (slots ≥ 1).
+    pub backend_id: u32,
+    /// Backend count (slot 0).
+    pub count: u16,
+    /// `SVC_FLAG_*` (slot 0).
+    pub flags: u16,
+    /// Session-affinity timeout in seconds, 0 = none (slot 0). Reserved for ClientIP affinity.
+    pub affinity_timeout: u32,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backend maps.
+// ---------------------------------------------------------------------------------------------
+
+/// Value of `LB4_BE_V1` (key: backend id `u32`, never 0). Written by the agent only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Backend4 {
+    /// Backend address, network order.
+    pub address: [u8; 4],
+    /// Backend port, host order.
+    pub port: u16,
+    /// `IPPROTO_*`.
+    pub proto: u8,
+    /// Reserved, 0.
+    pub flags: u8,
+}
+
+/// Value of `LB6_BE_V1` (key: backend id `u32`, never 0). Written by the agent only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Backend6 {
+    /// Backend address, network order.
+    pub address: [u8; 16],
+    /// Backend port, host order.
+    pub port: u16,
+    /// `IPPROTO_*`.
+    pub proto: u8,
+    /// Reserved, 0.
+    pub flags: u8,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-socket reverse NAT. Written by the datapath (connect/sendmsg), read by the datapath
+// (getpeername/recvmsg); the agent only reads it for `inspect` and clears it on `cleanup`.
+//
+// An LRU hash keyed by socket cookie rather than `SkStorage`: an unconnected UDP socket talks to
+// several backends at once, and socket storage holds a single value per socket. Cookies are
+// never reused within a boot, so an entry outliving its socket is harmless and ages out.
+// ---------------------------------------------------------------------------------------------
+
+/// Key of `LB4_RNAT_SK_V1`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct RevNat4Key {
+    /// `bpf_get_socket_cookie()` of the client socket.
+    pub cookie: u64,
+    /// Backend address the socket was sent to, network order.
+    pub address: [u8; 4],
+    /// Backend port, host order.
+    pub port: u16,
+    pub _pad: [u8; 2],
+}
+
+/// Value of `LB4_RNAT_SK_V1`: the frontend the application addressed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct RevNat4Value {
+    /// VIP, network order.
+    pub address: [u8; 4],
+    /// Frontend port, host order.
+    pub port: u16,
+    pub _pad: [u8; 2],
+}
+
+/// Key of `LB6_RNAT_SK_V1`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct RevNat6Key {
+    /// `bpf_get_socket_cookie()` of the client socket.
+    pub cookie: u64,
+    /// Backend address, network order.
+    pub address: [u8; 16],
+    /// Backend port, host order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// Value of `LB6_RNAT_SK_V1`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct RevNat6Value {
+    /// VIP, network order.
+    pub address: [u8; 16],
+    /// Frontend port, host order.
+    pub port: u16,
+    pub _pad: [u8; 2],
+}
+
+// Compile-time layout guards: these sizes and offsets are ABI with pinned maps.
+const _: () = {
+    use core::mem::{offset_of, size_of};
+    assert!(size_of::<Svc4Key>() == 12);
+    assert!(offset_of!(Svc4Key, dport) == 4);
+    assert!(offset_of!(Svc4Key, backend_slot) == 6);
+    assert!(offset_of!(Svc4Key, proto) == 8);
+    assert!(offset_of!(Svc4Key, scope) == 9);
+    assert!(size_of::<Svc6Key>() == 24);
+    assert!(offset_of!(Svc6Key, dport) == 16);
+    assert!(offset_of!(Svc6Key, proto) == 20);
+    assert!(size_of::<SvcValue>() == 12);
+    assert!(offset_of!(SvcValue, count) == 4);
+    assert!(offset_of!(SvcValue, affinity_timeout) == 8);
+    assert!(size_of::<Backend4>() == 8);
+    assert!(size_of::<Backend6>() == 20);
+    assert!(size_of::<RevNat4Key>() == 16);
+    assert!(offset_of!(RevNat4Key, address) == 8);
+    assert!(size_of::<RevNat4Value>() == 8);
+    assert!(size_of::<RevNat6Key>() == 32);
+    assert!(size_of::<RevNat6Value>() == 20);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: every type here is repr(C), Copy, made only of integers and byte arrays, with all
+    // padding explicit (checked by the layout guards above): any bit pattern is valid.
+    unsafe impl aya::Pod for super::Svc4Key {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Svc6Key {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SvcValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Backend4 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Backend6 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RevNat4Key {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RevNat4Value {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RevNat6Key {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RevNat6Value {}
+}
+
+/// Picks a backend slot in `1..=count` from a 32-bit random number, uniformly.
+///
+/// Multiply-shift (Lemire) instead of `%`: no division on the hot path and no modulo bias beyond
+/// `count / 2^32`. `count` must be ≥ 1; callers reject `count == 0` before asking.
+#[inline(always)]
+#[must_use]
+pub fn select_slot(random: u32, count: u16) -> u16 {
+    // (random * count) >> 32 is in 0..count; the product fits in u64.
+    let idx = (u64::from(random) * u64::from(count)) >> 32;
+    idx as u16 + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[test]
+    fn map_names_fit_the_kernel_limit() {
+        for name in ALL_MAPS {
+            assert!(name.len() <= 15, "{name} is longer than 15 bytes");
+            assert!(name.ends_with("_V1"), "{name} carries no layout version");
+        }
+    }
+
+    #[test]
+    fn select_slot_covers_the_edges() {
+        assert_eq!(select_slot(0, 1), 1);
+        assert_eq!(select_slot(u32::MAX, 1), 1);
+        assert_eq!(select_slot(0, 3), 1);
+        assert_eq!(select_slot(u32::MAX, 3), 3);
+        assert_eq!(select_slot(u32::MAX, u16::MAX), u16::MAX);
+    }
+
+    #[test]
+    fn select_slot_is_uniform() {
+        // Walk the 32-bit space in a fixed stride: every slot gets the same share within 1.
+        let count = 7u16;
+        let mut hits = [0u32; 8];
+        let step = 65_537u32;
+        let mut r = 0u32;
+        let mut n = 0u32;
+        loop {
+            hits[usize::from(select_slot(r, count))] += 1;
+            n += 1;
+            match r.checked_add(step) {
+                Some(next) => r = next,
+                None => break,
+            }
+        }
+        let expect = n / u32::from(count);
+        for (slot, h) in hits.iter().enumerate().skip(1) {
+            assert!(h.abs_diff(expect) <= 1, "slot {slot}: {h} hits, expected {expect}");
+        }
+        assert_eq!(hits[0], 0);
+    }
+
+    proptest! {
+        #[test]
+        fn select_slot_stays_in_range(r in any::<u32>(), count in 1u16..) {
+            let s = select_slot(r, count);
+            prop_assert!((1..=count).contains(&s));
+        }
+    }
+}

@@ -1,0 +1,68 @@
+//! Datapath counters: indices into the per-CPU array `LB_STATS_V1`.
+//!
+//! One counter per outcome of a hook, so that every verdict the datapath computes is visible to
+//! operators (`lb-agent inspect stats`, and the agent's metrics). The datapath only ever adds
+//! one to its own CPU's slot; userspace sums over CPUs.
+
+/// A datapath outcome. `repr(u32)` is only the index into `LB_STATS_V1`; no map stores the enum.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stat {
+    /// `connect()` to a frontend rewritten to a backend.
+    ConnectXlated = 0,
+    /// Unconnected `sendmsg()` to a frontend rewritten to a backend.
+    SendmsgXlated = 1,
+    /// Known frontend with no usable endpoint: ECONNREFUSED.
+    RejectNoBackend = 2,
+    /// Known VIP, but no frontend for this port/protocol: ECONNREFUSED.
+    RejectNoPort = 3,
+    /// A slot or backend id the frontend points at is missing (should never happen: the agent
+    /// writes backends before slots before counts). ECONNREFUSED rather than a wrong address.
+    RejectBackendMissing = 4,
+    /// `getpeername()`/`recvmsg()` address translated back to the VIP.
+    RevNatHit = 5,
+    /// The reverse-NAT entry could not be written; `getpeername()` will show the backend.
+    RevNatUpdateFailed = 6,
+}
+
+impl Stat {
+    /// Number of counters (`max_entries` of `LB_STATS_V1`).
+    pub const COUNT: u32 = 7;
+
+    /// Every counter in index order.
+    pub const ALL: [Self; Self::COUNT as usize] = [
+        Self::ConnectXlated,
+        Self::SendmsgXlated,
+        Self::RejectNoBackend,
+        Self::RejectNoPort,
+        Self::RejectBackendMissing,
+        Self::RevNatHit,
+        Self::RevNatUpdateFailed,
+    ];
+
+    /// Stable snake_case name used in metrics and `inspect` output.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::ConnectXlated => "connect_xlated",
+            Self::SendmsgXlated => "sendmsg_xlated",
+            Self::RejectNoBackend => "reject_no_backend",
+            Self::RejectNoPort => "reject_no_port",
+            Self::RejectBackendMissing => "reject_backend_missing",
+            Self::RevNatHit => "revnat_hit",
+            Self::RevNatUpdateFailed => "revnat_update_failed",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Stat;
+
+    #[test]
+    fn indices_are_dense_and_in_order() {
+        for (i, s) in Stat::ALL.iter().enumerate() {
+            assert_eq!(*s as usize, i, "{} out of place", s.name());
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! `lb` datapath. Thin entry points only: each hook calls the translation in [`sock`] and maps
+//! its result to a verdict explicitly. Maps are in [`maps`]; layouts in lb-common.
+#![no_std]
+#![no_main]
+
+mod maps;
+mod sock;
+
+use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+
+/// cgroup sock_addr: let the syscall go on (with whatever address the program wrote).
+const SYS_PROCEED: i32 = 1;
+/// cgroup sock_addr: fail the syscall with the errno set by `bpf_set_retval` (EPERM if none).
+const SYS_REJECT: i32 = 0;
+
+#[inline(always)]
+fn fwd_verdict(r: Result<(), sock::Reject>) -> i32 {
+    match r {
+        Ok(()) => SYS_PROCEED,
+        Err(reject) => {
+            sock::set_econnrefused(reject);
+            SYS_REJECT
+        }
+    }
+}
+
+/// `connect()` on an IPv4 socket: ClusterIP → backend, once per connection (TCP, UDP, SCTP).
+#[cgroup_sock_addr(connect4)]
+pub fn sock4_connect(ctx: SockAddrContext) -> i32 {
+    fwd_verdict(sock::xlate4_fwd(&ctx, sock::Hook::Connect))
+}
+
+/// `sendmsg()`/`sendto()` with an address on an unconnected IPv4 UDP socket.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sock4_sendmsg(ctx: SockAddrContext) -> i32 {
+    fwd_verdict(sock::xlate4_fwd(&ctx, sock::Hook::Sendmsg))
+}
+
+/// `recvmsg()`/`recvfrom()` on an IPv4 UDP socket: backend source → VIP. Must return 1.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sock4_recvmsg(ctx: SockAddrContext) -> i32 {
+    sock::xlate4_rev(&ctx);
+    SYS_PROCEED
+}
+
+/// `getpeername()` on an IPv4 socket: backend → VIP. Must return 1.
+#[cgroup_sock_addr(getpeername4)]
+pub fn sock4_getpeername(ctx: SockAddrContext) -> i32 {
+    sock::xlate4_rev(&ctx);
+    SYS_PROCEED
+}
+
+/// `connect()` on an IPv6 socket (IPv4-mapped destinations use the IPv4 service map).
+#[cgroup_sock_addr(connect6)]
+pub fn sock6_connect(ctx: SockAddrContext) -> i32 {
+    fwd_verdict(sock::xlate6_fwd(&ctx, sock::Hook::Connect))
+}
+
+/// `sendmsg()` with an address on an unconnected IPv6 UDP socket.
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sock6_sendmsg(ctx: SockAddrContext) -> i32 {
+    fwd_verdict(sock::xlate6_fwd(&ctx, sock::Hook::Sendmsg))
+}
+
+/// `recvmsg()` on an IPv6 UDP socket. Must return 1.
+#[cgroup_sock_addr(recvmsg6)]
+pub fn sock6_recvmsg(ctx: SockAddrContext) -> i32 {
+    sock::xlate6_rev(&ctx);
+    SYS_PROCEED
+}
+
+/// `getpeername()` on an IPv6 socket. Must return 1.
+#[cgroup_sock_addr(getpeername6)]
+pub fn sock6_getpeername(ctx: SockAddrContext) -> i32 {
+    sock::xlate6_rev(&ctx);
+    SYS_PROCEED
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
+    loop {}
+}
+
+/// GPL-compatible: `bpf_get_socket_cookie` and friends are fine either way, but the TC/XDP
+/// helpers later issues need are GPL-only.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

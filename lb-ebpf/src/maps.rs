@@ -1,0 +1,52 @@
+//! The datapath's maps. Names, layouts and meaning are documented in lb-common; the exported
+//! symbol of each static is its map name (BTF-defined maps, so `bpftool map dump` prints field
+//! names). `max_entries` here are defaults the agent overrides at load time.
+use aya_ebpf::btf_maps::{HashMap, LruHashMap, PerCpuArray};
+use aya_ebpf::macros::btf_map;
+use lb_common::{
+    Backend4, Backend6, DEFAULT_BE_ENTRIES, DEFAULT_RNAT_ENTRIES, DEFAULT_SVC_ENTRIES, RevNat4Key,
+    RevNat4Value, RevNat6Key, RevNat6Value, Stat, Svc4Key, Svc6Key, SvcValue,
+};
+
+#[btf_map]
+pub(crate) static LB4_SVC_V1: HashMap<Svc4Key, SvcValue, { DEFAULT_SVC_ENTRIES as usize }> =
+    HashMap::new();
+
+#[btf_map]
+pub(crate) static LB6_SVC_V1: HashMap<Svc6Key, SvcValue, { DEFAULT_SVC_ENTRIES as usize }> =
+    HashMap::new();
+
+#[btf_map]
+pub(crate) static LB4_BE_V1: HashMap<u32, Backend4, { DEFAULT_BE_ENTRIES as usize }> =
+    HashMap::new();
+
+#[btf_map]
+pub(crate) static LB6_BE_V1: HashMap<u32, Backend6, { DEFAULT_BE_ENTRIES as usize }> =
+    HashMap::new();
+
+#[btf_map]
+pub(crate) static LB4_RNAT_SK_V1: LruHashMap<
+    RevNat4Key,
+    RevNat4Value,
+    { DEFAULT_RNAT_ENTRIES as usize },
+> = LruHashMap::new();
+
+#[btf_map]
+pub(crate) static LB6_RNAT_SK_V1: LruHashMap<
+    RevNat6Key,
+    RevNat6Value,
+    { DEFAULT_RNAT_ENTRIES as usize },
+> = LruHashMap::new();
+
+#[btf_map]
+pub(crate) static LB_STATS_V1: PerCpuArray<u64, { Stat::COUNT as usize }> = PerCpuArray::new();
+
+/// Adds one to this CPU's counter for `stat`.
+#[inline(always)]
+pub(crate) fn count(stat: Stat) {
+    if let Some(c) = LB_STATS_V1.get_ptr_mut(stat as u32) {
+        // SAFETY: per-CPU slot of a preallocated array; only this CPU writes it, and the program
+        // cannot be preempted by itself on the same CPU in this hook type.
+        unsafe { *c += 1 };
+    }
+}

@@ -1,0 +1,309 @@
+//! Socket-level load balancing: the destination of `connect()` / `sendmsg()` is rewritten once
+//! from a frontend (VIP:port) to a backend, and `getpeername()` / `recvmsg()` show the VIP again.
+//!
+//! Forward path (connect, sendmsg):
+//! 1. exact frontend lookup {vip, port, proto, slot 0};
+//! 2. miss → VIP marker lookup {vip, 0, 0, slot 0}: hit = known VIP, port not served → REJECT,
+//!    miss = not a service → the syscall proceeds untouched;
+//! 3. hit with count 0 → REJECT (no usable endpoint);
+//! 4. uniform random slot in 1..=count → backend id → backend address;
+//! 5. remember {socket cookie, backend} → VIP for the reverse path; rewrite the address.
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
+    programs::SockAddrContext,
+};
+use lb_common::{
+    Backend4, Backend6, RevNat4Key, RevNat4Value, RevNat6Key, RevNat6Value, SCOPE_ALL,
+    SVC_FLAG_VIP_MARKER, Stat, Svc4Key, Svc6Key, SvcValue, select_slot,
+};
+
+use crate::maps::{
+    LB4_BE_V1, LB4_RNAT_SK_V1, LB4_SVC_V1, LB6_BE_V1, LB6_RNAT_SK_V1, LB6_SVC_V1, count,
+};
+
+const ECONNREFUSED: i32 = 111;
+
+/// Which forward hook is running (only changes which counter is bumped).
+#[derive(Clone, Copy)]
+pub(crate) enum Hook {
+    Connect,
+    Sendmsg,
+}
+
+/// Why a forward translation refused the syscall. Every variant ends in ECONNREFUSED.
+#[derive(Clone, Copy)]
+pub(crate) enum Reject {
+    NoBackend,
+    NoPort,
+    BackendMissing,
+}
+
+/// Counts `reject` and makes the rejected syscall fail with ECONNREFUSED instead of EPERM.
+///
+/// `bpf_set_retval` for cgroup programs: Linux 5.18, commit b44123b4a3dc ("bpf: Add cgroup
+/// helpers bpf_{get,set}_retval to get/set syscall return value").
+#[inline(always)]
+pub(crate) fn set_econnrefused(reject: Reject) {
+    count(match reject {
+        Reject::NoBackend => Stat::RejectNoBackend,
+        Reject::NoPort => Stat::RejectNoPort,
+        Reject::BackendMissing => Stat::RejectBackendMissing,
+    });
+    // SAFETY: helper call with a plain integer; valid in every cgroup sock_addr hook.
+    let _ = unsafe { bpf_set_retval(-ECONNREFUSED) };
+}
+
+#[inline(always)]
+fn count_fwd(hook: Hook) {
+    count(match hook {
+        Hook::Connect => Stat::ConnectXlated,
+        Hook::Sendmsg => Stat::SendmsgXlated,
+    });
+}
+
+#[inline(always)]
+fn cookie(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: `bpf_get_socket_cookie` takes the program context; always valid here.
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}
+
+/// Frontend entry for an exact key, or the reason to reject when only the VIP is known.
+/// `Ok(None)`: not a service address at all.
+#[inline(always)]
+fn frontend<K: Copy>(
+    lookup: impl Fn(&K) -> Option<SvcValue>,
+    key: &K,
+    marker: &K,
+) -> Result<Option<SvcValue>, Reject> {
+    match lookup(key) {
+        Some(fe) if fe.flags & SVC_FLAG_VIP_MARKER != 0 => Err(Reject::NoPort),
+        Some(fe) if fe.count == 0 => Err(Reject::NoBackend),
+        Some(fe) => Ok(Some(fe)),
+        None if lookup(marker).is_some() => Err(Reject::NoPort),
+        None => Ok(None),
+    }
+}
+
+#[inline(always)]
+fn random() -> u32 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_get_prandom_u32() }
+}
+
+// ---------------------------------------------------------------------------------------------
+// IPv4
+// ---------------------------------------------------------------------------------------------
+
+#[inline(always)]
+fn svc4(key: &Svc4Key) -> Option<SvcValue> {
+    // SAFETY: the value is copied out at once; a concurrent agent update can only replace it
+    // with another complete value (hash map updates are atomic per element).
+    unsafe { LB4_SVC_V1.get(key) }.copied()
+}
+
+/// Chooses a backend for `vip:port/proto`. `Ok(None)`: not a service.
+#[inline(always)]
+fn select4(address: [u8; 4], dport: u16, proto: u8) -> Result<Option<Backend4>, Reject> {
+    let mut key = Svc4Key { address, dport, backend_slot: 0, proto, scope: SCOPE_ALL, _pad: [0; 2] };
+    let marker = Svc4Key { dport: 0, proto: 0, ..key };
+    let Some(fe) = frontend(svc4, &key, &marker)? else {
+        return Ok(None);
+    };
+    key.backend_slot = select_slot(random(), fe.count);
+    let slot = svc4(&key).ok_or(Reject::BackendMissing)?;
+    // SAFETY: copied out at once, as above.
+    let be = unsafe { LB4_BE_V1.get(slot.backend_id) }.copied().ok_or(Reject::BackendMissing)?;
+    Ok(Some(be))
+}
+
+#[inline(always)]
+fn remember4(ctx: &SockAddrContext, be: &Backend4, vip: [u8; 4], vport: u16) {
+    let key = RevNat4Key { cookie: cookie(ctx), address: be.address, port: be.port, _pad: [0; 2] };
+    let val = RevNat4Value { address: vip, port: vport, _pad: [0; 2] };
+    // Unconnected UDP sends many datagrams per socket: skip the write when nothing changed.
+    // SAFETY: read-only copy of an LRU entry.
+    if unsafe { LB4_RNAT_SK_V1.get(&key) }.is_some_and(|old| *old == val) {
+        return;
+    }
+    if LB4_RNAT_SK_V1.insert(&key, &val, 0).is_err() {
+        count(Stat::RevNatUpdateFailed);
+    }
+}
+
+/// connect4 / sendmsg4.
+#[inline(always)]
+pub(crate) fn xlate4_fwd(ctx: &SockAddrContext, hook: Hook) -> Result<(), Reject> {
+    let sa = ctx.sock_addr;
+    // SAFETY: `sa` is the kernel's bpf_sock_addr for this invocation; these fields are readable
+    // in connect4/sendmsg4.
+    let (ip, port, proto) = unsafe { ((*sa).user_ip4, (*sa).user_port, (*sa).protocol) };
+    let vip = ip.to_ne_bytes();
+    let vport = u16::from_be(port as u16);
+    let Some(be) = select4(vip, vport, proto as u8)? else {
+        return Ok(());
+    };
+    remember4(ctx, &be, vip, vport);
+    // SAFETY: user_ip4/user_port are writable (4-byte stores) in connect4/sendmsg4.
+    unsafe {
+        (*sa).user_ip4 = u32::from_ne_bytes(be.address);
+        (*sa).user_port = u32::from(be.port.to_be());
+    }
+    count_fwd(hook);
+    Ok(())
+}
+
+/// The VIP a socket addressed, given the backend it talks to.
+#[inline(always)]
+fn recall4(ctx: &SockAddrContext, address: [u8; 4], port: u16) -> Option<RevNat4Value> {
+    let key = RevNat4Key { cookie: cookie(ctx), address, port, _pad: [0; 2] };
+    // SAFETY: copied out at once.
+    unsafe { LB4_RNAT_SK_V1.get(&key) }.copied()
+}
+
+/// getpeername4 / recvmsg4: backend → VIP when this socket was translated.
+#[inline(always)]
+pub(crate) fn xlate4_rev(ctx: &SockAddrContext) {
+    let sa = ctx.sock_addr;
+    // SAFETY: readable in getpeername4/recvmsg4.
+    let (ip, port) = unsafe { ((*sa).user_ip4, (*sa).user_port) };
+    if let Some(v) = recall4(ctx, ip.to_ne_bytes(), u16::from_be(port as u16)) {
+        // SAFETY: writable in getpeername4/recvmsg4.
+        unsafe {
+            (*sa).user_ip4 = u32::from_ne_bytes(v.address);
+            (*sa).user_port = u32::from(v.port.to_be());
+        }
+        count(Stat::RevNatHit);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// IPv6 (and IPv4-mapped IPv6 on dual-stack sockets, served from the IPv4 maps)
+// ---------------------------------------------------------------------------------------------
+
+#[inline(always)]
+fn read_ip6(ctx: &SockAddrContext) -> [u8; 16] {
+    let sa = ctx.sock_addr;
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        // SAFETY: user_ip6 words are readable 4 bytes at a time in every sock_addr hook.
+        let w = unsafe { core::ptr::read_volatile(&raw const (*sa).user_ip6[i]) };
+        out[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        i += 1;
+    }
+    out
+}
+
+#[inline(always)]
+fn write_ip6(ctx: &SockAddrContext, a: &[u8; 16]) {
+    let sa = ctx.sock_addr;
+    let mut i = 0;
+    while i < 4 {
+        let w = u32::from_ne_bytes([a[i * 4], a[i * 4 + 1], a[i * 4 + 2], a[i * 4 + 3]]);
+        // SAFETY: user_ip6 words are writable 4 bytes at a time in the hooks that call this.
+        unsafe { core::ptr::write_volatile(&raw mut (*sa).user_ip6[i], w) };
+        i += 1;
+    }
+}
+
+#[inline(always)]
+fn read_port(ctx: &SockAddrContext) -> u16 {
+    // SAFETY: readable in every sock_addr hook.
+    u16::from_be(unsafe { (*ctx.sock_addr).user_port } as u16)
+}
+
+#[inline(always)]
+fn write_port(ctx: &SockAddrContext, port: u16) {
+    // SAFETY: writable in the hooks that call this.
+    unsafe { (*ctx.sock_addr).user_port = u32::from(port.to_be()) };
+}
+
+/// `::ffff:a.b.c.d` → `a.b.c.d`.
+#[inline(always)]
+fn v4_mapped(a: &[u8; 16]) -> Option<[u8; 4]> {
+    let prefix = a[0] | a[1] | a[2] | a[3] | a[4] | a[5] | a[6] | a[7] | a[8] | a[9];
+    (prefix == 0 && a[10] == 0xff && a[11] == 0xff).then_some([a[12], a[13], a[14], a[15]])
+}
+
+#[inline(always)]
+fn map_v4(a: [u8; 4]) -> [u8; 16] {
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
+}
+
+#[inline(always)]
+fn svc6(key: &Svc6Key) -> Option<SvcValue> {
+    // SAFETY: copied out at once, as in `svc4`.
+    unsafe { LB6_SVC_V1.get(key) }.copied()
+}
+
+#[inline(always)]
+fn select6(address: [u8; 16], dport: u16, proto: u8) -> Result<Option<Backend6>, Reject> {
+    let mut key = Svc6Key { address, dport, backend_slot: 0, proto, scope: SCOPE_ALL, _pad: [0; 2] };
+    let marker = Svc6Key { dport: 0, proto: 0, ..key };
+    let Some(fe) = frontend(svc6, &key, &marker)? else {
+        return Ok(None);
+    };
+    key.backend_slot = select_slot(random(), fe.count);
+    let slot = svc6(&key).ok_or(Reject::BackendMissing)?;
+    // SAFETY: copied out at once.
+    let be = unsafe { LB6_BE_V1.get(slot.backend_id) }.copied().ok_or(Reject::BackendMissing)?;
+    Ok(Some(be))
+}
+
+/// connect6 / sendmsg6.
+#[inline(always)]
+pub(crate) fn xlate6_fwd(ctx: &SockAddrContext, hook: Hook) -> Result<(), Reject> {
+    let vip = read_ip6(ctx);
+    let vport = read_port(ctx);
+    // SAFETY: readable in connect6/sendmsg6.
+    let proto = unsafe { (*ctx.sock_addr).protocol } as u8;
+
+    if let Some(vip4) = v4_mapped(&vip) {
+        let Some(be) = select4(vip4, vport, proto)? else {
+            return Ok(());
+        };
+        remember4(ctx, &be, vip4, vport);
+        write_ip6(ctx, &map_v4(be.address));
+        write_port(ctx, be.port);
+        count_fwd(hook);
+        return Ok(());
+    }
+
+    let Some(be) = select6(vip, vport, proto)? else {
+        return Ok(());
+    };
+    let key = RevNat6Key { cookie: cookie(ctx), address: be.address, port: be.port, _pad: [0; 6] };
+    let val = RevNat6Value { address: vip, port: vport, _pad: [0; 2] };
+    // SAFETY: read-only copy of an LRU entry.
+    let same = unsafe { LB6_RNAT_SK_V1.get(&key) }.is_some_and(|old| *old == val);
+    if !same && LB6_RNAT_SK_V1.insert(&key, &val, 0).is_err() {
+        count(Stat::RevNatUpdateFailed);
+    }
+    write_ip6(ctx, &be.address);
+    write_port(ctx, be.port);
+    count_fwd(hook);
+    Ok(())
+}
+
+/// getpeername6 / recvmsg6.
+#[inline(always)]
+pub(crate) fn xlate6_rev(ctx: &SockAddrContext) {
+    let addr = read_ip6(ctx);
+    let port = read_port(ctx);
+    if let Some(a4) = v4_mapped(&addr) {
+        if let Some(v) = recall4(ctx, a4, port) {
+            write_ip6(ctx, &map_v4(v.address));
+            write_port(ctx, v.port);
+            count(Stat::RevNatHit);
+        }
+        return;
+    }
+    let key = RevNat6Key { cookie: cookie(ctx), address: addr, port, _pad: [0; 6] };
+    // SAFETY: copied out at once.
+    if let Some(v) = unsafe { LB6_RNAT_SK_V1.get(&key) }.copied() {
+        write_ip6(ctx, &v.address);
+        write_port(ctx, v.port);
+        count(Stat::RevNatHit);
+    }
+}

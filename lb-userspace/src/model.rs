@@ -1,0 +1,455 @@
+//! Services + EndpointSlices → the desired set of frontends, each with its usable backends.
+//!
+//! This is where a Service becomes frontends (../shared/SEMANTICS.md, ClusterIP part). Pure: no
+//! I/O, no maps. Bad input is reported per object/field and skipped; everything else is kept.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::{IpAddr, SocketAddr},
+};
+
+use k8s_openapi::api::{
+    core::v1::Service,
+    discovery::v1::{Endpoint, EndpointSlice},
+};
+use lb_common::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
+
+/// Label on an EndpointSlice naming its Service.
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// Label asking a specific proxy to handle a Service; others must ignore it.
+pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+
+/// `namespace/name` of an object.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub struct NsName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for NsName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// The object an error is about, e.g. `Service default/web`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectRef {
+    pub kind: &'static str,
+    pub id: NsName,
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.kind, self.id)
+    }
+}
+
+/// A transport protocol a frontend serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Proto {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Proto {
+    /// The IANA number stored in map keys.
+    #[must_use]
+    pub const fn number(self) -> u8 {
+        match self {
+            Self::Tcp => IPPROTO_TCP,
+            Self::Udp => IPPROTO_UDP,
+            Self::Sctp => IPPROTO_SCTP,
+        }
+    }
+
+    /// Inverse of [`Proto::number`].
+    #[must_use]
+    pub const fn from_number(n: u8) -> Option<Self> {
+        match n {
+            IPPROTO_TCP => Some(Self::Tcp),
+            IPPROTO_UDP => Some(Self::Udp),
+            IPPROTO_SCTP => Some(Self::Sctp),
+            _ => None,
+        }
+    }
+
+    /// Kubernetes spelling; `None` (unset) means TCP.
+    fn parse(s: Option<&str>) -> Option<Self> {
+        match s {
+            None | Some("TCP") => Some(Self::Tcp),
+            Some("UDP") => Some(Self::Udp),
+            Some("SCTP") => Some(Self::Sctp),
+            Some(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+            Self::Sctp => "SCTP",
+        })
+    }
+}
+
+/// A frontend: what a client addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Frontend {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub proto: Proto,
+}
+
+impl fmt::Display for Frontend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", SocketAddr::new(self.addr, self.port), self.proto)
+    }
+}
+
+/// What a frontend should lead to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendState {
+    pub service: NsName,
+    /// The service port's name ("" when unnamed).
+    pub port_name: String,
+    /// Usable backends (ready, else serving+terminating); empty = REJECT.
+    pub backends: BTreeSet<SocketAddr>,
+}
+
+/// The whole desired datapath state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub frontends: BTreeMap<Frontend, FrontendState>,
+}
+
+/// What this node proxies.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub ipv4: bool,
+    pub ipv6: bool,
+    /// Our `service.kubernetes.io/service-proxy-name`; Services labelled with another are ignored.
+    pub proxy_name: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self { ipv4: true, ipv6: true, proxy_name: None }
+    }
+}
+
+/// Bad input, always naming the object and the field.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    #[error("{object}: {field}: invalid IP address {value:?}: {reason}")]
+    BadAddress { object: ObjectRef, field: String, value: String, reason: &'static str },
+    #[error("{object}: {field}: port {value} is outside 1-65535")]
+    BadPort { object: ObjectRef, field: String, value: i64 },
+    #[error("{object}: {field}: unknown protocol {value:?} (expected TCP, UDP or SCTP)")]
+    BadProtocol { object: ObjectRef, field: String, value: String },
+    #[error("{object}: {field}: {value} is not an {expected} address")]
+    WrongFamily { object: ObjectRef, field: String, value: String, expected: &'static str },
+    #[error("{object}: {field}: {frontend} is already served by Service {winner}; skipped")]
+    Conflict { object: ObjectRef, field: String, frontend: Frontend, winner: NsName },
+    #[error("{object}: defined more than once; the first definition is used")]
+    Duplicate { object: ObjectRef },
+    #[error("{kind} without metadata.name")]
+    MissingName { kind: &'static str },
+    #[error("{object}: {field}: {count} backends exceed the limit of {limit}; skipped")]
+    TooManyBackends { object: ObjectRef, field: String, count: usize, limit: usize },
+}
+
+/// Most backend slots a frontend can have (`SvcValue::count` is a `u16`).
+pub const MAX_BACKENDS: usize = u16::MAX as usize;
+
+/// Parses an IP literal strictly: IPv4 with leading zeros is refused (CVE-2021-29923: `010.0.0.1`
+/// must never mean 8.0.0.1 nor 10.0.0.1).
+pub fn parse_ip(s: &str) -> Result<IpAddr, &'static str> {
+    if !s.contains(':') && s.split('.').any(|o| o.len() > 1 && o.starts_with('0')) {
+        return Err("IPv4 octet with a leading zero (ambiguous, CVE-2021-29923)");
+    }
+    s.parse::<IpAddr>().map_err(|_| "not an IP literal")
+}
+
+fn ns_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Option<NsName> {
+    Some(NsName {
+        namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        name: meta.name.clone()?,
+    })
+}
+
+fn port_u16(v: i32) -> Option<u16> {
+    u16::try_from(v).ok().filter(|p| *p != 0)
+}
+
+/// One EndpointSlice port, resolved.
+struct SlicePort {
+    name: String,
+    proto: Proto,
+    port: u16,
+}
+
+/// An endpoint address with its conditions, resolved.
+struct Ep {
+    addr: IpAddr,
+    ready: bool,
+    serving_terminating: bool,
+}
+
+/// The parts of one valid EndpointSlice the model uses.
+struct Slice {
+    v6: bool,
+    ports: Vec<SlicePort>,
+    endpoints: Vec<Ep>,
+}
+
+fn conditions(ep: &Endpoint) -> (bool, bool, bool) {
+    let c = ep.conditions.as_ref();
+    let ready = c.and_then(|c| c.ready).unwrap_or(true);
+    let serving = c.and_then(|c| c.serving).unwrap_or(ready);
+    let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+    (ready, serving, terminating)
+}
+
+fn resolve_slice(slice: &EndpointSlice, object: &ObjectRef, errors: &mut Vec<Error>) -> Option<Slice> {
+    let v6 = match slice.address_type.as_str() {
+        "IPv4" => false,
+        "IPv6" => true,
+        _ => return None, // FQDN slices are not proxied.
+    };
+    let mut ports = Vec::new();
+    for (i, p) in slice.ports.iter().flatten().enumerate() {
+        let Some(proto) = Proto::parse(p.protocol.as_deref()) else {
+            errors.push(Error::BadProtocol {
+                object: object.clone(),
+                field: format!("ports[{i}].protocol"),
+                value: p.protocol.clone().unwrap_or_default(),
+            });
+            continue;
+        };
+        // A slice port without a number means "all ports" for selector-less services; kube-proxy
+        // ignores it for proxying.
+        let Some(raw) = p.port else { continue };
+        let Some(port) = port_u16(raw) else {
+            errors.push(Error::BadPort {
+                object: object.clone(),
+                field: format!("ports[{i}].port"),
+                value: raw.into(),
+            });
+            continue;
+        };
+        ports.push(SlicePort { name: p.name.clone().unwrap_or_default(), proto, port });
+    }
+    let mut endpoints = Vec::new();
+    for (i, ep) in slice.endpoints.iter().enumerate() {
+        let Some(first) = ep.addresses.first() else { continue };
+        let field = format!("endpoints[{i}].addresses[0]");
+        let addr = match parse_ip(first) {
+            Ok(a) => a,
+            Err(reason) => {
+                errors.push(Error::BadAddress { object: object.clone(), field, value: first.clone(), reason });
+                continue;
+            }
+        };
+        if addr.is_ipv6() != v6 {
+            errors.push(Error::WrongFamily {
+                object: object.clone(),
+                field,
+                value: first.clone(),
+                expected: if v6 { "IPv6" } else { "IPv4" },
+            });
+            continue;
+        }
+        let (ready, serving, terminating) = conditions(ep);
+        endpoints.push(Ep { addr, ready, serving_terminating: serving && terminating });
+    }
+    Some(Slice { v6, ports, endpoints })
+}
+
+/// A Service port, resolved.
+struct SvcPort {
+    name: String,
+    proto: Proto,
+    port: u16,
+    index: usize,
+}
+
+/// The frontend-relevant parts of one valid Service.
+struct Svc {
+    id: NsName,
+    created: Option<k8s_openapi::jiff::Timestamp>,
+    ips: Vec<(usize, IpAddr)>,
+    ports: Vec<SvcPort>,
+}
+
+fn resolve_service(svc: &Service, cfg: &Config, errors: &mut Vec<Error>) -> Option<Svc> {
+    let Some(id) = ns_name(&svc.metadata) else {
+        errors.push(Error::MissingName { kind: "Service" });
+        return None;
+    };
+    let object = ObjectRef { kind: "Service", id: id.clone() };
+    if let Some(owner) = svc.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_PROXY_NAME))
+        && cfg.proxy_name.as_deref() != Some(owner.as_str())
+    {
+        return None;
+    }
+    let spec = svc.spec.as_ref()?;
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return None;
+    }
+    let raw_ips: Vec<String> = match (&spec.cluster_ips, &spec.cluster_ip) {
+        (Some(ips), _) if !ips.is_empty() => ips.clone(),
+        (_, Some(ip)) if !ip.is_empty() => vec![ip.clone()],
+        _ => return None,
+    };
+    if raw_ips.iter().any(|ip| ip == "None") {
+        return None; // headless
+    }
+    let field_ips = if spec.cluster_ips.as_ref().is_some_and(|v| !v.is_empty()) { "spec.clusterIPs" } else { "spec.clusterIP" };
+    let mut ips = Vec::new();
+    for (i, raw) in raw_ips.iter().enumerate() {
+        match parse_ip(raw) {
+            Ok(ip) if (ip.is_ipv4() && cfg.ipv4) || (ip.is_ipv6() && cfg.ipv6) => ips.push((i, ip)),
+            Ok(_) => {} // a family this node does not run
+            Err(reason) => errors.push(Error::BadAddress {
+                object: object.clone(),
+                field: format!("{field_ips}[{i}]"),
+                value: raw.clone(),
+                reason,
+            }),
+        }
+    }
+    let mut ports = Vec::new();
+    for (i, p) in spec.ports.iter().flatten().enumerate() {
+        let Some(proto) = Proto::parse(p.protocol.as_deref()) else {
+            errors.push(Error::BadProtocol {
+                object: object.clone(),
+                field: format!("spec.ports[{i}].protocol"),
+                value: p.protocol.clone().unwrap_or_default(),
+            });
+            continue;
+        };
+        let Some(port) = port_u16(p.port) else {
+            errors.push(Error::BadPort {
+                object: object.clone(),
+                field: format!("spec.ports[{i}].port"),
+                value: p.port.into(),
+            });
+            continue;
+        };
+        ports.push(SvcPort { name: p.name.clone().unwrap_or_default(), proto, port, index: i });
+    }
+    Some(Svc { id, created: svc.metadata.creation_timestamp.as_ref().map(|t| t.0), ips, ports })
+}
+
+/// Builds the desired state. Returns it with every problem found; a problem only ever removes
+/// the object (or endpoint, or port) it is about.
+#[must_use]
+pub fn build(services: &[Service], slices: &[EndpointSlice], cfg: &Config) -> (Desired, Vec<Error>) {
+    let mut errors = Vec::new();
+
+    // Slices grouped by their Service.
+    let mut by_service: BTreeMap<NsName, Vec<Slice>> = BTreeMap::new();
+    let mut seen_slices = BTreeSet::new();
+    for slice in slices {
+        let Some(id) = ns_name(&slice.metadata) else {
+            errors.push(Error::MissingName { kind: "EndpointSlice" });
+            continue;
+        };
+        let object = ObjectRef { kind: "EndpointSlice", id: id.clone() };
+        if !seen_slices.insert(id.clone()) {
+            errors.push(Error::Duplicate { object });
+            continue;
+        }
+        let Some(svc_name) = slice.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)) else {
+            continue; // not managed for a Service
+        };
+        if let Some(s) = resolve_slice(slice, &object, &mut errors) {
+            by_service
+                .entry(NsName { namespace: id.namespace.clone(), name: svc_name.clone() })
+                .or_default()
+                .push(s);
+        }
+    }
+
+    // Services, oldest first so that conflicts have a deterministic winner.
+    let mut svcs = Vec::new();
+    let mut seen_svcs = BTreeSet::new();
+    for svc in services {
+        if let Some(s) = resolve_service(svc, cfg, &mut errors) {
+            if seen_svcs.insert(s.id.clone()) {
+                svcs.push(s);
+            } else {
+                errors.push(Error::Duplicate { object: ObjectRef { kind: "Service", id: s.id } });
+            }
+        }
+    }
+    // `None` timestamps sort last: an object without one cannot prove it is older.
+    svcs.sort_by(|a, b| {
+        (a.created.is_none(), a.created, &a.id).cmp(&(b.created.is_none(), b.created, &b.id))
+    });
+
+    let mut desired = Desired::default();
+    let empty = Vec::new();
+    for svc in &svcs {
+        let object = ObjectRef { kind: "Service", id: svc.id.clone() };
+        let slices = by_service.get(&svc.id).unwrap_or(&empty);
+        for sp in &svc.ports {
+            for &(ip_index, ip) in &svc.ips {
+                let backends = backends_for(slices, ip.is_ipv6(), &sp.name, sp.proto);
+                if backends.len() > MAX_BACKENDS {
+                    errors.push(Error::TooManyBackends {
+                        object: object.clone(),
+                        field: format!("spec.ports[{}]", sp.index),
+                        count: backends.len(),
+                        limit: MAX_BACKENDS,
+                    });
+                    continue;
+                }
+                let fe = Frontend { addr: ip, port: sp.port, proto: sp.proto };
+                if let Some(winner) = desired.frontends.get(&fe) {
+                    if winner.service != svc.id {
+                        errors.push(Error::Conflict {
+                            object: object.clone(),
+                            field: format!("spec.clusterIPs[{ip_index}] / spec.ports[{}]", sp.index),
+                            frontend: fe,
+                            winner: winner.service.clone(),
+                        });
+                    }
+                    continue;
+                }
+                desired.frontends.insert(
+                    fe,
+                    FrontendState { service: svc.id.clone(), port_name: sp.name.clone(), backends },
+                );
+            }
+        }
+    }
+    (desired, errors)
+}
+
+/// Usable backends of one service port for one address family: the endpoints that are ready
+/// in any slice, or — when none is — those serving and terminating (KEP-1669). Deduplicated.
+fn backends_for(slices: &[Slice], v6: bool, port_name: &str, proto: Proto) -> BTreeSet<SocketAddr> {
+    let mut ready = BTreeSet::new();
+    let mut fallback = BTreeSet::new();
+    for s in slices.iter().filter(|s| s.v6 == v6) {
+        for p in s.ports.iter().filter(|p| p.name == port_name && p.proto == proto) {
+            for ep in &s.endpoints {
+                let sa = SocketAddr::new(ep.addr, p.port);
+                if ep.ready {
+                    ready.insert(sa);
+                } else if ep.serving_terminating {
+                    fallback.insert(sa);
+                }
+            }
+        }
+    }
+    if ready.is_empty() { fallback } else { ready }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,239 @@
+//! Where Services and EndpointSlices come from. Today: a directory of manifest files
+//! (`lb-agent run --manifests DIR`), read in full on every change (level-triggered).
+//!
+//! Each `*.yaml`, `*.yml`, `*.json` file may hold several documents and `kind: List` objects as
+//! `kubectl get -o yaml` writes them. A file that cannot be parsed at all (say, half-saved by an
+//! editor) keeps contributing what it held last time it parsed, so that an editing mistake never
+//! withdraws Services; the error names the file.
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use serde::Deserialize as _;
+
+/// Errors reading manifests. Each names the file (and document) it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read manifest directory {dir}")]
+    ReadDir { dir: PathBuf, #[source] source: std::io::Error },
+    #[error("{path}: cannot read")]
+    ReadFile { path: PathBuf, #[source] source: std::io::Error },
+    #[error("{path}: not valid YAML/JSON ({source}); keeping what this file held before")]
+    Syntax { path: PathBuf, #[source] source: serde_yaml::Error },
+    #[error("{path}: document {doc}: {kind} {name}: {message}")]
+    Object { path: PathBuf, doc: usize, kind: String, name: String, message: String },
+}
+
+/// The objects the model needs.
+#[derive(Clone, Debug, Default)]
+pub struct Objects {
+    pub services: Vec<Service>,
+    pub slices: Vec<EndpointSlice>,
+}
+
+impl Objects {
+    fn extend(&mut self, other: &Self) {
+        self.services.extend(other.services.iter().cloned());
+        self.slices.extend(other.slices.iter().cloned());
+    }
+}
+
+/// Reads a manifest directory, remembering each file's last good contents.
+#[derive(Debug)]
+pub struct ManifestDir {
+    dir: PathBuf,
+    last_good: BTreeMap<PathBuf, Objects>,
+}
+
+fn is_manifest(p: &Path) -> bool {
+    p.is_file()
+        && p.extension().and_then(|e| e.to_str()).is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
+}
+
+impl ManifestDir {
+    #[must_use]
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into(), last_good: BTreeMap::new() }
+    }
+
+    #[must_use]
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Reads every manifest file. Files are read in name order, so that "the first definition"
+    /// of a duplicated object is deterministic. Returns all objects and every problem found.
+    pub fn read(&mut self) -> (Objects, Vec<Error>) {
+        let mut errors = Vec::new();
+        let entries = match fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(source) => {
+                // Keep serving what we had: a vanished directory is an operator problem to report,
+                // not a reason to withdraw every Service.
+                errors.push(Error::ReadDir { dir: self.dir.clone(), source });
+                let mut all = Objects::default();
+                self.last_good.values().for_each(|o| all.extend(o));
+                return (all, errors);
+            }
+        };
+        let mut files: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_manifest(p)).collect();
+        files.sort();
+        self.last_good.retain(|p, _| files.contains(p));
+
+        let mut all = Objects::default();
+        for path in files {
+            match fs::read_to_string(&path) {
+                Ok(text) => match parse_str(&path, &text, &mut errors) {
+                    Ok(objs) => {
+                        all.extend(&objs);
+                        self.last_good.insert(path, objs);
+                    }
+                    Err(e) => {
+                        errors.push(e);
+                        if let Some(old) = self.last_good.get(&path) {
+                            all.extend(old);
+                        }
+                    }
+                },
+                Err(source) => {
+                    errors.push(Error::ReadFile { path: path.clone(), source });
+                    if let Some(old) = self.last_good.get(&path) {
+                        all.extend(old);
+                    }
+                }
+            }
+        }
+        (all, errors)
+    }
+}
+
+/// Parses one file's text. `Err` only when the file as a whole is unreadable YAML; bad single
+/// objects are pushed to `errors` and skipped.
+pub fn parse_str(path: &Path, text: &str, errors: &mut Vec<Error>) -> Result<Objects, Error> {
+    // First pass: every document must be syntactically valid, or the file is ignored as a whole
+    // (a half-written file must not count as "these objects were deleted").
+    let mut docs = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(text) {
+        let v = serde_yaml::Value::deserialize(doc)
+            .map_err(|source| Error::Syntax { path: path.to_owned(), source })?;
+        docs.push(v);
+    }
+    let mut out = Objects::default();
+    for (i, v) in docs.into_iter().enumerate() {
+        if v.is_null() {
+            continue; // empty document (a trailing `---`)
+        }
+        collect(path, i + 1, v, &mut out, errors);
+    }
+    Ok(out)
+}
+
+fn describe(v: &serde_yaml::Value) -> (String, String) {
+    let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or("<no kind>").to_owned();
+    let meta = v.get("metadata");
+    let ns = meta.and_then(|m| m.get("namespace")).and_then(|n| n.as_str()).unwrap_or("default");
+    let name = meta.and_then(|m| m.get("name")).and_then(|n| n.as_str()).unwrap_or("<no name>");
+    (kind, format!("{ns}/{name}"))
+}
+
+fn collect(path: &Path, doc: usize, v: serde_yaml::Value, out: &mut Objects, errors: &mut Vec<Error>) {
+    let (kind, name) = describe(&v);
+    let api = v.get("apiVersion").and_then(|a| a.as_str()).unwrap_or("").to_owned();
+    let fail = |message: String| Error::Object { path: path.to_owned(), doc, kind: kind.clone(), name: name.clone(), message };
+    match (kind.as_str(), api.as_str()) {
+        ("List" | "ServiceList" | "EndpointSliceList", _) => {
+            let items = match v.get("items") {
+                Some(serde_yaml::Value::Sequence(items)) => items.clone(),
+                None | Some(serde_yaml::Value::Null) => Vec::new(),
+                Some(_) => {
+                    errors.push(fail("items: expected a list".into()));
+                    return;
+                }
+            };
+            for item in items {
+                collect(path, doc, item, out, errors);
+            }
+        }
+        ("Service", "v1") => match serde_yaml::from_value::<Service>(v) {
+            Ok(s) => out.services.push(s),
+            Err(e) => errors.push(fail(e.to_string())),
+        },
+        ("EndpointSlice", "discovery.k8s.io/v1") => match serde_yaml::from_value::<EndpointSlice>(v) {
+            Ok(s) => out.slices.push(s),
+            Err(e) => errors.push(fail(e.to_string())),
+        },
+        ("Service" | "EndpointSlice", _) => errors.push(fail(format!("unsupported apiVersion {api:?}"))),
+        // Other kinds (Deployments, ConfigMaps, …) may share the directory; they are not ours.
+        _ => tracing::debug!(path = %path.display(), doc, kind, "ignoring object of another kind"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> (Objects, Vec<Error>) {
+        let mut errors = Vec::new();
+        let o = parse_str(Path::new("t.yaml"), text, &mut errors).expect("valid YAML");
+        (o, errors)
+    }
+
+    #[test]
+    fn multi_document_and_lists() {
+        let (o, errors) = parse(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 198.19.0.1, ports: [{port: 80}]}\n---\n\
+             apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Service\n  metadata: {name: b, namespace: x}\n  spec: {clusterIP: 198.19.0.2}\n\
+             - apiVersion: discovery.k8s.io/v1\n  kind: EndpointSlice\n  metadata: {name: b-1, namespace: x}\n  addressType: IPv4\n  endpoints: []\n---\n",
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(o.services.len(), 2);
+        assert_eq!(o.slices.len(), 1);
+    }
+
+    #[test]
+    fn json_is_accepted() {
+        let (o, errors) = parse(r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"j"},"spec":{"clusterIP":"198.19.0.3"}}"#);
+        assert!(errors.is_empty());
+        assert_eq!(o.services[0].metadata.name.as_deref(), Some("j"));
+    }
+
+    #[test]
+    fn a_bad_object_is_named_and_the_rest_kept() {
+        let (o, errors) = parse(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: bad, namespace: ns1}\nspec: {ports: [{port: eighty}]}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {name: good}\nspec: {clusterIP: 198.19.0.1}\n",
+        );
+        assert_eq!(o.services.len(), 1);
+        assert_eq!(errors.len(), 1);
+        let msg = errors[0].to_string();
+        assert!(msg.contains("document 1") && msg.contains("Service ns1/bad"), "{msg}");
+    }
+
+    #[test]
+    fn other_kinds_are_ignored() {
+        let (o, errors) = parse("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n");
+        assert!(errors.is_empty() && o.services.is_empty() && o.slices.is_empty());
+    }
+
+    #[test]
+    fn a_broken_file_keeps_its_last_good_contents() {
+        let dir = std::env::temp_dir().join(format!("lb-src-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("mkdir");
+        let f = dir.join("svc.yaml");
+        fs::write(&f, "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 198.19.0.1}\n").expect("write");
+        let mut m = ManifestDir::new(&dir);
+        let (o, e) = m.read();
+        assert_eq!((o.services.len(), e.len()), (1, 0));
+        fs::write(&f, "apiVersion: v1\nkind: Service\nmetadata: {name: a\n  spec: [").expect("write");
+        let (o, e) = m.read();
+        assert_eq!(o.services.len(), 1, "last good contents kept");
+        assert!(matches!(e.as_slice(), [Error::Syntax { .. }]), "{e:?}");
+        fs::remove_file(&f).expect("rm");
+        let (o, _) = m.read();
+        assert!(o.services.is_empty(), "a deleted file withdraws its objects");
+        fs::remove_dir_all(&dir).expect("rmdir");
+    }
+}
