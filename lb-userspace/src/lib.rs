@@ -6,3 +6,4 @@
 //! ← [`loader`] (load, pin, attach, adopt). [`inspect`] reads the pinned maps back.
 pub mod model;
 pub mod source;
+pub mod sync;

@@ -1,0 +1,240 @@
+//! Desired state → map operations. `diff` is pure; `apply` runs the operations against a
+//! [`MapWriter`] and keeps the [`Shadow`] (our mirror of the maps) in step.
+//!
+//! # Write order
+//! The datapath reads a frontend's count, picks a slot in `1..=count`, then reads the slot's
+//! backend id and the backend. `diff` orders its operations in phases so that at every instant
+//! each count points only at populated slots and each slot only at an existing backend:
+//!
+//! 1. new backends;
+//! 2. new VIP markers;
+//! 3. changed or new backend slots;
+//! 4. changed or new frontends (counts), removed frontends;
+//! 5. slots beyond the new counts and of removed frontends;
+//! 6. backends no longer referenced;
+//! 7. VIP markers no longer needed.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::{IpAddr, SocketAddr},
+};
+
+use lb_common::{SVC_FLAG_VIP_MARKER, SvcValue};
+
+use crate::model::{Desired, Frontend};
+
+/// A service-map key, family-independent (the writer picks `LB4_SVC_V1` or `LB6_SVC_V1`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SvcKey {
+    pub addr: IpAddr,
+    /// 0 in VIP markers.
+    pub port: u16,
+    /// `IPPROTO_*`; 0 in VIP markers.
+    pub proto: u8,
+    /// 0 = frontend or marker; 1..=count = backend slot.
+    pub slot: u16,
+}
+
+impl SvcKey {
+    #[must_use]
+    pub fn frontend(fe: &Frontend) -> Self {
+        Self { addr: fe.addr, port: fe.port, proto: fe.proto.number(), slot: 0 }
+    }
+
+    #[must_use]
+    pub const fn marker(addr: IpAddr) -> Self {
+        Self { addr, port: 0, proto: 0, slot: 0 }
+    }
+
+    #[must_use]
+    pub const fn is_marker(&self) -> bool {
+        self.port == 0 && self.proto == 0 && self.slot == 0
+    }
+
+    #[must_use]
+    pub const fn with_slot(self, slot: u16) -> Self {
+        Self { slot, ..self }
+    }
+}
+
+/// A backend, identified by address and protocol (ids are shared by every frontend using it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub proto: u8,
+}
+
+/// One map write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapOp {
+    PutBackend { id: u32, backend: Backend },
+    PutSvc { key: SvcKey, value: SvcValue },
+    DelSvc { key: SvcKey },
+    DelBackend { id: u32, backend: Backend },
+}
+
+/// Our mirror of the service and backend maps: exactly what is in the kernel, as far as we
+/// know. Filled from the pinned maps on start (adoption), then kept in step by [`apply`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Shadow {
+    pub svc: BTreeMap<SvcKey, SvcValue>,
+    pub backends: BTreeMap<u32, Backend>,
+}
+
+impl Shadow {
+    /// Applies one operation to the mirror.
+    pub fn apply(&mut self, op: &MapOp) {
+        match *op {
+            MapOp::PutBackend { id, backend } => {
+                self.backends.insert(id, backend);
+            }
+            MapOp::PutSvc { key, value } => {
+                self.svc.insert(key, value);
+            }
+            MapOp::DelSvc { key } => {
+                self.svc.remove(&key);
+            }
+            MapOp::DelBackend { id, .. } => {
+                self.backends.remove(&id);
+            }
+        }
+    }
+
+    /// The backend ids in slots `1..=count` of a frontend, in slot order (missing slots skipped).
+    fn slots(&self, fe: SvcKey, count: u16) -> Vec<u32> {
+        (1..=count).filter_map(|s| self.svc.get(&fe.with_slot(s)).map(|v| v.backend_id)).collect()
+    }
+
+    /// Frontends with their backend addresses as the datapath would serve them (for `inspect`
+    /// and for tests). Markers are left out.
+    #[must_use]
+    pub fn frontends(&self) -> BTreeMap<SvcKey, (SvcValue, Vec<Option<Backend>>)> {
+        self.svc
+            .iter()
+            .filter(|(k, v)| k.slot == 0 && v.flags & SVC_FLAG_VIP_MARKER == 0)
+            .map(|(k, v)| {
+                let bes = (1..=v.count)
+                    .map(|s| self.svc.get(&k.with_slot(s)).and_then(|sv| self.backends.get(&sv.backend_id)).copied())
+                    .collect();
+                (*k, (*v, bes))
+            })
+            .collect()
+    }
+}
+
+const MARKER: SvcValue = SvcValue { backend_id: 0, count: 0, flags: SVC_FLAG_VIP_MARKER, affinity_timeout: 0 };
+
+/// The complete contents the maps should have, with backend ids reused from `current`.
+fn image(desired: &Desired, current: &Shadow) -> Shadow {
+    let known: HashMap<Backend, u32> = current.backends.iter().map(|(id, b)| (*b, *id)).collect();
+    let mut next_id = 1u32;
+    let mut ids: HashMap<Backend, u32> = HashMap::new();
+    let mut want = Shadow::default();
+
+    for (fe, st) in &desired.frontends {
+        let key = SvcKey::frontend(fe);
+        want.svc.insert(SvcKey::marker(fe.addr), MARKER);
+
+        // Backend ids: reuse what the maps hold, else the lowest free id.
+        let mut desired_ids = BTreeSet::new();
+        for addr in &st.backends {
+            let be = Backend { addr: *addr, proto: key.proto };
+            let id = *ids.entry(be).or_insert_with(|| {
+                known.get(&be).copied().unwrap_or_else(|| {
+                    while current.backends.contains_key(&next_id) || want.backends.contains_key(&next_id) {
+                        next_id += 1;
+                    }
+                    next_id
+                })
+            });
+            want.backends.insert(id, be);
+            desired_ids.insert(id);
+        }
+
+        // Slots: keep each retained backend where it is when that position survives, fill the
+        // holes with the rest in id order. Minimises slot writes on a change.
+        let count = u16::try_from(desired_ids.len()).expect("model caps backends at u16::MAX");
+        let cur_count = current.svc.get(&key).filter(|v| v.flags & SVC_FLAG_VIP_MARKER == 0).map_or(0, |v| v.count);
+        let mut slots: Vec<Option<u32>> = vec![None; usize::from(count)];
+        let mut placed = BTreeSet::new();
+        for (pos, id) in current.slots(key, cur_count).into_iter().enumerate() {
+            if pos < slots.len() && desired_ids.contains(&id) && placed.insert(id) {
+                slots[pos] = Some(id);
+            }
+        }
+        let mut rest = desired_ids.difference(&placed).copied();
+        for s in &mut slots {
+            if s.is_none() {
+                *s = rest.next();
+            }
+        }
+        for (pos, id) in slots.into_iter().enumerate() {
+            let id = id.expect("every slot filled");
+            let slot = u16::try_from(pos + 1).expect("count fits u16");
+            want.svc.insert(key.with_slot(slot), SvcValue { backend_id: id, ..SvcValue::default() });
+        }
+        want.svc.insert(key, SvcValue { backend_id: 0, count, flags: 0, affinity_timeout: 0 });
+    }
+    want
+}
+
+/// The operations that turn `current` into `desired`, in an order that never exposes a
+/// half-written service (see the module docs).
+#[must_use]
+pub fn diff(desired: &Desired, current: &Shadow) -> Vec<MapOp> {
+    let want = image(desired, current);
+    let changed = |k: &SvcKey, v: &SvcValue| current.svc.get(k) != Some(v);
+    let mut ops = Vec::new();
+
+    // 1. new backends (ids are reused by identity, so an existing id never changes meaning)
+    for (&id, &backend) in &want.backends {
+        if current.backends.get(&id) != Some(&backend) {
+            ops.push(MapOp::PutBackend { id, backend });
+        }
+    }
+    let puts = |pred: &dyn Fn(&SvcKey) -> bool, ops: &mut Vec<MapOp>| {
+        for (k, v) in want.svc.iter().filter(|(k, v)| pred(k) && changed(k, v)) {
+            ops.push(MapOp::PutSvc { key: *k, value: *v });
+        }
+    };
+    let dels = |pred: &dyn Fn(&SvcKey) -> bool, ops: &mut Vec<MapOp>| {
+        for k in current.svc.keys().filter(|k| pred(k) && !want.svc.contains_key(k)) {
+            ops.push(MapOp::DelSvc { key: *k });
+        }
+    };
+    // 2. markers, 3. slots, 4. frontends (puts, then removals)
+    puts(&SvcKey::is_marker, &mut ops);
+    puts(&|k| k.slot > 0, &mut ops);
+    puts(&|k| k.slot == 0 && !k.is_marker(), &mut ops);
+    dels(&|k| k.slot == 0 && !k.is_marker(), &mut ops);
+    // 5. slots beyond counts / of removed frontends
+    dels(&|k| k.slot > 0, &mut ops);
+    // 6. unreferenced backends
+    for (&id, &backend) in &current.backends {
+        if !want.backends.contains_key(&id) {
+            ops.push(MapOp::DelBackend { id, backend });
+        }
+    }
+    // 7. markers of VIPs no longer served
+    dels(&SvcKey::is_marker, &mut ops);
+    ops
+}
+
+/// Something that can execute map operations: the pinned BPF maps, or a test double.
+pub trait MapWriter {
+    type Error;
+    fn write(&mut self, op: &MapOp) -> Result<(), Self::Error>;
+}
+
+/// Runs `ops` in order; the shadow follows every successful write. On the first failure the
+/// remaining operations are not run (the phase order guarantees what was written is consistent)
+/// and the error is returned with the number of operations applied.
+pub fn apply<W: MapWriter>(ops: &[MapOp], writer: &mut W, shadow: &mut Shadow) -> Result<usize, (usize, W::Error)> {
+    for (i, op) in ops.iter().enumerate() {
+        writer.write(op).map_err(|e| (i, e))?;
+        shadow.apply(op);
+    }
+    Ok(ops.len())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,175 @@
+use std::{collections::BTreeSet, convert::Infallible};
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::model::{FrontendState, NsName, Proto};
+
+/// A writer that checks, after every single write, what a concurrent datapath could observe.
+struct Checked(Shadow);
+
+fn check_consistent(s: &Shadow) -> Result<(), String> {
+    for (k, v) in &s.svc {
+        if k.slot != 0 || k.is_marker() {
+            continue;
+        }
+        if !s.svc.contains_key(&SvcKey::marker(k.addr)) {
+            return Err(format!("frontend {k:?} without its VIP marker"));
+        }
+        for slot in 1..=v.count {
+            let Some(sv) = s.svc.get(&k.with_slot(slot)) else {
+                return Err(format!("{k:?}: count {} but slot {slot} missing", v.count));
+            };
+            if !s.backends.contains_key(&sv.backend_id) {
+                return Err(format!("{k:?} slot {slot}: backend {} missing", sv.backend_id));
+            }
+        }
+    }
+    Ok(())
+}
+
+impl MapWriter for Checked {
+    type Error = Infallible;
+    fn write(&mut self, op: &MapOp) -> Result<(), Infallible> {
+        self.0.apply(op);
+        if let Err(e) = check_consistent(&self.0) {
+            panic!("after {op:?}: {e}");
+        }
+        Ok(())
+    }
+}
+
+fn converge(desired: &Desired, shadow: &mut Shadow) -> Vec<MapOp> {
+    let ops = diff(desired, shadow);
+    let mut w = Checked(shadow.clone());
+    apply(&ops, &mut w, shadow).expect("infallible");
+    assert_eq!(w.0, *shadow);
+    ops
+}
+
+/// What the datapath would serve for each frontend, as backend address sets.
+fn served(s: &Shadow) -> BTreeMap<SvcKey, BTreeSet<SocketAddr>> {
+    s.frontends()
+        .into_iter()
+        .map(|(k, (_, bes))| (k, bes.into_iter().map(|b| b.expect("slot resolves").addr).collect()))
+        .collect()
+}
+
+fn expected(d: &Desired) -> BTreeMap<SvcKey, BTreeSet<SocketAddr>> {
+    d.frontends.iter().map(|(fe, st)| (SvcKey::frontend(fe), st.backends.clone())).collect()
+}
+
+fn arb_desired() -> impl Strategy<Value = Desired> {
+    let vip = prop_oneof![
+        Just("198.19.0.1".parse::<IpAddr>().unwrap()),
+        Just("198.19.0.2".parse::<IpAddr>().unwrap()),
+        Just("2001:db8:1::1".parse::<IpAddr>().unwrap()),
+    ];
+    let fe = (vip, prop_oneof![Just(80u16), Just(81)], prop_oneof![Just(Proto::Tcp), Just(Proto::Udp)])
+        .prop_map(|(addr, port, proto)| Frontend { addr, port, proto });
+    let be_idx = proptest::collection::btree_set(0u8..6, 0..5);
+    proptest::collection::btree_map(fe, be_idx, 0..8).prop_map(|m| Desired {
+        frontends: m
+            .into_iter()
+            .map(|(fe, idx)| {
+                let backends = idx
+                    .into_iter()
+                    .map(|i| {
+                        let ip: IpAddr = if fe.addr.is_ipv4() {
+                            format!("198.18.0.{}", 10 + i).parse().unwrap()
+                        } else {
+                            format!("2001:db8:2::{}", 10 + i).parse().unwrap()
+                        };
+                        SocketAddr::new(ip, 8000 + u16::from(i % 2))
+                    })
+                    .collect();
+                (fe, FrontendState { service: NsName { namespace: "ns".into(), name: "s".into() }, port_name: String::new(), backends })
+            })
+            .collect(),
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// Any sequence of desired states: every intermediate write is consistent, the end state
+    /// serves exactly what is desired, a second diff is empty, and nothing is left behind.
+    #[test]
+    fn converges_through_any_sequence(seq in proptest::collection::vec(arb_desired(), 1..6)) {
+        let mut shadow = Shadow::default();
+        for d in &seq {
+            converge(d, &mut shadow);
+            prop_assert_eq!(served(&shadow), expected(d));
+            prop_assert!(diff(d, &shadow).is_empty(), "second diff not empty");
+            let vips: BTreeSet<IpAddr> = d.frontends.keys().map(|f| f.addr).collect();
+            let markers: BTreeSet<IpAddr> = shadow.svc.keys().filter(|k| k.is_marker()).map(|k| k.addr).collect();
+            prop_assert_eq!(markers, vips, "markers exactly for served VIPs");
+            let used: BTreeSet<u32> = shadow.svc.iter().filter(|(k, _)| k.slot > 0).map(|(_, v)| v.backend_id).collect();
+            let have: BTreeSet<u32> = shadow.backends.keys().copied().collect();
+            prop_assert_eq!(used, have, "no unreferenced backend left");
+        }
+    }
+
+    /// A restarted agent that reads the maps back and computes the same desired state writes
+    /// nothing.
+    #[test]
+    fn adoption_is_a_no_op(d in arb_desired(), prior in arb_desired()) {
+        let mut shadow = Shadow::default();
+        converge(&prior, &mut shadow);
+        converge(&d, &mut shadow);
+        let adopted = shadow.clone(); // what reading the pinned maps yields
+        prop_assert!(diff(&d, &adopted).is_empty());
+    }
+
+    /// Leftovers of an interrupted apply (any prefix of the ops) are repaired by the next diff.
+    #[test]
+    fn recovers_from_an_interrupted_apply(a in arb_desired(), b in arb_desired(), cut in 0usize..64) {
+        let mut shadow = Shadow::default();
+        converge(&a, &mut shadow);
+        let ops = diff(&b, &shadow);
+        for op in ops.iter().take(cut) {
+            shadow.apply(op);
+        }
+        check_consistent(&shadow).map_err(TestCaseError::fail)?;
+        converge(&b, &mut shadow);
+        prop_assert_eq!(served(&shadow), expected(&b));
+    }
+}
+
+#[test]
+fn removing_one_backend_moves_the_last_slot_into_the_hole() {
+    let fe = Frontend { addr: "198.19.0.1".parse().unwrap(), port: 80, proto: Proto::Tcp };
+    let addrs: Vec<SocketAddr> = (1..=4).map(|i| format!("198.18.0.{i}:80").parse().unwrap()).collect();
+    let st = |b: &[SocketAddr]| FrontendState {
+        service: NsName { namespace: "ns".into(), name: "s".into() },
+        port_name: String::new(),
+        backends: b.iter().copied().collect(),
+    };
+    let mut shadow = Shadow::default();
+    converge(&Desired { frontends: [(fe, st(&addrs))].into() }, &mut shadow);
+    let key = SvcKey::frontend(&fe);
+    let gone = shadow.svc[&key.with_slot(2)].backend_id;
+    let last = shadow.svc[&key.with_slot(4)].backend_id;
+    let keep: Vec<SocketAddr> = addrs.iter().copied().filter(|a| *a != shadow.backends[&gone].addr).collect();
+    let ops = converge(&Desired { frontends: [(fe, st(&keep))].into() }, &mut shadow);
+    assert_eq!(
+        ops,
+        vec![
+            MapOp::PutSvc { key: key.with_slot(2), value: SvcValue { backend_id: last, ..SvcValue::default() } },
+            MapOp::PutSvc { key, value: SvcValue { count: 3, ..SvcValue::default() } },
+            MapOp::DelSvc { key: key.with_slot(4) },
+            MapOp::DelBackend { id: gone, backend: Backend { addr: addrs[1], proto: 6 } },
+        ]
+    );
+}
+
+#[test]
+fn a_service_without_endpoints_keeps_a_zero_count_frontend() {
+    let fe = Frontend { addr: "198.19.0.9".parse().unwrap(), port: 53, proto: Proto::Udp };
+    let st = FrontendState { service: NsName { namespace: "ns".into(), name: "dns".into() }, port_name: String::new(), backends: BTreeSet::new() };
+    let mut shadow = Shadow::default();
+    converge(&Desired { frontends: [(fe, st)].into() }, &mut shadow);
+    assert_eq!(shadow.svc[&SvcKey::frontend(&fe)].count, 0);
+    assert!(shadow.svc.contains_key(&SvcKey::marker(fe.addr)));
+    assert!(shadow.backends.is_empty());
+}
