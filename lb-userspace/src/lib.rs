@@ -3,7 +3,13 @@
 //! Follow a Service through the modules in this order:
 //! [`source`] (manifest files) → [`model`] (Service → frontends with backends) →
 //! [`sync`] (pure diff against a shadow of the maps, then apply) → [`maps`] (the pinned BPF maps)
-//! ← [`loader`] (load, pin, attach, adopt). [`inspect`] reads the pinned maps back.
+//! ← [`loader`] (load, pin, attach, adopt). [`agent`] is the run loop, [`inspect`] reads the
+//! pinned maps back, [`cli`] is the command line.
+pub mod agent;
+pub mod cli;
+pub mod inspect;
+pub mod loader;
+pub mod maps;
 pub mod model;
 pub mod source;
 pub mod sync;

@@ -1,1 +1,77 @@
-fn main(){}
+//! `lb-agent`. See `lb_userspace` for the architecture.
+use std::{process::ExitCode, time::Duration};
+
+use clap::Parser as _;
+use lb_userspace::{
+    agent, cli, inspect, loader,
+    model,
+};
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map_or_else(|_| "localhost".into(), |h| h.trim().to_owned())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match real_main(cli::Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lb-agent: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: cli::Cli) -> anyhow::Result<()> {
+    match cli.command {
+        cli::Command::Run(a) => {
+            let cgroup = match a.cgroup {
+                Some(c) => c,
+                None => loader::cgroup2_mount().map_err(|e| anyhow::anyhow!(agent::chain(&e)))?,
+            };
+            let opts = agent::Options {
+                manifests: a.manifests,
+                node_name: a.node_name.unwrap_or_else(hostname),
+                cgroup,
+                bpffs: a.bpffs,
+                sizes: loader::Sizes {
+                    services: a.max_service_entries,
+                    backends: a.max_backend_entries,
+                    revnat: a.max_revnat_entries,
+                },
+                model: model::Config {
+                    ipv4: true,
+                    ipv6: std::path::Path::new("/proc/net/if_inet6").exists(),
+                    proxy_name: a.proxy_name,
+                },
+                resync_every: Duration::from_secs(a.resync_seconds.max(1)),
+                debounce: Duration::from_millis(20),
+            };
+            tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(agent::run(opts))
+        }
+        cli::Command::Inspect(a) => {
+            let r = inspect::report(&a.bpffs).map_err(|e| anyhow::anyhow!(agent::chain(&e)))?;
+            match (a.output, a.what) {
+                (cli::Output::Json, cli::What::Services) => println!("{}", serde_json::to_string_pretty(&r.services)?),
+                (cli::Output::Json, cli::What::Backends) => println!("{}", serde_json::to_string_pretty(&r.backends)?),
+                (cli::Output::Json, cli::What::Stats) => println!("{}", serde_json::to_string_pretty(&r.stats)?),
+                (cli::Output::Table, cli::What::Services) => print!("{}", inspect::services_table(&r)),
+                (cli::Output::Table, cli::What::Backends) => print!("{}", inspect::backends_table(&r)),
+                (cli::Output::Table, cli::What::Stats) => print!("{}", inspect::stats_table(&r)),
+            }
+            Ok(())
+        }
+        cli::Command::Cleanup(a) => {
+            let removed = loader::cleanup(&a.bpffs).map_err(|e| anyhow::anyhow!(agent::chain(&e)))?;
+            let detached = match &a.cgroup {
+                Some(cg) => loader::detach_leftovers(cg).map_err(|e| anyhow::anyhow!(agent::chain(&e)))?,
+                None => 0,
+            };
+            println!("removed {} pins under {}; detached {detached} unpinned hooks", removed.len(), a.bpffs.display());
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! Command line of `lb-agent`. Later tools depend on these names: change them only additively.
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// eBPF socket-level load balancer for Kubernetes Services.
+#[derive(Debug, Parser)]
+#[command(name = "lb-agent", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load and attach the datapath, then keep its maps equal to the Services and
+    /// EndpointSlices found in the manifest directory.
+    Run(RunArgs),
+    /// Print what the pinned maps hold (no running agent needed).
+    Inspect(InspectArgs),
+    /// Detach every hook and remove every pin the agent made.
+    Cleanup(CleanupArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Directory of Service and EndpointSlice manifests (*.yaml, *.yml, *.json; multi-document
+    /// and `kind: List` allowed). Watched: changes are applied within a second.
+    #[arg(long, value_name = "DIR")]
+    pub manifests: PathBuf,
+    /// This node's name (for node-local endpoint selection). Default: $NODE_NAME, else the hostname.
+    #[arg(long, env = "NODE_NAME", value_name = "N")]
+    pub node_name: Option<String>,
+    /// cgroup v2 directory to attach the socket hooks to. Default: the cgroup2 mount root found
+    /// in /proc/self/mountinfo (every process on the node).
+    #[arg(long, value_name = "DIR")]
+    pub cgroup: Option<PathBuf>,
+    /// Directory on a BPF filesystem where maps and links are pinned.
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/lb")]
+    pub bpffs: PathBuf,
+    /// Only handle Services labelled service.kubernetes.io/service-proxy-name=<NAME> (and
+    /// unlabelled ones); by default Services carrying that label are left to their proxy.
+    #[arg(long, value_name = "NAME")]
+    pub proxy_name: Option<String>,
+    /// max_entries of each service map (frontends + backend slots + one marker per VIP).
+    #[arg(long, default_value_t = lb_common::DEFAULT_SVC_ENTRIES)]
+    pub max_service_entries: u32,
+    /// max_entries of each backend map.
+    #[arg(long, default_value_t = lb_common::DEFAULT_BE_ENTRIES)]
+    pub max_backend_entries: u32,
+    /// max_entries of each per-socket reverse-NAT LRU map.
+    #[arg(long, default_value_t = lb_common::DEFAULT_RNAT_ENTRIES)]
+    pub max_revnat_entries: u32,
+    /// Full resync interval in seconds, in addition to file events.
+    #[arg(long, default_value_t = 30)]
+    pub resync_seconds: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, ValueEnum)]
+pub enum What {
+    /// Frontends with their backends.
+    #[default]
+    Services,
+    /// Backends with their ids.
+    Backends,
+    /// Datapath counters, summed over CPUs.
+    Stats,
+}
+
+#[derive(Debug, Clone, Copy, Default, ValueEnum)]
+pub enum Output {
+    #[default]
+    Table,
+    Json,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct InspectArgs {
+    /// What to list.
+    #[arg(value_enum, default_value_t = What::Services)]
+    pub what: What,
+    /// Directory where the agent pinned its maps.
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/lb")]
+    pub bpffs: PathBuf,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CleanupArgs {
+    /// Directory where the agent pinned its maps and links.
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/lb")]
+    pub bpffs: PathBuf,
+    /// cgroup the hooks were attached to: after unpinning, any `lb` hook still attached there
+    /// (say, its pins were deleted by hand) is detached too.
+    #[arg(long, value_name = "DIR")]
+    pub cgroup: Option<PathBuf>,
+}

@@ -1,0 +1,115 @@
+//! `lb-agent inspect`: reads the pinned maps (no running agent needed) and prints frontends with
+//! their backends, like `cilium bpf lb list`.
+use std::{fmt::Write as _, net::SocketAddr, path::Path};
+
+use lb_common::SVC_FLAG_VIP_MARKER;
+use serde::Serialize;
+
+use crate::{
+    maps::{self, BpfMaps},
+    model::Proto,
+    sync::Shadow,
+};
+
+#[derive(Debug, Serialize)]
+pub struct ServiceRow {
+    pub frontend: String,
+    pub address: std::net::IpAddr,
+    pub port: u16,
+    pub protocol: String,
+    /// Backends in slot order; `null` marks a slot that does not resolve (never expected).
+    pub backends: Vec<Option<SocketAddr>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BackendRow {
+    pub id: u32,
+    pub address: SocketAddr,
+    pub protocol: String,
+    /// How many frontend slots point at this backend.
+    pub slots: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub services: Vec<ServiceRow>,
+    pub backends: Vec<BackendRow>,
+    pub vips: Vec<std::net::IpAddr>,
+    pub stats: std::collections::BTreeMap<&'static str, u64>,
+}
+
+fn proto_name(p: u8) -> String {
+    Proto::from_number(p).map_or_else(|| format!("proto {p}"), |p| p.to_string())
+}
+
+/// Everything `inspect` can show, from the maps pinned in `bpffs`.
+pub fn report(bpffs: &Path) -> maps::Result<Report> {
+    let shadow = BpfMaps::from_pins(bpffs)?.read_shadow()?;
+    Ok(build(&shadow, maps::read_stats(bpffs)?.into_iter().map(|(s, v)| (s.name(), v)).collect()))
+}
+
+fn build(shadow: &Shadow, stats: std::collections::BTreeMap<&'static str, u64>) -> Report {
+    let services = shadow
+        .frontends()
+        .into_iter()
+        .map(|(k, (_, bes))| ServiceRow {
+            frontend: format!("{}/{}", SocketAddr::new(k.addr, k.port), proto_name(k.proto)),
+            address: k.addr,
+            port: k.port,
+            protocol: proto_name(k.proto),
+            backends: bes.into_iter().map(|b| b.map(|b| b.addr)).collect(),
+        })
+        .collect();
+    let backends = shadow
+        .backends
+        .iter()
+        .map(|(id, b)| BackendRow {
+            id: *id,
+            address: b.addr,
+            protocol: proto_name(b.proto),
+            slots: shadow.svc.iter().filter(|(k, v)| k.slot > 0 && v.backend_id == *id).count(),
+        })
+        .collect();
+    let vips = shadow.svc.iter().filter(|(_, v)| v.flags & SVC_FLAG_VIP_MARKER != 0).map(|(k, _)| k.addr).collect();
+    Report { services, backends, vips, stats }
+}
+
+/// `inspect services` as a table.
+#[must_use]
+pub fn services_table(r: &Report) -> String {
+    let mut s = String::new();
+    let w = r.services.iter().map(|x| x.frontend.len()).max().unwrap_or(0).max("FRONTEND".len());
+    let _ = writeln!(s, "{:<w$}  BACKENDS", "FRONTEND");
+    for row in &r.services {
+        if row.backends.is_empty() {
+            let _ = writeln!(s, "{:<w$}  (none: connections are refused)", row.frontend);
+        }
+        for (i, b) in row.backends.iter().enumerate() {
+            let fe = if i == 0 { row.frontend.as_str() } else { "" };
+            let b = b.map_or_else(|| "<unresolved slot>".to_owned(), |b| b.to_string());
+            let _ = writeln!(s, "{fe:<w$}  {b} (slot {})", i + 1);
+        }
+    }
+    s
+}
+
+/// `inspect backends` as a table.
+#[must_use]
+pub fn backends_table(r: &Report) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "{:>6}  {:<44}  {:<5}  SLOTS", "ID", "ADDRESS", "PROTO");
+    for b in &r.backends {
+        let _ = writeln!(s, "{:>6}  {:<44}  {:<5}  {}", b.id, b.address.to_string(), b.protocol, b.slots);
+    }
+    s
+}
+
+/// `inspect stats` as a table.
+#[must_use]
+pub fn stats_table(r: &Report) -> String {
+    let mut s = String::new();
+    for (k, v) in &r.stats {
+        let _ = writeln!(s, "{k:<24} {v}");
+    }
+    s
+}

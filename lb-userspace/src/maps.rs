@@ -1,0 +1,183 @@
+//! The pinned BPF maps, seen from the agent: a [`MapWriter`] for `sync`, and readers that turn
+//! the maps back into a [`Shadow`] (adoption on start, `inspect`) and sum the counters.
+use std::{
+    mem::size_of,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
+use lb_common::{
+    ALL_MAPS, Backend4, Backend6, MAP_BE4, MAP_BE6, MAP_STATS, MAP_SVC4, MAP_SVC6, SCOPE_ALL, Stat,
+    Svc4Key, Svc6Key, SvcValue,
+};
+
+use crate::sync::{Backend, MapOp, MapWriter, Shadow, SvcKey};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("map {name}: {op} failed")]
+    Map { name: &'static str, op: &'static str, #[source] source: MapError },
+    #[error("map {name} is not pinned at {path} (is the agent installed with this --bpffs?)")]
+    NotPinned { name: &'static str, path: PathBuf, #[source] source: MapError },
+    #[error("map {name}: pinned map has key/value size {found:?}, this build expects {expected:?}; \
+             a different lb version owns {dir}: run `lb-agent cleanup` or use another --bpffs")]
+    Layout { name: &'static str, dir: PathBuf, found: (u32, u32), expected: (u32, u32) },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Expected (key, value) sizes per map name: guards against adopting a foreign map.
+#[must_use]
+pub fn expected_sizes(name: &str) -> Option<(u32, u32)> {
+    use lb_common::{MAP_RNAT4, MAP_RNAT6, RevNat4Key, RevNat4Value, RevNat6Key, RevNat6Value};
+    let s = |k: usize, v: usize| Some((k as u32, v as u32));
+    match name {
+        n if n == MAP_SVC4 => s(size_of::<Svc4Key>(), size_of::<SvcValue>()),
+        n if n == MAP_SVC6 => s(size_of::<Svc6Key>(), size_of::<SvcValue>()),
+        n if n == MAP_BE4 => s(4, size_of::<Backend4>()),
+        n if n == MAP_BE6 => s(4, size_of::<Backend6>()),
+        n if n == MAP_RNAT4 => s(size_of::<RevNat4Key>(), size_of::<RevNat4Value>()),
+        n if n == MAP_RNAT6 => s(size_of::<RevNat6Key>(), size_of::<RevNat6Value>()),
+        n if n == MAP_STATS => s(4, 8),
+        _ => None,
+    }
+}
+
+/// Checks every pinned map in `dir` against this build's layouts.
+pub fn check_layouts(dir: &Path) -> Result<()> {
+    for name in ALL_MAPS {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let md = MapData::from_pin(&path).map_err(|source| Error::NotPinned { name, path: path.clone(), source })?;
+        let info = md.info().map_err(|source| Error::Map { name, op: "info", source })?;
+        let found = (info.key_size(), info.value_size());
+        let expected = expected_sizes(name).expect("every map has sizes");
+        if found != expected {
+            return Err(Error::Layout { name, dir: dir.to_owned(), found, expected });
+        }
+    }
+    Ok(())
+}
+
+/// The service and backend maps.
+pub struct BpfMaps {
+    svc4: HashMap<MapData, Svc4Key, SvcValue>,
+    svc6: HashMap<MapData, Svc6Key, SvcValue>,
+    be4: HashMap<MapData, u32, Backend4>,
+    be6: HashMap<MapData, u32, Backend6>,
+}
+
+fn open_pinned(dir: &Path, name: &'static str) -> Result<Map> {
+    let path = dir.join(name);
+    let md = MapData::from_pin(&path).map_err(|source| Error::NotPinned { name, path, source })?;
+    Map::from_map_data(md).map_err(|source| Error::Map { name, op: "open", source })
+}
+
+fn hash<K: aya::Pod, V: aya::Pod>(map: Map, name: &'static str) -> Result<HashMap<MapData, K, V>> {
+    HashMap::try_from(map).map_err(|source| Error::Map { name, op: "open as hash", source })
+}
+
+impl BpfMaps {
+    /// Opens the maps pinned under `dir` (no running agent needed).
+    pub fn from_pins(dir: &Path) -> Result<Self> {
+        check_layouts(dir)?;
+        Ok(Self {
+            svc4: hash(open_pinned(dir, MAP_SVC4)?, MAP_SVC4)?,
+            svc6: hash(open_pinned(dir, MAP_SVC6)?, MAP_SVC6)?,
+            be4: hash(open_pinned(dir, MAP_BE4)?, MAP_BE4)?,
+            be6: hash(open_pinned(dir, MAP_BE6)?, MAP_BE6)?,
+        })
+    }
+
+    /// Reads the maps into a shadow: what a restarted agent adopts.
+    pub fn read_shadow(&self) -> Result<Shadow> {
+        let mut s = Shadow::default();
+        for kv in self.svc4.iter() {
+            let (k, v) = kv.map_err(|source| Error::Map { name: MAP_SVC4, op: "iterate", source })?;
+            if k.scope == SCOPE_ALL {
+                s.svc.insert(SvcKey { addr: Ipv4Addr::from(k.address).into(), port: k.dport, proto: k.proto, slot: k.backend_slot }, v);
+            }
+        }
+        for kv in self.svc6.iter() {
+            let (k, v) = kv.map_err(|source| Error::Map { name: MAP_SVC6, op: "iterate", source })?;
+            if k.scope == SCOPE_ALL {
+                s.svc.insert(SvcKey { addr: Ipv6Addr::from(k.address).into(), port: k.dport, proto: k.proto, slot: k.backend_slot }, v);
+            }
+        }
+        for kv in self.be4.iter() {
+            let (id, b) = kv.map_err(|source| Error::Map { name: MAP_BE4, op: "iterate", source })?;
+            s.backends.insert(id, Backend { addr: SocketAddr::new(Ipv4Addr::from(b.address).into(), b.port), proto: b.proto });
+        }
+        for kv in self.be6.iter() {
+            let (id, b) = kv.map_err(|source| Error::Map { name: MAP_BE6, op: "iterate", source })?;
+            s.backends.insert(id, Backend { addr: SocketAddr::new(Ipv6Addr::from(b.address).into(), b.port), proto: b.proto });
+        }
+        Ok(s)
+    }
+}
+
+fn svc4_key(k: &SvcKey, a: Ipv4Addr) -> Svc4Key {
+    Svc4Key { address: a.octets(), dport: k.port, backend_slot: k.slot, proto: k.proto, scope: SCOPE_ALL, _pad: [0; 2] }
+}
+
+fn svc6_key(k: &SvcKey, a: Ipv6Addr) -> Svc6Key {
+    Svc6Key { address: a.octets(), dport: k.port, backend_slot: k.slot, proto: k.proto, scope: SCOPE_ALL, _pad: [0; 2] }
+}
+
+impl MapWriter for BpfMaps {
+    type Error = Error;
+
+    fn write(&mut self, op: &MapOp) -> Result<()> {
+        let e = |name, op| move |source| Error::Map { name, op, source };
+        match *op {
+            MapOp::PutSvc { key, value } => match key.addr {
+                IpAddr::V4(a) => self.svc4.insert(svc4_key(&key, a), value, 0).map_err(e(MAP_SVC4, "update")),
+                IpAddr::V6(a) => self.svc6.insert(svc6_key(&key, a), value, 0).map_err(e(MAP_SVC6, "update")),
+            },
+            MapOp::DelSvc { key } => match key.addr {
+                IpAddr::V4(a) => ignore_missing(self.svc4.remove(&svc4_key(&key, a))).map_err(e(MAP_SVC4, "delete")),
+                IpAddr::V6(a) => ignore_missing(self.svc6.remove(&svc6_key(&key, a))).map_err(e(MAP_SVC6, "delete")),
+            },
+            MapOp::PutBackend { id, backend } => match backend.addr.ip() {
+                IpAddr::V4(a) => {
+                    let v = Backend4 { address: a.octets(), port: backend.addr.port(), proto: backend.proto, flags: 0 };
+                    self.be4.insert(id, v, 0).map_err(e(MAP_BE4, "update"))
+                }
+                IpAddr::V6(a) => {
+                    let v = Backend6 { address: a.octets(), port: backend.addr.port(), proto: backend.proto, flags: 0 };
+                    self.be6.insert(id, v, 0).map_err(e(MAP_BE6, "update"))
+                }
+            },
+            MapOp::DelBackend { id, backend } => match backend.addr {
+                SocketAddr::V4(_) => ignore_missing(self.be4.remove(&id)).map_err(e(MAP_BE4, "delete")),
+                SocketAddr::V6(_) => ignore_missing(self.be6.remove(&id)).map_err(e(MAP_BE6, "delete")),
+            },
+        }
+    }
+}
+
+/// Deleting what is already gone is success: the shadow may lag a crashed predecessor.
+fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(ref s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+/// Datapath counters summed over CPUs, in [`Stat::ALL`] order.
+pub fn read_stats(dir: &Path) -> Result<Vec<(Stat, u64)>> {
+    let map = open_pinned(dir, MAP_STATS)?;
+    let arr: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(map).map_err(|source| Error::Map { name: MAP_STATS, op: "open as per-CPU array", source })?;
+    Stat::ALL
+        .iter()
+        .map(|s| {
+            let v = arr.get(&(*s as u32), 0).map_err(|source| Error::Map { name: MAP_STATS, op: "lookup", source })?;
+            Ok((*s, v.iter().sum()))
+        })
+        .collect()
+}
