@@ -282,6 +282,8 @@ struct Svc {
     id: NsName,
     created: Option<k8s_openapi::jiff::Timestamp>,
     ips: Vec<(usize, IpAddr)>,
+    /// `spec.clusterIPs` or `spec.clusterIP`, whichever the object uses (for error messages).
+    ips_field: &'static str,
     ports: Vec<SvcPort>,
 }
 
@@ -342,7 +344,7 @@ fn resolve_service(svc: &Service, cfg: &Config, errors: &mut Vec<Error>) -> Opti
         };
         ports.push(SvcPort { name: p.name.clone().unwrap_or_default(), proto, port, index: i });
     }
-    Some(Svc { id, created: svc.metadata.creation_timestamp.as_ref().map(|t| t.0), ips, ports })
+    Some(Svc { id, created: svc.metadata.creation_timestamp.as_ref().map(|t| t.0), ips, ips_field: field_ips, ports })
 }
 
 /// Builds the desired state. Returns it with every problem found; a problem only ever removes
@@ -414,7 +416,7 @@ pub fn build(services: &[Service], slices: &[EndpointSlice], cfg: &Config) -> (D
                     if winner.service != svc.id {
                         errors.push(Error::Conflict {
                             object: object.clone(),
-                            field: format!("spec.clusterIPs[{ip_index}] / spec.ports[{}]", sp.index),
+                            field: format!("{}[{ip_index}] / spec.ports[{}]", svc.ips_field, sp.index),
                             frontend: fe,
                             winner: winner.service.clone(),
                         });

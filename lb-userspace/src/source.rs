@@ -42,10 +42,16 @@ impl Objects {
 }
 
 /// Reads a manifest directory, remembering each file's last good contents.
+///
+/// There is no API server to stamp `metadata.creationTimestamp` on manifest objects, so the
+/// first time a Service is seen stands in for it (unless the file sets one). Conflicts between
+/// Services are decided by age (SEMANTICS.md), so this keeps the incumbent of a VIP:port in
+/// place when a newcomer claims it, exactly as on a cluster.
 #[derive(Debug)]
 pub struct ManifestDir {
     dir: PathBuf,
     last_good: BTreeMap<PathBuf, Objects>,
+    first_seen: BTreeMap<(String, String), k8s_openapi::jiff::Timestamp>,
 }
 
 fn is_manifest(p: &Path) -> bool {
@@ -56,7 +62,7 @@ fn is_manifest(p: &Path) -> bool {
 impl ManifestDir {
     #[must_use]
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into(), last_good: BTreeMap::new() }
+        Self { dir: dir.into(), last_good: BTreeMap::new(), first_seen: BTreeMap::new() }
     }
 
     #[must_use]
@@ -106,7 +112,25 @@ impl ManifestDir {
                 }
             }
         }
+        self.stamp(&mut all);
         (all, errors)
+    }
+
+    /// Gives every Service without a creationTimestamp the time it was first seen.
+    fn stamp(&mut self, objs: &mut Objects) {
+        let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let now = k8s_openapi::jiff::Timestamp::from_nanosecond(since_epoch.as_nanos() as i128).unwrap_or_default();
+        let mut live = BTreeMap::new();
+        for svc in &mut objs.services {
+            let Some(name) = svc.metadata.name.clone() else { continue };
+            let key = (svc.metadata.namespace.clone().unwrap_or_else(|| "default".into()), name);
+            let seen = *self.first_seen.get(&key).unwrap_or(&now);
+            live.insert(key, seen);
+            if svc.metadata.creation_timestamp.is_none() {
+                svc.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(seen));
+            }
+        }
+        self.first_seen = live;
     }
 }
 
@@ -216,6 +240,22 @@ mod tests {
     fn other_kinds_are_ignored() {
         let (o, errors) = parse("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n");
         assert!(errors.is_empty() && o.services.is_empty() && o.slices.is_empty());
+    }
+
+    #[test]
+    fn services_are_stamped_with_the_time_first_seen() {
+        let dir = std::env::temp_dir().join(format!("lb-src-stamp-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("mkdir");
+        fs::write(dir.join("a.yaml"), "apiVersion: v1\nkind: Service\nmetadata: {name: a}\n").expect("write");
+        let mut m = ManifestDir::new(&dir);
+        let t1 = m.read().0.services[0].metadata.creation_timestamp.clone().expect("stamped");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        fs::write(dir.join("b.yaml"), "apiVersion: v1\nkind: Service\nmetadata: {name: b}\n").expect("write");
+        let (o, _) = m.read();
+        let ts = |n: &str| o.services.iter().find(|s| s.metadata.name.as_deref() == Some(n)).unwrap().metadata.creation_timestamp.clone().unwrap();
+        assert_eq!(ts("a"), t1, "stable across reads");
+        assert!(ts("b").0 > t1.0, "a newcomer is younger");
+        fs::remove_dir_all(&dir).expect("rmdir");
     }
 
     #[test]

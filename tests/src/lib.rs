@@ -1,1 +1,454 @@
+//! Privileged test bed for `lb`: network namespaces, a child cgroup, a private bpffs directory,
+//! an `lb-agent` process, backends and clients — each behind a Drop guard, so a failing test
+//! still removes everything it made.
+//!
+//! Topology of a [`Cluster`] (all in namespaces this harness creates; nothing is linked to the
+//! root namespace, and no namespace has a default route, so an address that is not rewritten
+//! fails with ENETUNREACH instead of leaving):
+//! ```text
+//!   client pod (198.18.0.10, 2001:db8::10)  ─veth─┐
+//!   backend b1 (198.18.0.11, 2001:db8::11)  ─veth─┤ br0 in the node namespace
+//!   backend bN (198.18.0.1N, 2001:db8::1N)  ─veth─┘
+//!   VIPs: 198.19.0.0/24, 2001:db8:f::/64 — not routed anywhere
+//! ```
+//! Clients run inside the client namespace *and* the test's child cgroup, where the agent
+//! attaches the socket hooks. The agent itself runs in the root namespace with
+//! `--cgroup <child> --bpffs <private dir>`.
+use std::{
+    fs::{self, File, OpenOptions},
+    io::{BufRead as _, BufReader},
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
 
+pub use serde_json::Value;
+
+/// Runs a shell command; panics with its output when it fails.
+pub fn sh(cmd: &str) {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().expect("spawn sh");
+    assert!(
+        out.status.success(),
+        "`{cmd}` failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Fails (never skips) when the test bed cannot be built on this machine.
+pub fn require_privileges() {
+    // SAFETY: plain syscall without arguments.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "privileged tests must run as root (they create netns, cgroups and BPF programs)");
+    for tool in ["ip", "bpftool"] {
+        assert!(
+            Command::new("sh").arg("-c").arg(format!("command -v {tool}")).stdout(Stdio::null()).status().is_ok_and(|s| s.success()),
+            "{tool} is missing: run `cargo xtask setup`"
+        );
+    }
+}
+
+/// Path of a binary of this workspace, next to the running test's target directory.
+pub fn workspace_bin(name: &str, env: &str) -> PathBuf {
+    if let Ok(p) = std::env::var(env) {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let p = exe.parent().and_then(Path::parent).expect("target dir").join(name);
+    assert!(p.exists(), "{} not built; run the tests through `cargo xtask test` (or set {env})", p.display());
+    p
+}
+
+pub fn lb_agent() -> PathBuf {
+    workspace_bin("lb-agent", "LB_AGENT")
+}
+
+pub fn lbt() -> PathBuf {
+    workspace_bin("lbt", "LBT")
+}
+
+/// The cgroup2 mount point, from /proc/self/mountinfo.
+pub fn cgroup2_root() -> PathBuf {
+    let mi = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    mi.lines()
+        .find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            (post.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(pre.split_whitespace().nth(4).expect("mount point")))
+        })
+        .expect("no cgroup2 mount on this machine")
+}
+
+/// Makes sure /sys/fs/bpf is a BPF filesystem.
+pub fn ensure_bpffs() {
+    let mounts = fs::read_to_string("/proc/self/mounts").expect("mounts");
+    if !mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.split_whitespace().nth(2) == Some("bpf")) {
+        sh("mount -t bpf bpf /sys/fs/bpf");
+    }
+}
+
+/// A network namespace, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(name: &str) -> Self {
+        let _ = Command::new("ip").args(["netns", "del", name]).stderr(Stdio::null()).status();
+        sh(&format!("ip netns add {name} && ip -n {name} link set lo up"));
+        Self { name: name.to_owned() }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// A child cgroup of the cgroup2 root. On drop, kills the processes still in it (only ever
+/// ours: clients this harness put there) and removes it.
+pub struct Cgroup {
+    pub path: PathBuf,
+}
+
+impl Cgroup {
+    pub fn new(name: &str) -> Self {
+        let path = cgroup2_root().join(name);
+        let _ = fs::remove_dir(&path);
+        fs::create_dir(&path).unwrap_or_else(|e| panic!("create cgroup {}: {e}", path.display()));
+        Self { path }
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            let procs = fs::read_to_string(self.path.join("cgroup.procs")).unwrap_or_default();
+            for pid in procs.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                // SAFETY: sending a signal to a PID read from our own test cgroup.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            if fs::remove_dir(&self.path).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("warning: could not remove cgroup {}", self.path.display());
+    }
+}
+
+/// A process we started, killed (by PID) and reaped on drop.
+pub struct Proc {
+    pub child: Child,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A `Command` that enters `netns` (and `cgroup`, if given) between fork and exec.
+pub fn command_in(netns: &Netns, cgroup: Option<&Cgroup>, program: &Path) -> Command {
+    let ns = File::open(netns.path()).expect("open netns");
+    let procs = cgroup.map(|c| OpenOptions::new().write(true).open(c.path.join("cgroup.procs")).expect("open cgroup.procs"));
+    let mut cmd = Command::new(program);
+    // SAFETY: only async-signal-safe calls (setns, write) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(p) = &procs
+                && libc::write(p.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// A private directory on bpffs; on drop, `lb-agent cleanup` detaches and unpins everything.
+pub struct Bpffs {
+    pub path: PathBuf,
+    cgroup: PathBuf,
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = Command::new(lb_agent())
+            .args(["cleanup", "--bpffs"])
+            .arg(&self.path)
+            .arg("--cgroup")
+            .arg(&self.cgroup)
+            .stdout(Stdio::null())
+            .status();
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A temporary directory, removed on drop.
+pub struct TempDir {
+    pub path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new(name: &str) -> Self {
+        let path = std::env::temp_dir().join(name);
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(&path).expect("mkdir temp");
+        Self { path }
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Polls `f` every 5 ms until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let end = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() > end {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// IPv4 and IPv6 address of pod `i` (0 = client, 1.. = backends).
+pub fn pod_v4(i: usize) -> String {
+    format!("198.18.0.{}", 10 + i)
+}
+
+pub fn pod_v6(i: usize) -> String {
+    format!("2001:db8::{}", 10 + i)
+}
+
+/// The whole test bed. Field order is drop order: agent, servers, pins (cleanup needs the
+/// cgroup), cgroup, files, netns.
+pub struct Cluster {
+    pub agent: Option<Proc>,
+    pub servers: Vec<Proc>,
+    pub bpffs: Bpffs,
+    pub cgroup: Cgroup,
+    pub manifests: TempDir,
+    pub logs: TempDir,
+    pub backends: Vec<Netns>,
+    pub client: Netns,
+    pub node: Netns,
+    pub tag: String,
+    agent_starts: usize,
+}
+
+impl Cluster {
+    /// Builds the namespaces and starts `n` backends, each serving TCP :8080 and UDP :5353
+    /// (dual-stack) and answering with its name (`b1`, `b2`, …) and the client address it saw.
+    pub fn new(tag: &str, n: usize) -> Self {
+        require_privileges();
+        ensure_bpffs();
+        let tag = format!("{tag}-{}", std::process::id());
+        let node = Netns::new(&format!("lbt-{tag}-node"));
+        sh(&format!("ip -n {0} link add br0 type bridge && ip -n {0} link set br0 up", node.name));
+        let mk_pod = |i: usize, role: &str| {
+            let ns = Netns::new(&format!("lbt-{tag}-{role}"));
+            sh(&format!(
+                "ip -n {node} link add p{i} type veth peer name eth0 netns {ns} && \
+                 ip -n {node} link set p{i} master br0 up && \
+                 ip -n {ns} addr add {v4}/24 dev eth0 && \
+                 ip -n {ns} addr add {v6}/64 dev eth0 nodad && \
+                 ip -n {ns} link set eth0 up",
+                node = node.name,
+                ns = ns.name,
+                v4 = pod_v4(i),
+                v6 = pod_v6(i),
+            ));
+            ns
+        };
+        let client = mk_pod(0, "client");
+        let backends: Vec<Netns> = (1..=n).map(|i| mk_pod(i, &format!("b{i}"))).collect();
+        let cgroup = Cgroup::new(&format!("lbt-{tag}"));
+        let bpffs = Bpffs { path: PathBuf::from(format!("/sys/fs/bpf/lbt-{tag}")), cgroup: cgroup.path.clone() };
+        let mut c = Self {
+            agent: None,
+            servers: Vec::new(),
+            bpffs,
+            cgroup,
+            manifests: TempDir::new(&format!("lbt-{tag}-manifests")),
+            logs: TempDir::new(&format!("lbt-{tag}-logs")),
+            backends,
+            client,
+            node,
+            tag,
+            agent_starts: 0,
+        };
+        for i in 0..n {
+            c.start_server(i, "tcp", "[::]:8080");
+            c.start_server(i, "udp", "[::]:5353");
+        }
+        c
+    }
+
+    fn start_server(&mut self, i: usize, proto: &str, addr: &str) {
+        let mut child = command_in(&self.backends[i], None, &lbt())
+            .args(["serve", &format!("b{}", i + 1), proto, addr])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn backend");
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().expect("stdout")).read_line(&mut line).expect("backend ready line");
+        assert_eq!(line.trim(), "ready", "backend b{} {proto} did not start", i + 1);
+        self.servers.push(Proc { child });
+    }
+
+    /// Writes (or replaces) a manifest file.
+    pub fn write_manifest(&self, file: &str, yaml: &str) {
+        // Write-then-rename, as `kubectl`/editors do, so the agent never reads a torn file.
+        let tmp = self.manifests.path.join(format!(".{file}.tmp"));
+        fs::write(&tmp, yaml).expect("write manifest");
+        fs::rename(&tmp, self.manifests.path.join(file)).expect("rename manifest");
+    }
+
+    pub fn remove_manifest(&self, file: &str) {
+        fs::remove_file(self.manifests.path.join(file)).expect("remove manifest");
+    }
+
+    pub fn agent_log(&self) -> String {
+        (1..=self.agent_starts)
+            .map(|n| fs::read_to_string(self.logs.path.join(format!("agent-{n}.log"))).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Starts `lb-agent run` and waits until it watches the manifests.
+    pub fn start_agent(&mut self) {
+        self.agent_starts += 1;
+        let log_path = self.logs.path.join(format!("agent-{}.log", self.agent_starts));
+        let log = File::create(&log_path).expect("agent log");
+        let child = Command::new(lb_agent())
+            .arg("run")
+            .arg("--manifests")
+            .arg(&self.manifests.path)
+            .arg("--cgroup")
+            .arg(&self.cgroup.path)
+            .arg("--bpffs")
+            .arg(&self.bpffs.path)
+            .args(["--node-name", "node-a"])
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn lb-agent");
+        let mut p = Proc { child };
+        let ready = wait_for(Duration::from_secs(20), || {
+            if let Ok(Some(st)) = p.child.try_wait() {
+                panic!("lb-agent exited with {st}:\n{}", fs::read_to_string(&log_path).unwrap_or_default());
+            }
+            fs::read_to_string(&log_path).ok().filter(|l| l.contains("watching manifests")).map(|_| ())
+        });
+        assert!(ready.is_some(), "lb-agent not ready in 20 s:\n{}", fs::read_to_string(&log_path).unwrap_or_default());
+        self.agent = Some(p);
+    }
+
+    /// Kills the agent with SIGKILL (the datapath stays attached: pinned links).
+    pub fn kill_agent(&mut self) {
+        if let Some(mut p) = self.agent.take() {
+            p.kill9();
+        }
+    }
+
+    /// Runs `lbt ARGS…` in the client namespace and the test cgroup; one JSON value per line.
+    pub fn client(&self, args: &[&str]) -> Vec<Value> {
+        let out = command_in(&self.client, Some(&self.cgroup), &lbt()).args(args).output().expect("run client");
+        assert!(out.status.success(), "lbt {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout)
+            .expect("utf8")
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON from lbt: {l}: {e}")))
+            .collect()
+    }
+
+    /// Like [`Cluster::client`] but started in the background.
+    pub fn client_bg(&self, args: &[&str]) -> Child {
+        command_in(&self.client, Some(&self.cgroup), &lbt()).args(args).stdout(Stdio::piped()).spawn().expect("spawn client")
+    }
+
+    /// `lb-agent inspect <what> -o json`.
+    pub fn inspect(&self, what: &str) -> Value {
+        let out = Command::new(lb_agent())
+            .args(["inspect", what, "-o", "json", "--bpffs"])
+            .arg(&self.bpffs.path)
+            .output()
+            .expect("inspect");
+        assert!(out.status.success(), "inspect failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("inspect JSON")
+    }
+
+    /// Backends of `frontend` (e.g. `198.19.0.10:80/TCP`) as `inspect` shows them, sorted.
+    pub fn backends_of(&self, frontend: &str) -> Option<Vec<String>> {
+        let v = self.inspect("services");
+        v.as_array()?.iter().find(|s| s["frontend"] == frontend).map(|s| {
+            let mut b: Vec<String> = s["backends"].as_array().unwrap().iter().map(|x| x.as_str().unwrap_or("?").to_owned()).collect();
+            b.sort();
+            b
+        })
+    }
+}
+
+/// A Service manifest: ClusterIPs and ports `(name, port, protocol)`.
+pub fn service(name: &str, ips: &[&str], ports: &[(&str, u16, &str)]) -> String {
+    let ips = ips.iter().map(|i| format!("'{i}'")).collect::<Vec<_>>().join(", ");
+    let ports = ports
+        .iter()
+        .map(|(n, p, proto)| format!("{{name: {n}, port: {p}, protocol: {proto}}}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: test}}\nspec: {{clusterIPs: [{ips}], ports: [{ports}]}}\n")
+}
+
+/// An EndpointSlice: `endpoints` are `(address, ready, serving, terminating)`.
+pub fn slice(name: &str, service: &str, family: &str, ports: &[(&str, u16, &str)], endpoints: &[(&str, bool, bool, bool)]) -> String {
+    let ports = ports
+        .iter()
+        .map(|(n, p, proto)| format!("{{name: {n}, port: {p}, protocol: {proto}}}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let eps = endpoints
+        .iter()
+        .map(|(a, r, s, t)| format!("{{addresses: ['{a}'], conditions: {{ready: {r}, serving: {s}, terminating: {t}}}}}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, namespace: test, labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: {family}\nports: [{ports}]\nendpoints: [{eps}]\n"
+    )
+}
+
+/// The IP of a `SocketAddr` string, IPv4-mapped IPv6 folded to IPv4 (a dual-stack backend
+/// reports an IPv4 client as `[::ffff:a.b.c.d]:port`).
+pub fn peer_ip(s: &str) -> std::net::IpAddr {
+    s.parse::<std::net::SocketAddr>().unwrap_or_else(|e| panic!("{s:?} is not a socket address: {e}")).ip().to_canonical()
+}

@@ -1,0 +1,162 @@
+//! `lbt`: the traffic helper the privileged tests and the demo run inside test namespaces.
+//!
+//! * `lbt serve NAME tcp|udp ADDR` — a backend: answers every TCP connection / UDP datagram with
+//!   `NAME PEER` where PEER is the client address it saw.
+//! * `lbt tcp ADDR N` — N × (connect, getpeername, send, read, close); one JSON line each.
+//! * `lbt udp ADDR N` — unconnected: N × (sendto ADDR, recvfrom); prints the source seen.
+//! * `lbt udpc ADDR N` — connected UDP: connect, then N × (send, recv, getpeername).
+//! * `lbt loop ADDR MILLIS` — TCP connect+request+close as fast as possible for MILLIS ms;
+//!   prints `{"ok":n,"failed":m,"errors":{...}}`.
+//!
+//! Every outcome is printed as JSON (never a panic for network errors), so tests assert on
+//! errno values such as ECONNREFUSED.
+use std::{
+    collections::BTreeMap,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use serde_json::json;
+
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+fn errno(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::ECONNREFUSED) => "ECONNREFUSED".into(),
+        Some(libc::ENETUNREACH) => "ENETUNREACH".into(),
+        Some(libc::EHOSTUNREACH) => "EHOSTUNREACH".into(),
+        Some(libc::ETIMEDOUT) | Some(libc::EAGAIN) => "ETIMEDOUT".into(),
+        Some(libc::EPERM) => "EPERM".into(),
+        Some(n) => format!("errno {n}"),
+        None => e.to_string(),
+    }
+}
+
+fn serve(name: &str, proto: &str, addr: SocketAddr) {
+    match proto {
+        "tcp" => {
+            let l = TcpListener::bind(addr).expect("bind tcp");
+            println!("ready");
+            for s in l.incoming() {
+                let Ok(mut s) = s else { continue };
+                let name = name.to_owned();
+                std::thread::spawn(move || {
+                    let _ = s.set_read_timeout(Some(TIMEOUT));
+                    let peer = s.peer_addr().map(|p| p.to_string()).unwrap_or_default();
+                    let mut buf = [0u8; 64];
+                    if s.read(&mut buf).is_ok() {
+                        let _ = s.write_all(format!("{name} {peer}\n").as_bytes());
+                    }
+                });
+            }
+        }
+        "udp" => {
+            let s = UdpSocket::bind(addr).expect("bind udp");
+            println!("ready");
+            let mut buf = [0u8; 64];
+            loop {
+                if let Ok((_, peer)) = s.recv_from(&mut buf) {
+                    let _ = s.send_to(format!("{name} {peer}\n").as_bytes(), peer);
+                }
+            }
+        }
+        _ => panic!("serve: protocol must be tcp or udp"),
+    }
+}
+
+fn tcp_once(addr: SocketAddr) -> serde_json::Value {
+    let started = Instant::now();
+    let mut s = match TcpStream::connect_timeout(&addr, TIMEOUT) {
+        Ok(s) => s,
+        Err(e) => return json!({"ok": false, "error": errno(&e), "ms": started.elapsed().as_secs_f64() * 1e3}),
+    };
+    let peer = s.peer_addr().map(|p| p.to_string()).unwrap_or_default();
+    let local = s.local_addr().map(|p| p.to_string()).unwrap_or_default();
+    let _ = s.set_read_timeout(Some(TIMEOUT));
+    let mut reply = String::new();
+    let res = s.write_all(b"hi").and_then(|()| s.read_to_string(&mut reply));
+    match res {
+        Ok(_) => json!({"ok": true, "peer": peer, "local": local, "reply": reply.trim()}),
+        Err(e) => json!({"ok": false, "error": errno(&e), "peer": peer}),
+    }
+}
+
+fn udp_unconnected(addr: SocketAddr, n: usize) {
+    let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+    let s = UdpSocket::bind(bind).expect("bind");
+    s.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+    let mut buf = [0u8; 128];
+    for _ in 0..n {
+        if let Err(e) = s.send_to(b"hi", addr) {
+            println!("{}", json!({"ok": false, "error": errno(&e), "stage": "sendto"}));
+            continue;
+        }
+        match s.recv_from(&mut buf) {
+            Ok((len, from)) => {
+                let reply = String::from_utf8_lossy(&buf[..len]).trim().to_owned();
+                println!("{}", json!({"ok": true, "from": from.to_string(), "reply": reply, "local": s.local_addr().unwrap().to_string()}));
+            }
+            Err(e) => println!("{}", json!({"ok": false, "error": errno(&e), "stage": "recvfrom"})),
+        }
+    }
+}
+
+fn udp_connected(addr: SocketAddr, n: usize) {
+    let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+    let s = UdpSocket::bind(bind).expect("bind");
+    s.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+    if let Err(e) = s.connect(addr) {
+        println!("{}", json!({"ok": false, "error": errno(&e), "stage": "connect"}));
+        return;
+    }
+    let mut buf = [0u8; 128];
+    for _ in 0..n {
+        let r = s.send(b"hi").and_then(|_| s.recv(&mut buf));
+        match r {
+            Ok(len) => {
+                let reply = String::from_utf8_lossy(&buf[..len]).trim().to_owned();
+                let peer = s.peer_addr().map(|p| p.to_string()).unwrap_or_default();
+                println!("{}", json!({"ok": true, "peer": peer, "reply": reply}));
+            }
+            Err(e) => println!("{}", json!({"ok": false, "error": errno(&e)})),
+        }
+    }
+}
+
+fn run_loop(addr: SocketAddr, millis: u64) {
+    let end = Instant::now() + Duration::from_millis(millis);
+    let (mut ok, mut failed) = (0u64, 0u64);
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    while Instant::now() < end {
+        let v = tcp_once(addr);
+        if v["ok"] == true {
+            ok += 1;
+        } else {
+            failed += 1;
+            *errors.entry(v["error"].as_str().unwrap_or("?").to_owned()).or_default() += 1;
+        }
+    }
+    println!("{}", json!({"ok": ok, "failed": failed, "errors": errors}));
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let addr = |i: usize| -> SocketAddr { args.get(i).expect("address argument").parse().expect("socket address") };
+    let num = |i: usize| -> usize { args.get(i).map_or(1, |s| s.parse().expect("number")) };
+    match args.first().map(String::as_str) {
+        Some("serve") => serve(&args[1], &args[2], addr(3)),
+        Some("tcp") => {
+            for _ in 0..num(2) {
+                println!("{}", tcp_once(addr(1)));
+            }
+        }
+        Some("udp") => udp_unconnected(addr(1), num(2)),
+        Some("udpc") => udp_connected(addr(1), num(2)),
+        Some("loop") => run_loop(addr(1), num(2) as u64),
+        _ => {
+            eprintln!("usage: lbt serve NAME tcp|udp ADDR | tcp ADDR N | udp ADDR N | udpc ADDR N | loop ADDR MILLIS");
+            std::process::exit(2);
+        }
+    }
+}

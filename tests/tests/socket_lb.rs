@@ -1,0 +1,330 @@
+//! Socket-level ClusterIP load balancing on the real kernel: netns + child cgroup + real
+//! sockets. Each test builds its own [`Cluster`] and tears it down, pass or fail.
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use lb_tests::{Cluster, Value, peer_ip, pod_v4, pod_v6, service, slice, wait_for};
+
+const VIP4: &str = "198.19.0.10";
+const VIP6: &str = "2001:db8:f::10";
+
+/// `web`: 80/TCP (http → 8080) and 53/UDP (dns → 5353) on both families, backends b1..=bn.
+fn write_web(c: &Cluster, backends: &[(usize, bool, bool, bool)]) {
+    let ports = [("http", 8080, "TCP"), ("dns", 5353, "UDP")];
+    let v4: Vec<(String, bool, bool, bool)> = backends.iter().map(|&(i, r, s, t)| (pod_v4(i), r, s, t)).collect();
+    let v6: Vec<(String, bool, bool, bool)> = backends.iter().map(|&(i, r, s, t)| (pod_v6(i), r, s, t)).collect();
+    c.write_manifest(
+        "web.yaml",
+        &[
+            service("web", &[VIP4, VIP6], &[("http", 80, "TCP"), ("dns", 53, "UDP")]),
+            slice("web-v4", "web", "IPv4", &ports, &eps(&v4)),
+            slice("web-v6", "web", "IPv6", &ports, &eps(&v6)),
+        ]
+        .join("---\n"),
+    );
+}
+
+fn ready(n: usize) -> Vec<(usize, bool, bool, bool)> {
+    (1..=n).map(|i| (i, true, true, false)).collect()
+}
+
+fn eps(v: &[(String, bool, bool, bool)]) -> Vec<(&str, bool, bool, bool)> {
+    v.iter().map(|(a, r, s, t)| (a.as_str(), *r, *s, *t)).collect()
+}
+
+/// `reply` of a backend is `NAME PEER`.
+fn backend_of(v: &Value) -> (String, IpAddr) {
+    let reply = v["reply"].as_str().unwrap_or_else(|| panic!("no reply in {v}"));
+    let (name, peer) = reply.split_once(' ').unwrap_or_else(|| panic!("bad reply {reply:?}"));
+    (name.to_owned(), peer_ip(peer))
+}
+
+fn stats(c: &Cluster) -> BTreeMap<String, u64> {
+    serde_json::from_value(c.inspect("stats")).expect("stats JSON")
+}
+
+fn tally(results: &[Value]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for r in results {
+        assert_eq!(r["ok"], true, "request failed: {r}");
+        *m.entry(backend_of(r).0).or_default() += 1;
+    }
+    m
+}
+
+#[test]
+fn tcp_v4_v6_and_v4_mapped_reach_a_backend_and_getpeername_shows_the_vip() {
+    let mut c = Cluster::new("tcp", 2);
+    write_web(&c, &ready(2));
+    c.start_agent();
+
+    for (target, want_peer, client_ip) in [
+        (format!("{VIP4}:80"), format!("{VIP4}:80"), pod_v4(0)),
+        (format!("[{VIP6}]:80"), format!("[{VIP6}]:80"), pod_v6(0)),
+        // An AF_INET6 socket to an IPv4-mapped ClusterIP (Java and other dual-stack clients).
+        (format!("[::ffff:{VIP4}]:80"), format!("[::ffff:{VIP4}]:80"), pod_v4(0)),
+    ] {
+        let results = c.client(&["tcp", &target, "5"]);
+        assert_eq!(results.len(), 5);
+        for r in &results {
+            assert_eq!(r["ok"], true, "{target}: {r}");
+            assert_eq!(r["peer"], want_peer.as_str(), "getpeername must show the VIP: {r}");
+            let (name, seen) = backend_of(r);
+            assert!(name == "b1" || name == "b2", "{r}");
+            assert_eq!(seen, client_ip.parse::<IpAddr>().unwrap(), "the backend sees the client's own address: {r}");
+        }
+    }
+    let s = stats(&c);
+    assert!(s["connect_xlated"] >= 15, "{s:?}");
+    assert!(s["revnat_hit"] >= 15, "getpeername went through reverse NAT: {s:?}");
+}
+
+#[test]
+fn udp_unconnected_and_connected_show_the_vip() {
+    let mut c = Cluster::new("udp", 2);
+    write_web(&c, &ready(2));
+    c.start_agent();
+
+    for (target, client_ip) in [(format!("{VIP4}:53"), pod_v4(0)), (format!("[{VIP6}]:53"), pod_v6(0))] {
+        // Unconnected: sendto(VIP) / recvfrom() must report the VIP as the source.
+        let results = c.client(&["udp", &target, "5"]);
+        assert_eq!(results.len(), 5);
+        for r in &results {
+            assert_eq!(r["ok"], true, "{target}: {r}");
+            assert_eq!(r["from"], target.as_str(), "recvfrom source must be the VIP: {r}");
+            assert_eq!(backend_of(r).1, client_ip.parse::<IpAddr>().unwrap(), "{r}");
+        }
+        // Connected: connect(VIP), send/recv, getpeername shows the VIP.
+        let results = c.client(&["udpc", &target, "3"]);
+        for r in &results {
+            assert_eq!(r["ok"], true, "{target}: {r}");
+            assert_eq!(r["peer"], target.as_str(), "{r}");
+        }
+    }
+    let s = stats(&c);
+    assert!(s["sendmsg_xlated"] >= 10, "{s:?}");
+}
+
+#[test]
+fn new_connections_spread_uniformly_over_three_backends() {
+    let mut c = Cluster::new("spread", 3);
+    write_web(&c, &ready(3));
+    c.start_agent();
+    let n = 900;
+    let t = tally(&c.client(&["tcp", &format!("{VIP4}:80"), &n.to_string()]));
+    // Binomial(900, 1/3): mean 300, sd 14.1. ±70 is ~5 sd: a false failure is ~1 in 10^6.
+    assert_eq!(t.len(), 3, "{t:?}");
+    for (b, hits) in &t {
+        assert!((230..=370).contains(hits), "{b}: {hits} of {n} connections ({t:?})");
+    }
+    // And a chi-square bound over the three (2 degrees of freedom, p ≈ 1e-6 at 27.6).
+    let chi2: f64 = t.values().map(|&h| (h as f64 - 300.0).powi(2) / 300.0).sum();
+    assert!(chi2 < 27.6, "chi-square {chi2:.1} for {t:?}");
+}
+
+/// Polls `inspect` until `frontend`'s backends equal `want`; returns how long it took.
+fn time_until(c: &Cluster, frontend: &str, want: &[String]) -> Duration {
+    let started = Instant::now();
+    wait_for(Duration::from_secs(5), || (c.backends_of(frontend).as_deref() == Some(want)).then_some(()))
+        .unwrap_or_else(|| panic!("{frontend} never became {want:?}; now {:?}\n{}", c.backends_of(frontend), c.agent_log()));
+    started.elapsed()
+}
+
+#[test]
+fn endpoint_changes_take_effect_within_a_second() {
+    let mut c = Cluster::new("churn", 3);
+    write_web(&c, &ready(2));
+    c.start_agent();
+    let fe = format!("{VIP4}:80/TCP");
+    let be = |is: &[usize]| is.iter().map(|i| format!("{}:8080", pod_v4(*i))).collect::<Vec<_>>();
+    assert_eq!(c.backends_of(&fe), Some(be(&[1, 2])));
+
+    // Added.
+    write_web(&c, &ready(3));
+    let took = time_until(&c, &fe, &be(&[1, 2, 3]));
+    assert!(took < Duration::from_secs(1), "add took {took:?}");
+    let t = tally(&c.client(&["tcp", &format!("{VIP4}:80"), "90"]));
+    assert!(t.contains_key("b3"), "the new backend gets connections: {t:?}");
+
+    // Removed: no new connection reaches it once applied.
+    write_web(&c, &[(2, true, true, false), (3, true, true, false)]);
+    let took = time_until(&c, &fe, &be(&[2, 3]));
+    assert!(took < Duration::from_secs(1), "remove took {took:?}");
+    let t = tally(&c.client(&["tcp", &format!("{VIP4}:80"), "90"]));
+    assert!(!t.contains_key("b1"), "removed backend still chosen: {t:?}");
+
+    // Turned terminating (ready=false, serving=true): not used while a ready one exists.
+    write_web(&c, &[(2, false, true, true), (3, true, true, false)]);
+    let took = time_until(&c, &fe, &be(&[3]));
+    assert!(took < Duration::from_secs(1), "terminating took {took:?}");
+    let t = tally(&c.client(&["tcp", &format!("{VIP4}:80"), "40"]));
+    assert_eq!(t.keys().collect::<Vec<_>>(), ["b3"], "{t:?}");
+
+    // Every endpoint terminating but serving: fall back to them (KEP-1669).
+    write_web(&c, &[(2, false, true, true), (3, false, true, true)]);
+    let took = time_until(&c, &fe, &be(&[2, 3]));
+    assert!(took < Duration::from_secs(1), "fallback took {took:?}");
+    let t = tally(&c.client(&["tcp", &format!("{VIP4}:80"), "60"]));
+    assert_eq!(t.len(), 2, "{t:?}");
+}
+
+#[test]
+fn no_endpoint_and_unserved_port_are_refused_at_once() {
+    let mut c = Cluster::new("refuse", 1);
+    write_web(&c, &ready(1));
+    c.write_manifest("empty.yaml", &service("empty", &["198.19.0.20", "2001:db8:f::20"], &[("http", 80, "TCP"), ("dns", 53, "UDP")]));
+    c.start_agent();
+    wait_for(Duration::from_secs(5), || c.backends_of("198.19.0.20:80/TCP")).expect("empty service programmed");
+
+    let refused_fast = |r: &Value| {
+        assert_eq!(r["ok"], false, "{r}");
+        assert_eq!(r["error"], "ECONNREFUSED", "{r}");
+    };
+    for target in ["198.19.0.20:80", "[2001:db8:f::20]:80", &format!("{VIP4}:81"), &format!("[{VIP6}]:81")] {
+        let r = &c.client(&["tcp", target, "1"])[0];
+        refused_fast(r);
+        assert!(r["ms"].as_f64().unwrap() < 1000.0, "{target}: refused after {} ms", r["ms"]);
+    }
+    // UDP: sendto() itself fails with ECONNREFUSED for a service without endpoints …
+    for target in ["198.19.0.20:53", "[2001:db8:f::20]:53"] {
+        let r = &c.client(&["udp", target, "1"])[0];
+        refused_fast(r);
+        assert_eq!(r["stage"], "sendto", "{r}");
+    }
+    // … and for a known VIP on a protocol it does not serve (web has 53/UDP, not 80/UDP).
+    let r = &c.client(&["udp", &format!("{VIP4}:80"), "1"])[0];
+    refused_fast(r);
+    // Connected UDP: connect() refuses.
+    let r = &c.client(&["udpc", "198.19.0.20:53", "1"])[0];
+    refused_fast(r);
+    assert_eq!(r["stage"], "connect", "{r}");
+
+    // Not a service address: untouched, and unroutable in the test bed.
+    let r = &c.client(&["tcp", "198.19.0.99:80", "1"])[0];
+    assert_eq!(r["error"], "ENETUNREACH", "{r}");
+
+    let s = stats(&c);
+    assert!(s["reject_no_backend"] >= 5, "{s:?}");
+    assert!(s["reject_no_port"] >= 3, "{s:?}");
+}
+
+#[test]
+fn bad_manifests_are_reported_by_name_and_the_rest_keeps_working() {
+    let mut c = Cluster::new("bad", 1);
+    write_web(&c, &ready(1));
+    c.write_manifest(
+        "bad.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: octal, namespace: test}\nspec: {clusterIP: 010.19.0.1, ports: [{port: 80}]}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {name: hugeport, namespace: test}\nspec: {clusterIP: 198.19.0.30, ports: [{name: a, port: 70000}, {name: b, port: 80}]}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {name: thief, namespace: test, creationTimestamp: '2099-01-01T00:00:00Z'}\nspec: {clusterIP: 198.19.0.10, ports: [{name: http, port: 80}]}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: hugeport-1, namespace: test, labels: {kubernetes.io/service-name: hugeport}}\naddressType: IPv4\nports: [{name: b, port: 8080}]\nendpoints: [{addresses: ['2001:db8::11']}, {addresses: ['198.18.0.11']}]\n",
+    );
+    c.write_manifest("broken.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: x\n  spec: [\n");
+    c.start_agent();
+    let fe = format!("{VIP4}:80/TCP");
+    wait_for(Duration::from_secs(5), || c.backends_of("198.19.0.30:80/TCP")).expect("valid port of a partly bad Service programmed");
+    let log = wait_for(Duration::from_secs(5), || {
+        let l = c.agent_log();
+        l.contains("EndpointSlice test/hugeport-1").then_some(l)
+    })
+    .unwrap_or_else(|| panic!("errors not logged:\n{}", c.agent_log()));
+    for want in [
+        "Service test/octal: spec.clusterIP[0]: invalid IP address \"010.19.0.1\"",
+        "Service test/hugeport: spec.ports[0].port: port 70000 is outside 1-65535",
+        "Service test/thief: spec.clusterIP[0] / spec.ports[0]: 198.19.0.10:80/TCP is already served by Service test/web",
+        "EndpointSlice test/hugeport-1: endpoints[0].addresses[0]: 2001:db8::11 is not an IPv4 address",
+        "broken.yaml: not valid YAML/JSON",
+    ] {
+        assert!(log.contains(want), "log lacks {want:?}:\n{log}");
+    }
+    assert_eq!(c.backends_of(&fe), Some(vec![format!("{}:8080", pod_v4(1))]), "the winner is never disturbed");
+    assert_eq!(c.backends_of("198.19.0.30:80/TCP"), Some(vec![format!("{}:8080", pod_v4(1))]));
+    let t = tally(&c.client(&["tcp", &format!("{VIP4}:80"), "10"]));
+    assert_eq!(t.get("b1"), Some(&10));
+}
+
+#[test]
+fn agent_kill9_and_restart_under_a_connect_loop_loses_no_connection() {
+    let mut c = Cluster::new("restart", 2);
+    write_web(&c, &ready(2));
+    c.start_agent();
+    let before = c.inspect("services");
+
+    let lp = c.client_bg(&["loop", &format!("{VIP4}:80"), "4000"]);
+    std::thread::sleep(Duration::from_millis(600));
+    c.kill_agent();
+    std::thread::sleep(Duration::from_millis(600));
+    c.start_agent();
+    std::thread::sleep(Duration::from_millis(300));
+    c.kill_agent();
+    c.start_agent();
+    let out = lp.wait_with_output().expect("loop");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("loop JSON");
+    assert_eq!(v["failed"], 0, "connections failed across restarts: {v}\n{}", c.agent_log());
+    assert!(v["ok"].as_u64().unwrap() > 100, "too few connections to mean anything: {v}");
+
+    // The restarted agent adopted the maps: nothing was rewritten, nothing duplicated.
+    assert_eq!(c.inspect("services"), before);
+    let log = c.agent_log();
+    assert_eq!(log.matches("programmed datapath").count(), 1, "only the first agent should write:\n{log}");
+    let attached = Command::new("bpftool").args(["cgroup", "show"]).arg(&c.cgroup.path).output().expect("bpftool");
+    let lines = String::from_utf8_lossy(&attached.stdout).lines().filter(|l| l.contains("sock")).count();
+    assert_eq!(lines, 8, "exactly one program per hook after handovers:\n{}", String::from_utf8_lossy(&attached.stdout));
+}
+
+#[test]
+fn maps_are_pinned_with_btf_and_cleanup_removes_everything() {
+    let mut c = Cluster::new("pins", 1);
+    write_web(&c, &ready(1));
+    c.start_agent();
+    for name in lb_common::ALL_MAPS {
+        assert!(c.bpffs.path.join(name).exists(), "map {name} not pinned");
+    }
+    let dump = Command::new("bpftool").args(["map", "dump", "pinned"]).arg(c.bpffs.path.join(lb_common::MAP_SVC4)).output().expect("bpftool");
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    for field in ["\"address\": [198,19,0,10", "\"dport\": 80", "\"backend_slot\"", "\"count\": 1", "\"backend_id\""] {
+        assert!(dump.contains(field), "bpftool dump lacks {field:?} (BTF field names):\n{dump}");
+    }
+    let be = Command::new("bpftool").args(["map", "dump", "pinned"]).arg(c.bpffs.path.join(lb_common::MAP_BE4)).output().expect("bpftool");
+    assert!(String::from_utf8_lossy(&be.stdout).contains("\"port\": 8080"));
+
+    c.kill_agent();
+    let out = Command::new(lb_tests::lb_agent()).args(["cleanup", "--bpffs"]).arg(&c.bpffs.path).arg("--cgroup").arg(&c.cgroup.path).output().expect("cleanup");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!c.bpffs.path.exists(), "pins left behind");
+    let attached = Command::new("bpftool").args(["cgroup", "show"]).arg(&c.cgroup.path).output().expect("bpftool");
+    assert!(!String::from_utf8_lossy(&attached.stdout).contains("sock"), "hooks left attached");
+    let r = &c.client(&["tcp", &format!("{VIP4}:80"), "1"])[0];
+    assert_eq!(r["error"], "ENETUNREACH", "after cleanup the VIP is no longer translated: {r}");
+}
+
+#[test]
+fn cleanup_detaches_hooks_kept_alive_outside_our_pins() {
+    let mut c = Cluster::new("orphan", 1);
+    write_web(&c, &ready(1));
+    c.start_agent();
+    c.kill_agent();
+    // Another holder of one of our links (a second pin made by some other tool): removing our
+    // pins alone would leave that hook attached.
+    let show = Command::new("bpftool").args(["-j", "link", "show", "pinned"]).arg(c.bpffs.path.join("links/sock4_connect")).output().expect("bpftool");
+    let id = serde_json::from_slice::<Value>(&show.stdout).expect("link JSON")["id"].as_u64().expect("link id");
+    let extra = std::path::PathBuf::from(format!("/sys/fs/bpf/lbt-{}-extra", c.tag));
+    lb_tests::sh(&format!("bpftool link pin id {id} {}", extra.display()));
+    struct Unpin(std::path::PathBuf);
+    impl Drop for Unpin {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _extra = Unpin(extra);
+
+    let out = Command::new(lb_tests::lb_agent()).args(["cleanup", "--bpffs"]).arg(&c.bpffs.path).arg("--cgroup").arg(&c.cgroup.path).output().expect("cleanup");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("detached 1 unpinned hooks"), "{}", String::from_utf8_lossy(&out.stdout));
+    let attached = Command::new("bpftool").args(["cgroup", "show"]).arg(&c.cgroup.path).output().expect("bpftool");
+    assert!(!String::from_utf8_lossy(&attached.stdout).contains("sock"), "hooks left attached: {}", String::from_utf8_lossy(&attached.stdout));
+}
