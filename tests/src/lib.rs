@@ -54,10 +54,15 @@ pub fn workspace_bin(name: &str, env: &str) -> PathBuf {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/<test> → target/<profile>/<name>
-    let p = exe.parent().and_then(Path::parent).expect("target dir").join(name);
-    assert!(p.exists(), "{} not built; run the tests through `cargo xtask test` (or set {env})", p.display());
-    p
+    // A binary's siblings are in its own directory (target/<profile>/); a test binary lives one
+    // level deeper (target/<profile>/deps/).
+    let dir = exe.parent().expect("exe dir");
+    let candidates = [dir.join(name), dir.parent().expect("target dir").join(name)];
+    candidates
+        .iter()
+        .find(|p| p.exists())
+        .cloned()
+        .unwrap_or_else(|| panic!("{name} not built next to {}; run through `cargo xtask test` (or set {env})", exe.display()))
 }
 
 pub fn lb_agent() -> PathBuf {

@@ -1,1 +1,148 @@
-fn main(){}
+//! `cargo xtask …`: bootstrap the toolchain, run the tests, the demo, the benchmark.
+//! Small on purpose: no logic the product needs lives here.
+use std::{
+    env,
+    ffi::OsStr,
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need, when missing: Debian tools (iproute2, bpftool,
+    /// nsenter), rust-src for nightly, bpf-linker built against the nightly's own libLLVM.
+    Setup,
+    /// Everything CI runs: host unit/property tests, then the privileged netns tests (root).
+    Test {
+        /// Extra arguments for the privileged test binary (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Throw-away sandbox: agent on the example manifests, real traffic, a table of results.
+    Demo,
+    /// Socket-LB vs direct: connect+request+close rates, side by side, and programming time.
+    Bench {
+        /// Number of Services for the "loaded" lane.
+        #[arg(long, default_value_t = 10_000)]
+        services: usize,
+        /// Seconds per measurement round.
+        #[arg(long, default_value_t = 1.0)]
+        round_secs: f64,
+        /// Interleaved rounds per lane.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("+ {}", format!("{cmd:?}").replace('"', ""));
+    let st = cmd.status().with_context(|| format!("spawn {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed: {st}");
+    }
+    Ok(())
+}
+
+fn ok(cmd: &mut Command) -> bool {
+    cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+fn have(tool: &str) -> bool {
+    ok(Command::new("sh").arg("-c").arg(format!("command -v {tool}")))
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+/// Debian packages providing the commands the tests and the demo use.
+const APT: [(&str, &str); 3] = [("ip", "iproute2"), ("bpftool", "bpftool"), ("nsenter", "util-linux")];
+
+fn setup() -> Result<()> {
+    let missing: Vec<&str> = APT.iter().filter(|(cmd, _)| !have(cmd)).map(|(_, pkg)| *pkg).collect();
+    if !missing.is_empty() {
+        run(Command::new("apt-get").arg("update").arg("-q"))?;
+        run(Command::new("apt-get").args(["install", "-y", "-q", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+
+    if !ok(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
+        bail!("the nightly toolchain is not installed (`rustup toolchain list`); the eBPF crate needs it");
+    }
+    let installed = Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]).output()?;
+    if !String::from_utf8_lossy(&installed.stdout).lines().any(|l| l.starts_with("rust-src")) {
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+
+    // bpf-linker must link against the same LLVM as the nightly rustc that emits the bitcode.
+    // rustup puts the nightly's lib/ on the library path for `rustup run`, as it does when
+    // rustc invokes the linker.
+    if !ok(Command::new("rustup").args(["run", "nightly", "bpf-linker", "--version"])) {
+        install_bpf_linker()?;
+    }
+    Ok(())
+}
+
+fn install_bpf_linker() -> Result<()> {
+    let sysroot = Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]).output()?;
+    let sysroot = PathBuf::from(String::from_utf8(sysroot.stdout)?.trim());
+    let lib = fs::read_dir(sysroot.join("lib"))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().and_then(OsStr::to_str).is_some_and(|n| n.starts_with("libLLVM.so.")))
+        .with_context(|| format!("no libLLVM.so.* in {}/lib", sysroot.display()))?;
+    let home = env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
+    let prefix = home.join(".cache/lb/llvm-prefix");
+    fs::create_dir_all(prefix.join("lib"))?;
+    let link = prefix.join("lib/libLLVM.so");
+    let _ = fs::remove_file(&link);
+    std::os::unix::fs::symlink(&lib, &link)?;
+    eprintln!("building bpf-linker against {} (takes a few minutes, once)", lib.display());
+    run(Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .args(["install", "bpf-linker", "--version", "0.13.0", "--no-default-features", "--features", "llvm-22"])
+        .env("LLVM_PREFIX", &prefix))
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    setup()?;
+    // Binaries the privileged tests drive (lb-agent, lbt), built first so they are never stale.
+    run(cargo().args(["build", "-p", "lb-userspace", "-p", "lb-tests", "--bins"]))?;
+    // Host-level: pure logic, layouts, model, sync property tests.
+    run(cargo().args(["test", "-p", "lb-common", "-p", "lb-userspace", "-p", "xtask"]))?;
+    // Kernel-level: netns + child cgroup + real sockets. Fails (never skips) without root.
+    run(cargo().args(["test", "-p", "lb-tests", "--", "--test-threads=2"]).args(extra))
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Setup => setup(),
+        Cmd::Test { args } => test(&args),
+        Cmd::Demo => {
+            setup()?;
+            run(cargo().args(["build", "--release", "-p", "lb-userspace", "-p", "lb-tests", "--bins"]))?;
+            run(Command::new(root().join("target/release/lb-demo")).arg(root().join("examples/demo")))
+        }
+        Cmd::Bench { services, round_secs, rounds } => {
+            setup()?;
+            run(cargo().args(["build", "--release", "-p", "lb-userspace", "-p", "lb-tests", "--bins"]))?;
+            run(Command::new(root().join("target/release/lb-bench"))
+                .args(["--services", &services.to_string(), "--round-secs", &round_secs.to_string(), "--rounds", &rounds.to_string()]))
+        }
+    }
+}
