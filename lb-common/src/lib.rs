@@ -63,8 +63,9 @@ pub const ALL_MAPS: [&str; 7] =
 pub const DEFAULT_SVC_ENTRIES: u32 = 1 << 19;
 /// Default `max_entries` of the backend maps.
 pub const DEFAULT_BE_ENTRIES: u32 = 1 << 18;
-/// Default `max_entries` of the LRU reverse-NAT maps (one entry per socket × backend).
-pub const DEFAULT_RNAT_ENTRIES: u32 = 1 << 18;
+/// Default `max_entries` of the LRU reverse-NAT maps (one entry per socket × backend). LRU maps
+/// are preallocated: 131,072 entries ≈ 10 MiB of kernel memory per family.
+pub const DEFAULT_RNAT_ENTRIES: u32 = 1 << 17;
 
 // ---------------------------------------------------------------------------------------------
 // Service maps.

@@ -1,27 +1,34 @@
 //! The datapath's maps. Names, layouts and meaning are documented in lb-common; the exported
 //! symbol of each static is its map name (BTF-defined maps, so `bpftool map dump` prints field
 //! names). `max_entries` here are defaults the agent overrides at load time.
+//!
+//! Service and backend maps are `BPF_F_NO_PREALLOC`: kernel memory follows the entries in use,
+//! so a generous `max_entries` (room for 50,000 Services × 4 endpoints) costs nothing on a small
+//! cluster; lookups are as fast as in a preallocated map. LRU maps must preallocate.
 use aya_ebpf::btf_maps::{HashMap, LruHashMap, PerCpuArray};
-use aya_ebpf::macros::btf_map;
+use aya_ebpf::{bindings::BPF_F_NO_PREALLOC, macros::btf_map};
+/// `FLAGS` of the agent-written hash maps.
+const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
+
 use lb_common::{
     Backend4, Backend6, DEFAULT_BE_ENTRIES, DEFAULT_RNAT_ENTRIES, DEFAULT_SVC_ENTRIES, RevNat4Key,
     RevNat4Value, RevNat6Key, RevNat6Value, Stat, Svc4Key, Svc6Key, SvcValue,
 };
 
 #[btf_map]
-pub(crate) static LB4_SVC_V1: HashMap<Svc4Key, SvcValue, { DEFAULT_SVC_ENTRIES as usize }> =
+pub(crate) static LB4_SVC_V1: HashMap<Svc4Key, SvcValue, { DEFAULT_SVC_ENTRIES as usize }, NO_PREALLOC> =
     HashMap::new();
 
 #[btf_map]
-pub(crate) static LB6_SVC_V1: HashMap<Svc6Key, SvcValue, { DEFAULT_SVC_ENTRIES as usize }> =
+pub(crate) static LB6_SVC_V1: HashMap<Svc6Key, SvcValue, { DEFAULT_SVC_ENTRIES as usize }, NO_PREALLOC> =
     HashMap::new();
 
 #[btf_map]
-pub(crate) static LB4_BE_V1: HashMap<u32, Backend4, { DEFAULT_BE_ENTRIES as usize }> =
+pub(crate) static LB4_BE_V1: HashMap<u32, Backend4, { DEFAULT_BE_ENTRIES as usize }, NO_PREALLOC> =
     HashMap::new();
 
 #[btf_map]
-pub(crate) static LB6_BE_V1: HashMap<u32, Backend6, { DEFAULT_BE_ENTRIES as usize }> =
+pub(crate) static LB6_BE_V1: HashMap<u32, Backend6, { DEFAULT_BE_ENTRIES as usize }, NO_PREALLOC> =
     HashMap::new();
 
 #[btf_map]

@@ -51,6 +51,7 @@ struct State {
     src: ManifestDir,
     cfg: model::Config,
     maps: BpfMaps,
+    capacity: sync::Capacity,
     shadow: Shadow,
     /// Problems already reported, so a resync does not repeat them.
     reported: BTreeSet<String>,
@@ -60,11 +61,22 @@ impl State {
     fn sync(&mut self) {
         let started = Instant::now();
         let (objs, file_errors) = self.src.read();
-        let (desired, model_errors) = model::build(&objs.services, &objs.slices, &self.cfg);
+        let (mut desired, model_errors) = model::build(&objs.services, &objs.slices, &self.cfg);
+        let owners: Vec<(model::Frontend, model::NsName)> = desired.frontends.iter().map(|(f, s)| (*f, s.service.clone())).collect();
+        let refused = sync::fit(&mut desired, &self.shadow, &self.capacity);
+        let capacity_errors = refused.iter().map(|fe| {
+            let owner = owners.iter().find(|(f, _)| f == fe).map_or_else(String::new, |(_, s)| s.to_string());
+            format!(
+                "Service {owner}: {fe}: not programmed, the maps are full (max entries: services v4 {} v6 {}, backends v4 {} v6 {}); \
+                 it keeps what it had, raise --max-service-entries/--max-backend-entries",
+                self.capacity.svc4, self.capacity.svc6, self.capacity.be4, self.capacity.be6
+            )
+        });
         let now: BTreeSet<String> = file_errors
             .iter()
             .map(|e| chain(e))
             .chain(model_errors.iter().map(ToString::to_string))
+            .chain(capacity_errors)
             .collect();
         for e in now.difference(&self.reported) {
             warn!(error = %e, "invalid input skipped");
@@ -77,13 +89,16 @@ impl State {
             return;
         }
         match sync::apply(&ops, &mut self.maps, &mut self.shadow) {
-            Ok(n) => info!(
+            Ok(n) => {
+                trim_heap();
+                info!(
                 ops = n,
                 frontends = desired.frontends.len(),
                 services = objs.services.len(),
                 elapsed_us = started.elapsed().as_micros() as u64,
                 "programmed datapath"
-            ),
+            );
+            }
             Err((applied, e)) => error!(
                 error = %chain(&e),
                 applied,
@@ -91,6 +106,16 @@ impl State {
                 "map update failed; what was written is consistent, retrying on the next sync"
             ),
         }
+    }
+}
+
+/// Returns freed parser memory to the kernel: a 10,000-Service resync allocates (and frees) a
+/// few hundred MiB of YAML trees, which glibc would otherwise keep as RSS.
+fn trim_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
@@ -108,7 +133,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         adopted_backends = shadow.backends.len(),
         "datapath attached"
     );
-    let mut state = State { src: ManifestDir::new(&opts.manifests), cfg: opts.model.clone(), maps, shadow, reported: BTreeSet::new() };
+    let capacity = maps.capacity();
+    let mut state = State { src: ManifestDir::new(&opts.manifests), cfg: opts.model.clone(), maps, capacity, shadow, reported: BTreeSet::new() };
 
     // inotify → a 1-slot channel: a burst of events leaves one pending wake-up.
     let (tx, mut rx) = mpsc::channel::<()>(1);

@@ -68,12 +68,19 @@ pub struct BpfMaps {
     svc6: HashMap<MapData, Svc6Key, SvcValue>,
     be4: HashMap<MapData, u32, Backend4>,
     be6: HashMap<MapData, u32, Backend6>,
+    capacity: crate::sync::Capacity,
 }
 
 fn open_pinned(dir: &Path, name: &'static str) -> Result<Map> {
+    Ok(open_sized(dir, name)?.0)
+}
+
+/// Opens a pinned map and reads its `max_entries`.
+fn open_sized(dir: &Path, name: &'static str) -> Result<(Map, usize)> {
     let path = dir.join(name);
     let md = MapData::from_pin(&path).map_err(|source| Error::NotPinned { name, path, source })?;
-    Map::from_map_data(md).map_err(|source| Error::Map { name, op: "open", source })
+    let max = md.info().map_err(|source| Error::Map { name, op: "info", source })?.max_entries() as usize;
+    Ok((Map::from_map_data(md).map_err(|source| Error::Map { name, op: "open", source })?, max))
 }
 
 fn hash<K: aya::Pod, V: aya::Pod>(map: Map, name: &'static str) -> Result<HashMap<MapData, K, V>> {
@@ -84,12 +91,23 @@ impl BpfMaps {
     /// Opens the maps pinned under `dir` (no running agent needed).
     pub fn from_pins(dir: &Path) -> Result<Self> {
         check_layouts(dir)?;
+        let (svc4, c_svc4) = open_sized(dir, MAP_SVC4)?;
+        let (svc6, c_svc6) = open_sized(dir, MAP_SVC6)?;
+        let (be4, c_be4) = open_sized(dir, MAP_BE4)?;
+        let (be6, c_be6) = open_sized(dir, MAP_BE6)?;
         Ok(Self {
-            svc4: hash(open_pinned(dir, MAP_SVC4)?, MAP_SVC4)?,
-            svc6: hash(open_pinned(dir, MAP_SVC6)?, MAP_SVC6)?,
-            be4: hash(open_pinned(dir, MAP_BE4)?, MAP_BE4)?,
-            be6: hash(open_pinned(dir, MAP_BE6)?, MAP_BE6)?,
+            svc4: hash(svc4, MAP_SVC4)?,
+            svc6: hash(svc6, MAP_SVC6)?,
+            be4: hash(be4, MAP_BE4)?,
+            be6: hash(be6, MAP_BE6)?,
+            capacity: crate::sync::Capacity { svc4: c_svc4, svc6: c_svc6, be4: c_be4, be6: c_be6 },
         })
+    }
+
+    /// `max_entries` of each map, as the kernel has them (an adopted map keeps its own size).
+    #[must_use]
+    pub const fn capacity(&self) -> crate::sync::Capacity {
+        self.capacity
     }
 
     /// Reads the maps into a shadow: what a restarted agent adopts.

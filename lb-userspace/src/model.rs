@@ -350,13 +350,18 @@ fn resolve_service(svc: &Service, cfg: &Config, errors: &mut Vec<Error>) -> Opti
 /// Builds the desired state. Returns it with every problem found; a problem only ever removes
 /// the object (or endpoint, or port) it is about.
 #[must_use]
-pub fn build(services: &[Service], slices: &[EndpointSlice], cfg: &Config) -> (Desired, Vec<Error>) {
+pub fn build<S, E>(services: &[S], slices: &[E], cfg: &Config) -> (Desired, Vec<Error>)
+where
+    S: std::borrow::Borrow<Service>,
+    E: std::borrow::Borrow<EndpointSlice>,
+{
     let mut errors = Vec::new();
 
     // Slices grouped by their Service.
     let mut by_service: BTreeMap<NsName, Vec<Slice>> = BTreeMap::new();
     let mut seen_slices = BTreeSet::new();
     for slice in slices {
+        let slice: &EndpointSlice = slice.borrow();
         let Some(id) = ns_name(&slice.metadata) else {
             errors.push(Error::MissingName { kind: "EndpointSlice" });
             continue;
@@ -381,7 +386,7 @@ pub fn build(services: &[Service], slices: &[EndpointSlice], cfg: &Config) -> (D
     let mut svcs = Vec::new();
     let mut seen_svcs = BTreeSet::new();
     for svc in services {
-        if let Some(s) = resolve_service(svc, cfg, &mut errors) {
+        if let Some(s) = resolve_service(svc.borrow(), cfg, &mut errors) {
             if seen_svcs.insert(s.id.clone()) {
                 svcs.push(s);
             } else {

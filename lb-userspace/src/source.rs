@@ -6,9 +6,10 @@
 //! editor) keeps contributing what it held last time it parsed, so that an editing mistake never
 //! withdraws Services; the error names the file.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fs,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -27,11 +28,12 @@ pub enum Error {
     Object { path: PathBuf, doc: usize, kind: String, name: String, message: String },
 }
 
-/// The objects the model needs.
+/// The objects the model needs. Shared (`Arc`) between the per-file cache and the combined
+/// view, so 10,000 Services are held once, not once per read.
 #[derive(Clone, Debug, Default)]
 pub struct Objects {
-    pub services: Vec<Service>,
-    pub slices: Vec<EndpointSlice>,
+    pub services: Vec<Arc<Service>>,
+    pub slices: Vec<Arc<EndpointSlice>>,
 }
 
 impl Objects {
@@ -93,7 +95,8 @@ impl ManifestDir {
         for path in files {
             match fs::read_to_string(&path) {
                 Ok(text) => match parse_str(&path, &text, &mut errors) {
-                    Ok(objs) => {
+                    Ok(mut objs) => {
+                        self.stamp(&mut objs);
                         all.extend(&objs);
                         self.last_good.insert(path, objs);
                     }
@@ -112,45 +115,46 @@ impl ManifestDir {
                 }
             }
         }
-        self.stamp(&mut all);
+        // Forget first-seen times of Services that are gone.
+        let live: BTreeSet<(String, String)> = all.services.iter().filter_map(|s| svc_key(s)).collect();
+        self.first_seen.retain(|k, _| live.contains(k));
         (all, errors)
     }
 
-    /// Gives every Service without a creationTimestamp the time it was first seen.
+    /// Gives every freshly parsed Service without a creationTimestamp the time it was first seen.
     fn stamp(&mut self, objs: &mut Objects) {
         let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         let now = k8s_openapi::jiff::Timestamp::from_nanosecond(since_epoch.as_nanos() as i128).unwrap_or_default();
-        let mut live = BTreeMap::new();
         for svc in &mut objs.services {
-            let Some(name) = svc.metadata.name.clone() else { continue };
-            let key = (svc.metadata.namespace.clone().unwrap_or_else(|| "default".into()), name);
-            let seen = *self.first_seen.get(&key).unwrap_or(&now);
-            live.insert(key, seen);
+            let Some(key) = svc_key(svc) else { continue };
+            let seen = *self.first_seen.entry(key).or_insert(now);
             if svc.metadata.creation_timestamp.is_none() {
-                svc.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(seen));
+                // Freshly parsed: the Arc is not shared yet, so this does not copy.
+                Arc::make_mut(svc).metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(seen));
             }
         }
-        self.first_seen = live;
     }
+}
+
+fn svc_key(svc: &Service) -> Option<(String, String)> {
+    Some((svc.metadata.namespace.clone().unwrap_or_else(|| "default".into()), svc.metadata.name.clone()?))
 }
 
 /// Parses one file's text. `Err` only when the file as a whole is unreadable YAML; bad single
 /// objects are pushed to `errors` and skipped.
 pub fn parse_str(path: &Path, text: &str, errors: &mut Vec<Error>) -> Result<Objects, Error> {
-    // First pass: every document must be syntactically valid, or the file is ignored as a whole
-    // (a half-written file must not count as "these objects were deleted").
-    let mut docs = Vec::new();
+    // First pass, building nothing: every document must be syntactically valid, or the file is
+    // ignored as a whole (a half-written file must not count as "these objects were deleted").
     for doc in serde_yaml::Deserializer::from_str(text) {
-        let v = serde_yaml::Value::deserialize(doc)
-            .map_err(|source| Error::Syntax { path: path.to_owned(), source })?;
-        docs.push(v);
+        serde::de::IgnoredAny::deserialize(doc).map_err(|source| Error::Syntax { path: path.to_owned(), source })?;
     }
+    // Second pass: one document tree at a time.
     let mut out = Objects::default();
-    for (i, v) in docs.into_iter().enumerate() {
-        if v.is_null() {
-            continue; // empty document (a trailing `---`)
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let v = serde_yaml::Value::deserialize(doc).map_err(|source| Error::Syntax { path: path.to_owned(), source })?;
+        if !v.is_null() {
+            collect(path, i + 1, v, &mut out, errors); // null: empty document (a trailing `---`)
         }
-        collect(path, i + 1, v, &mut out, errors);
     }
     Ok(out)
 }
@@ -170,7 +174,13 @@ fn collect(path: &Path, doc: usize, v: serde_yaml::Value, out: &mut Objects, err
     match (kind.as_str(), api.as_str()) {
         ("List" | "ServiceList" | "EndpointSliceList", _) => {
             let items = match v.get("items") {
-                Some(serde_yaml::Value::Sequence(items)) => items.clone(),
+                Some(serde_yaml::Value::Sequence(_)) => match v {
+                    serde_yaml::Value::Mapping(mut m) => match m.remove("items") {
+                        Some(serde_yaml::Value::Sequence(items)) => items,
+                        _ => unreachable!("checked above"),
+                    },
+                    _ => unreachable!("get() succeeded on a mapping"),
+                },
                 None | Some(serde_yaml::Value::Null) => Vec::new(),
                 Some(_) => {
                     errors.push(fail("items: expected a list".into()));
@@ -182,11 +192,11 @@ fn collect(path: &Path, doc: usize, v: serde_yaml::Value, out: &mut Objects, err
             }
         }
         ("Service", "v1") => match serde_yaml::from_value::<Service>(v) {
-            Ok(s) => out.services.push(s),
+            Ok(s) => out.services.push(Arc::new(s)),
             Err(e) => errors.push(fail(e.to_string())),
         },
         ("EndpointSlice", "discovery.k8s.io/v1") => match serde_yaml::from_value::<EndpointSlice>(v) {
-            Ok(s) => out.slices.push(s),
+            Ok(s) => out.slices.push(Arc::new(s)),
             Err(e) => errors.push(fail(e.to_string())),
         },
         ("Service" | "EndpointSlice", _) => errors.push(fail(format!("unsupported apiVersion {api:?}"))),

@@ -219,6 +219,93 @@ pub fn diff(desired: &Desired, current: &Shadow) -> Vec<MapOp> {
     ops
 }
 
+/// `max_entries` of the maps the agent writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    pub svc4: usize,
+    pub svc6: usize,
+    pub be4: usize,
+    pub be6: usize,
+}
+
+/// Entries per map: `[svc4, svc6, be4, be6]`.
+type Usage = [usize; 4];
+
+fn exceeds(u: &Usage, cap: &Capacity) -> bool {
+    u[0] > cap.svc4 || u[1] > cap.svc6 || u[2] > cap.be4 || u[3] > cap.be6
+}
+
+/// The service-map keys and backend identities a frontend occupies.
+fn footprint(fe: &Frontend, backends: &BTreeSet<SocketAddr>) -> (Vec<SvcKey>, Vec<Backend>) {
+    let key = SvcKey::frontend(fe);
+    let n = u16::try_from(backends.len()).unwrap_or(u16::MAX);
+    let mut keys = vec![SvcKey::marker(fe.addr), key];
+    keys.extend((1..=n).map(|s| key.with_slot(s)));
+    (keys, backends.iter().map(|a| Backend { addr: *a, proto: key.proto }).collect())
+}
+
+/// Backend addresses a frontend currently has in the maps (`None`: not in the maps).
+fn current_backends(current: &Shadow, fe: &Frontend) -> Option<BTreeSet<SocketAddr>> {
+    let key = SvcKey::frontend(fe);
+    let v = current.svc.get(&key).filter(|v| v.flags & SVC_FLAG_VIP_MARKER == 0)?;
+    Some(current.slots(key, v.count).iter().filter_map(|id| current.backends.get(id)).map(|b| b.addr).collect())
+}
+
+/// Makes `desired` fit the maps. `diff` writes every new entry before deleting any old one, so
+/// the peak is |current ∪ desired| per map. Frontends that need no new entry always pass; the
+/// others (new, grown, or moved to new backends) are admitted in frontend order while they fit.
+/// A refused frontend keeps exactly what the maps hold for it now (or stays absent when new):
+/// nothing existing is evicted or half-written, and every other change still goes through.
+/// Returns the refused frontends.
+pub fn fit(desired: &mut Desired, current: &Shadow, cap: &Capacity) -> Vec<Frontend> {
+    let fam = |ip: &IpAddr| usize::from(ip.is_ipv6());
+    let mut keys: BTreeSet<SvcKey> = current.svc.keys().copied().collect();
+    let mut bes: BTreeSet<Backend> = current.backends.values().copied().collect();
+    let mut usage: Usage = [0; 4];
+    for k in &keys {
+        usage[fam(&k.addr)] += 1;
+    }
+    for b in &bes {
+        usage[2 + fam(&b.addr.ip())] += 1;
+    }
+    let mut growing = Vec::new();
+    for (fe, st) in &desired.frontends {
+        let (ks, bs) = footprint(fe, &st.backends);
+        if ks.iter().all(|k| keys.contains(k)) && bs.iter().all(|b| bes.contains(b)) {
+            continue; // occupies only entries that exist already
+        }
+        growing.push((*fe, ks, bs));
+    }
+    let mut refused = Vec::new();
+    for (fe, ks, bs) in growing {
+        let mut u = usage;
+        let new_keys: Vec<SvcKey> = ks.into_iter().filter(|k| !keys.contains(k)).collect();
+        let new_bes: Vec<Backend> = bs.into_iter().filter(|b| !bes.contains(b)).collect();
+        let new_keys: BTreeSet<SvcKey> = new_keys.into_iter().collect();
+        let new_bes: BTreeSet<Backend> = new_bes.into_iter().collect();
+        for k in &new_keys {
+            u[fam(&k.addr)] += 1;
+        }
+        for b in &new_bes {
+            u[2 + fam(&b.addr.ip())] += 1;
+        }
+        if exceeds(&u, cap) {
+            refused.push(fe);
+            match current_backends(current, &fe) {
+                Some(now) => desired.frontends.get_mut(&fe).expect("present").backends = now,
+                None => {
+                    desired.frontends.remove(&fe);
+                }
+            }
+        } else {
+            usage = u;
+            keys.extend(new_keys);
+            bes.extend(new_bes);
+        }
+    }
+    refused
+}
+
 /// Something that can execute map operations: the pinned BPF maps, or a test double.
 pub trait MapWriter {
     type Error;

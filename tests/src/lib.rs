@@ -350,6 +350,11 @@ impl Cluster {
 
     /// Starts `lb-agent run` and waits until it watches the manifests.
     pub fn start_agent(&mut self) {
+        self.start_agent_with(&[]);
+    }
+
+    /// [`Cluster::start_agent`] with extra `run` flags.
+    pub fn start_agent_with(&mut self, extra: &[&str]) {
         self.agent_starts += 1;
         let log_path = self.logs.path.join(format!("agent-{}.log", self.agent_starts));
         let log = File::create(&log_path).expect("agent log");
@@ -362,6 +367,7 @@ impl Cluster {
             .arg("--bpffs")
             .arg(&self.bpffs.path)
             .args(["--node-name", "node-a"])
+            .args(extra)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(log.try_clone().expect("dup log"))

@@ -328,3 +328,33 @@ fn cleanup_detaches_hooks_kept_alive_outside_our_pins() {
     let attached = Command::new("bpftool").args(["cgroup", "show"]).arg(&c.cgroup.path).output().expect("bpftool");
     assert!(!String::from_utf8_lossy(&attached.stdout).contains("sock"), "hooks left attached: {}", String::from_utf8_lossy(&attached.stdout));
 }
+
+#[test]
+fn full_maps_refuse_only_the_new_service_and_it_lands_once_it_fits() {
+    let mut c = Cluster::new("full", 2);
+    write_web(&c, &ready(2)); // per family: marker + 80/TCP (1 + 2 slots) + 53/UDP (1 + 2) = 7 entries
+    c.start_agent_with(&["--max-service-entries", "10", "--max-backend-entries", "8"]);
+    let more = |n: usize| {
+        let v: Vec<(String, bool, bool, bool)> = (1..=n).map(|i| (pod_v4(i), true, true, false)).collect();
+        [service("more", &["198.19.0.40"], &[("http", 80, "TCP")]), slice("more-1", "more", "IPv4", &[("http", 8080, "TCP")], &eps(&v))].join("---\n")
+    };
+    // Needs marker + frontend + 2 slots = 4 more entries; 3 are left.
+    c.write_manifest("more.yaml", &more(2));
+    let log = wait_for(Duration::from_secs(5), || {
+        let l = c.agent_log();
+        l.contains("198.19.0.40:80/TCP: not programmed, the maps are full").then_some(l)
+    })
+    .unwrap_or_else(|| panic!("capacity error not reported:\n{}", c.agent_log()));
+    assert!(log.contains("Service test/more"), "{log}");
+    assert_eq!(c.backends_of("198.19.0.40:80/TCP"), None, "nothing half-written");
+    let t = tally(&c.client(&["tcp", &format!("{VIP4}:80"), "20"]));
+    assert_eq!(t.values().sum::<usize>(), 20, "the incumbent keeps working: {t:?}");
+    assert_eq!(c.backends_of(&format!("{VIP4}:80/TCP")).map(|b| b.len()), Some(2));
+
+    // Shrunk to one endpoint it needs 3 entries: it fits and is programmed.
+    c.write_manifest("more.yaml", &more(1));
+    let took = time_until(&c, "198.19.0.40:80/TCP", &[format!("{}:8080", pod_v4(1))]);
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    let r = &c.client(&["tcp", "198.19.0.40:80", "1"])[0];
+    assert_eq!(r["ok"], true, "{r}");
+}

@@ -37,10 +37,10 @@ enum Cmd {
         #[arg(long, default_value_t = 10_000)]
         services: usize,
         /// Seconds per measurement round.
-        #[arg(long, default_value_t = 1.0)]
+        #[arg(long, default_value_t = 2.0)]
         round_secs: f64,
-        /// Interleaved rounds per lane.
-        #[arg(long, default_value_t = 5)]
+        /// Interleaved rounds per lane (single rounds vary by ±10 % on a shared machine).
+        #[arg(long, default_value_t = 10)]
         rounds: usize,
     },
 }

@@ -2,7 +2,7 @@ use std::net::SocketAddr;
 
 use super::*;
 
-fn objs(yaml: &str) -> (Vec<Service>, Vec<EndpointSlice>) {
+fn objs(yaml: &str) -> (Vec<std::sync::Arc<Service>>, Vec<std::sync::Arc<EndpointSlice>>) {
     let mut errors = Vec::new();
     let o = crate::source::parse_str(std::path::Path::new("t.yaml"), yaml, &mut errors).expect("yaml");
     assert!(errors.is_empty(), "{errors:?}");

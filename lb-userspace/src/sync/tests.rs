@@ -173,3 +173,73 @@ fn a_service_without_endpoints_keeps_a_zero_count_frontend() {
     assert!(shadow.svc.contains_key(&SvcKey::marker(fe.addr)));
     assert!(shadow.backends.is_empty());
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// Whatever the capacities: the peak of the resulting apply fits, frontends already in the
+    /// maps keep serving (their desired or their current backends), and what fits is unchanged.
+    #[test]
+    fn fit_never_overflows_and_never_evicts(a in arb_desired(), b in arb_desired(), caps in (0usize..40, 0usize..40, 0usize..12, 0usize..12)) {
+        let big = Capacity { svc4: 1000, svc6: 1000, be4: 1000, be6: 1000 };
+        let mut shadow = Shadow::default();
+        let mut a = a;
+        fit(&mut a, &shadow, &big);
+        converge(&a, &mut shadow);
+        let cap = Capacity { svc4: caps.0 + count(&shadow, 0), svc6: caps.1 + count(&shadow, 1), be4: caps.2 + count(&shadow, 2), be6: caps.3 + count(&shadow, 3) };
+        let mut d = b.clone();
+        let refused = fit(&mut d, &shadow, &cap);
+        // Peak usage: union of what is there and what will be written.
+        let ops = diff(&d, &shadow);
+        let mut peak = shadow.clone();
+        for op in &ops {
+            if !matches!(op, MapOp::DelSvc { .. } | MapOp::DelBackend { .. }) {
+                peak.apply(op);
+            }
+        }
+        prop_assert!(count(&peak, 0) <= cap.svc4 && count(&peak, 1) <= cap.svc6, "service maps overflow");
+        prop_assert!(count(&peak, 2) <= cap.be4 && count(&peak, 3) <= cap.be6, "backend maps overflow");
+        let before = served(&shadow);
+        converge(&d, &mut shadow);
+        let after = served(&shadow);
+        for fe in &refused {
+            let k = SvcKey::frontend(fe);
+            prop_assert_eq!(after.get(&k), before.get(&k), "a refused frontend keeps what it had");
+        }
+        for (fe, st) in &b.frontends {
+            if !refused.contains(fe) {
+                prop_assert_eq!(after.get(&SvcKey::frontend(fe)), Some(&st.backends), "admitted as desired");
+            }
+        }
+    }
+}
+
+/// Entries per map of a shadow: 0 = svc4, 1 = svc6, 2 = be4, 3 = be6.
+fn count(s: &Shadow, which: usize) -> usize {
+    match which {
+        0 | 1 => s.svc.keys().filter(|k| usize::from(k.addr.is_ipv6()) == which).count(),
+        _ => s.backends.values().filter(|b| usize::from(b.addr.is_ipv6()) == which - 2).count(),
+    }
+}
+
+#[test]
+fn fit_refuses_only_the_newcomer() {
+    let st = |n: u8| FrontendState {
+        service: NsName { namespace: "ns".into(), name: format!("s{n}") },
+        port_name: String::new(),
+        backends: (1..=n).map(|i| SocketAddr::new(format!("198.18.0.{i}").parse().unwrap(), 80)).collect(),
+    };
+    let fe = |last: u8| Frontend { addr: format!("198.19.0.{last}").parse().unwrap(), port: 80, proto: Proto::Tcp };
+    let mut shadow = Shadow::default();
+    converge(&Desired { frontends: [(fe(1), st(2))].into() }, &mut shadow); // marker + fe + 2 slots = 4
+    let cap = Capacity { svc4: 7, svc6: 0, be4: 2, be6: 0 };
+    // Newcomer needs marker + fe + 2 slots = 4 more: 8 > 7.
+    let mut d = Desired { frontends: [(fe(1), st(2)), (fe(2), st(2))].into() };
+    assert_eq!(fit(&mut d, &shadow, &cap), vec![fe(2)]);
+    assert!(!d.frontends.contains_key(&fe(2)));
+    assert_eq!(d.frontends[&fe(1)], st(2));
+    // A grown incumbent beyond the backend capacity keeps its current backends.
+    let mut d = Desired { frontends: [(fe(1), st(3))].into() };
+    assert_eq!(fit(&mut d, &shadow, &cap), vec![fe(1)]);
+    assert_eq!(d.frontends[&fe(1)].backends, st(2).backends);
+}
