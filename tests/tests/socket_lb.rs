@@ -170,6 +170,13 @@ fn endpoint_changes_take_effect_within_a_second() {
     assert!(took < Duration::from_secs(1), "fallback took {took:?}");
     let t = tally(&c.client(&["tcp", &format!("{VIP4}:80"), "60"]));
     assert_eq!(t.len(), 2, "{t:?}");
+
+    // Every endpoint gone: connections are refused within a second.
+    write_web(&c, &[(2, false, false, true), (3, false, false, true)]);
+    let took = time_until(&c, &fe, &[]);
+    assert!(took < Duration::from_secs(1), "emptying took {took:?}");
+    let r = &c.client(&["tcp", &format!("{VIP4}:80"), "1"])[0];
+    assert_eq!(r["error"], "ECONNREFUSED", "{r}");
 }
 
 #[test]
@@ -357,4 +364,28 @@ fn full_maps_refuse_only_the_new_service_and_it_lands_once_it_fits() {
     assert!(took < Duration::from_secs(1), "took {took:?}");
     let r = &c.client(&["tcp", "198.19.0.40:80", "1"])[0];
     assert_eq!(r["ok"], true, "{r}");
+}
+
+#[test]
+fn sctp_ports_become_their_own_frontends() {
+    // This kernel has no SCTP (socket(AF_INET, SOCK_STREAM, IPPROTO_SCTP) = EPROTONOSUPPORT), so
+    // only the programming is tested here; the hooks read the protocol from bpf_sock_addr.
+    let mut c = Cluster::new("sctp", 1);
+    c.write_manifest(
+        "sig.yaml",
+        &[
+            service("sig", &["198.19.0.50"], &[("diameter", 3868, "SCTP"), ("http", 80, "TCP")]),
+            slice("sig-1", "sig", "IPv4", &[("diameter", 3868, "SCTP"), ("http", 8080, "TCP")], &[(&pod_v4(1), true, true, false)]),
+        ]
+        .join("---\n"),
+    );
+    c.start_agent();
+    let sctp = wait_for(Duration::from_secs(5), || c.backends_of("198.19.0.50:3868/SCTP")).expect("SCTP frontend programmed");
+    assert_eq!(sctp, [format!("{}:3868", pod_v4(1))]);
+    assert_eq!(c.backends_of("198.19.0.50:80/TCP"), Some(vec![format!("{}:8080", pod_v4(1))]));
+    let dump = Command::new("bpftool").args(["map", "dump", "pinned"]).arg(c.bpffs.path.join(lb_common::MAP_SVC4)).output().expect("bpftool");
+    assert!(String::from_utf8_lossy(&dump.stdout).contains("\"proto\": 132"), "SCTP keys carry IPPROTO_SCTP");
+    // The TCP port of the same VIP works; TCP to the SCTP-only port is refused (wrong protocol).
+    assert_eq!(c.client(&["tcp", "198.19.0.50:80", "1"])[0]["ok"], true);
+    assert_eq!(c.client(&["tcp", "198.19.0.50:3868", "1"])[0]["error"], "ECONNREFUSED");
 }
