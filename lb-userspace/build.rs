@@ -1,5 +1,5 @@
 //! Builds the eBPF object (crate lb-ebpf) with the nightly toolchain and bpf-linker, and puts it
-//! in OUT_DIR/lb where `loader` embeds it. `cargo xtask setup` installs what this needs.
+//! in `OUT_DIR/lb` where `loader` embeds it. `cargo xtask setup` installs what this needs.
 use std::{env, fs, path::PathBuf};
 
 use anyhow::Context as _;
@@ -8,7 +8,10 @@ fn main() -> anyhow::Result<()> {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
     let ebpf_dir = manifest.parent().context("workspace root")?.join("lb-ebpf");
     let ebpf_dir = ebpf_dir.to_str().context("non-UTF-8 path")?;
-    println!("cargo:rerun-if-changed={}", manifest.parent().unwrap().join("lb-common").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        manifest.parent().unwrap().join("lb-common").display()
+    );
     let out = PathBuf::from(env::var("OUT_DIR")?).join("lb");
     let skip = env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skip {
@@ -20,7 +23,11 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     aya_build::build_ebpf(
-        [aya_build::Package { name: "lb-ebpf", root_dir: ebpf_dir, ..Default::default() }],
+        [aya_build::Package {
+            name: "lb-ebpf",
+            root_dir: ebpf_dir,
+            ..Default::default()
+        }],
         aya_build::Toolchain::Nightly,
     )
 }

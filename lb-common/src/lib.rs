@@ -12,6 +12,12 @@
 //! * Any change to a layout or its meaning bumps the `_Vn` suffix of the map name. Never change a
 //!   layout in place: a restarted agent adopts the pinned maps of the previous one.
 #![no_std]
+// `_pad` fields are public so both crates can build these types with struct literals; STYLE.md
+// asks for explicit padding, and the underscore says "no meaning".
+#![expect(
+    clippy::pub_underscore_fields,
+    reason = "explicit, named padding in kernel ABI types"
+)]
 
 pub mod stats;
 
@@ -54,8 +60,9 @@ pub const MAP_RNAT6: &str = "LB6_RNAT_SK_V1";
 pub const MAP_STATS: &str = "LB_STATS_V1";
 
 /// Every map the datapath object must define.
-pub const ALL_MAPS: [&str; 7] =
-    [MAP_SVC4, MAP_BE4, MAP_SVC6, MAP_BE6, MAP_RNAT4, MAP_RNAT6, MAP_STATS];
+pub const ALL_MAPS: [&str; 7] = [
+    MAP_SVC4, MAP_BE4, MAP_SVC6, MAP_BE6, MAP_RNAT4, MAP_RNAT6, MAP_STATS,
+];
 
 /// Default `max_entries` of the service maps (frontends + backend slots + VIP markers).
 /// 10,000 Services × (1 frontend + 4 slots + 1 marker) = 60,000; the default leaves room for
@@ -122,7 +129,7 @@ pub struct SvcValue {
     pub count: u16,
     /// `SVC_FLAG_*` (slot 0).
     pub flags: u16,
-    /// Session-affinity timeout in seconds, 0 = none (slot 0). Reserved for ClientIP affinity.
+    /// Session-affinity timeout in seconds, 0 = none (slot 0). Reserved for `ClientIP` affinity.
     pub affinity_timeout: u32,
 }
 
@@ -265,6 +272,10 @@ mod pod {
 ///
 /// Multiply-shift (Lemire) instead of `%`: no division on the hot path and no modulo bias beyond
 /// `count / 2^32`. `count` must be ≥ 1; callers reject `count == 0` before asking.
+#[expect(
+    clippy::inline_always,
+    reason = "runs in eBPF: every call must be inlined for the verifier"
+)]
 #[inline(always)]
 #[must_use]
 pub fn select_slot(random: u32, count: u16) -> u16 {
@@ -314,7 +325,10 @@ mod tests {
         }
         let expect = n / u32::from(count);
         for (slot, h) in hits.iter().enumerate().skip(1) {
-            assert!(h.abs_diff(expect) <= 1, "slot {slot}: {h} hits, expected {expect}");
+            assert!(
+                h.abs_diff(expect) <= 1,
+                "slot {slot}: {h} hits, expected {expect}"
+            );
         }
         assert_eq!(hits[0], 0);
     }

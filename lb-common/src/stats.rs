@@ -40,7 +40,7 @@ impl Stat {
         Self::RevNatUpdateFailed,
     ];
 
-    /// Stable snake_case name used in metrics and `inspect` output.
+    /// Stable `snake_case` name used in metrics and `inspect` output.
     #[must_use]
     pub const fn name(self) -> &'static str {
         match self {

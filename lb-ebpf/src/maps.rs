@@ -16,12 +16,20 @@ use lb_common::{
 };
 
 #[btf_map]
-pub(crate) static LB4_SVC_V1: HashMap<Svc4Key, SvcValue, { DEFAULT_SVC_ENTRIES as usize }, NO_PREALLOC> =
-    HashMap::new();
+pub(crate) static LB4_SVC_V1: HashMap<
+    Svc4Key,
+    SvcValue,
+    { DEFAULT_SVC_ENTRIES as usize },
+    NO_PREALLOC,
+> = HashMap::new();
 
 #[btf_map]
-pub(crate) static LB6_SVC_V1: HashMap<Svc6Key, SvcValue, { DEFAULT_SVC_ENTRIES as usize }, NO_PREALLOC> =
-    HashMap::new();
+pub(crate) static LB6_SVC_V1: HashMap<
+    Svc6Key,
+    SvcValue,
+    { DEFAULT_SVC_ENTRIES as usize },
+    NO_PREALLOC,
+> = HashMap::new();
 
 #[btf_map]
 pub(crate) static LB4_BE_V1: HashMap<u32, Backend4, { DEFAULT_BE_ENTRIES as usize }, NO_PREALLOC> =

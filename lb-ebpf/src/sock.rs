@@ -105,22 +105,44 @@ fn svc4(key: &Svc4Key) -> Option<SvcValue> {
 /// Chooses a backend for `vip:port/proto`. `Ok(None)`: not a service.
 #[inline(always)]
 fn select4(address: [u8; 4], dport: u16, proto: u8) -> Result<Option<Backend4>, Reject> {
-    let mut key = Svc4Key { address, dport, backend_slot: 0, proto, scope: SCOPE_ALL, _pad: [0; 2] };
-    let marker = Svc4Key { dport: 0, proto: 0, ..key };
+    let mut key = Svc4Key {
+        address,
+        dport,
+        backend_slot: 0,
+        proto,
+        scope: SCOPE_ALL,
+        _pad: [0; 2],
+    };
+    let marker = Svc4Key {
+        dport: 0,
+        proto: 0,
+        ..key
+    };
     let Some(fe) = frontend(svc4, &key, &marker)? else {
         return Ok(None);
     };
     key.backend_slot = select_slot(random(), fe.count);
     let slot = svc4(&key).ok_or(Reject::BackendMissing)?;
     // SAFETY: copied out at once, as above.
-    let be = unsafe { LB4_BE_V1.get(slot.backend_id) }.copied().ok_or(Reject::BackendMissing)?;
+    let be = unsafe { LB4_BE_V1.get(slot.backend_id) }
+        .copied()
+        .ok_or(Reject::BackendMissing)?;
     Ok(Some(be))
 }
 
 #[inline(always)]
 fn remember4(ctx: &SockAddrContext, be: &Backend4, vip: [u8; 4], vport: u16) {
-    let key = RevNat4Key { cookie: cookie(ctx), address: be.address, port: be.port, _pad: [0; 2] };
-    let val = RevNat4Value { address: vip, port: vport, _pad: [0; 2] };
+    let key = RevNat4Key {
+        cookie: cookie(ctx),
+        address: be.address,
+        port: be.port,
+        _pad: [0; 2],
+    };
+    let val = RevNat4Value {
+        address: vip,
+        port: vport,
+        _pad: [0; 2],
+    };
     // Unconnected UDP sends many datagrams per socket: skip the write when nothing changed.
     // SAFETY: read-only copy of an LRU entry.
     if unsafe { LB4_RNAT_SK_V1.get(&key) }.is_some_and(|old| *old == val) {
@@ -156,7 +178,12 @@ pub(crate) fn xlate4_fwd(ctx: &SockAddrContext, hook: Hook) -> Result<(), Reject
 /// The VIP a socket addressed, given the backend it talks to.
 #[inline(always)]
 fn recall4(ctx: &SockAddrContext, address: [u8; 4], port: u16) -> Option<RevNat4Value> {
-    let key = RevNat4Key { cookie: cookie(ctx), address, port, _pad: [0; 2] };
+    let key = RevNat4Key {
+        cookie: cookie(ctx),
+        address,
+        port,
+        _pad: [0; 2],
+    };
     // SAFETY: copied out at once.
     unsafe { LB4_RNAT_SK_V1.get(&key) }.copied()
 }
@@ -228,7 +255,9 @@ fn v4_mapped(a: &[u8; 16]) -> Option<[u8; 4]> {
 
 #[inline(always)]
 fn map_v4(a: [u8; 4]) -> [u8; 16] {
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
+    ]
 }
 
 #[inline(always)]
@@ -239,15 +268,28 @@ fn svc6(key: &Svc6Key) -> Option<SvcValue> {
 
 #[inline(always)]
 fn select6(address: [u8; 16], dport: u16, proto: u8) -> Result<Option<Backend6>, Reject> {
-    let mut key = Svc6Key { address, dport, backend_slot: 0, proto, scope: SCOPE_ALL, _pad: [0; 2] };
-    let marker = Svc6Key { dport: 0, proto: 0, ..key };
+    let mut key = Svc6Key {
+        address,
+        dport,
+        backend_slot: 0,
+        proto,
+        scope: SCOPE_ALL,
+        _pad: [0; 2],
+    };
+    let marker = Svc6Key {
+        dport: 0,
+        proto: 0,
+        ..key
+    };
     let Some(fe) = frontend(svc6, &key, &marker)? else {
         return Ok(None);
     };
     key.backend_slot = select_slot(random(), fe.count);
     let slot = svc6(&key).ok_or(Reject::BackendMissing)?;
     // SAFETY: copied out at once.
-    let be = unsafe { LB6_BE_V1.get(slot.backend_id) }.copied().ok_or(Reject::BackendMissing)?;
+    let be = unsafe { LB6_BE_V1.get(slot.backend_id) }
+        .copied()
+        .ok_or(Reject::BackendMissing)?;
     Ok(Some(be))
 }
 
@@ -273,8 +315,17 @@ pub(crate) fn xlate6_fwd(ctx: &SockAddrContext, hook: Hook) -> Result<(), Reject
     let Some(be) = select6(vip, vport, proto)? else {
         return Ok(());
     };
-    let key = RevNat6Key { cookie: cookie(ctx), address: be.address, port: be.port, _pad: [0; 6] };
-    let val = RevNat6Value { address: vip, port: vport, _pad: [0; 2] };
+    let key = RevNat6Key {
+        cookie: cookie(ctx),
+        address: be.address,
+        port: be.port,
+        _pad: [0; 6],
+    };
+    let val = RevNat6Value {
+        address: vip,
+        port: vport,
+        _pad: [0; 2],
+    };
     // SAFETY: read-only copy of an LRU entry.
     let same = unsafe { LB6_RNAT_SK_V1.get(&key) }.is_some_and(|old| *old == val);
     if !same && LB6_RNAT_SK_V1.insert(&key, &val, 0).is_err() {
@@ -299,7 +350,12 @@ pub(crate) fn xlate6_rev(ctx: &SockAddrContext) {
         }
         return;
     }
-    let key = RevNat6Key { cookie: cookie(ctx), address: addr, port, _pad: [0; 6] };
+    let key = RevNat6Key {
+        cookie: cookie(ctx),
+        address: addr,
+        port,
+        _pad: [0; 6],
+    };
     // SAFETY: copied out at once.
     if let Some(v) = unsafe { LB6_RNAT_SK_V1.get(&key) }.copied() {
         write_ip6(ctx, &v.address);

@@ -9,7 +9,10 @@ use std::{
 };
 
 use notify::{RecursiveMode, Watcher as _};
-use tokio::{signal::unix::{SignalKind, signal}, sync::mpsc};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
 use tracing::{debug, error, info, warn};
 
 use crate::{
@@ -62,7 +65,11 @@ impl State {
         let started = Instant::now();
         let (objs, file_errors) = self.src.read();
         let (mut desired, model_errors) = model::build(&objs.services, &objs.slices, &self.cfg);
-        let owners: Vec<(model::Frontend, model::NsName)> = desired.frontends.iter().map(|(f, s)| (*f, s.service.clone())).collect();
+        let owners: Vec<(model::Frontend, model::NsName)> = desired
+            .frontends
+            .iter()
+            .map(|(f, s)| (*f, s.service.clone()))
+            .collect();
         let refused = sync::fit(&mut desired, &self.shadow, &self.capacity);
         let capacity_errors = refused.iter().map(|fe| {
             let owner = owners.iter().find(|(f, _)| f == fe).map_or_else(String::new, |(_, s)| s.to_string());
@@ -85,19 +92,22 @@ impl State {
 
         let ops = sync::diff(&desired, &self.shadow);
         if ops.is_empty() {
-            debug!(frontends = desired.frontends.len(), "datapath already up to date");
+            debug!(
+                frontends = desired.frontends.len(),
+                "datapath already up to date"
+            );
             return;
         }
         match sync::apply(&ops, &mut self.maps, &mut self.shadow) {
             Ok(n) => {
                 trim_heap();
                 info!(
-                ops = n,
-                frontends = desired.frontends.len(),
-                services = objs.services.len(),
-                elapsed_us = started.elapsed().as_micros() as u64,
-                "programmed datapath"
-            );
+                    ops = n,
+                    frontends = desired.frontends.len(),
+                    services = objs.services.len(),
+                    elapsed_us = started.elapsed().as_micros() as u64,
+                    "programmed datapath"
+                );
             }
             Err((applied, e)) => error!(
                 error = %chain(&e),
@@ -124,7 +134,9 @@ fn trim_heap() {
 pub async fn run(opts: Options) -> anyhow::Result<()> {
     let maps = loader::load_and_attach(&opts.bpffs, &opts.cgroup, opts.sizes)
         .map_err(|e| anyhow::anyhow!("cannot load or attach the datapath: {}", chain(&e)))?;
-    let shadow = maps.read_shadow().map_err(|e| anyhow::anyhow!("cannot read pinned maps: {}", chain(&e)))?;
+    let shadow = maps
+        .read_shadow()
+        .map_err(|e| anyhow::anyhow!("cannot read pinned maps: {}", chain(&e)))?;
     info!(
         node = %opts.node_name,
         cgroup = %opts.cgroup.display(),
@@ -134,7 +146,14 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         "datapath attached"
     );
     let capacity = maps.capacity();
-    let mut state = State { src: ManifestDir::new(&opts.manifests), cfg: opts.model.clone(), maps, capacity, shadow, reported: BTreeSet::new() };
+    let mut state = State {
+        src: ManifestDir::new(&opts.manifests),
+        cfg: opts.model.clone(),
+        maps,
+        capacity,
+        shadow,
+        reported: BTreeSet::new(),
+    };
 
     // inotify → a 1-slot channel: a burst of events leaves one pending wake-up.
     let (tx, mut rx) = mpsc::channel::<()>(1);

@@ -14,7 +14,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Load and attach the datapath, then keep its maps equal to the Services and
-    /// EndpointSlices found in the manifest directory.
+    /// `EndpointSlices` found in the manifest directory.
     Run(RunArgs),
     /// Print what the pinned maps hold (no running agent needed).
     Inspect(InspectArgs),
@@ -24,11 +24,11 @@ pub enum Command {
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// Directory of Service and EndpointSlice manifests (*.yaml, *.yml, *.json; multi-document
+    /// Directory of Service and `EndpointSlice` manifests (*.yaml, *.yml, *.json; multi-document
     /// and `kind: List` allowed). Watched: changes are applied within a second.
     #[arg(long, value_name = "DIR")]
     pub manifests: PathBuf,
-    /// This node's name (for node-local endpoint selection). Default: $NODE_NAME, else the hostname.
+    /// This node's name (for node-local endpoint selection). Default: $`NODE_NAME`, else the hostname.
     #[arg(long, env = "NODE_NAME", value_name = "N")]
     pub node_name: Option<String>,
     /// cgroup v2 directory to attach the socket hooks to. Default: the cgroup2 mount root found
@@ -42,13 +42,13 @@ pub struct RunArgs {
     /// unlabelled ones); by default Services carrying that label are left to their proxy.
     #[arg(long, value_name = "NAME")]
     pub proxy_name: Option<String>,
-    /// max_entries of each service map (frontends + backend slots + one marker per VIP).
+    /// `max_entries` of each service map (frontends + backend slots + one marker per VIP).
     #[arg(long, default_value_t = lb_common::DEFAULT_SVC_ENTRIES)]
     pub max_service_entries: u32,
-    /// max_entries of each backend map.
+    /// `max_entries` of each backend map.
     #[arg(long, default_value_t = lb_common::DEFAULT_BE_ENTRIES)]
     pub max_backend_entries: u32,
-    /// max_entries of each per-socket reverse-NAT LRU map.
+    /// `max_entries` of each per-socket reverse-NAT LRU map.
     #[arg(long, default_value_t = lb_common::DEFAULT_RNAT_ENTRIES)]
     pub max_revnat_entries: u32,
     /// Full resync interval in seconds, in addition to file events.

@@ -45,7 +45,13 @@ fn proto_name(p: u8) -> String {
 /// Everything `inspect` can show, from the maps pinned in `bpffs`.
 pub fn report(bpffs: &Path) -> maps::Result<Report> {
     let shadow = BpfMaps::from_pins(bpffs)?.read_shadow()?;
-    Ok(build(&shadow, maps::read_stats(bpffs)?.into_iter().map(|(s, v)| (s.name(), v)).collect()))
+    Ok(build(
+        &shadow,
+        maps::read_stats(bpffs)?
+            .into_iter()
+            .map(|(s, v)| (s.name(), v))
+            .collect(),
+    ))
 }
 
 fn build(shadow: &Shadow, stats: std::collections::BTreeMap<&'static str, u64>) -> Report {
@@ -53,7 +59,11 @@ fn build(shadow: &Shadow, stats: std::collections::BTreeMap<&'static str, u64>) 
         .frontends()
         .into_iter()
         .map(|(k, (_, bes))| ServiceRow {
-            frontend: format!("{}/{}", SocketAddr::new(k.addr, k.port), proto_name(k.proto)),
+            frontend: format!(
+                "{}/{}",
+                SocketAddr::new(k.addr, k.port),
+                proto_name(k.proto)
+            ),
             address: k.addr,
             port: k.port,
             protocol: proto_name(k.proto),
@@ -67,18 +77,38 @@ fn build(shadow: &Shadow, stats: std::collections::BTreeMap<&'static str, u64>) 
             id: *id,
             address: b.addr,
             protocol: proto_name(b.proto),
-            slots: shadow.svc.iter().filter(|(k, v)| k.slot > 0 && v.backend_id == *id).count(),
+            slots: shadow
+                .svc
+                .iter()
+                .filter(|(k, v)| k.slot > 0 && v.backend_id == *id)
+                .count(),
         })
         .collect();
-    let vips = shadow.svc.iter().filter(|(_, v)| v.flags & SVC_FLAG_VIP_MARKER != 0).map(|(k, _)| k.addr).collect();
-    Report { services, backends, vips, stats }
+    let vips = shadow
+        .svc
+        .iter()
+        .filter(|(_, v)| v.flags & SVC_FLAG_VIP_MARKER != 0)
+        .map(|(k, _)| k.addr)
+        .collect();
+    Report {
+        services,
+        backends,
+        vips,
+        stats,
+    }
 }
 
 /// `inspect services` as a table.
 #[must_use]
 pub fn services_table(r: &Report) -> String {
     let mut s = String::new();
-    let w = r.services.iter().map(|x| x.frontend.len()).max().unwrap_or(0).max("FRONTEND".len());
+    let w = r
+        .services
+        .iter()
+        .map(|x| x.frontend.len())
+        .max()
+        .unwrap_or(0)
+        .max("FRONTEND".len());
     let _ = writeln!(s, "{:<w$}  BACKENDS", "FRONTEND");
     for row in &r.services {
         if row.backends.is_empty() {
@@ -99,7 +129,14 @@ pub fn backends_table(r: &Report) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "{:>6}  {:<44}  {:<5}  SLOTS", "ID", "ADDRESS", "PROTO");
     for b in &r.backends {
-        let _ = writeln!(s, "{:>6}  {:<44}  {:<5}  {}", b.id, b.address.to_string(), b.protocol, b.slots);
+        let _ = writeln!(
+            s,
+            "{:>6}  {:<44}  {:<5}  {}",
+            b.id,
+            b.address.to_string(),
+            b.protocol,
+            b.slots
+        );
     }
     s
 }

@@ -1,4 +1,4 @@
-//! `lb-agent`: learns Services and EndpointSlices and keeps the datapath's BPF maps in sync.
+//! `lb-agent`: learns Services and `EndpointSlices` and keeps the datapath's BPF maps in sync.
 //!
 //! Follow a Service through the modules in this order:
 //! [`source`] (manifest files) → [`model`] (Service → frontends with backends) →

@@ -19,7 +19,10 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{CgroupAttachMode, CgroupSockAddr, links::{FdLink, PinnedLink}},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr,
+        links::{FdLink, PinnedLink},
+    },
 };
 use lb_common::{ALL_MAPS, MAP_BE4, MAP_BE6, MAP_RNAT4, MAP_RNAT6, MAP_SVC4, MAP_SVC6};
 
@@ -50,17 +53,39 @@ pub enum Error {
     #[error("{path}: not on a BPF filesystem; mount one with `mount -t bpf bpf /sys/fs/bpf`")]
     NotBpffs { path: PathBuf },
     #[error("{path}: cannot create or inspect")]
-    Io { path: PathBuf, #[source] source: io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot open cgroup {path}")]
-    Cgroup { path: PathBuf, #[source] source: io::Error },
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("loading the eBPF object failed")]
     Load(#[source] Box<aya::EbpfError>),
     #[error("program {name}: {what} failed")]
-    Program { name: &'static str, what: &'static str, #[source] source: aya::programs::ProgramError },
+    Program {
+        name: &'static str,
+        what: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
     #[error("program {name}: the kernel did not give a bpf_link (needs Linux ≥ 5.7)")]
-    Link { name: &'static str, #[source] source: aya::programs::links::LinkError },
+    Link {
+        name: &'static str,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
     #[error("program {name}: pinning its link at {path} failed")]
-    PinLink { name: &'static str, path: PathBuf, #[source] source: aya::pin::PinError },
+    PinLink {
+        name: &'static str,
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
     #[error(transparent)]
     Maps(#[from] maps::Error),
     #[error("no cgroup2 mount in /proc/self/mountinfo; pass --cgroup")]
@@ -80,7 +105,10 @@ pub struct Sizes {
 /// Finds the cgroup2 mount point in /proc/self/mountinfo (field 5 of the line whose filesystem
 /// type, after the ` - ` separator, is `cgroup2`).
 pub fn cgroup2_mount() -> Result<PathBuf> {
-    let text = fs::read_to_string("/proc/self/mountinfo").map_err(|source| Error::Io { path: "/proc/self/mountinfo".into(), source })?;
+    let text = fs::read_to_string("/proc/self/mountinfo").map_err(|source| Error::Io {
+        path: "/proc/self/mountinfo".into(),
+        source,
+    })?;
     parse_cgroup2_mount(&text).ok_or(Error::NoCgroup2)
 }
 
@@ -121,16 +149,24 @@ fn statfs_type(path: &Path) -> io::Result<i64> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: statfs succeeded and filled the struct.
-    #[allow(clippy::useless_conversion, reason = "f_type is i64 on x86_64 but not on every target")]
+    #[allow(
+        clippy::useless_conversion,
+        reason = "f_type is i64 on x86_64 but not on every target"
+    )]
     Ok(i64::from(unsafe { st.assume_init() }.f_type))
 }
 
 /// Creates `dir` (and `dir/links`) on a BPF filesystem.
 pub fn prepare_bpffs(dir: &Path) -> Result<()> {
-    let io = |source| Error::Io { path: dir.to_owned(), source };
+    let io = |source| Error::Io {
+        path: dir.to_owned(),
+        source,
+    };
     fs::create_dir_all(dir.join(LINKS_DIR)).map_err(io)?;
     if statfs_type(dir).map_err(io)? != BPF_FS_MAGIC {
-        return Err(Error::NotBpffs { path: dir.to_owned() });
+        return Err(Error::NotBpffs {
+            path: dir.to_owned(),
+        });
     }
     Ok(())
 }
@@ -143,7 +179,10 @@ pub fn load_and_attach(bpffs: &Path, cgroup: &Path, sizes: Sizes) -> Result<BpfM
     }
     prepare_bpffs(bpffs)?;
     maps::check_layouts(bpffs)?;
-    let cg = File::open(cgroup).map_err(|source| Error::Cgroup { path: cgroup.to_owned(), source })?;
+    let cg = File::open(cgroup).map_err(|source| Error::Cgroup {
+        path: cgroup.to_owned(),
+        source,
+    })?;
 
     let pins: Vec<(&str, PathBuf)> = ALL_MAPS.iter().map(|n| (*n, bpffs.join(n))).collect();
     let mut loader = EbpfLoader::new();
@@ -164,15 +203,37 @@ pub fn load_and_attach(bpffs: &Path, cgroup: &Path, sizes: Sizes) -> Result<BpfM
     for name in PROGRAMS {
         let prog: &mut CgroupSockAddr = ebpf
             .program_mut(name)
-            .ok_or(Error::Program { name, what: "find", source: aya::programs::ProgramError::NotLoaded })?
+            .ok_or(Error::Program {
+                name,
+                what: "find",
+                source: aya::programs::ProgramError::NotLoaded,
+            })?
             .try_into()
-            .map_err(|source| Error::Program { name, what: "type check", source })?;
-        prog.load().map_err(|source| Error::Program { name, what: "load (verifier)", source })?;
+            .map_err(|source| Error::Program {
+                name,
+                what: "type check",
+                source,
+            })?;
+        prog.load().map_err(|source| Error::Program {
+            name,
+            what: "load (verifier)",
+            source,
+        })?;
         // `Single` = flags 0: BPF_LINK_CREATE for cgroups rejects any flag and always attaches
         // with multi-program semantics (kernel/bpf/cgroup.c, cgroup_bpf_link_attach), so we
         // coexist with other programs on the cgroup and with our predecessor during handover.
-        let id = prog.attach(&cg, CgroupAttachMode::Single).map_err(|source| Error::Program { name, what: "attach", source })?;
-        let link = prog.take_link(id).map_err(|source| Error::Program { name, what: "take link", source })?;
+        let id = prog
+            .attach(&cg, CgroupAttachMode::Single)
+            .map_err(|source| Error::Program {
+                name,
+                what: "attach",
+                source,
+            })?;
+        let link = prog.take_link(id).map_err(|source| Error::Program {
+            name,
+            what: "take link",
+            source,
+        })?;
         let link = FdLink::try_from(link).map_err(|source| Error::Link { name, source })?;
         links.push((name, link));
     }
@@ -181,9 +242,16 @@ pub fn load_and_attach(bpffs: &Path, cgroup: &Path, sizes: Sizes) -> Result<BpfM
         // bpffs refuses names with dots (kernel/bpf/inode.c, bpf_lookup).
         let tmp = bpffs.join(LINKS_DIR).join(format!("{name}_new"));
         let _ = fs::remove_file(&tmp);
-        let pinned: PinnedLink = link.pin(&tmp).map_err(|source| Error::PinLink { name, path: tmp.clone(), source })?;
+        let pinned: PinnedLink = link.pin(&tmp).map_err(|source| Error::PinLink {
+            name,
+            path: tmp.clone(),
+            source,
+        })?;
         // Atomic replace: the old link (if any) loses its last reference and detaches.
-        fs::rename(&tmp, &fin).map_err(|source| Error::Io { path: fin.clone(), source })?;
+        fs::rename(&tmp, &fin).map_err(|source| Error::Io {
+            path: fin.clone(),
+            source,
+        })?;
         drop(pinned); // the pin keeps it attached
     }
     drop(ebpf); // programs live on in their pinned links, maps in their pins
@@ -198,44 +266,71 @@ pub fn cleanup(bpffs: &Path) -> Result<Vec<PathBuf>> {
         for e in entries.flatten() {
             let p = e.path();
             // Unpinning drops the last reference to the bpf_link: the program detaches.
-            fs::remove_file(&p).map_err(|source| Error::Io { path: p.clone(), source })?;
+            fs::remove_file(&p).map_err(|source| Error::Io {
+                path: p.clone(),
+                source,
+            })?;
             removed.push(p);
         }
-        fs::remove_dir(&links).map_err(|source| Error::Io { path: links.clone(), source })?;
+        fs::remove_dir(&links).map_err(|source| Error::Io {
+            path: links.clone(),
+            source,
+        })?;
     }
     for name in ALL_MAPS {
         let p = bpffs.join(name);
         if p.exists() {
-            fs::remove_file(&p).map_err(|source| Error::Io { path: p.clone(), source })?;
+            fs::remove_file(&p).map_err(|source| Error::Io {
+                path: p.clone(),
+                source,
+            })?;
             removed.push(p);
         }
     }
     if bpffs.exists() {
-        fs::remove_dir(bpffs).map_err(|source| Error::Io { path: bpffs.to_owned(), source })?;
+        fs::remove_dir(bpffs).map_err(|source| Error::Io {
+            path: bpffs.to_owned(),
+            source,
+        })?;
     }
     Ok(removed)
 }
 
-/// Detaches every `lb` socket hook still attached to `cgroup` through a bpf_link that nobody
+/// Detaches every `lb` socket hook still attached to `cgroup` through a `bpf_link` that nobody
 /// pinned (its pin removed by hand, say). Walks all links with `BPF_LINK_GET_NEXT_ID`, keeps the
 /// cgroup links whose cgroup id is `cgroup`'s inode and whose program carries one of our names,
 /// and `BPF_LINK_DETACH`es them. Returns how many were detached.
 pub fn detach_leftovers(cgroup: &Path) -> Result<usize> {
     use std::os::unix::fs::MetadataExt as _;
-    let cg_id = fs::metadata(cgroup).map_err(|source| Error::Cgroup { path: cgroup.to_owned(), source })?.ino();
+    let cg_id = fs::metadata(cgroup)
+        .map_err(|source| Error::Cgroup {
+            path: cgroup.to_owned(),
+            source,
+        })?
+        .ino();
     let mut detached = 0;
     let mut id = 0u32;
     while let Some(next) = raw::next_link_id(id) {
         id = next;
         let Some(fd) = raw::link_fd(id) else { continue };
-        let Some(info) = raw::link_info(&fd) else { continue };
+        let Some(info) = raw::link_info(&fd) else {
+            continue;
+        };
         if info.link_type != raw::BPF_LINK_TYPE_CGROUP || info.cgroup_id != cg_id {
             continue;
         }
-        let Some(name) = raw::prog_name(info.prog_id) else { continue };
+        let Some(name) = raw::prog_name(info.prog_id) else {
+            continue;
+        };
         // The kernel keeps 15 bytes of a program name.
-        if PROGRAMS.iter().any(|p| p.as_bytes()[..p.len().min(15)] == *name.as_bytes()) {
-            raw::link_detach(&fd).map_err(|source| Error::Io { path: cgroup.to_owned(), source })?;
+        if PROGRAMS
+            .iter()
+            .any(|p| p.as_bytes()[..p.len().min(15)] == *name.as_bytes())
+        {
+            raw::link_detach(&fd).map_err(|source| Error::Io {
+                path: cgroup.to_owned(),
+                source,
+            })?;
             detached += 1;
         }
     }
@@ -263,8 +358,19 @@ mod raw {
 
     fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<i64> {
         // SAFETY: `attr` is a valid, zero-initialised bpf_attr of sufficient size for `cmd`.
-        let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<Attr>()) };
-        if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                std::ptr::from_mut(attr),
+                size_of::<Attr>(),
+            )
+        };
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(rc)
+        }
     }
 
     fn fd_from(rc: i64) -> OwnedFd {
@@ -300,11 +406,15 @@ mod raw {
         pub(super) cgroup_id: u64,
     }
 
-    /// `struct bpf_link_info`: type u32 @0, id u32 @4, prog_id u32 @8, cgroup.cgroup_id u64 @16.
+    /// `struct bpf_link_info`: type u32 @0, id u32 @4, `prog_id` u32 @8, `cgroup.cgroup_id` u64 @16.
     pub(super) fn link_info(fd: &OwnedFd) -> Option<LinkInfo> {
         let mut buf = [0u64; 8];
         info_by_fd(fd, &mut buf)?;
-        Some(LinkInfo { link_type: buf[0] as u32, prog_id: buf[1] as u32, cgroup_id: buf[2] })
+        Some(LinkInfo {
+            link_type: buf[0] as u32,
+            prog_id: buf[1] as u32,
+            cgroup_id: buf[2],
+        })
     }
 
     /// `struct bpf_prog_info`: name[16] @64.
@@ -314,7 +424,11 @@ mod raw {
         let fd = fd_from(bpf(BPF_PROG_GET_FD_BY_ID, &mut a).ok()?);
         let mut buf = [0u64; 32];
         info_by_fd(&fd, &mut buf)?;
-        let bytes: Vec<u8> = buf[8..10].iter().flat_map(|w| w.to_ne_bytes()).take_while(|b| *b != 0).collect();
+        let bytes: Vec<u8> = buf[8..10]
+            .iter()
+            .flat_map(|w| w.to_ne_bytes())
+            .take_while(|b| *b != 0)
+            .collect();
         String::from_utf8(bytes).ok()
     }
 
@@ -329,7 +443,11 @@ mod raw {
 #[must_use]
 pub fn pinned_links(bpffs: &Path) -> Vec<String> {
     let mut v: Vec<String> = fs::read_dir(bpffs.join(LINKS_DIR))
-        .map(|d| d.flatten().filter_map(|e| e.file_name().into_string().ok()).collect())
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect()
+        })
         .unwrap_or_default();
     v.sort();
     v
@@ -344,10 +462,22 @@ mod tests {
         let mi = "25 30 0:23 / /sys rw,nosuid - sysfs sysfs rw\n\
                   41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n\
                   42 31 0:39 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n";
-        assert_eq!(parse_cgroup2_mount(mi), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(
+            parse_cgroup2_mount(mi),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
         let optional = "41 31 0:38 / /sys/fs/cgroup rw shared:9 master:1 - cgroup2 cgroup2 rw\n";
-        assert_eq!(parse_cgroup2_mount(optional), Some(PathBuf::from("/sys/fs/cgroup")));
-        assert_eq!(parse_cgroup2_mount("1 2 0:1 / /a\\040b rw - cgroup2 c rw\n"), Some(PathBuf::from("/a b")));
-        assert_eq!(parse_cgroup2_mount("25 30 0:23 / /sys rw - sysfs sysfs rw\n"), None);
+        assert_eq!(
+            parse_cgroup2_mount(optional),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+        assert_eq!(
+            parse_cgroup2_mount("1 2 0:1 / /a\\040b rw - cgroup2 c rw\n"),
+            Some(PathBuf::from("/a b"))
+        );
+        assert_eq!(
+            parse_cgroup2_mount("25 30 0:23 / /sys rw - sysfs sysfs rw\n"),
+            None
+        );
     }
 }

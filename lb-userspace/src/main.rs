@@ -2,18 +2,18 @@
 use std::{process::ExitCode, time::Duration};
 
 use clap::Parser as _;
-use lb_userspace::{
-    agent, cli, inspect, loader,
-    model,
-};
+use lb_userspace::{agent, cli, inspect, loader, model};
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map_or_else(|_| "localhost".into(), |h| h.trim().to_owned())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map_or_else(|_| "localhost".into(), |h| h.trim().to_owned())
 }
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match real_main(cli::Cli::parse()) {
@@ -50,27 +50,47 @@ fn real_main(cli: cli::Cli) -> anyhow::Result<()> {
                 resync_every: Duration::from_secs(a.resync_seconds.max(1)),
                 debounce: Duration::from_millis(20),
             };
-            tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(agent::run(opts))
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(agent::run(opts))
         }
         cli::Command::Inspect(a) => {
             let r = inspect::report(&a.bpffs).map_err(|e| anyhow::anyhow!(agent::chain(&e)))?;
             match (a.output, a.what) {
-                (cli::Output::Json, cli::What::Services) => println!("{}", serde_json::to_string_pretty(&r.services)?),
-                (cli::Output::Json, cli::What::Backends) => println!("{}", serde_json::to_string_pretty(&r.backends)?),
-                (cli::Output::Json, cli::What::Stats) => println!("{}", serde_json::to_string_pretty(&r.stats)?),
-                (cli::Output::Table, cli::What::Services) => print!("{}", inspect::services_table(&r)),
-                (cli::Output::Table, cli::What::Backends) => print!("{}", inspect::backends_table(&r)),
+                (cli::Output::Json, cli::What::Services) => {
+                    println!("{}", serde_json::to_string_pretty(&r.services)?);
+                }
+                (cli::Output::Json, cli::What::Backends) => {
+                    println!("{}", serde_json::to_string_pretty(&r.backends)?);
+                }
+                (cli::Output::Json, cli::What::Stats) => {
+                    println!("{}", serde_json::to_string_pretty(&r.stats)?);
+                }
+                (cli::Output::Table, cli::What::Services) => {
+                    print!("{}", inspect::services_table(&r));
+                }
+                (cli::Output::Table, cli::What::Backends) => {
+                    print!("{}", inspect::backends_table(&r));
+                }
                 (cli::Output::Table, cli::What::Stats) => print!("{}", inspect::stats_table(&r)),
             }
             Ok(())
         }
         cli::Command::Cleanup(a) => {
-            let removed = loader::cleanup(&a.bpffs).map_err(|e| anyhow::anyhow!(agent::chain(&e)))?;
+            let removed =
+                loader::cleanup(&a.bpffs).map_err(|e| anyhow::anyhow!(agent::chain(&e)))?;
             let detached = match &a.cgroup {
-                Some(cg) => loader::detach_leftovers(cg).map_err(|e| anyhow::anyhow!(agent::chain(&e)))?,
+                Some(cg) => {
+                    loader::detach_leftovers(cg).map_err(|e| anyhow::anyhow!(agent::chain(&e)))?
+                }
                 None => 0,
             };
-            println!("removed {} pins under {}; detached {detached} unpinned hooks", removed.len(), a.bpffs.display());
+            println!(
+                "removed {} pins under {}; detached {detached} unpinned hooks",
+                removed.len(),
+                a.bpffs.display()
+            );
             Ok(())
         }
     }

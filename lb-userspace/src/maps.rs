@@ -17,12 +17,29 @@ use crate::sync::{Backend, MapOp, MapWriter, Shadow, SvcKey};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("map {name}: {op} failed")]
-    Map { name: &'static str, op: &'static str, #[source] source: MapError },
+    Map {
+        name: &'static str,
+        op: &'static str,
+        #[source]
+        source: MapError,
+    },
     #[error("map {name} is not pinned at {path} (is the agent installed with this --bpffs?)")]
-    NotPinned { name: &'static str, path: PathBuf, #[source] source: MapError },
-    #[error("map {name}: pinned map has key/value size {found:?}, this build expects {expected:?}; \
-             a different lb version owns {dir}: run `lb-agent cleanup` or use another --bpffs")]
-    Layout { name: &'static str, dir: PathBuf, found: (u32, u32), expected: (u32, u32) },
+    NotPinned {
+        name: &'static str,
+        path: PathBuf,
+        #[source]
+        source: MapError,
+    },
+    #[error(
+        "map {name}: pinned map has key/value size {found:?}, this build expects {expected:?}; \
+             a different lb version owns {dir}: run `lb-agent cleanup` or use another --bpffs"
+    )]
+    Layout {
+        name: &'static str,
+        dir: PathBuf,
+        found: (u32, u32),
+        expected: (u32, u32),
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -51,12 +68,25 @@ pub fn check_layouts(dir: &Path) -> Result<()> {
         if !path.exists() {
             continue;
         }
-        let md = MapData::from_pin(&path).map_err(|source| Error::NotPinned { name, path: path.clone(), source })?;
-        let info = md.info().map_err(|source| Error::Map { name, op: "info", source })?;
+        let md = MapData::from_pin(&path).map_err(|source| Error::NotPinned {
+            name,
+            path: path.clone(),
+            source,
+        })?;
+        let info = md.info().map_err(|source| Error::Map {
+            name,
+            op: "info",
+            source,
+        })?;
         let found = (info.key_size(), info.value_size());
         let expected = expected_sizes(name).expect("every map has sizes");
         if found != expected {
-            return Err(Error::Layout { name, dir: dir.to_owned(), found, expected });
+            return Err(Error::Layout {
+                name,
+                dir: dir.to_owned(),
+                found,
+                expected,
+            });
         }
     }
     Ok(())
@@ -79,12 +109,30 @@ fn open_pinned(dir: &Path, name: &'static str) -> Result<Map> {
 fn open_sized(dir: &Path, name: &'static str) -> Result<(Map, usize)> {
     let path = dir.join(name);
     let md = MapData::from_pin(&path).map_err(|source| Error::NotPinned { name, path, source })?;
-    let max = md.info().map_err(|source| Error::Map { name, op: "info", source })?.max_entries() as usize;
-    Ok((Map::from_map_data(md).map_err(|source| Error::Map { name, op: "open", source })?, max))
+    let max = md
+        .info()
+        .map_err(|source| Error::Map {
+            name,
+            op: "info",
+            source,
+        })?
+        .max_entries() as usize;
+    Ok((
+        Map::from_map_data(md).map_err(|source| Error::Map {
+            name,
+            op: "open",
+            source,
+        })?,
+        max,
+    ))
 }
 
 fn hash<K: aya::Pod, V: aya::Pod>(map: Map, name: &'static str) -> Result<HashMap<MapData, K, V>> {
-    HashMap::try_from(map).map_err(|source| Error::Map { name, op: "open as hash", source })
+    HashMap::try_from(map).map_err(|source| Error::Map {
+        name,
+        op: "open as hash",
+        source,
+    })
 }
 
 impl BpfMaps {
@@ -100,7 +148,12 @@ impl BpfMaps {
             svc6: hash(svc6, MAP_SVC6)?,
             be4: hash(be4, MAP_BE4)?,
             be6: hash(be6, MAP_BE6)?,
-            capacity: crate::sync::Capacity { svc4: c_svc4, svc6: c_svc6, be4: c_be4, be6: c_be6 },
+            capacity: crate::sync::Capacity {
+                svc4: c_svc4,
+                svc6: c_svc6,
+                be4: c_be4,
+                be6: c_be6,
+            },
         })
     }
 
@@ -113,36 +166,94 @@ impl BpfMaps {
     /// Reads the maps into a shadow: what a restarted agent adopts.
     pub fn read_shadow(&self) -> Result<Shadow> {
         let mut s = Shadow::default();
-        for kv in self.svc4.iter() {
-            let (k, v) = kv.map_err(|source| Error::Map { name: MAP_SVC4, op: "iterate", source })?;
+        for kv in &self.svc4 {
+            let (k, v) = kv.map_err(|source| Error::Map {
+                name: MAP_SVC4,
+                op: "iterate",
+                source,
+            })?;
             if k.scope == SCOPE_ALL {
-                s.svc.insert(SvcKey { addr: Ipv4Addr::from(k.address).into(), port: k.dport, proto: k.proto, slot: k.backend_slot }, v);
+                s.svc.insert(
+                    SvcKey {
+                        addr: Ipv4Addr::from(k.address).into(),
+                        port: k.dport,
+                        proto: k.proto,
+                        slot: k.backend_slot,
+                    },
+                    v,
+                );
             }
         }
-        for kv in self.svc6.iter() {
-            let (k, v) = kv.map_err(|source| Error::Map { name: MAP_SVC6, op: "iterate", source })?;
+        for kv in &self.svc6 {
+            let (k, v) = kv.map_err(|source| Error::Map {
+                name: MAP_SVC6,
+                op: "iterate",
+                source,
+            })?;
             if k.scope == SCOPE_ALL {
-                s.svc.insert(SvcKey { addr: Ipv6Addr::from(k.address).into(), port: k.dport, proto: k.proto, slot: k.backend_slot }, v);
+                s.svc.insert(
+                    SvcKey {
+                        addr: Ipv6Addr::from(k.address).into(),
+                        port: k.dport,
+                        proto: k.proto,
+                        slot: k.backend_slot,
+                    },
+                    v,
+                );
             }
         }
-        for kv in self.be4.iter() {
-            let (id, b) = kv.map_err(|source| Error::Map { name: MAP_BE4, op: "iterate", source })?;
-            s.backends.insert(id, Backend { addr: SocketAddr::new(Ipv4Addr::from(b.address).into(), b.port), proto: b.proto });
+        for kv in &self.be4 {
+            let (id, b) = kv.map_err(|source| Error::Map {
+                name: MAP_BE4,
+                op: "iterate",
+                source,
+            })?;
+            s.backends.insert(
+                id,
+                Backend {
+                    addr: SocketAddr::new(Ipv4Addr::from(b.address).into(), b.port),
+                    proto: b.proto,
+                },
+            );
         }
-        for kv in self.be6.iter() {
-            let (id, b) = kv.map_err(|source| Error::Map { name: MAP_BE6, op: "iterate", source })?;
-            s.backends.insert(id, Backend { addr: SocketAddr::new(Ipv6Addr::from(b.address).into(), b.port), proto: b.proto });
+        for kv in &self.be6 {
+            let (id, b) = kv.map_err(|source| Error::Map {
+                name: MAP_BE6,
+                op: "iterate",
+                source,
+            })?;
+            s.backends.insert(
+                id,
+                Backend {
+                    addr: SocketAddr::new(Ipv6Addr::from(b.address).into(), b.port),
+                    proto: b.proto,
+                },
+            );
         }
         Ok(s)
     }
 }
 
 fn svc4_key(k: &SvcKey, a: Ipv4Addr) -> Svc4Key {
-    Svc4Key { address: a.octets(), dport: k.port, backend_slot: k.slot, proto: k.proto, scope: SCOPE_ALL, _pad: [0; 2] }
+    Svc4Key {
+        address: a.octets(),
+        dport: k.port,
+        backend_slot: k.slot,
+        proto: k.proto,
+        scope: SCOPE_ALL,
+        _pad: [0; 2],
+    }
 }
 
 fn svc6_key(k: &SvcKey, a: Ipv6Addr) -> Svc6Key {
-    Svc6Key { address: a.octets(), dport: k.port, backend_slot: k.slot, proto: k.proto, scope: SCOPE_ALL, _pad: [0; 2] }
+    Svc6Key {
+        address: a.octets(),
+        dport: k.port,
+        backend_slot: k.slot,
+        proto: k.proto,
+        scope: SCOPE_ALL,
+        _pad: [0; 2],
+    }
 }
 
 impl MapWriter for BpfMaps {
@@ -152,26 +263,48 @@ impl MapWriter for BpfMaps {
         let e = |name, op| move |source| Error::Map { name, op, source };
         match *op {
             MapOp::PutSvc { key, value } => match key.addr {
-                IpAddr::V4(a) => self.svc4.insert(svc4_key(&key, a), value, 0).map_err(e(MAP_SVC4, "update")),
-                IpAddr::V6(a) => self.svc6.insert(svc6_key(&key, a), value, 0).map_err(e(MAP_SVC6, "update")),
+                IpAddr::V4(a) => self
+                    .svc4
+                    .insert(svc4_key(&key, a), value, 0)
+                    .map_err(e(MAP_SVC4, "update")),
+                IpAddr::V6(a) => self
+                    .svc6
+                    .insert(svc6_key(&key, a), value, 0)
+                    .map_err(e(MAP_SVC6, "update")),
             },
             MapOp::DelSvc { key } => match key.addr {
-                IpAddr::V4(a) => ignore_missing(self.svc4.remove(&svc4_key(&key, a))).map_err(e(MAP_SVC4, "delete")),
-                IpAddr::V6(a) => ignore_missing(self.svc6.remove(&svc6_key(&key, a))).map_err(e(MAP_SVC6, "delete")),
+                IpAddr::V4(a) => ignore_missing(self.svc4.remove(&svc4_key(&key, a)))
+                    .map_err(e(MAP_SVC4, "delete")),
+                IpAddr::V6(a) => ignore_missing(self.svc6.remove(&svc6_key(&key, a)))
+                    .map_err(e(MAP_SVC6, "delete")),
             },
             MapOp::PutBackend { id, backend } => match backend.addr.ip() {
                 IpAddr::V4(a) => {
-                    let v = Backend4 { address: a.octets(), port: backend.addr.port(), proto: backend.proto, flags: 0 };
+                    let v = Backend4 {
+                        address: a.octets(),
+                        port: backend.addr.port(),
+                        proto: backend.proto,
+                        flags: 0,
+                    };
                     self.be4.insert(id, v, 0).map_err(e(MAP_BE4, "update"))
                 }
                 IpAddr::V6(a) => {
-                    let v = Backend6 { address: a.octets(), port: backend.addr.port(), proto: backend.proto, flags: 0 };
+                    let v = Backend6 {
+                        address: a.octets(),
+                        port: backend.addr.port(),
+                        proto: backend.proto,
+                        flags: 0,
+                    };
                     self.be6.insert(id, v, 0).map_err(e(MAP_BE6, "update"))
                 }
             },
             MapOp::DelBackend { id, backend } => match backend.addr {
-                SocketAddr::V4(_) => ignore_missing(self.be4.remove(&id)).map_err(e(MAP_BE4, "delete")),
-                SocketAddr::V6(_) => ignore_missing(self.be6.remove(&id)).map_err(e(MAP_BE6, "delete")),
+                SocketAddr::V4(_) => {
+                    ignore_missing(self.be4.remove(&id)).map_err(e(MAP_BE4, "delete"))
+                }
+                SocketAddr::V6(_) => {
+                    ignore_missing(self.be6.remove(&id)).map_err(e(MAP_BE6, "delete"))
+                }
             },
         }
     }
@@ -181,7 +314,9 @@ impl MapWriter for BpfMaps {
 fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
     match r {
         Err(MapError::KeyNotFound) => Ok(()),
-        Err(MapError::SyscallError(ref s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(MapError::SyscallError(ref s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(())
+        }
         other => other,
     }
 }
@@ -190,11 +325,19 @@ fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
 pub fn read_stats(dir: &Path) -> Result<Vec<(Stat, u64)>> {
     let map = open_pinned(dir, MAP_STATS)?;
     let arr: PerCpuArray<MapData, u64> =
-        PerCpuArray::try_from(map).map_err(|source| Error::Map { name: MAP_STATS, op: "open as per-CPU array", source })?;
+        PerCpuArray::try_from(map).map_err(|source| Error::Map {
+            name: MAP_STATS,
+            op: "open as per-CPU array",
+            source,
+        })?;
     Stat::ALL
         .iter()
         .map(|s| {
-            let v = arr.get(&(*s as u32), 0).map_err(|source| Error::Map { name: MAP_STATS, op: "lookup", source })?;
+            let v = arr.get(&(*s as u32), 0).map_err(|source| Error::Map {
+                name: MAP_STATS,
+                op: "lookup",
+                source,
+            })?;
             Ok((*s, v.iter().sum()))
         })
         .collect()

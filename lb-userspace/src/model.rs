@@ -1,6 +1,6 @@
-//! Services + EndpointSlices → the desired set of frontends, each with its usable backends.
+//! Services + `EndpointSlices` → the desired set of frontends, each with its usable backends.
 //!
-//! This is where a Service becomes frontends (../shared/SEMANTICS.md, ClusterIP part). Pure: no
+//! This is where a Service becomes frontends (../shared/SEMANTICS.md, `ClusterIP` part). Pure: no
 //! I/O, no maps. Bad input is reported per object/field and skipped; everything else is kept.
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -14,7 +14,7 @@ use k8s_openapi::api::{
 };
 use lb_common::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 
-/// Label on an EndpointSlice naming its Service.
+/// Label on an `EndpointSlice` naming its Service.
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 /// Label asking a specific proxy to handle a Service; others must ignore it.
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
@@ -106,7 +106,12 @@ pub struct Frontend {
 
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", SocketAddr::new(self.addr, self.port), self.proto)
+        write!(
+            f,
+            "{}/{}",
+            SocketAddr::new(self.addr, self.port),
+            self.proto
+        )
     }
 }
 
@@ -137,7 +142,11 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Self { ipv4: true, ipv6: true, proxy_name: None }
+        Self {
+            ipv4: true,
+            ipv6: true,
+            proxy_name: None,
+        }
     }
 }
 
@@ -145,21 +154,49 @@ impl Default for Config {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
     #[error("{object}: {field}: invalid IP address {value:?}: {reason}")]
-    BadAddress { object: ObjectRef, field: String, value: String, reason: &'static str },
+    BadAddress {
+        object: ObjectRef,
+        field: String,
+        value: String,
+        reason: &'static str,
+    },
     #[error("{object}: {field}: port {value} is outside 1-65535")]
-    BadPort { object: ObjectRef, field: String, value: i64 },
+    BadPort {
+        object: ObjectRef,
+        field: String,
+        value: i64,
+    },
     #[error("{object}: {field}: unknown protocol {value:?} (expected TCP, UDP or SCTP)")]
-    BadProtocol { object: ObjectRef, field: String, value: String },
+    BadProtocol {
+        object: ObjectRef,
+        field: String,
+        value: String,
+    },
     #[error("{object}: {field}: {value} is not an {expected} address")]
-    WrongFamily { object: ObjectRef, field: String, value: String, expected: &'static str },
+    WrongFamily {
+        object: ObjectRef,
+        field: String,
+        value: String,
+        expected: &'static str,
+    },
     #[error("{object}: {field}: {frontend} is already served by Service {winner}; skipped")]
-    Conflict { object: ObjectRef, field: String, frontend: Frontend, winner: NsName },
+    Conflict {
+        object: ObjectRef,
+        field: String,
+        frontend: Frontend,
+        winner: NsName,
+    },
     #[error("{object}: defined more than once; the first definition is used")]
     Duplicate { object: ObjectRef },
     #[error("{kind} without metadata.name")]
     MissingName { kind: &'static str },
     #[error("{object}: {field}: {count} backends exceed the limit of {limit}; skipped")]
-    TooManyBackends { object: ObjectRef, field: String, count: usize, limit: usize },
+    TooManyBackends {
+        object: ObjectRef,
+        field: String,
+        count: usize,
+        limit: usize,
+    },
 }
 
 /// Most backend slots a frontend can have (`SvcValue::count` is a `u16`).
@@ -185,7 +222,7 @@ fn port_u16(v: i32) -> Option<u16> {
     u16::try_from(v).ok().filter(|p| *p != 0)
 }
 
-/// One EndpointSlice port, resolved.
+/// One `EndpointSlice` port, resolved.
 struct SlicePort {
     name: String,
     proto: Proto,
@@ -199,7 +236,7 @@ struct Ep {
     serving_terminating: bool,
 }
 
-/// The parts of one valid EndpointSlice the model uses.
+/// The parts of one valid `EndpointSlice` the model uses.
 struct Slice {
     v6: bool,
     ports: Vec<SlicePort>,
@@ -214,7 +251,11 @@ fn conditions(ep: &Endpoint) -> (bool, bool, bool) {
     (ready, serving, terminating)
 }
 
-fn resolve_slice(slice: &EndpointSlice, object: &ObjectRef, errors: &mut Vec<Error>) -> Option<Slice> {
+fn resolve_slice(
+    slice: &EndpointSlice,
+    object: &ObjectRef,
+    errors: &mut Vec<Error>,
+) -> Option<Slice> {
     let v6 = match slice.address_type.as_str() {
         "IPv4" => false,
         "IPv6" => true,
@@ -241,16 +282,27 @@ fn resolve_slice(slice: &EndpointSlice, object: &ObjectRef, errors: &mut Vec<Err
             });
             continue;
         };
-        ports.push(SlicePort { name: p.name.clone().unwrap_or_default(), proto, port });
+        ports.push(SlicePort {
+            name: p.name.clone().unwrap_or_default(),
+            proto,
+            port,
+        });
     }
     let mut endpoints = Vec::new();
     for (i, ep) in slice.endpoints.iter().enumerate() {
-        let Some(first) = ep.addresses.first() else { continue };
+        let Some(first) = ep.addresses.first() else {
+            continue;
+        };
         let field = format!("endpoints[{i}].addresses[0]");
         let addr = match parse_ip(first) {
             Ok(a) => a,
             Err(reason) => {
-                errors.push(Error::BadAddress { object: object.clone(), field, value: first.clone(), reason });
+                errors.push(Error::BadAddress {
+                    object: object.clone(),
+                    field,
+                    value: first.clone(),
+                    reason,
+                });
                 continue;
             }
         };
@@ -264,9 +316,17 @@ fn resolve_slice(slice: &EndpointSlice, object: &ObjectRef, errors: &mut Vec<Err
             continue;
         }
         let (ready, serving, terminating) = conditions(ep);
-        endpoints.push(Ep { addr, ready, serving_terminating: serving && terminating });
+        endpoints.push(Ep {
+            addr,
+            ready,
+            serving_terminating: serving && terminating,
+        });
     }
-    Some(Slice { v6, ports, endpoints })
+    Some(Slice {
+        v6,
+        ports,
+        endpoints,
+    })
 }
 
 /// A Service port, resolved.
@@ -292,8 +352,15 @@ fn resolve_service(svc: &Service, cfg: &Config, errors: &mut Vec<Error>) -> Opti
         errors.push(Error::MissingName { kind: "Service" });
         return None;
     };
-    let object = ObjectRef { kind: "Service", id: id.clone() };
-    if let Some(owner) = svc.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_PROXY_NAME))
+    let object = ObjectRef {
+        kind: "Service",
+        id: id.clone(),
+    };
+    if let Some(owner) = svc
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(LABEL_SERVICE_PROXY_NAME))
         && cfg.proxy_name.as_deref() != Some(owner.as_str())
     {
         return None;
@@ -310,7 +377,11 @@ fn resolve_service(svc: &Service, cfg: &Config, errors: &mut Vec<Error>) -> Opti
     if raw_ips.iter().any(|ip| ip == "None") {
         return None; // headless
     }
-    let field_ips = if spec.cluster_ips.as_ref().is_some_and(|v| !v.is_empty()) { "spec.clusterIPs" } else { "spec.clusterIP" };
+    let field_ips = if spec.cluster_ips.as_ref().is_some_and(|v| !v.is_empty()) {
+        "spec.clusterIPs"
+    } else {
+        "spec.clusterIP"
+    };
     let mut ips = Vec::new();
     for (i, raw) in raw_ips.iter().enumerate() {
         match parse_ip(raw) {
@@ -342,9 +413,97 @@ fn resolve_service(svc: &Service, cfg: &Config, errors: &mut Vec<Error>) -> Opti
             });
             continue;
         };
-        ports.push(SvcPort { name: p.name.clone().unwrap_or_default(), proto, port, index: i });
+        ports.push(SvcPort {
+            name: p.name.clone().unwrap_or_default(),
+            proto,
+            port,
+            index: i,
+        });
     }
-    Some(Svc { id, created: svc.metadata.creation_timestamp.as_ref().map(|t| t.0), ips, ips_field: field_ips, ports })
+    Some(Svc {
+        id,
+        created: svc.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        ips,
+        ips_field: field_ips,
+        ports,
+    })
+}
+
+/// Valid slices grouped by the Service they belong to.
+fn group_slices<E: std::borrow::Borrow<EndpointSlice>>(
+    slices: &[E],
+    errors: &mut Vec<Error>,
+) -> BTreeMap<NsName, Vec<Slice>> {
+    // Slices grouped by their Service.
+    let mut by_service: BTreeMap<NsName, Vec<Slice>> = BTreeMap::new();
+    let mut seen_slices = BTreeSet::new();
+    for slice in slices {
+        let slice: &EndpointSlice = slice.borrow();
+        let Some(id) = ns_name(&slice.metadata) else {
+            errors.push(Error::MissingName {
+                kind: "EndpointSlice",
+            });
+            continue;
+        };
+        let object = ObjectRef {
+            kind: "EndpointSlice",
+            id: id.clone(),
+        };
+        if !seen_slices.insert(id.clone()) {
+            errors.push(Error::Duplicate { object });
+            continue;
+        }
+        let Some(svc_name) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(LABEL_SERVICE_NAME))
+        else {
+            continue; // not managed for a Service
+        };
+        if let Some(s) = resolve_slice(slice, &object, errors) {
+            by_service
+                .entry(NsName {
+                    namespace: id.namespace.clone(),
+                    name: svc_name.clone(),
+                })
+                .or_default()
+                .push(s);
+        }
+    }
+
+    by_service
+}
+
+/// Valid Services, oldest first so that conflicts have a deterministic winner.
+fn resolve_services<S: std::borrow::Borrow<Service>>(
+    services: &[S],
+    cfg: &Config,
+    errors: &mut Vec<Error>,
+) -> Vec<Svc> {
+    // Services, oldest first so that conflicts have a deterministic winner.
+    let mut svcs = Vec::new();
+    let mut seen_svcs = BTreeSet::new();
+    for svc in services {
+        if let Some(s) = resolve_service(svc.borrow(), cfg, errors) {
+            if seen_svcs.insert(s.id.clone()) {
+                svcs.push(s);
+            } else {
+                errors.push(Error::Duplicate {
+                    object: ObjectRef {
+                        kind: "Service",
+                        id: s.id,
+                    },
+                });
+            }
+        }
+    }
+    // `None` timestamps sort last: an object without one cannot prove it is older.
+    svcs.sort_by(|a, b| {
+        (a.created.is_none(), a.created, &a.id).cmp(&(b.created.is_none(), b.created, &b.id))
+    });
+
+    svcs
 }
 
 /// Builds the desired state. Returns it with every problem found; a problem only ever removes
@@ -356,53 +515,16 @@ where
     E: std::borrow::Borrow<EndpointSlice>,
 {
     let mut errors = Vec::new();
-
-    // Slices grouped by their Service.
-    let mut by_service: BTreeMap<NsName, Vec<Slice>> = BTreeMap::new();
-    let mut seen_slices = BTreeSet::new();
-    for slice in slices {
-        let slice: &EndpointSlice = slice.borrow();
-        let Some(id) = ns_name(&slice.metadata) else {
-            errors.push(Error::MissingName { kind: "EndpointSlice" });
-            continue;
-        };
-        let object = ObjectRef { kind: "EndpointSlice", id: id.clone() };
-        if !seen_slices.insert(id.clone()) {
-            errors.push(Error::Duplicate { object });
-            continue;
-        }
-        let Some(svc_name) = slice.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)) else {
-            continue; // not managed for a Service
-        };
-        if let Some(s) = resolve_slice(slice, &object, &mut errors) {
-            by_service
-                .entry(NsName { namespace: id.namespace.clone(), name: svc_name.clone() })
-                .or_default()
-                .push(s);
-        }
-    }
-
-    // Services, oldest first so that conflicts have a deterministic winner.
-    let mut svcs = Vec::new();
-    let mut seen_svcs = BTreeSet::new();
-    for svc in services {
-        if let Some(s) = resolve_service(svc.borrow(), cfg, &mut errors) {
-            if seen_svcs.insert(s.id.clone()) {
-                svcs.push(s);
-            } else {
-                errors.push(Error::Duplicate { object: ObjectRef { kind: "Service", id: s.id } });
-            }
-        }
-    }
-    // `None` timestamps sort last: an object without one cannot prove it is older.
-    svcs.sort_by(|a, b| {
-        (a.created.is_none(), a.created, &a.id).cmp(&(b.created.is_none(), b.created, &b.id))
-    });
+    let by_service = group_slices(slices, &mut errors);
+    let svcs = resolve_services(services, cfg, &mut errors);
 
     let mut desired = Desired::default();
     let empty = Vec::new();
     for svc in &svcs {
-        let object = ObjectRef { kind: "Service", id: svc.id.clone() };
+        let object = ObjectRef {
+            kind: "Service",
+            id: svc.id.clone(),
+        };
         let slices = by_service.get(&svc.id).unwrap_or(&empty);
         for sp in &svc.ports {
             for &(ip_index, ip) in &svc.ips {
@@ -416,12 +538,19 @@ where
                     });
                     continue;
                 }
-                let fe = Frontend { addr: ip, port: sp.port, proto: sp.proto };
+                let fe = Frontend {
+                    addr: ip,
+                    port: sp.port,
+                    proto: sp.proto,
+                };
                 if let Some(winner) = desired.frontends.get(&fe) {
                     if winner.service != svc.id {
                         errors.push(Error::Conflict {
                             object: object.clone(),
-                            field: format!("{}[{ip_index}] / spec.ports[{}]", svc.ips_field, sp.index),
+                            field: format!(
+                                "{}[{ip_index}] / spec.ports[{}]",
+                                svc.ips_field, sp.index
+                            ),
                             frontend: fe,
                             winner: winner.service.clone(),
                         });
@@ -430,7 +559,11 @@ where
                 }
                 desired.frontends.insert(
                     fe,
-                    FrontendState { service: svc.id.clone(), port_name: sp.name.clone(), backends },
+                    FrontendState {
+                        service: svc.id.clone(),
+                        port_name: sp.name.clone(),
+                        backends,
+                    },
                 );
             }
         }
@@ -444,7 +577,11 @@ fn backends_for(slices: &[Slice], v6: bool, port_name: &str, proto: Proto) -> BT
     let mut ready = BTreeSet::new();
     let mut fallback = BTreeSet::new();
     for s in slices.iter().filter(|s| s.v6 == v6) {
-        for p in s.ports.iter().filter(|p| p.name == port_name && p.proto == proto) {
+        for p in s
+            .ports
+            .iter()
+            .filter(|p| p.name == port_name && p.proto == proto)
+        {
             for ep in &s.endpoints {
                 let sa = SocketAddr::new(ep.addr, p.port);
                 if ep.ready {

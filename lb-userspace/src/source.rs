@@ -1,4 +1,4 @@
-//! Where Services and EndpointSlices come from. Today: a directory of manifest files
+//! Where Services and `EndpointSlices` come from. Today: a directory of manifest files
 //! (`lb-agent run --manifests DIR`), read in full on every change (level-triggered).
 //!
 //! Each `*.yaml`, `*.yml`, `*.json` file may hold several documents and `kind: List` objects as
@@ -19,13 +19,31 @@ use serde::Deserialize as _;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot read manifest directory {dir}")]
-    ReadDir { dir: PathBuf, #[source] source: std::io::Error },
+    ReadDir {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path}: cannot read")]
-    ReadFile { path: PathBuf, #[source] source: std::io::Error },
+    ReadFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path}: not valid YAML/JSON ({source}); keeping what this file held before")]
-    Syntax { path: PathBuf, #[source] source: serde_yaml::Error },
+    Syntax {
+        path: PathBuf,
+        #[source]
+        source: serde_yaml::Error,
+    },
     #[error("{path}: document {doc}: {kind} {name}: {message}")]
-    Object { path: PathBuf, doc: usize, kind: String, name: String, message: String },
+    Object {
+        path: PathBuf,
+        doc: usize,
+        kind: String,
+        name: String,
+        message: String,
+    },
 }
 
 /// The objects the model needs. Shared (`Arc`) between the per-file cache and the combined
@@ -58,13 +76,19 @@ pub struct ManifestDir {
 
 fn is_manifest(p: &Path) -> bool {
     p.is_file()
-        && p.extension().and_then(|e| e.to_str()).is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
+        && p.extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
 }
 
 impl ManifestDir {
     #[must_use]
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into(), last_good: BTreeMap::new(), first_seen: BTreeMap::new() }
+        Self {
+            dir: dir.into(),
+            last_good: BTreeMap::new(),
+            first_seen: BTreeMap::new(),
+        }
     }
 
     #[must_use]
@@ -81,13 +105,19 @@ impl ManifestDir {
             Err(source) => {
                 // Keep serving what we had: a vanished directory is an operator problem to report,
                 // not a reason to withdraw every Service.
-                errors.push(Error::ReadDir { dir: self.dir.clone(), source });
+                errors.push(Error::ReadDir {
+                    dir: self.dir.clone(),
+                    source,
+                });
                 let mut all = Objects::default();
                 self.last_good.values().for_each(|o| all.extend(o));
                 return (all, errors);
             }
         };
-        let mut files: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_manifest(p)).collect();
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| is_manifest(p))
+            .collect();
         files.sort();
         self.last_good.retain(|p, _| files.contains(p));
 
@@ -108,7 +138,10 @@ impl ManifestDir {
                     }
                 },
                 Err(source) => {
-                    errors.push(Error::ReadFile { path: path.clone(), source });
+                    errors.push(Error::ReadFile {
+                        path: path.clone(),
+                        source,
+                    });
                     if let Some(old) = self.last_good.get(&path) {
                         all.extend(old);
                     }
@@ -116,28 +149,39 @@ impl ManifestDir {
             }
         }
         // Forget first-seen times of Services that are gone.
-        let live: BTreeSet<(String, String)> = all.services.iter().filter_map(|s| svc_key(s)).collect();
+        let live: BTreeSet<(String, String)> =
+            all.services.iter().filter_map(|s| svc_key(s)).collect();
         self.first_seen.retain(|k, _| live.contains(k));
         (all, errors)
     }
 
     /// Gives every freshly parsed Service without a creationTimestamp the time it was first seen.
     fn stamp(&mut self, objs: &mut Objects) {
-        let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        let now = k8s_openapi::jiff::Timestamp::from_nanosecond(since_epoch.as_nanos() as i128).unwrap_or_default();
+        let since_epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let now = k8s_openapi::jiff::Timestamp::from_nanosecond(since_epoch.as_nanos() as i128)
+            .unwrap_or_default();
         for svc in &mut objs.services {
             let Some(key) = svc_key(svc) else { continue };
             let seen = *self.first_seen.entry(key).or_insert(now);
             if svc.metadata.creation_timestamp.is_none() {
                 // Freshly parsed: the Arc is not shared yet, so this does not copy.
-                Arc::make_mut(svc).metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(seen));
+                Arc::make_mut(svc).metadata.creation_timestamp =
+                    Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(seen));
             }
         }
     }
 }
 
 fn svc_key(svc: &Service) -> Option<(String, String)> {
-    Some((svc.metadata.namespace.clone().unwrap_or_else(|| "default".into()), svc.metadata.name.clone()?))
+    Some((
+        svc.metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        svc.metadata.name.clone()?,
+    ))
 }
 
 /// Parses one file's text. `Err` only when the file as a whole is unreadable YAML; bad single
@@ -146,12 +190,18 @@ pub fn parse_str(path: &Path, text: &str, errors: &mut Vec<Error>) -> Result<Obj
     // First pass, building nothing: every document must be syntactically valid, or the file is
     // ignored as a whole (a half-written file must not count as "these objects were deleted").
     for doc in serde_yaml::Deserializer::from_str(text) {
-        serde::de::IgnoredAny::deserialize(doc).map_err(|source| Error::Syntax { path: path.to_owned(), source })?;
+        serde::de::IgnoredAny::deserialize(doc).map_err(|source| Error::Syntax {
+            path: path.to_owned(),
+            source,
+        })?;
     }
     // Second pass: one document tree at a time.
     let mut out = Objects::default();
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let v = serde_yaml::Value::deserialize(doc).map_err(|source| Error::Syntax { path: path.to_owned(), source })?;
+        let v = serde_yaml::Value::deserialize(doc).map_err(|source| Error::Syntax {
+            path: path.to_owned(),
+            source,
+        })?;
         if !v.is_null() {
             collect(path, i + 1, v, &mut out, errors); // null: empty document (a trailing `---`)
         }
@@ -160,17 +210,43 @@ pub fn parse_str(path: &Path, text: &str, errors: &mut Vec<Error>) -> Result<Obj
 }
 
 fn describe(v: &serde_yaml::Value) -> (String, String) {
-    let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or("<no kind>").to_owned();
+    let kind = v
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .unwrap_or("<no kind>")
+        .to_owned();
     let meta = v.get("metadata");
-    let ns = meta.and_then(|m| m.get("namespace")).and_then(|n| n.as_str()).unwrap_or("default");
-    let name = meta.and_then(|m| m.get("name")).and_then(|n| n.as_str()).unwrap_or("<no name>");
+    let ns = meta
+        .and_then(|m| m.get("namespace"))
+        .and_then(|n| n.as_str())
+        .unwrap_or("default");
+    let name = meta
+        .and_then(|m| m.get("name"))
+        .and_then(|n| n.as_str())
+        .unwrap_or("<no name>");
     (kind, format!("{ns}/{name}"))
 }
 
-fn collect(path: &Path, doc: usize, v: serde_yaml::Value, out: &mut Objects, errors: &mut Vec<Error>) {
+fn collect(
+    path: &Path,
+    doc: usize,
+    v: serde_yaml::Value,
+    out: &mut Objects,
+    errors: &mut Vec<Error>,
+) {
     let (kind, name) = describe(&v);
-    let api = v.get("apiVersion").and_then(|a| a.as_str()).unwrap_or("").to_owned();
-    let fail = |message: String| Error::Object { path: path.to_owned(), doc, kind: kind.clone(), name: name.clone(), message };
+    let api = v
+        .get("apiVersion")
+        .and_then(|a| a.as_str())
+        .unwrap_or("")
+        .to_owned();
+    let fail = |message: String| Error::Object {
+        path: path.to_owned(),
+        doc,
+        kind: kind.clone(),
+        name: name.clone(),
+        message,
+    };
     match (kind.as_str(), api.as_str()) {
         ("List" | "ServiceList" | "EndpointSliceList", _) => {
             let items = match v.get("items") {
@@ -195,11 +271,15 @@ fn collect(path: &Path, doc: usize, v: serde_yaml::Value, out: &mut Objects, err
             Ok(s) => out.services.push(Arc::new(s)),
             Err(e) => errors.push(fail(e.to_string())),
         },
-        ("EndpointSlice", "discovery.k8s.io/v1") => match serde_yaml::from_value::<EndpointSlice>(v) {
-            Ok(s) => out.slices.push(Arc::new(s)),
-            Err(e) => errors.push(fail(e.to_string())),
-        },
-        ("Service" | "EndpointSlice", _) => errors.push(fail(format!("unsupported apiVersion {api:?}"))),
+        ("EndpointSlice", "discovery.k8s.io/v1") => {
+            match serde_yaml::from_value::<EndpointSlice>(v) {
+                Ok(s) => out.slices.push(Arc::new(s)),
+                Err(e) => errors.push(fail(e.to_string())),
+            }
+        }
+        ("Service" | "EndpointSlice", _) => {
+            errors.push(fail(format!("unsupported apiVersion {api:?}")));
+        }
         // Other kinds (Deployments, ConfigMaps, …) may share the directory; they are not ours.
         _ => tracing::debug!(path = %path.display(), doc, kind, "ignoring object of another kind"),
     }
@@ -229,7 +309,9 @@ mod tests {
 
     #[test]
     fn json_is_accepted() {
-        let (o, errors) = parse(r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"j"},"spec":{"clusterIP":"198.19.0.3"}}"#);
+        let (o, errors) = parse(
+            r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"j"},"spec":{"clusterIP":"198.19.0.3"}}"#,
+        );
         assert!(errors.is_empty());
         assert_eq!(o.services[0].metadata.name.as_deref(), Some("j"));
     }
@@ -243,7 +325,10 @@ mod tests {
         assert_eq!(o.services.len(), 1);
         assert_eq!(errors.len(), 1);
         let msg = errors[0].to_string();
-        assert!(msg.contains("document 1") && msg.contains("Service ns1/bad"), "{msg}");
+        assert!(
+            msg.contains("document 1") && msg.contains("Service ns1/bad"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -256,13 +341,34 @@ mod tests {
     fn services_are_stamped_with_the_time_first_seen() {
         let dir = std::env::temp_dir().join(format!("lb-src-stamp-{}", std::process::id()));
         fs::create_dir_all(&dir).expect("mkdir");
-        fs::write(dir.join("a.yaml"), "apiVersion: v1\nkind: Service\nmetadata: {name: a}\n").expect("write");
+        fs::write(
+            dir.join("a.yaml"),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: a}\n",
+        )
+        .expect("write");
         let mut m = ManifestDir::new(&dir);
-        let t1 = m.read().0.services[0].metadata.creation_timestamp.clone().expect("stamped");
+        let t1 = m.read().0.services[0]
+            .metadata
+            .creation_timestamp
+            .clone()
+            .expect("stamped");
         std::thread::sleep(std::time::Duration::from_millis(5));
-        fs::write(dir.join("b.yaml"), "apiVersion: v1\nkind: Service\nmetadata: {name: b}\n").expect("write");
+        fs::write(
+            dir.join("b.yaml"),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: b}\n",
+        )
+        .expect("write");
         let (o, _) = m.read();
-        let ts = |n: &str| o.services.iter().find(|s| s.metadata.name.as_deref() == Some(n)).unwrap().metadata.creation_timestamp.clone().unwrap();
+        let ts = |n: &str| {
+            o.services
+                .iter()
+                .find(|s| s.metadata.name.as_deref() == Some(n))
+                .unwrap()
+                .metadata
+                .creation_timestamp
+                .clone()
+                .unwrap()
+        };
         assert_eq!(ts("a"), t1, "stable across reads");
         assert!(ts("b").0 > t1.0, "a newcomer is younger");
         fs::remove_dir_all(&dir).expect("rmdir");
@@ -273,17 +379,28 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("lb-src-test-{}", std::process::id()));
         fs::create_dir_all(&dir).expect("mkdir");
         let f = dir.join("svc.yaml");
-        fs::write(&f, "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 198.19.0.1}\n").expect("write");
+        fs::write(
+            &f,
+            "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 198.19.0.1}\n",
+        )
+        .expect("write");
         let mut m = ManifestDir::new(&dir);
         let (o, e) = m.read();
         assert_eq!((o.services.len(), e.len()), (1, 0));
-        fs::write(&f, "apiVersion: v1\nkind: Service\nmetadata: {name: a\n  spec: [").expect("write");
+        fs::write(
+            &f,
+            "apiVersion: v1\nkind: Service\nmetadata: {name: a\n  spec: [",
+        )
+        .expect("write");
         let (o, e) = m.read();
         assert_eq!(o.services.len(), 1, "last good contents kept");
         assert!(matches!(e.as_slice(), [Error::Syntax { .. }]), "{e:?}");
         fs::remove_file(&f).expect("rm");
         let (o, _) = m.read();
-        assert!(o.services.is_empty(), "a deleted file withdraws its objects");
+        assert!(
+            o.services.is_empty(),
+            "a deleted file withdraws its objects"
+        );
         fs::remove_dir_all(&dir).expect("rmdir");
     }
 }

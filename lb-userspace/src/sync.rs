@@ -37,12 +37,22 @@ pub struct SvcKey {
 impl SvcKey {
     #[must_use]
     pub fn frontend(fe: &Frontend) -> Self {
-        Self { addr: fe.addr, port: fe.port, proto: fe.proto.number(), slot: 0 }
+        Self {
+            addr: fe.addr,
+            port: fe.port,
+            proto: fe.proto.number(),
+            slot: 0,
+        }
     }
 
     #[must_use]
     pub const fn marker(addr: IpAddr) -> Self {
-        Self { addr, port: 0, proto: 0, slot: 0 }
+        Self {
+            addr,
+            port: 0,
+            proto: 0,
+            slot: 0,
+        }
     }
 
     #[must_use]
@@ -101,7 +111,9 @@ impl Shadow {
 
     /// The backend ids in slots `1..=count` of a frontend, in slot order (missing slots skipped).
     fn slots(&self, fe: SvcKey, count: u16) -> Vec<u32> {
-        (1..=count).filter_map(|s| self.svc.get(&fe.with_slot(s)).map(|v| v.backend_id)).collect()
+        (1..=count)
+            .filter_map(|s| self.svc.get(&fe.with_slot(s)).map(|v| v.backend_id))
+            .collect()
     }
 
     /// Frontends with their backend addresses as the datapath would serve them (for `inspect`
@@ -113,7 +125,12 @@ impl Shadow {
             .filter(|(k, v)| k.slot == 0 && v.flags & SVC_FLAG_VIP_MARKER == 0)
             .map(|(k, v)| {
                 let bes = (1..=v.count)
-                    .map(|s| self.svc.get(&k.with_slot(s)).and_then(|sv| self.backends.get(&sv.backend_id)).copied())
+                    .map(|s| {
+                        self.svc
+                            .get(&k.with_slot(s))
+                            .and_then(|sv| self.backends.get(&sv.backend_id))
+                            .copied()
+                    })
                     .collect();
                 (*k, (*v, bes))
             })
@@ -121,7 +138,12 @@ impl Shadow {
     }
 }
 
-const MARKER: SvcValue = SvcValue { backend_id: 0, count: 0, flags: SVC_FLAG_VIP_MARKER, affinity_timeout: 0 };
+const MARKER: SvcValue = SvcValue {
+    backend_id: 0,
+    count: 0,
+    flags: SVC_FLAG_VIP_MARKER,
+    affinity_timeout: 0,
+};
 
 /// The complete contents the maps should have, with backend ids reused from `current`.
 fn image(desired: &Desired, current: &Shadow) -> Shadow {
@@ -137,10 +159,15 @@ fn image(desired: &Desired, current: &Shadow) -> Shadow {
         // Backend ids: reuse what the maps hold, else the lowest free id.
         let mut desired_ids = BTreeSet::new();
         for addr in &st.backends {
-            let be = Backend { addr: *addr, proto: key.proto };
+            let be = Backend {
+                addr: *addr,
+                proto: key.proto,
+            };
             let id = *ids.entry(be).or_insert_with(|| {
                 known.get(&be).copied().unwrap_or_else(|| {
-                    while current.backends.contains_key(&next_id) || want.backends.contains_key(&next_id) {
+                    while current.backends.contains_key(&next_id)
+                        || want.backends.contains_key(&next_id)
+                    {
                         next_id += 1;
                     }
                     next_id
@@ -153,7 +180,11 @@ fn image(desired: &Desired, current: &Shadow) -> Shadow {
         // Slots: keep each retained backend where it is when that position survives, fill the
         // holes with the rest in id order. Minimises slot writes on a change.
         let count = u16::try_from(desired_ids.len()).expect("model caps backends at u16::MAX");
-        let cur_count = current.svc.get(&key).filter(|v| v.flags & SVC_FLAG_VIP_MARKER == 0).map_or(0, |v| v.count);
+        let cur_count = current
+            .svc
+            .get(&key)
+            .filter(|v| v.flags & SVC_FLAG_VIP_MARKER == 0)
+            .map_or(0, |v| v.count);
         let mut slots: Vec<Option<u32>> = vec![None; usize::from(count)];
         let mut placed = BTreeSet::new();
         for (pos, id) in current.slots(key, cur_count).into_iter().enumerate() {
@@ -170,9 +201,23 @@ fn image(desired: &Desired, current: &Shadow) -> Shadow {
         for (pos, id) in slots.into_iter().enumerate() {
             let id = id.expect("every slot filled");
             let slot = u16::try_from(pos + 1).expect("count fits u16");
-            want.svc.insert(key.with_slot(slot), SvcValue { backend_id: id, ..SvcValue::default() });
+            want.svc.insert(
+                key.with_slot(slot),
+                SvcValue {
+                    backend_id: id,
+                    ..SvcValue::default()
+                },
+            );
         }
-        want.svc.insert(key, SvcValue { backend_id: 0, count, flags: 0, affinity_timeout: 0 });
+        want.svc.insert(
+            key,
+            SvcValue {
+                backend_id: 0,
+                count,
+                flags: 0,
+                affinity_timeout: 0,
+            },
+        );
     }
     want
 }
@@ -197,7 +242,11 @@ pub fn diff(desired: &Desired, current: &Shadow) -> Vec<MapOp> {
         }
     };
     let dels = |pred: &dyn Fn(&SvcKey) -> bool, ops: &mut Vec<MapOp>| {
-        for k in current.svc.keys().filter(|k| pred(k) && !want.svc.contains_key(k)) {
+        for k in current
+            .svc
+            .keys()
+            .filter(|k| pred(k) && !want.svc.contains_key(k))
+        {
             ops.push(MapOp::DelSvc { key: *k });
         }
     };
@@ -241,14 +290,33 @@ fn footprint(fe: &Frontend, backends: &BTreeSet<SocketAddr>) -> (Vec<SvcKey>, Ve
     let n = u16::try_from(backends.len()).unwrap_or(u16::MAX);
     let mut keys = vec![SvcKey::marker(fe.addr), key];
     keys.extend((1..=n).map(|s| key.with_slot(s)));
-    (keys, backends.iter().map(|a| Backend { addr: *a, proto: key.proto }).collect())
+    (
+        keys,
+        backends
+            .iter()
+            .map(|a| Backend {
+                addr: *a,
+                proto: key.proto,
+            })
+            .collect(),
+    )
 }
 
 /// Backend addresses a frontend currently has in the maps (`None`: not in the maps).
 fn current_backends(current: &Shadow, fe: &Frontend) -> Option<BTreeSet<SocketAddr>> {
     let key = SvcKey::frontend(fe);
-    let v = current.svc.get(&key).filter(|v| v.flags & SVC_FLAG_VIP_MARKER == 0)?;
-    Some(current.slots(key, v.count).iter().filter_map(|id| current.backends.get(id)).map(|b| b.addr).collect())
+    let v = current
+        .svc
+        .get(&key)
+        .filter(|v| v.flags & SVC_FLAG_VIP_MARKER == 0)?;
+    Some(
+        current
+            .slots(key, v.count)
+            .iter()
+            .filter_map(|id| current.backends.get(id))
+            .map(|b| b.addr)
+            .collect(),
+    )
 }
 
 /// Makes `desired` fit the maps. `diff` writes every new entry before deleting any old one, so
@@ -315,7 +383,11 @@ pub trait MapWriter {
 /// Runs `ops` in order; the shadow follows every successful write. On the first failure the
 /// remaining operations are not run (the phase order guarantees what was written is consistent)
 /// and the error is returned with the number of operations applied.
-pub fn apply<W: MapWriter>(ops: &[MapOp], writer: &mut W, shadow: &mut Shadow) -> Result<usize, (usize, W::Error)> {
+pub fn apply<W: MapWriter>(
+    ops: &[MapOp],
+    writer: &mut W,
+    shadow: &mut Shadow,
+) -> Result<usize, (usize, W::Error)> {
     for (i, op) in ops.iter().enumerate() {
         writer.write(op).map_err(|e| (i, e))?;
         shadow.apply(op);

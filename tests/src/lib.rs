@@ -27,7 +27,11 @@ pub use serde_json::Value;
 
 /// Runs a shell command; panics with its output when it fails.
 pub fn sh(cmd: &str) {
-    let out = Command::new("sh").arg("-c").arg(cmd).output().expect("spawn sh");
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .expect("spawn sh");
     assert!(
         out.status.success(),
         "`{cmd}` failed: {}\n{}",
@@ -39,16 +43,26 @@ pub fn sh(cmd: &str) {
 /// Fails (never skips) when the test bed cannot be built on this machine.
 pub fn require_privileges() {
     // SAFETY: plain syscall without arguments.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "privileged tests must run as root (they create netns, cgroups and BPF programs)");
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "privileged tests must run as root (they create netns, cgroups and BPF programs)"
+    );
     for tool in ["ip", "bpftool"] {
         assert!(
-            Command::new("sh").arg("-c").arg(format!("command -v {tool}")).stdout(Stdio::null()).status().is_ok_and(|s| s.success()),
+            Command::new("sh")
+                .arg("-c")
+                .arg(format!("command -v {tool}"))
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success()),
             "{tool} is missing: run `cargo xtask setup`"
         );
     }
 }
 
 /// Path of a binary of this workspace, next to the running test's target directory.
+#[must_use]
 pub fn workspace_bin(name: &str, env: &str) -> PathBuf {
     if let Ok(p) = std::env::var(env) {
         return PathBuf::from(p);
@@ -62,24 +76,33 @@ pub fn workspace_bin(name: &str, env: &str) -> PathBuf {
         .iter()
         .find(|p| p.exists())
         .cloned()
-        .unwrap_or_else(|| panic!("{name} not built next to {}; run through `cargo xtask test` (or set {env})", exe.display()))
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} not built next to {}; run through `cargo xtask test` (or set {env})",
+                exe.display()
+            )
+        })
 }
 
+#[must_use]
 pub fn lb_agent() -> PathBuf {
     workspace_bin("lb-agent", "LB_AGENT")
 }
 
+#[must_use]
 pub fn lbt() -> PathBuf {
     workspace_bin("lbt", "LBT")
 }
 
 /// The cgroup2 mount point, from /proc/self/mountinfo.
+#[must_use]
 pub fn cgroup2_root() -> PathBuf {
     let mi = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
     mi.lines()
         .find_map(|l| {
             let (pre, post) = l.split_once(" - ")?;
-            (post.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(pre.split_whitespace().nth(4).expect("mount point")))
+            (post.split_whitespace().next()? == "cgroup2")
+                .then(|| PathBuf::from(pre.split_whitespace().nth(4).expect("mount point")))
         })
         .expect("no cgroup2 mount on this machine")
 }
@@ -87,7 +110,10 @@ pub fn cgroup2_root() -> PathBuf {
 /// Makes sure /sys/fs/bpf is a BPF filesystem.
 pub fn ensure_bpffs() {
     let mounts = fs::read_to_string("/proc/self/mounts").expect("mounts");
-    if !mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.split_whitespace().nth(2) == Some("bpf")) {
+    if !mounts.lines().any(|l| {
+        l.split_whitespace().nth(1) == Some("/sys/fs/bpf")
+            && l.split_whitespace().nth(2) == Some("bpf")
+    }) {
         sh("mount -t bpf bpf /sys/fs/bpf");
     }
 }
@@ -98,12 +124,21 @@ pub struct Netns {
 }
 
 impl Netns {
+    #[must_use]
     pub fn new(name: &str) -> Self {
-        let _ = Command::new("ip").args(["netns", "del", name]).stderr(Stdio::null()).status();
-        sh(&format!("ip netns add {name} && ip -n {name} link set lo up"));
-        Self { name: name.to_owned() }
+        let _ = Command::new("ip")
+            .args(["netns", "del", name])
+            .stderr(Stdio::null())
+            .status();
+        sh(&format!(
+            "ip netns add {name} && ip -n {name} link set lo up"
+        ));
+        Self {
+            name: name.to_owned(),
+        }
     }
 
+    #[must_use]
     pub fn path(&self) -> PathBuf {
         Path::new("/run/netns").join(&self.name)
     }
@@ -111,7 +146,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -122,6 +159,7 @@ pub struct Cgroup {
 }
 
 impl Cgroup {
+    #[must_use]
     pub fn new(name: &str) -> Self {
         let path = cgroup2_root().join(name);
         let _ = fs::remove_dir(&path);
@@ -134,7 +172,10 @@ impl Drop for Cgroup {
     fn drop(&mut self) {
         for _ in 0..50 {
             let procs = fs::read_to_string(self.path.join("cgroup.procs")).unwrap_or_default();
-            for pid in procs.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+            for pid in procs
+                .split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok())
+            {
                 // SAFETY: sending a signal to a PID read from our own test cgroup.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
@@ -153,6 +194,7 @@ pub struct Proc {
 }
 
 impl Proc {
+    #[must_use]
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -170,9 +212,15 @@ impl Drop for Proc {
 }
 
 /// A `Command` that enters `netns` (and `cgroup`, if given) between fork and exec.
+#[must_use]
 pub fn command_in(netns: &Netns, cgroup: Option<&Cgroup>, program: &Path) -> Command {
     let ns = File::open(netns.path()).expect("open netns");
-    let procs = cgroup.map(|c| OpenOptions::new().write(true).open(c.path.join("cgroup.procs")).expect("open cgroup.procs"));
+    let procs = cgroup.map(|c| {
+        OpenOptions::new()
+            .write(true)
+            .open(c.path.join("cgroup.procs"))
+            .expect("open cgroup.procs")
+    });
     let mut cmd = Command::new(program);
     // SAFETY: only async-signal-safe calls (setns, write) between fork and exec.
     unsafe {
@@ -216,6 +264,7 @@ pub struct TempDir {
 }
 
 impl TempDir {
+    #[must_use]
     pub fn new(name: &str) -> Self {
         let path = std::env::temp_dir().join(name);
         let _ = fs::remove_dir_all(&path);
@@ -245,10 +294,12 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
 }
 
 /// IPv4 and IPv6 address of pod `i` (0 = client, 1.. = backends).
+#[must_use]
 pub fn pod_v4(i: usize) -> String {
     format!("198.18.0.{}", 10 + i)
 }
 
+#[must_use]
 pub fn pod_v6(i: usize) -> String {
     format!("2001:db8::{}", 10 + i)
 }
@@ -272,12 +323,16 @@ pub struct Cluster {
 impl Cluster {
     /// Builds the namespaces and starts `n` backends, each serving TCP :8080 and UDP :5353
     /// (dual-stack) and answering with its name (`b1`, `b2`, …) and the client address it saw.
+    #[must_use]
     pub fn new(tag: &str, n: usize) -> Self {
         require_privileges();
         ensure_bpffs();
         let tag = format!("{tag}-{}", std::process::id());
         let node = Netns::new(&format!("lbt-{tag}-node"));
-        sh(&format!("ip -n {0} link add br0 type bridge && ip -n {0} link set br0 up", node.name));
+        sh(&format!(
+            "ip -n {0} link add br0 type bridge && ip -n {0} link set br0 up",
+            node.name
+        ));
         let mk_pod = |i: usize, role: &str| {
             let ns = Netns::new(&format!("lbt-{tag}-{role}"));
             sh(&format!(
@@ -296,7 +351,10 @@ impl Cluster {
         let client = mk_pod(0, "client");
         let backends: Vec<Netns> = (1..=n).map(|i| mk_pod(i, &format!("b{i}"))).collect();
         let cgroup = Cgroup::new(&format!("lbt-{tag}"));
-        let bpffs = Bpffs { path: PathBuf::from(format!("/sys/fs/bpf/lbt-{tag}")), cgroup: cgroup.path.clone() };
+        let bpffs = Bpffs {
+            path: PathBuf::from(format!("/sys/fs/bpf/lbt-{tag}")),
+            cgroup: cgroup.path.clone(),
+        };
         let mut c = Self {
             agent: None,
             servers: Vec::new(),
@@ -324,8 +382,15 @@ impl Cluster {
             .spawn()
             .expect("spawn backend");
         let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().expect("stdout")).read_line(&mut line).expect("backend ready line");
-        assert_eq!(line.trim(), "ready", "backend b{} {proto} did not start", i + 1);
+        BufReader::new(child.stdout.as_mut().expect("stdout"))
+            .read_line(&mut line)
+            .expect("backend ready line");
+        assert_eq!(
+            line.trim(),
+            "ready",
+            "backend b{} {proto} did not start",
+            i + 1
+        );
         self.servers.push(Proc { child });
     }
 
@@ -341,9 +406,13 @@ impl Cluster {
         fs::remove_file(self.manifests.path.join(file)).expect("remove manifest");
     }
 
+    #[must_use]
     pub fn agent_log(&self) -> String {
         (1..=self.agent_starts)
-            .map(|n| fs::read_to_string(self.logs.path.join(format!("agent-{n}.log"))).unwrap_or_default())
+            .map(|n| {
+                fs::read_to_string(self.logs.path.join(format!("agent-{n}.log")))
+                    .unwrap_or_default()
+            })
             .collect::<Vec<_>>()
             .join("\n")
     }
@@ -356,7 +425,10 @@ impl Cluster {
     /// [`Cluster::start_agent`] with extra `run` flags.
     pub fn start_agent_with(&mut self, extra: &[&str]) {
         self.agent_starts += 1;
-        let log_path = self.logs.path.join(format!("agent-{}.log", self.agent_starts));
+        let log_path = self
+            .logs
+            .path
+            .join(format!("agent-{}.log", self.agent_starts));
         let log = File::create(&log_path).expect("agent log");
         let child = Command::new(lb_agent())
             .arg("run")
@@ -377,11 +449,21 @@ impl Cluster {
         let mut p = Proc { child };
         let ready = wait_for(Duration::from_secs(20), || {
             if let Ok(Some(st)) = p.child.try_wait() {
-                panic!("lb-agent exited with {st}:\n{}", fs::read_to_string(&log_path).unwrap_or_default());
+                panic!(
+                    "lb-agent exited with {st}:\n{}",
+                    fs::read_to_string(&log_path).unwrap_or_default()
+                );
             }
-            fs::read_to_string(&log_path).ok().filter(|l| l.contains("watching manifests")).map(|_| ())
+            fs::read_to_string(&log_path)
+                .ok()
+                .filter(|l| l.contains("watching manifests"))
+                .map(|_| ())
         });
-        assert!(ready.is_some(), "lb-agent not ready in 20 s:\n{}", fs::read_to_string(&log_path).unwrap_or_default());
+        assert!(
+            ready.is_some(),
+            "lb-agent not ready in 20 s:\n{}",
+            fs::read_to_string(&log_path).unwrap_or_default()
+        );
         self.agent = Some(p);
     }
 
@@ -393,56 +475,99 @@ impl Cluster {
     }
 
     /// Runs `lbt ARGS…` in the client namespace and the test cgroup; one JSON value per line.
+    #[must_use]
     pub fn client(&self, args: &[&str]) -> Vec<Value> {
-        let out = command_in(&self.client, Some(&self.cgroup), &lbt()).args(args).output().expect("run client");
-        assert!(out.status.success(), "lbt {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        let out = command_in(&self.client, Some(&self.cgroup), &lbt())
+            .args(args)
+            .output()
+            .expect("run client");
+        assert!(
+            out.status.success(),
+            "lbt {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout)
             .expect("utf8")
             .lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON from lbt: {l}: {e}")))
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON from lbt: {l}: {e}"))
+            })
             .collect()
     }
 
     /// Like [`Cluster::client`] but started in the background.
+    #[must_use]
     pub fn client_bg(&self, args: &[&str]) -> Child {
-        command_in(&self.client, Some(&self.cgroup), &lbt()).args(args).stdout(Stdio::piped()).spawn().expect("spawn client")
+        command_in(&self.client, Some(&self.cgroup), &lbt())
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn client")
     }
 
     /// `lb-agent inspect <what> -o json`.
+    #[must_use]
     pub fn inspect(&self, what: &str) -> Value {
         let out = Command::new(lb_agent())
             .args(["inspect", what, "-o", "json", "--bpffs"])
             .arg(&self.bpffs.path)
             .output()
             .expect("inspect");
-        assert!(out.status.success(), "inspect failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "inspect failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).expect("inspect JSON")
     }
 
     /// Backends of `frontend` (e.g. `198.19.0.10:80/TCP`) as `inspect` shows them, sorted.
+    #[must_use]
     pub fn backends_of(&self, frontend: &str) -> Option<Vec<String>> {
         let v = self.inspect("services");
-        v.as_array()?.iter().find(|s| s["frontend"] == frontend).map(|s| {
-            let mut b: Vec<String> = s["backends"].as_array().unwrap().iter().map(|x| x.as_str().unwrap_or("?").to_owned()).collect();
-            b.sort();
-            b
-        })
+        v.as_array()?
+            .iter()
+            .find(|s| s["frontend"] == frontend)
+            .map(|s| {
+                let mut b: Vec<String> = s["backends"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_str().unwrap_or("?").to_owned())
+                    .collect();
+                b.sort();
+                b
+            })
     }
 }
 
-/// A Service manifest: ClusterIPs and ports `(name, port, protocol)`.
+/// A Service manifest: `ClusterIPs` and ports `(name, port, protocol)`.
+#[must_use]
 pub fn service(name: &str, ips: &[&str], ports: &[(&str, u16, &str)]) -> String {
-    let ips = ips.iter().map(|i| format!("'{i}'")).collect::<Vec<_>>().join(", ");
+    let ips = ips
+        .iter()
+        .map(|i| format!("'{i}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
     let ports = ports
         .iter()
         .map(|(n, p, proto)| format!("{{name: {n}, port: {p}, protocol: {proto}}}"))
         .collect::<Vec<_>>()
         .join(", ");
-    format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: test}}\nspec: {{clusterIPs: [{ips}], ports: [{ports}]}}\n")
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: test}}\nspec: {{clusterIPs: [{ips}], ports: [{ports}]}}\n"
+    )
 }
 
-/// An EndpointSlice: `endpoints` are `(address, ready, serving, terminating)`.
-pub fn slice(name: &str, service: &str, family: &str, ports: &[(&str, u16, &str)], endpoints: &[(&str, bool, bool, bool)]) -> String {
+/// An `EndpointSlice`: `endpoints` are `(address, ready, serving, terminating)`.
+#[must_use]
+pub fn slice(
+    name: &str,
+    service: &str,
+    family: &str,
+    ports: &[(&str, u16, &str)],
+    endpoints: &[(&str, bool, bool, bool)],
+) -> String {
     let ports = ports
         .iter()
         .map(|(n, p, proto)| format!("{{name: {n}, port: {p}, protocol: {proto}}}"))
@@ -450,7 +575,11 @@ pub fn slice(name: &str, service: &str, family: &str, ports: &[(&str, u16, &str)
         .join(", ");
     let eps = endpoints
         .iter()
-        .map(|(a, r, s, t)| format!("{{addresses: ['{a}'], conditions: {{ready: {r}, serving: {s}, terminating: {t}}}}}"))
+        .map(|(a, r, s, t)| {
+            format!(
+                "{{addresses: ['{a}'], conditions: {{ready: {r}, serving: {s}, terminating: {t}}}}}"
+            )
+        })
         .collect::<Vec<_>>()
         .join(", ");
     format!(
@@ -460,6 +589,10 @@ pub fn slice(name: &str, service: &str, family: &str, ports: &[(&str, u16, &str)
 
 /// The IP of a `SocketAddr` string, IPv4-mapped IPv6 folded to IPv4 (a dual-stack backend
 /// reports an IPv4 client as `[::ffff:a.b.c.d]:port`).
+#[must_use]
 pub fn peer_ip(s: &str) -> std::net::IpAddr {
-    s.parse::<std::net::SocketAddr>().unwrap_or_else(|e| panic!("{s:?} is not a socket address: {e}")).ip().to_canonical()
+    s.parse::<std::net::SocketAddr>()
+        .unwrap_or_else(|e| panic!("{s:?} is not a socket address: {e}"))
+        .ip()
+        .to_canonical()
 }

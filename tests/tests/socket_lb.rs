@@ -1,4 +1,4 @@
-//! Socket-level ClusterIP load balancing on the real kernel: netns + child cgroup + real
+//! Socket-level `ClusterIP` load balancing on the real kernel: netns + child cgroup + real
 //! sockets. Each test builds its own [`Cluster`] and tears it down, pass or fail.
 use std::{
     collections::BTreeMap,
@@ -15,12 +15,22 @@ const VIP6: &str = "2001:db8:f::10";
 /// `web`: 80/TCP (http → 8080) and 53/UDP (dns → 5353) on both families, backends b1..=bn.
 fn write_web(c: &Cluster, backends: &[(usize, bool, bool, bool)]) {
     let ports = [("http", 8080, "TCP"), ("dns", 5353, "UDP")];
-    let v4: Vec<(String, bool, bool, bool)> = backends.iter().map(|&(i, r, s, t)| (pod_v4(i), r, s, t)).collect();
-    let v6: Vec<(String, bool, bool, bool)> = backends.iter().map(|&(i, r, s, t)| (pod_v6(i), r, s, t)).collect();
+    let v4: Vec<(String, bool, bool, bool)> = backends
+        .iter()
+        .map(|&(i, r, s, t)| (pod_v4(i), r, s, t))
+        .collect();
+    let v6: Vec<(String, bool, bool, bool)> = backends
+        .iter()
+        .map(|&(i, r, s, t)| (pod_v6(i), r, s, t))
+        .collect();
     c.write_manifest(
         "web.yaml",
         &[
-            service("web", &[VIP4, VIP6], &[("http", 80, "TCP"), ("dns", 53, "UDP")]),
+            service(
+                "web",
+                &[VIP4, VIP6],
+                &[("http", 80, "TCP"), ("dns", 53, "UDP")],
+            ),
             slice("web-v4", "web", "IPv4", &ports, &eps(&v4)),
             slice("web-v6", "web", "IPv6", &ports, &eps(&v6)),
         ]
@@ -33,13 +43,19 @@ fn ready(n: usize) -> Vec<(usize, bool, bool, bool)> {
 }
 
 fn eps(v: &[(String, bool, bool, bool)]) -> Vec<(&str, bool, bool, bool)> {
-    v.iter().map(|(a, r, s, t)| (a.as_str(), *r, *s, *t)).collect()
+    v.iter()
+        .map(|(a, r, s, t)| (a.as_str(), *r, *s, *t))
+        .collect()
 }
 
 /// `reply` of a backend is `NAME PEER`.
 fn backend_of(v: &Value) -> (String, IpAddr) {
-    let reply = v["reply"].as_str().unwrap_or_else(|| panic!("no reply in {v}"));
-    let (name, peer) = reply.split_once(' ').unwrap_or_else(|| panic!("bad reply {reply:?}"));
+    let reply = v["reply"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no reply in {v}"));
+    let (name, peer) = reply
+        .split_once(' ')
+        .unwrap_or_else(|| panic!("bad reply {reply:?}"));
     (name.to_owned(), peer_ip(peer))
 }
 
@@ -66,21 +82,36 @@ fn tcp_v4_v6_and_v4_mapped_reach_a_backend_and_getpeername_shows_the_vip() {
         (format!("{VIP4}:80"), format!("{VIP4}:80"), pod_v4(0)),
         (format!("[{VIP6}]:80"), format!("[{VIP6}]:80"), pod_v6(0)),
         // An AF_INET6 socket to an IPv4-mapped ClusterIP (Java and other dual-stack clients).
-        (format!("[::ffff:{VIP4}]:80"), format!("[::ffff:{VIP4}]:80"), pod_v4(0)),
+        (
+            format!("[::ffff:{VIP4}]:80"),
+            format!("[::ffff:{VIP4}]:80"),
+            pod_v4(0),
+        ),
     ] {
         let results = c.client(&["tcp", &target, "5"]);
         assert_eq!(results.len(), 5);
         for r in &results {
             assert_eq!(r["ok"], true, "{target}: {r}");
-            assert_eq!(r["peer"], want_peer.as_str(), "getpeername must show the VIP: {r}");
+            assert_eq!(
+                r["peer"],
+                want_peer.as_str(),
+                "getpeername must show the VIP: {r}"
+            );
             let (name, seen) = backend_of(r);
             assert!(name == "b1" || name == "b2", "{r}");
-            assert_eq!(seen, client_ip.parse::<IpAddr>().unwrap(), "the backend sees the client's own address: {r}");
+            assert_eq!(
+                seen,
+                client_ip.parse::<IpAddr>().unwrap(),
+                "the backend sees the client's own address: {r}"
+            );
         }
     }
     let s = stats(&c);
     assert!(s["connect_xlated"] >= 15, "{s:?}");
-    assert!(s["revnat_hit"] >= 15, "getpeername went through reverse NAT: {s:?}");
+    assert!(
+        s["revnat_hit"] >= 15,
+        "getpeername went through reverse NAT: {s:?}"
+    );
 }
 
 #[test]
@@ -89,13 +120,20 @@ fn udp_unconnected_and_connected_show_the_vip() {
     write_web(&c, &ready(2));
     c.start_agent();
 
-    for (target, client_ip) in [(format!("{VIP4}:53"), pod_v4(0)), (format!("[{VIP6}]:53"), pod_v6(0))] {
+    for (target, client_ip) in [
+        (format!("{VIP4}:53"), pod_v4(0)),
+        (format!("[{VIP6}]:53"), pod_v6(0)),
+    ] {
         // Unconnected: sendto(VIP) / recvfrom() must report the VIP as the source.
         let results = c.client(&["udp", &target, "5"]);
         assert_eq!(results.len(), 5);
         for r in &results {
             assert_eq!(r["ok"], true, "{target}: {r}");
-            assert_eq!(r["from"], target.as_str(), "recvfrom source must be the VIP: {r}");
+            assert_eq!(
+                r["from"],
+                target.as_str(),
+                "recvfrom source must be the VIP: {r}"
+            );
             assert_eq!(backend_of(r).1, client_ip.parse::<IpAddr>().unwrap(), "{r}");
         }
         // Connected: connect(VIP), send/recv, getpeername shows the VIP.
@@ -119,18 +157,32 @@ fn new_connections_spread_uniformly_over_three_backends() {
     // Binomial(900, 1/3): mean 300, sd 14.1. ±70 is ~5 sd: a false failure is ~1 in 10^6.
     assert_eq!(t.len(), 3, "{t:?}");
     for (b, hits) in &t {
-        assert!((230..=370).contains(hits), "{b}: {hits} of {n} connections ({t:?})");
+        assert!(
+            (230..=370).contains(hits),
+            "{b}: {hits} of {n} connections ({t:?})"
+        );
     }
     // And a chi-square bound over the three (2 degrees of freedom, p ≈ 1e-6 at 27.6).
-    let chi2: f64 = t.values().map(|&h| (h as f64 - 300.0).powi(2) / 300.0).sum();
+    let chi2: f64 = t
+        .values()
+        .map(|&h| (h as f64 - 300.0).powi(2) / 300.0)
+        .sum();
     assert!(chi2 < 27.6, "chi-square {chi2:.1} for {t:?}");
 }
 
 /// Polls `inspect` until `frontend`'s backends equal `want`; returns how long it took.
 fn time_until(c: &Cluster, frontend: &str, want: &[String]) -> Duration {
     let started = Instant::now();
-    wait_for(Duration::from_secs(5), || (c.backends_of(frontend).as_deref() == Some(want)).then_some(()))
-        .unwrap_or_else(|| panic!("{frontend} never became {want:?}; now {:?}\n{}", c.backends_of(frontend), c.agent_log()));
+    wait_for(Duration::from_secs(5), || {
+        (c.backends_of(frontend).as_deref() == Some(want)).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "{frontend} never became {want:?}; now {:?}\n{}",
+            c.backends_of(frontend),
+            c.agent_log()
+        )
+    });
     started.elapsed()
 }
 
@@ -140,7 +192,11 @@ fn endpoint_changes_take_effect_within_a_second() {
     write_web(&c, &ready(2));
     c.start_agent();
     let fe = format!("{VIP4}:80/TCP");
-    let be = |is: &[usize]| is.iter().map(|i| format!("{}:8080", pod_v4(*i))).collect::<Vec<_>>();
+    let be = |is: &[usize]| {
+        is.iter()
+            .map(|i| format!("{}:8080", pod_v4(*i)))
+            .collect::<Vec<_>>()
+    };
     assert_eq!(c.backends_of(&fe), Some(be(&[1, 2])));
 
     // Added.
@@ -148,7 +204,10 @@ fn endpoint_changes_take_effect_within_a_second() {
     let took = time_until(&c, &fe, &be(&[1, 2, 3]));
     assert!(took < Duration::from_secs(1), "add took {took:?}");
     let t = tally(&c.client(&["tcp", &format!("{VIP4}:80"), "90"]));
-    assert!(t.contains_key("b3"), "the new backend gets connections: {t:?}");
+    assert!(
+        t.contains_key("b3"),
+        "the new backend gets connections: {t:?}"
+    );
 
     // Removed: no new connection reaches it once applied.
     write_web(&c, &[(2, true, true, false), (3, true, true, false)]);
@@ -183,18 +242,37 @@ fn endpoint_changes_take_effect_within_a_second() {
 fn no_endpoint_and_unserved_port_are_refused_at_once() {
     let mut c = Cluster::new("refuse", 1);
     write_web(&c, &ready(1));
-    c.write_manifest("empty.yaml", &service("empty", &["198.19.0.20", "2001:db8:f::20"], &[("http", 80, "TCP"), ("dns", 53, "UDP")]));
+    c.write_manifest(
+        "empty.yaml",
+        &service(
+            "empty",
+            &["198.19.0.20", "2001:db8:f::20"],
+            &[("http", 80, "TCP"), ("dns", 53, "UDP")],
+        ),
+    );
     c.start_agent();
-    wait_for(Duration::from_secs(5), || c.backends_of("198.19.0.20:80/TCP")).expect("empty service programmed");
+    wait_for(Duration::from_secs(5), || {
+        c.backends_of("198.19.0.20:80/TCP")
+    })
+    .expect("empty service programmed");
 
     let refused_fast = |r: &Value| {
         assert_eq!(r["ok"], false, "{r}");
         assert_eq!(r["error"], "ECONNREFUSED", "{r}");
     };
-    for target in ["198.19.0.20:80", "[2001:db8:f::20]:80", &format!("{VIP4}:81"), &format!("[{VIP6}]:81")] {
+    for target in [
+        "198.19.0.20:80",
+        "[2001:db8:f::20]:80",
+        &format!("{VIP4}:81"),
+        &format!("[{VIP6}]:81"),
+    ] {
         let r = &c.client(&["tcp", target, "1"])[0];
         refused_fast(r);
-        assert!(r["ms"].as_f64().unwrap() < 1000.0, "{target}: refused after {} ms", r["ms"]);
+        assert!(
+            r["ms"].as_f64().unwrap() < 1000.0,
+            "{target}: refused after {} ms",
+            r["ms"]
+        );
     }
     // UDP: sendto() itself fails with ECONNREFUSED for a service without endpoints …
     for target in ["198.19.0.20:53", "[2001:db8:f::20]:53"] {
@@ -230,10 +308,16 @@ fn bad_manifests_are_reported_by_name_and_the_rest_keeps_working() {
          apiVersion: v1\nkind: Service\nmetadata: {name: thief, namespace: test, creationTimestamp: '2099-01-01T00:00:00Z'}\nspec: {clusterIP: 198.19.0.10, ports: [{name: http, port: 80}]}\n---\n\
          apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: hugeport-1, namespace: test, labels: {kubernetes.io/service-name: hugeport}}\naddressType: IPv4\nports: [{name: b, port: 8080}]\nendpoints: [{addresses: ['2001:db8::11']}, {addresses: ['198.18.0.11']}]\n",
     );
-    c.write_manifest("broken.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: x\n  spec: [\n");
+    c.write_manifest(
+        "broken.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: x\n  spec: [\n",
+    );
     c.start_agent();
     let fe = format!("{VIP4}:80/TCP");
-    wait_for(Duration::from_secs(5), || c.backends_of("198.19.0.30:80/TCP")).expect("valid port of a partly bad Service programmed");
+    wait_for(Duration::from_secs(5), || {
+        c.backends_of("198.19.0.30:80/TCP")
+    })
+    .expect("valid port of a partly bad Service programmed");
     let log = wait_for(Duration::from_secs(5), || {
         let l = c.agent_log();
         l.contains("EndpointSlice test/hugeport-1").then_some(l)
@@ -248,8 +332,15 @@ fn bad_manifests_are_reported_by_name_and_the_rest_keeps_working() {
     ] {
         assert!(log.contains(want), "log lacks {want:?}:\n{log}");
     }
-    assert_eq!(c.backends_of(&fe), Some(vec![format!("{}:8080", pod_v4(1))]), "the winner is never disturbed");
-    assert_eq!(c.backends_of("198.19.0.30:80/TCP"), Some(vec![format!("{}:8080", pod_v4(1))]));
+    assert_eq!(
+        c.backends_of(&fe),
+        Some(vec![format!("{}:8080", pod_v4(1))]),
+        "the winner is never disturbed"
+    );
+    assert_eq!(
+        c.backends_of("198.19.0.30:80/TCP"),
+        Some(vec![format!("{}:8080", pod_v4(1))])
+    );
     let t = tally(&c.client(&["tcp", &format!("{VIP4}:80"), "10"]));
     assert_eq!(t.get("b1"), Some(&10));
 }
@@ -271,16 +362,40 @@ fn agent_kill9_and_restart_under_a_connect_loop_loses_no_connection() {
     c.start_agent();
     let out = lp.wait_with_output().expect("loop");
     let v: Value = serde_json::from_slice(&out.stdout).expect("loop JSON");
-    assert_eq!(v["failed"], 0, "connections failed across restarts: {v}\n{}", c.agent_log());
-    assert!(v["ok"].as_u64().unwrap() > 100, "too few connections to mean anything: {v}");
+    assert_eq!(
+        v["failed"],
+        0,
+        "connections failed across restarts: {v}\n{}",
+        c.agent_log()
+    );
+    assert!(
+        v["ok"].as_u64().unwrap() > 100,
+        "too few connections to mean anything: {v}"
+    );
 
     // The restarted agent adopted the maps: nothing was rewritten, nothing duplicated.
     assert_eq!(c.inspect("services"), before);
     let log = c.agent_log();
-    assert_eq!(log.matches("programmed datapath").count(), 1, "only the first agent should write:\n{log}");
-    let attached = Command::new("bpftool").args(["cgroup", "show"]).arg(&c.cgroup.path).output().expect("bpftool");
-    let lines = String::from_utf8_lossy(&attached.stdout).lines().filter(|l| l.contains("sock")).count();
-    assert_eq!(lines, 8, "exactly one program per hook after handovers:\n{}", String::from_utf8_lossy(&attached.stdout));
+    assert_eq!(
+        log.matches("programmed datapath").count(),
+        1,
+        "only the first agent should write:\n{log}"
+    );
+    let attached = Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(&c.cgroup.path)
+        .output()
+        .expect("bpftool");
+    let lines = String::from_utf8_lossy(&attached.stdout)
+        .lines()
+        .filter(|l| l.contains("sock"))
+        .count();
+    assert_eq!(
+        lines,
+        8,
+        "exactly one program per hook after handovers:\n{}",
+        String::from_utf8_lossy(&attached.stdout)
+    );
 }
 
 #[test]
@@ -291,22 +406,68 @@ fn maps_are_pinned_with_btf_and_cleanup_removes_everything() {
     for name in lb_common::ALL_MAPS {
         assert!(c.bpffs.path.join(name).exists(), "map {name} not pinned");
     }
-    let dump = Command::new("bpftool").args(["map", "dump", "pinned"]).arg(c.bpffs.path.join(lb_common::MAP_SVC4)).output().expect("bpftool");
+    let dump = Command::new("bpftool")
+        .args(["map", "dump", "pinned"])
+        .arg(c.bpffs.path.join(lb_common::MAP_SVC4))
+        .output()
+        .expect("bpftool");
     let dump = String::from_utf8_lossy(&dump.stdout);
-    for field in ["\"address\": [198,19,0,10", "\"dport\": 80", "\"backend_slot\"", "\"count\": 1", "\"backend_id\""] {
-        assert!(dump.contains(field), "bpftool dump lacks {field:?} (BTF field names):\n{dump}");
+    for field in [
+        "\"address\": [198,19,0,10",
+        "\"dport\": 80",
+        "\"backend_slot\"",
+        "\"count\": 1",
+        "\"backend_id\"",
+    ] {
+        assert!(
+            dump.contains(field),
+            "bpftool dump lacks {field:?} (BTF field names):\n{dump}"
+        );
     }
-    let be = Command::new("bpftool").args(["map", "dump", "pinned"]).arg(c.bpffs.path.join(lb_common::MAP_BE4)).output().expect("bpftool");
+    let be = Command::new("bpftool")
+        .args(["map", "dump", "pinned"])
+        .arg(c.bpffs.path.join(lb_common::MAP_BE4))
+        .output()
+        .expect("bpftool");
     assert!(String::from_utf8_lossy(&be.stdout).contains("\"port\": 8080"));
 
     c.kill_agent();
-    let out = Command::new(lb_tests::lb_agent()).args(["cleanup", "--bpffs"]).arg(&c.bpffs.path).arg("--cgroup").arg(&c.cgroup.path).output().expect("cleanup");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(lb_tests::lb_agent())
+        .args(["cleanup", "--bpffs"])
+        .arg(&c.bpffs.path)
+        .arg("--cgroup")
+        .arg(&c.cgroup.path)
+        .output()
+        .expect("cleanup");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!c.bpffs.path.exists(), "pins left behind");
-    let attached = Command::new("bpftool").args(["cgroup", "show"]).arg(&c.cgroup.path).output().expect("bpftool");
-    assert!(!String::from_utf8_lossy(&attached.stdout).contains("sock"), "hooks left attached");
+    let attached = Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(&c.cgroup.path)
+        .output()
+        .expect("bpftool");
+    assert!(
+        !String::from_utf8_lossy(&attached.stdout).contains("sock"),
+        "hooks left attached"
+    );
     let r = &c.client(&["tcp", &format!("{VIP4}:80"), "1"])[0];
-    assert_eq!(r["error"], "ENETUNREACH", "after cleanup the VIP is no longer translated: {r}");
+    assert_eq!(
+        r["error"], "ENETUNREACH",
+        "after cleanup the VIP is no longer translated: {r}"
+    );
+}
+
+/// Removes a pin made by a test.
+struct Unpin(std::path::PathBuf);
+
+impl Drop for Unpin {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 #[test]
@@ -317,23 +478,45 @@ fn cleanup_detaches_hooks_kept_alive_outside_our_pins() {
     c.kill_agent();
     // Another holder of one of our links (a second pin made by some other tool): removing our
     // pins alone would leave that hook attached.
-    let show = Command::new("bpftool").args(["-j", "link", "show", "pinned"]).arg(c.bpffs.path.join("links/sock4_connect")).output().expect("bpftool");
-    let id = serde_json::from_slice::<Value>(&show.stdout).expect("link JSON")["id"].as_u64().expect("link id");
+    let show = Command::new("bpftool")
+        .args(["-j", "link", "show", "pinned"])
+        .arg(c.bpffs.path.join("links/sock4_connect"))
+        .output()
+        .expect("bpftool");
+    let id = serde_json::from_slice::<Value>(&show.stdout).expect("link JSON")["id"]
+        .as_u64()
+        .expect("link id");
     let extra = std::path::PathBuf::from(format!("/sys/fs/bpf/lbt-{}-extra", c.tag));
     lb_tests::sh(&format!("bpftool link pin id {id} {}", extra.display()));
-    struct Unpin(std::path::PathBuf);
-    impl Drop for Unpin {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
     let _extra = Unpin(extra);
 
-    let out = Command::new(lb_tests::lb_agent()).args(["cleanup", "--bpffs"]).arg(&c.bpffs.path).arg("--cgroup").arg(&c.cgroup.path).output().expect("cleanup");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("detached 1 unpinned hooks"), "{}", String::from_utf8_lossy(&out.stdout));
-    let attached = Command::new("bpftool").args(["cgroup", "show"]).arg(&c.cgroup.path).output().expect("bpftool");
-    assert!(!String::from_utf8_lossy(&attached.stdout).contains("sock"), "hooks left attached: {}", String::from_utf8_lossy(&attached.stdout));
+    let out = Command::new(lb_tests::lb_agent())
+        .args(["cleanup", "--bpffs"])
+        .arg(&c.bpffs.path)
+        .arg("--cgroup")
+        .arg(&c.cgroup.path)
+        .output()
+        .expect("cleanup");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("detached 1 unpinned hooks"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let attached = Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(&c.cgroup.path)
+        .output()
+        .expect("bpftool");
+    assert!(
+        !String::from_utf8_lossy(&attached.stdout).contains("sock"),
+        "hooks left attached: {}",
+        String::from_utf8_lossy(&attached.stdout)
+    );
 }
 
 #[test]
@@ -342,21 +525,38 @@ fn full_maps_refuse_only_the_new_service_and_it_lands_once_it_fits() {
     write_web(&c, &ready(2)); // per family: marker + 80/TCP (1 + 2 slots) + 53/UDP (1 + 2) = 7 entries
     c.start_agent_with(&["--max-service-entries", "10", "--max-backend-entries", "8"]);
     let more = |n: usize| {
-        let v: Vec<(String, bool, bool, bool)> = (1..=n).map(|i| (pod_v4(i), true, true, false)).collect();
-        [service("more", &["198.19.0.40"], &[("http", 80, "TCP")]), slice("more-1", "more", "IPv4", &[("http", 8080, "TCP")], &eps(&v))].join("---\n")
+        let v: Vec<(String, bool, bool, bool)> =
+            (1..=n).map(|i| (pod_v4(i), true, true, false)).collect();
+        [
+            service("more", &["198.19.0.40"], &[("http", 80, "TCP")]),
+            slice("more-1", "more", "IPv4", &[("http", 8080, "TCP")], &eps(&v)),
+        ]
+        .join("---\n")
     };
     // Needs marker + frontend + 2 slots = 4 more entries; 3 are left.
     c.write_manifest("more.yaml", &more(2));
     let log = wait_for(Duration::from_secs(5), || {
         let l = c.agent_log();
-        l.contains("198.19.0.40:80/TCP: not programmed, the maps are full").then_some(l)
+        l.contains("198.19.0.40:80/TCP: not programmed, the maps are full")
+            .then_some(l)
     })
     .unwrap_or_else(|| panic!("capacity error not reported:\n{}", c.agent_log()));
     assert!(log.contains("Service test/more"), "{log}");
-    assert_eq!(c.backends_of("198.19.0.40:80/TCP"), None, "nothing half-written");
+    assert_eq!(
+        c.backends_of("198.19.0.40:80/TCP"),
+        None,
+        "nothing half-written"
+    );
     let t = tally(&c.client(&["tcp", &format!("{VIP4}:80"), "20"]));
-    assert_eq!(t.values().sum::<usize>(), 20, "the incumbent keeps working: {t:?}");
-    assert_eq!(c.backends_of(&format!("{VIP4}:80/TCP")).map(|b| b.len()), Some(2));
+    assert_eq!(
+        t.values().sum::<usize>(),
+        20,
+        "the incumbent keeps working: {t:?}"
+    );
+    assert_eq!(
+        c.backends_of(&format!("{VIP4}:80/TCP")).map(|b| b.len()),
+        Some(2)
+    );
 
     // Shrunk to one endpoint it needs 3 entries: it fits and is programmed.
     c.write_manifest("more.yaml", &more(1));
@@ -374,18 +574,44 @@ fn sctp_ports_become_their_own_frontends() {
     c.write_manifest(
         "sig.yaml",
         &[
-            service("sig", &["198.19.0.50"], &[("diameter", 3868, "SCTP"), ("http", 80, "TCP")]),
-            slice("sig-1", "sig", "IPv4", &[("diameter", 3868, "SCTP"), ("http", 8080, "TCP")], &[(&pod_v4(1), true, true, false)]),
+            service(
+                "sig",
+                &["198.19.0.50"],
+                &[("diameter", 3868, "SCTP"), ("http", 80, "TCP")],
+            ),
+            slice(
+                "sig-1",
+                "sig",
+                "IPv4",
+                &[("diameter", 3868, "SCTP"), ("http", 8080, "TCP")],
+                &[(&pod_v4(1), true, true, false)],
+            ),
         ]
         .join("---\n"),
     );
     c.start_agent();
-    let sctp = wait_for(Duration::from_secs(5), || c.backends_of("198.19.0.50:3868/SCTP")).expect("SCTP frontend programmed");
+    let sctp = wait_for(Duration::from_secs(5), || {
+        c.backends_of("198.19.0.50:3868/SCTP")
+    })
+    .expect("SCTP frontend programmed");
     assert_eq!(sctp, [format!("{}:3868", pod_v4(1))]);
-    assert_eq!(c.backends_of("198.19.0.50:80/TCP"), Some(vec![format!("{}:8080", pod_v4(1))]));
-    let dump = Command::new("bpftool").args(["map", "dump", "pinned"]).arg(c.bpffs.path.join(lb_common::MAP_SVC4)).output().expect("bpftool");
-    assert!(String::from_utf8_lossy(&dump.stdout).contains("\"proto\": 132"), "SCTP keys carry IPPROTO_SCTP");
+    assert_eq!(
+        c.backends_of("198.19.0.50:80/TCP"),
+        Some(vec![format!("{}:8080", pod_v4(1))])
+    );
+    let dump = Command::new("bpftool")
+        .args(["map", "dump", "pinned"])
+        .arg(c.bpffs.path.join(lb_common::MAP_SVC4))
+        .output()
+        .expect("bpftool");
+    assert!(
+        String::from_utf8_lossy(&dump.stdout).contains("\"proto\": 132"),
+        "SCTP keys carry IPPROTO_SCTP"
+    );
     // The TCP port of the same VIP works; TCP to the SCTP-only port is refused (wrong protocol).
     assert_eq!(c.client(&["tcp", "198.19.0.50:80", "1"])[0]["ok"], true);
-    assert_eq!(c.client(&["tcp", "198.19.0.50:3868", "1"])[0]["error"], "ECONNREFUSED");
+    assert_eq!(
+        c.client(&["tcp", "198.19.0.50:3868", "1"])[0]["error"],
+        "ECONNREFUSED"
+    );
 }

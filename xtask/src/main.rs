@@ -46,7 +46,10 @@ enum Cmd {
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_owned()
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
@@ -59,11 +62,16 @@ fn run(cmd: &mut Command) -> Result<()> {
 }
 
 fn ok(cmd: &mut Command) -> bool {
-    cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).status().is_ok_and(|s| s.success())
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 fn have(tool: &str) -> bool {
-    ok(Command::new("sh").arg("-c").arg(format!("command -v {tool}")))
+    ok(Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}")))
 }
 
 fn cargo() -> Command {
@@ -73,21 +81,45 @@ fn cargo() -> Command {
 }
 
 /// Debian packages providing the commands the tests and the demo use.
-const APT: [(&str, &str); 3] = [("ip", "iproute2"), ("bpftool", "bpftool"), ("nsenter", "util-linux")];
+const APT: [(&str, &str); 3] = [
+    ("ip", "iproute2"),
+    ("bpftool", "bpftool"),
+    ("nsenter", "util-linux"),
+];
 
 fn setup() -> Result<()> {
-    let missing: Vec<&str> = APT.iter().filter(|(cmd, _)| !have(cmd)).map(|(_, pkg)| *pkg).collect();
+    let missing: Vec<&str> = APT
+        .iter()
+        .filter(|(cmd, _)| !have(cmd))
+        .map(|(_, pkg)| *pkg)
+        .collect();
     if !missing.is_empty() {
         run(Command::new("apt-get").arg("update").arg("-q"))?;
-        run(Command::new("apt-get").args(["install", "-y", "-q", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
 
     if !ok(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
-        bail!("the nightly toolchain is not installed (`rustup toolchain list`); the eBPF crate needs it");
+        bail!(
+            "the nightly toolchain is not installed (`rustup toolchain list`); the eBPF crate needs it"
+        );
     }
-    let installed = Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]).output()?;
-    if !String::from_utf8_lossy(&installed.stdout).lines().any(|l| l.starts_with("rust-src")) {
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    let installed = Command::new("rustup")
+        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .output()?;
+    if !String::from_utf8_lossy(&installed.stdout)
+        .lines()
+        .any(|l| l.starts_with("rust-src"))
+    {
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
 
     // bpf-linker must link against the same LLVM as the nightly rustc that emits the bitcode.
@@ -100,12 +132,18 @@ fn setup() -> Result<()> {
 }
 
 fn install_bpf_linker() -> Result<()> {
-    let sysroot = Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]).output()?;
+    let sysroot = Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--print", "sysroot"])
+        .output()?;
     let sysroot = PathBuf::from(String::from_utf8(sysroot.stdout)?.trim());
     let lib = fs::read_dir(sysroot.join("lib"))?
         .flatten()
         .map(|e| e.path())
-        .find(|p| p.file_name().and_then(OsStr::to_str).is_some_and(|n| n.starts_with("libLLVM.so.")))
+        .find(|p| {
+            p.file_name()
+                .and_then(OsStr::to_str)
+                .is_some_and(|n| n.starts_with("libLLVM.so."))
+        })
         .with_context(|| format!("no libLLVM.so.* in {}/lib", sysroot.display()))?;
     let home = env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
     let prefix = home.join(".cache/lb/llvm-prefix");
@@ -113,10 +151,23 @@ fn install_bpf_linker() -> Result<()> {
     let link = prefix.join("lib/libLLVM.so");
     let _ = fs::remove_file(&link);
     std::os::unix::fs::symlink(&lib, &link)?;
-    eprintln!("building bpf-linker against {} (takes a few minutes, once)", lib.display());
-    run(Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-        .args(["install", "bpf-linker", "--version", "0.13.0", "--no-default-features", "--features", "llvm-22"])
-        .env("LLVM_PREFIX", &prefix))
+    eprintln!(
+        "building bpf-linker against {} (takes a few minutes, once)",
+        lib.display()
+    );
+    run(
+        Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                "0.13.0",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("LLVM_PREFIX", &prefix),
+    )
 }
 
 fn test(extra: &[String]) -> Result<()> {
@@ -124,9 +175,27 @@ fn test(extra: &[String]) -> Result<()> {
     // Binaries the privileged tests drive (lb-agent, lbt), built first so they are never stale.
     run(cargo().args(["build", "-p", "lb-userspace", "-p", "lb-tests", "--bins"]))?;
     // Host-level: pure logic, layouts, model, sync property tests.
-    run(cargo().args(["test", "-p", "lb-common", "-p", "lb-userspace", "-p", "xtask"]))?;
+    run(cargo().args([
+        "test",
+        "-p",
+        "lb-common",
+        "-p",
+        "lb-userspace",
+        "-p",
+        "xtask",
+    ]))?;
     // Kernel-level: netns + child cgroup + real sockets. Fails (never skips) without root.
-    run(cargo().args(["test", "-p", "lb-tests", "--", "--test-threads=2"]).args(extra))
+    // `--tests` (no doctests): the last summary line CI reads is this suite's own.
+    run(cargo()
+        .args([
+            "test",
+            "-p",
+            "lb-tests",
+            "--tests",
+            "--",
+            "--test-threads=2",
+        ])
+        .args(extra))
 }
 
 fn main() -> Result<()> {
@@ -135,14 +204,41 @@ fn main() -> Result<()> {
         Cmd::Test { args } => test(&args),
         Cmd::Demo => {
             setup()?;
-            run(cargo().args(["build", "--release", "-p", "lb-userspace", "-p", "lb-tests", "--bins"]))?;
-            run(Command::new(root().join("target/release/lb-demo")).arg(root().join("examples/demo")))
+            run(cargo().args([
+                "build",
+                "--release",
+                "-p",
+                "lb-userspace",
+                "-p",
+                "lb-tests",
+                "--bins",
+            ]))?;
+            run(Command::new(root().join("target/release/lb-demo"))
+                .arg(root().join("examples/demo")))
         }
-        Cmd::Bench { services, round_secs, rounds } => {
+        Cmd::Bench {
+            services,
+            round_secs,
+            rounds,
+        } => {
             setup()?;
-            run(cargo().args(["build", "--release", "-p", "lb-userspace", "-p", "lb-tests", "--bins"]))?;
-            run(Command::new(root().join("target/release/lb-bench"))
-                .args(["--services", &services.to_string(), "--round-secs", &round_secs.to_string(), "--rounds", &rounds.to_string()]))
+            run(cargo().args([
+                "build",
+                "--release",
+                "-p",
+                "lb-userspace",
+                "-p",
+                "lb-tests",
+                "--bins",
+            ]))?;
+            run(Command::new(root().join("target/release/lb-bench")).args([
+                "--services",
+                &services.to_string(),
+                "--round-secs",
+                &round_secs.to_string(),
+                "--rounds",
+                &rounds.to_string(),
+            ]))
         }
     }
 }

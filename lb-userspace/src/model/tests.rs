@@ -2,9 +2,15 @@ use std::net::SocketAddr;
 
 use super::*;
 
-fn objs(yaml: &str) -> (Vec<std::sync::Arc<Service>>, Vec<std::sync::Arc<EndpointSlice>>) {
+fn objs(
+    yaml: &str,
+) -> (
+    Vec<std::sync::Arc<Service>>,
+    Vec<std::sync::Arc<EndpointSlice>>,
+) {
     let mut errors = Vec::new();
-    let o = crate::source::parse_str(std::path::Path::new("t.yaml"), yaml, &mut errors).expect("yaml");
+    let o =
+        crate::source::parse_str(std::path::Path::new("t.yaml"), yaml, &mut errors).expect("yaml");
     assert!(errors.is_empty(), "{errors:?}");
     (o.services, o.slices)
 }
@@ -16,11 +22,21 @@ fn run(yaml: &str) -> (Desired, Vec<Error>) {
 
 fn fe(s: &str, proto: Proto) -> Frontend {
     let sa: SocketAddr = s.parse().expect("socket addr");
-    Frontend { addr: sa.ip(), port: sa.port(), proto }
+    Frontend {
+        addr: sa.ip(),
+        port: sa.port(),
+        proto,
+    }
 }
 
 fn backends(d: &Desired, f: &Frontend) -> Vec<String> {
-    d.frontends.get(f).expect("frontend present").backends.iter().map(ToString::to_string).collect()
+    d.frontends
+        .get(f)
+        .expect("frontend present")
+        .backends
+        .iter()
+        .map(ToString::to_string)
+        .collect()
 }
 
 const WEB: &str = "
@@ -69,31 +85,50 @@ endpoints:
         ["198.18.1.1:8080", "198.18.1.2:8080", "198.18.1.3:8080"],
         "merged across slices, deduplicated, UDP port 9999 of the same name not used"
     );
-    assert_eq!(backends(&d, &fe("198.19.0.10:53", Proto::Udp)), ["198.18.1.1:5353", "198.18.1.2:5353"]);
-    assert_eq!(backends(&d, &fe("[2001:db8:1::10]:80", Proto::Tcp)), ["[2001:db8:2::1]:8080"]);
-    assert!(backends(&d, &fe("[2001:db8:1::10]:53", Proto::Udp)).is_empty(), "no IPv6 dns endpoints → REJECT");
+    assert_eq!(
+        backends(&d, &fe("198.19.0.10:53", Proto::Udp)),
+        ["198.18.1.1:5353", "198.18.1.2:5353"]
+    );
+    assert_eq!(
+        backends(&d, &fe("[2001:db8:1::10]:80", Proto::Tcp)),
+        ["[2001:db8:2::1]:8080"]
+    );
+    assert!(
+        backends(&d, &fe("[2001:db8:1::10]:53", Proto::Udp)).is_empty(),
+        "no IPv6 dns endpoints → REJECT"
+    );
     assert_eq!(d.frontends.len(), 4);
 }
 
 #[test]
 fn ready_then_serving_terminating_fallback() {
-    let slice = |eps: &str| format!("{WEB}---
+    let slice = |eps: &str| {
+        format!(
+            "{WEB}---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata: {{name: w, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}
 addressType: IPv4
 ports: [{{name: http, port: 8080}}]
 endpoints: {eps}
-");
+"
+        )
+    };
     let f = fe("198.19.0.10:80", Proto::Tcp);
     // One ready (nil ready ⇒ ready), one terminating+serving: only the ready one.
-    let (d, _) = run(&slice("[{addresses: [198.18.1.1]}, {addresses: [198.18.1.2], conditions: {ready: false, serving: true, terminating: true}}]"));
+    let (d, _) = run(&slice(
+        "[{addresses: [198.18.1.1]}, {addresses: [198.18.1.2], conditions: {ready: false, serving: true, terminating: true}}]",
+    ));
     assert_eq!(backends(&d, &f), ["198.18.1.1:8080"]);
     // None ready: fall back to serving+terminating, never to not-serving ones.
-    let (d, _) = run(&slice("[{addresses: [198.18.1.1], conditions: {ready: false, serving: false, terminating: true}}, {addresses: [198.18.1.2], conditions: {ready: false, serving: true, terminating: true}}]"));
+    let (d, _) = run(&slice(
+        "[{addresses: [198.18.1.1], conditions: {ready: false, serving: false, terminating: true}}, {addresses: [198.18.1.2], conditions: {ready: false, serving: true, terminating: true}}]",
+    ));
     assert_eq!(backends(&d, &f), ["198.18.1.2:8080"]);
     // Not ready and not terminating: nothing usable.
-    let (d, _) = run(&slice("[{addresses: [198.18.1.1], conditions: {ready: false}}]"));
+    let (d, _) = run(&slice(
+        "[{addresses: [198.18.1.1], conditions: {ready: false}}]",
+    ));
     assert!(backends(&d, &f).is_empty());
 }
 
@@ -117,13 +152,22 @@ spec: {clusterIP: 198.19.0.11, ports: [{port: 80}]}
 ");
     assert!(errors.is_empty(), "{errors:?}");
     assert!(d.frontends.is_empty(), "{d:?}");
-    let (s, e) = objs("
+    let (s, e) = objs(
+        "
 apiVersion: v1
 kind: Service
 metadata: {name: mine, labels: {service.kubernetes.io/service-proxy-name: lb}}
 spec: {clusterIP: 198.19.0.11, ports: [{port: 80}]}
-");
-    let (d, _) = build(&s, &e, &Config { proxy_name: Some("lb".into()), ..Config::default() });
+",
+    );
+    let (d, _) = build(
+        &s,
+        &e,
+        &Config {
+            proxy_name: Some("lb".into()),
+            ..Config::default()
+        },
+    );
     assert_eq!(d.frontends.len(), 1, "our own proxy name is served");
 }
 
@@ -157,35 +201,101 @@ endpoints:
 ");
     let msgs: Vec<String> = errors.iter().map(ToString::to_string).collect();
     let has = |s: &str| msgs.iter().any(|m| m.contains(s));
-    assert!(has("Service ns/octal: spec.clusterIP[0]: invalid IP address \"010.0.0.1\""), "{msgs:#?}");
-    assert!(has("Service ns/ports: spec.ports[0].port: port 0"), "{msgs:#?}");
-    assert!(has("Service ns/ports: spec.ports[1].port: port 70000"), "{msgs:#?}");
-    assert!(has("Service ns/ports: spec.ports[2].protocol: unknown protocol \"ICMP\""), "{msgs:#?}");
-    assert!(has("EndpointSlice ns/good-1: endpoints[0].addresses[0]: 2001:db8::1 is not an IPv4 address"), "{msgs:#?}");
-    assert!(has("EndpointSlice ns/good-1: endpoints[1].addresses[0]: invalid IP address \"198.018.1.1\""), "{msgs:#?}");
+    assert!(
+        has("Service ns/octal: spec.clusterIP[0]: invalid IP address \"010.0.0.1\""),
+        "{msgs:#?}"
+    );
+    assert!(
+        has("Service ns/ports: spec.ports[0].port: port 0"),
+        "{msgs:#?}"
+    );
+    assert!(
+        has("Service ns/ports: spec.ports[1].port: port 70000"),
+        "{msgs:#?}"
+    );
+    assert!(
+        has("Service ns/ports: spec.ports[2].protocol: unknown protocol \"ICMP\""),
+        "{msgs:#?}"
+    );
+    assert!(
+        has(
+            "EndpointSlice ns/good-1: endpoints[0].addresses[0]: 2001:db8::1 is not an IPv4 address"
+        ),
+        "{msgs:#?}"
+    );
+    assert!(
+        has(
+            "EndpointSlice ns/good-1: endpoints[1].addresses[0]: invalid IP address \"198.018.1.1\""
+        ),
+        "{msgs:#?}"
+    );
     assert_eq!(msgs.len(), 6, "{msgs:#?}");
-    assert_eq!(backends(&d, &fe("198.19.0.21:80", Proto::Tcp)), ["198.18.1.7:8080"]);
-    assert!(d.frontends.contains_key(&fe("198.19.0.20:82", Proto::Tcp)), "the valid port of a partly bad Service is kept");
+    assert_eq!(
+        backends(&d, &fe("198.19.0.21:80", Proto::Tcp)),
+        ["198.18.1.7:8080"]
+    );
+    assert!(
+        d.frontends.contains_key(&fe("198.19.0.20:82", Proto::Tcp)),
+        "the valid port of a partly bad Service is kept"
+    );
     assert_eq!(d.frontends.len(), 2);
 }
 
 #[test]
 fn duplicate_frontend_goes_to_the_oldest_service() {
-    let svc = |name: &str, ts: &str| format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: ns, creationTimestamp: '{ts}'}}\nspec: {{clusterIP: 198.19.0.30, ports: [{{port: 80}}, {{port: 81}}]}}\n");
+    let svc = |name: &str, ts: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: ns, creationTimestamp: '{ts}'}}\nspec: {{clusterIP: 198.19.0.30, ports: [{{port: 80}}, {{port: 81}}]}}\n"
+        )
+    };
     // Younger first in input order: the older one must still win.
-    let (d, errors) = run(&format!("{}---\n{}", svc("young", "2025-01-02T00:00:00Z"), svc("old", "2025-01-01T00:00:00Z")));
-    assert_eq!(d.frontends.get(&fe("198.19.0.30:80", Proto::Tcp)).expect("fe").service.name, "old");
+    let (d, errors) = run(&format!(
+        "{}---\n{}",
+        svc("young", "2025-01-02T00:00:00Z"),
+        svc("old", "2025-01-01T00:00:00Z")
+    ));
+    assert_eq!(
+        d.frontends
+            .get(&fe("198.19.0.30:80", Proto::Tcp))
+            .expect("fe")
+            .service
+            .name,
+        "old"
+    );
     assert_eq!(errors.len(), 2, "{errors:?}");
-    assert!(errors[0].to_string().contains("Service ns/young") && errors[0].to_string().contains("already served by Service ns/old"));
+    assert!(
+        errors[0].to_string().contains("Service ns/young")
+            && errors[0]
+                .to_string()
+                .contains("already served by Service ns/old")
+    );
     // Same timestamp: namespace/name decides.
-    let (d, _) = run(&format!("{}---\n{}", svc("b", "2025-01-01T00:00:00Z"), svc("a", "2025-01-01T00:00:00Z")));
-    assert_eq!(d.frontends.get(&fe("198.19.0.30:81", Proto::Tcp)).expect("fe").service.name, "a");
+    let (d, _) = run(&format!(
+        "{}---\n{}",
+        svc("b", "2025-01-01T00:00:00Z"),
+        svc("a", "2025-01-01T00:00:00Z")
+    ));
+    assert_eq!(
+        d.frontends
+            .get(&fe("198.19.0.30:81", Proto::Tcp))
+            .expect("fe")
+            .service
+            .name,
+        "a"
+    );
 }
 
 #[test]
 fn families_the_node_does_not_run_are_skipped() {
     let (s, e) = objs(WEB);
-    let (d, errors) = build(&s, &e, &Config { ipv6: false, ..Config::default() });
+    let (d, errors) = build(
+        &s,
+        &e,
+        &Config {
+            ipv6: false,
+            ..Config::default()
+        },
+    );
     assert!(errors.is_empty());
     assert!(d.frontends.keys().all(|f| f.addr.is_ipv4()));
     assert_eq!(d.frontends.len(), 2);
@@ -196,6 +306,9 @@ fn parse_ip_refuses_leading_zeros() {
     assert!(parse_ip("010.0.0.1").is_err());
     assert!(parse_ip("10.0.0.01").is_err());
     assert!(parse_ip("10.0.0.0").is_ok());
-    assert!(parse_ip("2001:db8::0010").is_ok(), "IPv6 groups may have leading zeros");
+    assert!(
+        parse_ip("2001:db8::0010").is_ok(),
+        "IPv6 groups may have leading zeros"
+    );
     assert!(parse_ip("1.2.3").is_err());
 }

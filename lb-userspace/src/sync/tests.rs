@@ -21,7 +21,10 @@ fn check_consistent(s: &Shadow) -> Result<(), String> {
                 return Err(format!("{k:?}: count {} but slot {slot} missing", v.count));
             };
             if !s.backends.contains_key(&sv.backend_id) {
-                return Err(format!("{k:?} slot {slot}: backend {} missing", sv.backend_id));
+                return Err(format!(
+                    "{k:?} slot {slot}: backend {} missing",
+                    sv.backend_id
+                ));
             }
         }
     }
@@ -51,12 +54,22 @@ fn converge(desired: &Desired, shadow: &mut Shadow) -> Vec<MapOp> {
 fn served(s: &Shadow) -> BTreeMap<SvcKey, BTreeSet<SocketAddr>> {
     s.frontends()
         .into_iter()
-        .map(|(k, (_, bes))| (k, bes.into_iter().map(|b| b.expect("slot resolves").addr).collect()))
+        .map(|(k, (_, bes))| {
+            (
+                k,
+                bes.into_iter()
+                    .map(|b| b.expect("slot resolves").addr)
+                    .collect(),
+            )
+        })
         .collect()
 }
 
 fn expected(d: &Desired) -> BTreeMap<SvcKey, BTreeSet<SocketAddr>> {
-    d.frontends.iter().map(|(fe, st)| (SvcKey::frontend(fe), st.backends.clone())).collect()
+    d.frontends
+        .iter()
+        .map(|(fe, st)| (SvcKey::frontend(fe), st.backends.clone()))
+        .collect()
 }
 
 fn arb_desired() -> impl Strategy<Value = Desired> {
@@ -65,7 +78,11 @@ fn arb_desired() -> impl Strategy<Value = Desired> {
         Just("198.19.0.2".parse::<IpAddr>().unwrap()),
         Just("2001:db8:1::1".parse::<IpAddr>().unwrap()),
     ];
-    let fe = (vip, prop_oneof![Just(80u16), Just(81)], prop_oneof![Just(Proto::Tcp), Just(Proto::Udp)])
+    let fe = (
+        vip,
+        prop_oneof![Just(80u16), Just(81)],
+        prop_oneof![Just(Proto::Tcp), Just(Proto::Udp)],
+    )
         .prop_map(|(addr, port, proto)| Frontend { addr, port, proto });
     let be_idx = proptest::collection::btree_set(0u8..6, 0..5);
     proptest::collection::btree_map(fe, be_idx, 0..8).prop_map(|m| Desired {
@@ -83,7 +100,17 @@ fn arb_desired() -> impl Strategy<Value = Desired> {
                         SocketAddr::new(ip, 8000 + u16::from(i % 2))
                     })
                     .collect();
-                (fe, FrontendState { service: NsName { namespace: "ns".into(), name: "s".into() }, port_name: String::new(), backends })
+                (
+                    fe,
+                    FrontendState {
+                        service: NsName {
+                            namespace: "ns".into(),
+                            name: "s".into(),
+                        },
+                        port_name: String::new(),
+                        backends,
+                    },
+                )
             })
             .collect(),
     })
@@ -138,37 +165,96 @@ proptest! {
 
 #[test]
 fn removing_one_backend_moves_the_last_slot_into_the_hole() {
-    let fe = Frontend { addr: "198.19.0.1".parse().unwrap(), port: 80, proto: Proto::Tcp };
-    let addrs: Vec<SocketAddr> = (1..=4).map(|i| format!("198.18.0.{i}:80").parse().unwrap()).collect();
+    let fe = Frontend {
+        addr: "198.19.0.1".parse().unwrap(),
+        port: 80,
+        proto: Proto::Tcp,
+    };
+    let addrs: Vec<SocketAddr> = (1..=4)
+        .map(|i| format!("198.18.0.{i}:80").parse().unwrap())
+        .collect();
     let st = |b: &[SocketAddr]| FrontendState {
-        service: NsName { namespace: "ns".into(), name: "s".into() },
+        service: NsName {
+            namespace: "ns".into(),
+            name: "s".into(),
+        },
         port_name: String::new(),
         backends: b.iter().copied().collect(),
     };
     let mut shadow = Shadow::default();
-    converge(&Desired { frontends: [(fe, st(&addrs))].into() }, &mut shadow);
+    converge(
+        &Desired {
+            frontends: [(fe, st(&addrs))].into(),
+        },
+        &mut shadow,
+    );
     let key = SvcKey::frontend(&fe);
     let gone = shadow.svc[&key.with_slot(2)].backend_id;
     let last = shadow.svc[&key.with_slot(4)].backend_id;
-    let keep: Vec<SocketAddr> = addrs.iter().copied().filter(|a| *a != shadow.backends[&gone].addr).collect();
-    let ops = converge(&Desired { frontends: [(fe, st(&keep))].into() }, &mut shadow);
+    let keep: Vec<SocketAddr> = addrs
+        .iter()
+        .copied()
+        .filter(|a| *a != shadow.backends[&gone].addr)
+        .collect();
+    let ops = converge(
+        &Desired {
+            frontends: [(fe, st(&keep))].into(),
+        },
+        &mut shadow,
+    );
     assert_eq!(
         ops,
         vec![
-            MapOp::PutSvc { key: key.with_slot(2), value: SvcValue { backend_id: last, ..SvcValue::default() } },
-            MapOp::PutSvc { key, value: SvcValue { count: 3, ..SvcValue::default() } },
-            MapOp::DelSvc { key: key.with_slot(4) },
-            MapOp::DelBackend { id: gone, backend: Backend { addr: addrs[1], proto: 6 } },
+            MapOp::PutSvc {
+                key: key.with_slot(2),
+                value: SvcValue {
+                    backend_id: last,
+                    ..SvcValue::default()
+                }
+            },
+            MapOp::PutSvc {
+                key,
+                value: SvcValue {
+                    count: 3,
+                    ..SvcValue::default()
+                }
+            },
+            MapOp::DelSvc {
+                key: key.with_slot(4)
+            },
+            MapOp::DelBackend {
+                id: gone,
+                backend: Backend {
+                    addr: addrs[1],
+                    proto: 6
+                }
+            },
         ]
     );
 }
 
 #[test]
 fn a_service_without_endpoints_keeps_a_zero_count_frontend() {
-    let fe = Frontend { addr: "198.19.0.9".parse().unwrap(), port: 53, proto: Proto::Udp };
-    let st = FrontendState { service: NsName { namespace: "ns".into(), name: "dns".into() }, port_name: String::new(), backends: BTreeSet::new() };
+    let fe = Frontend {
+        addr: "198.19.0.9".parse().unwrap(),
+        port: 53,
+        proto: Proto::Udp,
+    };
+    let st = FrontendState {
+        service: NsName {
+            namespace: "ns".into(),
+            name: "dns".into(),
+        },
+        port_name: String::new(),
+        backends: BTreeSet::new(),
+    };
     let mut shadow = Shadow::default();
-    converge(&Desired { frontends: [(fe, st)].into() }, &mut shadow);
+    converge(
+        &Desired {
+            frontends: [(fe, st)].into(),
+        },
+        &mut shadow,
+    );
     assert_eq!(shadow.svc[&SvcKey::frontend(&fe)].count, 0);
     assert!(shadow.svc.contains_key(&SvcKey::marker(fe.addr)));
     assert!(shadow.backends.is_empty());
@@ -217,29 +303,60 @@ proptest! {
 /// Entries per map of a shadow: 0 = svc4, 1 = svc6, 2 = be4, 3 = be6.
 fn count(s: &Shadow, which: usize) -> usize {
     match which {
-        0 | 1 => s.svc.keys().filter(|k| usize::from(k.addr.is_ipv6()) == which).count(),
-        _ => s.backends.values().filter(|b| usize::from(b.addr.is_ipv6()) == which - 2).count(),
+        0 | 1 => s
+            .svc
+            .keys()
+            .filter(|k| usize::from(k.addr.is_ipv6()) == which)
+            .count(),
+        _ => s
+            .backends
+            .values()
+            .filter(|b| usize::from(b.addr.is_ipv6()) == which - 2)
+            .count(),
     }
 }
 
 #[test]
 fn fit_refuses_only_the_newcomer() {
     let st = |n: u8| FrontendState {
-        service: NsName { namespace: "ns".into(), name: format!("s{n}") },
+        service: NsName {
+            namespace: "ns".into(),
+            name: format!("s{n}"),
+        },
         port_name: String::new(),
-        backends: (1..=n).map(|i| SocketAddr::new(format!("198.18.0.{i}").parse().unwrap(), 80)).collect(),
+        backends: (1..=n)
+            .map(|i| SocketAddr::new(format!("198.18.0.{i}").parse().unwrap(), 80))
+            .collect(),
     };
-    let fe = |last: u8| Frontend { addr: format!("198.19.0.{last}").parse().unwrap(), port: 80, proto: Proto::Tcp };
+    let fe = |last: u8| Frontend {
+        addr: format!("198.19.0.{last}").parse().unwrap(),
+        port: 80,
+        proto: Proto::Tcp,
+    };
     let mut shadow = Shadow::default();
-    converge(&Desired { frontends: [(fe(1), st(2))].into() }, &mut shadow); // marker + fe + 2 slots = 4
-    let cap = Capacity { svc4: 7, svc6: 0, be4: 2, be6: 0 };
+    converge(
+        &Desired {
+            frontends: [(fe(1), st(2))].into(),
+        },
+        &mut shadow,
+    ); // marker + fe + 2 slots = 4
+    let cap = Capacity {
+        svc4: 7,
+        svc6: 0,
+        be4: 2,
+        be6: 0,
+    };
     // Newcomer needs marker + fe + 2 slots = 4 more: 8 > 7.
-    let mut d = Desired { frontends: [(fe(1), st(2)), (fe(2), st(2))].into() };
+    let mut d = Desired {
+        frontends: [(fe(1), st(2)), (fe(2), st(2))].into(),
+    };
     assert_eq!(fit(&mut d, &shadow, &cap), vec![fe(2)]);
     assert!(!d.frontends.contains_key(&fe(2)));
     assert_eq!(d.frontends[&fe(1)], st(2));
     // A grown incumbent beyond the backend capacity keeps its current backends.
-    let mut d = Desired { frontends: [(fe(1), st(3))].into() };
+    let mut d = Desired {
+        frontends: [(fe(1), st(3))].into(),
+    };
     assert_eq!(fit(&mut d, &shadow, &cap), vec![fe(1)]);
     assert_eq!(d.frontends[&fe(1)].backends, st(2).backends);
 }

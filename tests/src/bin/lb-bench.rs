@@ -2,7 +2,7 @@
 //!
 //! Lanes (same client namespace and cgroup, same single backend, rounds interleaved so machine
 //! noise hits both alike): `direct` = connect to the backend's own address; `vip` = connect to
-//! the ClusterIP, rewritten by `sock4_connect`. Each round is one closed-loop
+//! the `ClusterIP`, rewritten by `sock4_connect`. Each round is one closed-loop
 //! connect + request + response + close client (`lbt loop`) for a fixed time.
 //! Measured with 1 Service loaded, then with N Services × 4 endpoints, and the wall time from
 //! writing the N-Service manifest to the agent reporting the datapath programmed.
@@ -21,7 +21,11 @@ struct Args {
 }
 
 fn parse_args() -> Args {
-    let mut a = Args { services: 10_000, round_secs: 1.0, rounds: 5 };
+    let mut a = Args {
+        services: 10_000,
+        round_secs: 1.0,
+        rounds: 5,
+    };
     let v: Vec<String> = std::env::args().skip(1).collect();
     for pair in v.chunks(2) {
         let val = pair.get(1).expect("flag value");
@@ -47,7 +51,11 @@ fn rate(c: &Cluster, target: &str, secs: f64) -> f64 {
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        f64::midpoint(v[n / 2 - 1], v[n / 2])
+    }
 }
 
 /// Interleaved rounds: direct, vip, direct, vip, … Returns (median direct, median vip, median
@@ -66,7 +74,11 @@ fn lanes(c: &Cluster, a: &Args) -> (f64, f64, f64) {
             let y = rate(c, "198.19.0.10:80", a.round_secs);
             (rate(c, &format!("{}:8080", pod_v4(1)), a.round_secs), y)
         };
-        eprintln!("  round {}: direct {x:.0}/s  vip {y:.0}/s  ratio {:.3}", i + 1, y / x);
+        eprintln!(
+            "  round {}: direct {x:.0}/s  vip {y:.0}/s  ratio {:.3}",
+            i + 1,
+            y / x
+        );
         d.push(x);
         v.push(y);
         r.push(y / x);
@@ -82,57 +94,129 @@ fn many_services(n: usize) -> String {
         let name = format!("svc-{i}");
         s.push_str(&service(&name, &[&vip], &[("http", 80, "TCP")]));
         s.push_str("---\n");
-        let eps: Vec<String> = (0..4).map(|k| format!("198.18.{}.{}", 64 + (i * 4 + k) / 250 % 128, 1 + (i * 4 + k) % 250)).collect();
-        let eps: Vec<(&str, bool, bool, bool)> = eps.iter().map(|e| (e.as_str(), true, true, false)).collect();
-        s.push_str(&slice(&format!("{name}-1"), &name, "IPv4", &[("http", 8080, "TCP")], &eps));
+        let eps: Vec<String> = (0..4)
+            .map(|k| {
+                format!(
+                    "198.18.{}.{}",
+                    64 + (i * 4 + k) / 250 % 128,
+                    1 + (i * 4 + k) % 250
+                )
+            })
+            .collect();
+        let eps: Vec<(&str, bool, bool, bool)> = eps
+            .iter()
+            .map(|e| (e.as_str(), true, true, false))
+            .collect();
+        s.push_str(&slice(
+            &format!("{name}-1"),
+            &name,
+            "IPv4",
+            &[("http", 8080, "TCP")],
+            &eps,
+        ));
         s.push_str("---\n");
     }
     s
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "a linear benchmark script reads best top to bottom"
+)]
 fn main() {
     let a = parse_args();
     let mut c = Cluster::new("bench", 1);
     c.write_manifest(
         "web.yaml",
-        &[service("web", &["198.19.0.10"], &[("http", 80, "TCP")]), slice("web-1", "web", "IPv4", &[("http", 8080, "TCP")], &[(&pod_v4(1), true, true, false)])].join("---\n"),
+        &[
+            service("web", &["198.19.0.10"], &[("http", 80, "TCP")]),
+            slice(
+                "web-1",
+                "web",
+                "IPv4",
+                &[("http", 8080, "TCP")],
+                &[(&pod_v4(1), true, true, false)],
+            ),
+        ]
+        .join("---\n"),
     );
     c.start_agent();
-    wait_for(Duration::from_secs(5), || c.backends_of("198.19.0.10:80/TCP")).expect("web programmed");
+    wait_for(Duration::from_secs(5), || {
+        c.backends_of("198.19.0.10:80/TCP")
+    })
+    .expect("web programmed");
 
-    eprintln!("lane pair with 1 Service loaded ({} rounds × {} s each lane)", a.rounds, a.round_secs);
+    eprintln!(
+        "lane pair with 1 Service loaded ({} rounds × {} s each lane)",
+        a.rounds, a.round_secs
+    );
     let one = lanes(&c, &a);
 
-    eprintln!("programming {} Services × 4 endpoints from a manifest directory", a.services);
+    eprintln!(
+        "programming {} Services × 4 endpoints from a manifest directory",
+        a.services
+    );
     let text = many_services(a.services);
     let log_before = c.agent_log().matches("programmed datapath").count();
     let t = Instant::now();
     c.write_manifest("many.yaml", &text);
-    let line = wait_for(Duration::from_secs(120), || {
+    let line = wait_for(Duration::from_mins(2), || {
         let log = c.agent_log();
-        (log.matches("programmed datapath").count() > log_before).then(|| log.lines().filter(|l| l.contains("programmed datapath")).next_back().unwrap_or("").to_owned())
+        (log.matches("programmed datapath").count() > log_before).then(|| {
+            log.lines()
+                .rfind(|l| l.contains("programmed datapath"))
+                .unwrap_or("")
+                .to_owned()
+        })
     })
     .expect("agent programmed the Services");
     let program_wall = t.elapsed();
     let frontends = a.services + 1;
-    assert!(line.contains(&format!("frontends={frontends}")), "partial programming: {line}");
-    let internal_us: u64 = line.split("elapsed_us=").nth(1).and_then(|s| s.split_whitespace().next()).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let ops: u64 = line.split("ops=").nth(1).and_then(|s| s.split_whitespace().next()).and_then(|s| s.parse().ok()).unwrap_or(0);
+    assert!(
+        line.contains(&format!("frontends={frontends}")),
+        "partial programming: {line}"
+    );
+    let internal_us: u64 = line
+        .split("elapsed_us=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let ops: u64 = line
+        .split("ops=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     eprintln!("  {line}");
 
     eprintln!("lane pair with {frontends} Services loaded");
     let many = lanes(&c, &a);
 
-    let rss_kb = fs::read_to_string(format!("/proc/{}/status", c.agent.as_ref().expect("agent").pid()))
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
-        .unwrap_or(0);
+    let rss_kb = fs::read_to_string(format!(
+        "/proc/{}/status",
+        c.agent.as_ref().expect("agent").pid()
+    ))
+    .ok()
+    .and_then(|s| {
+        s.lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+    })
+    .unwrap_or(0);
 
     let mut md = String::new();
-    let _ = writeln!(md, "| Services loaded | direct conn/s | via ClusterIP conn/s | ClusterIP ÷ direct (median of rounds) |");
+    let _ = writeln!(
+        md,
+        "| Services loaded | direct conn/s | via ClusterIP conn/s | ClusterIP ÷ direct (median of rounds) |"
+    );
     let _ = writeln!(md, "|---:|---:|---:|---:|");
     let _ = writeln!(md, "| 1 | {:.0} | {:.0} | {:.3} |", one.0, one.1, one.2);
-    let _ = writeln!(md, "| {frontends} | {:.0} | {:.0} | {:.3} |", many.0, many.1, many.2);
+    let _ = writeln!(
+        md,
+        "| {frontends} | {:.0} | {:.0} | {:.3} |",
+        many.0, many.1, many.2
+    );
     let _ = writeln!(md);
     let _ = writeln!(
         md,
@@ -144,7 +228,15 @@ fn main() {
         rss_kb / 1024
     );
     let _ = writeln!(md);
-    let _ = writeln!(md, "Conditions: one closed-loop TCP client (connect, 2-byte request, response, close), {} interleaved rounds of {} s per lane, client and backend in separate netns on one veth bridge, {} CPUs, kernel {}.",
-        a.rounds, a.round_secs, std::thread::available_parallelism().map_or(0, |n| n.get()), fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim());
+    let _ = writeln!(
+        md,
+        "Conditions: one closed-loop TCP client (connect, 2-byte request, response, close), {} interleaved rounds of {} s per lane, client and backend in separate netns on one veth bridge, {} CPUs, kernel {}.",
+        a.rounds,
+        a.round_secs,
+        std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
+        fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+    );
     println!("\n{md}");
 }

@@ -1,5 +1,5 @@
 //! `cargo xtask demo`: a throw-away sandbox (netns pods + a child cgroup), `lb-agent` on the
-//! example manifests, real traffic through ClusterIPs, a table of what happened, the
+//! example manifests, real traffic through `ClusterIPs`, a table of what happened, the
 //! `lb-agent inspect` output, then teardown (Drop guards, also on failure).
 use std::{
     collections::BTreeMap,
@@ -35,27 +35,62 @@ fn summarize(results: &[Value], addr_field: &str) -> (String, String, String, St
             }
             views.insert(r[addr_field].as_str().unwrap_or("").to_owned());
         } else {
-            *errors.entry(r["error"].as_str().unwrap_or("?").to_owned()).or_default() += 1;
+            *errors
+                .entry(r["error"].as_str().unwrap_or("?").to_owned())
+                .or_default() += 1;
         }
     }
     let result = if errors.is_empty() {
         format!("{ok}/{} ok", results.len())
     } else {
-        let ms = results.iter().filter_map(|r| r["ms"].as_f64()).fold(0.0, f64::max);
+        let ms = results
+            .iter()
+            .filter_map(|r| r["ms"].as_f64())
+            .fold(0.0, f64::max);
         let e: Vec<String> = errors.iter().map(|(e, n)| format!("{e} ×{n}")).collect();
-        if ms > 0.0 { format!("{} in {ms:.2} ms", e.join(", ")) } else { e.join(", ") }
+        if ms > 0.0 {
+            format!("{} in {ms:.2} ms", e.join(", "))
+        } else {
+            e.join(", ")
+        }
     };
-    let hits = if hits.is_empty() { "-".into() } else { hits.iter().map(|(b, n)| format!("{b}:{n}")).collect::<Vec<_>>().join(" ") };
-    let j = |s: std::collections::BTreeSet<String>| if s.is_empty() { "-".to_owned() } else { s.into_iter().collect::<Vec<_>>().join(", ") };
+    let hits = if hits.is_empty() {
+        "-".into()
+    } else {
+        hits.iter()
+            .map(|(b, n)| format!("{b}:{n}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let j = |s: std::collections::BTreeSet<String>| {
+        if s.is_empty() {
+            "-".to_owned()
+        } else {
+            s.into_iter().collect::<Vec<_>>().join(", ")
+        }
+    };
     (result, hits, j(views), j(seen))
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "a linear demo script reads best top to bottom"
+)]
 fn main() {
-    let examples = PathBuf::from(std::env::args().nth(1).expect("usage: lb-demo <examples/demo dir>"));
+    let examples = PathBuf::from(
+        std::env::args()
+            .nth(1)
+            .expect("usage: lb-demo <examples/demo dir>"),
+    );
     let t0 = Instant::now();
     println!("lb demo: socket-level ClusterIP load balancing in a throw-away sandbox\n");
     let mut c = Cluster::new("demo", 3);
-    println!("sandbox   netns {}-{{node,client,b1,b2,b3}}, cgroup {}, bpffs {}", c.node.name.trim_end_matches("-node"), c.cgroup.path.display(), c.bpffs.path.display());
+    println!(
+        "sandbox   netns {}-{{node,client,b1,b2,b3}}, cgroup {}, bpffs {}",
+        c.node.name.trim_end_matches("-node"),
+        c.cgroup.path.display(),
+        c.bpffs.path.display()
+    );
     for e in fs::read_dir(&examples).expect("examples dir").flatten() {
         let name = e.file_name().into_string().expect("utf8 name");
         c.write_manifest(&name, &fs::read_to_string(e.path()).expect("read example"));
@@ -63,40 +98,117 @@ fn main() {
     }
     let started = Instant::now();
     c.start_agent();
-    wait_for(Duration::from_secs(5), || c.backends_of("198.19.0.20:80/TCP")).expect("agent programmed the examples");
-    println!("agent     attached and programmed in {:.0} ms\n", started.elapsed().as_secs_f64() * 1e3);
+    wait_for(Duration::from_secs(5), || {
+        c.backends_of("198.19.0.20:80/TCP")
+    })
+    .expect("agent programmed the examples");
+    println!(
+        "agent     attached and programmed in {:.0} ms\n",
+        started.elapsed().as_secs_f64() * 1e3
+    );
 
     let mut rows = Vec::new();
     let mut push = |what, target: &str, results: Vec<Value>, field: &str| {
         let (result, backends, client_view, backend_view) = summarize(&results, field);
-        rows.push(Row { what, target: target.to_owned(), result, backends, client_view, backend_view });
+        rows.push(Row {
+            what,
+            target: target.to_owned(),
+            result,
+            backends,
+            client_view,
+            backend_view,
+        });
     };
-    push("TCP, IPv4 ClusterIP", "198.19.0.10:80", c.client(&["tcp", "198.19.0.10:80", "30"]), "peer");
-    push("TCP, IPv6 ClusterIP", "[2001:db8:f::10]:80", c.client(&["tcp", "[2001:db8:f::10]:80", "30"]), "peer");
-    push("UDP sendto/recvfrom", "198.19.0.10:53", c.client(&["udp", "198.19.0.10:53", "10"]), "from");
-    push("TCP, no endpoints", "198.19.0.20:80", c.client(&["tcp", "198.19.0.20:80", "1"]), "peer");
-    push("TCP, port not served", "198.19.0.10:81", c.client(&["tcp", "198.19.0.10:81", "1"]), "peer");
-    push("TCP, not a Service", "198.19.0.99:80", c.client(&["tcp", "198.19.0.99:80", "1"]), "peer");
+    push(
+        "TCP, IPv4 ClusterIP",
+        "198.19.0.10:80",
+        c.client(&["tcp", "198.19.0.10:80", "30"]),
+        "peer",
+    );
+    push(
+        "TCP, IPv6 ClusterIP",
+        "[2001:db8:f::10]:80",
+        c.client(&["tcp", "[2001:db8:f::10]:80", "30"]),
+        "peer",
+    );
+    push(
+        "UDP sendto/recvfrom",
+        "198.19.0.10:53",
+        c.client(&["udp", "198.19.0.10:53", "10"]),
+        "from",
+    );
+    push(
+        "TCP, no endpoints",
+        "198.19.0.20:80",
+        c.client(&["tcp", "198.19.0.20:80", "1"]),
+        "peer",
+    );
+    push(
+        "TCP, port not served",
+        "198.19.0.10:81",
+        c.client(&["tcp", "198.19.0.10:81", "1"]),
+        "peer",
+    );
+    push(
+        "TCP, not a Service",
+        "198.19.0.99:80",
+        c.client(&["tcp", "198.19.0.99:80", "1"]),
+        "peer",
+    );
 
     // A live change: the draining endpoint b3 becomes ready again.
     let web = fs::read_to_string(examples.join("web.yaml")).expect("web.yaml");
     let changed = Instant::now();
-    c.write_manifest("web.yaml", &web.replace("{ready: false, serving: true, terminating: true}", "{ready: true}"));
+    c.write_manifest(
+        "web.yaml",
+        &web.replace(
+            "{ready: false, serving: true, terminating: true}",
+            "{ready: true}",
+        ),
+    );
     let want: Vec<String> = (11..=13).map(|i| format!("198.18.0.{i}:8080")).collect();
-    wait_for(Duration::from_secs(5), || (c.backends_of("198.19.0.10:80/TCP").as_deref() == Some(&want[..])).then_some(())).expect("change applied");
+    wait_for(Duration::from_secs(5), || {
+        (c.backends_of("198.19.0.10:80/TCP").as_deref() == Some(&want[..])).then_some(())
+    })
+    .expect("change applied");
     let took = changed.elapsed();
-    push("TCP after b3 turns ready", "198.19.0.10:80", c.client(&["tcp", "198.19.0.10:80", "30"]), "peer");
+    push(
+        "TCP after b3 turns ready",
+        "198.19.0.10:80",
+        c.client(&["tcp", "198.19.0.10:80", "30"]),
+        "peer",
+    );
 
-    println!("{:<26} {:<22} {:<28} {:<16} {:<22} {}", "WHAT", "CLIENT → TARGET", "RESULT", "BACKENDS HIT", "CLIENT SEES PEER", "BACKEND SEES CLIENT");
+    println!(
+        "{:<26} {:<22} {:<28} {:<16} {:<22} BACKEND SEES CLIENT",
+        "WHAT", "CLIENT → TARGET", "RESULT", "BACKENDS HIT", "CLIENT SEES PEER"
+    );
     for r in &rows {
-        println!("{:<26} {:<22} {:<28} {:<16} {:<22} {}", r.what, r.target, r.result, r.backends, r.client_view, r.backend_view);
+        println!(
+            "{:<26} {:<22} {:<28} {:<16} {:<22} {}",
+            r.what, r.target, r.result, r.backends, r.client_view, r.backend_view
+        );
     }
-    println!("\nmanifest change → datapath: {:.0} ms (file written → `inspect` shows it)", took.as_secs_f64() * 1e3);
+    println!(
+        "\nmanifest change → datapath: {:.0} ms (file written → `inspect` shows it)",
+        took.as_secs_f64() * 1e3
+    );
 
     for what in ["services", "stats"] {
-        let out = Command::new(lb_tests::lb_agent()).args(["inspect", what, "--bpffs"]).arg(&c.bpffs.path).output().expect("inspect");
-        println!("\n$ lb-agent inspect {what} --bpffs {}\n{}", c.bpffs.path.display(), String::from_utf8_lossy(&out.stdout));
+        let out = Command::new(lb_tests::lb_agent())
+            .args(["inspect", what, "--bpffs"])
+            .arg(&c.bpffs.path)
+            .output()
+            .expect("inspect");
+        println!(
+            "\n$ lb-agent inspect {what} --bpffs {}\n{}",
+            c.bpffs.path.display(),
+            String::from_utf8_lossy(&out.stdout)
+        );
     }
     drop(c);
-    println!("sandbox removed; demo took {:.1} s", t0.elapsed().as_secs_f64());
+    println!(
+        "sandbox removed; demo took {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
 }

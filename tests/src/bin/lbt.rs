@@ -26,7 +26,7 @@ fn errno(e: &std::io::Error) -> String {
         Some(libc::ECONNREFUSED) => "ECONNREFUSED".into(),
         Some(libc::ENETUNREACH) => "ENETUNREACH".into(),
         Some(libc::EHOSTUNREACH) => "EHOSTUNREACH".into(),
-        Some(libc::ETIMEDOUT) | Some(libc::EAGAIN) => "ETIMEDOUT".into(),
+        Some(libc::ETIMEDOUT | libc::EAGAIN) => "ETIMEDOUT".into(),
         Some(libc::EPERM) => "EPERM".into(),
         Some(n) => format!("errno {n}"),
         None => e.to_string(),
@@ -69,13 +69,17 @@ fn tcp_once(addr: SocketAddr) -> serde_json::Value {
     let started = Instant::now();
     let mut s = match TcpStream::connect_timeout(&addr, TIMEOUT) {
         Ok(s) => s,
-        Err(e) => return json!({"ok": false, "error": errno(&e), "ms": started.elapsed().as_secs_f64() * 1e3}),
+        Err(e) => {
+            return json!({"ok": false, "error": errno(&e), "ms": started.elapsed().as_secs_f64() * 1e3});
+        }
     };
     let peer = s.peer_addr().map(|p| p.to_string()).unwrap_or_default();
     let local = s.local_addr().map(|p| p.to_string()).unwrap_or_default();
     let _ = s.set_read_timeout(Some(TIMEOUT));
     let mut reply = String::new();
-    let res = s.write_all(b"hi").and_then(|()| s.read_to_string(&mut reply));
+    let res = s
+        .write_all(b"hi")
+        .and_then(|()| s.read_to_string(&mut reply));
     match res {
         Ok(_) => json!({"ok": true, "peer": peer, "local": local, "reply": reply.trim()}),
         Err(e) => json!({"ok": false, "error": errno(&e), "peer": peer}),
@@ -83,31 +87,51 @@ fn tcp_once(addr: SocketAddr) -> serde_json::Value {
 }
 
 fn udp_unconnected(addr: SocketAddr, n: usize) {
-    let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+    let bind: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap()
+    } else {
+        "[::]:0".parse().unwrap()
+    };
     let s = UdpSocket::bind(bind).expect("bind");
     s.set_read_timeout(Some(TIMEOUT)).expect("timeout");
     let mut buf = [0u8; 128];
     for _ in 0..n {
         if let Err(e) = s.send_to(b"hi", addr) {
-            println!("{}", json!({"ok": false, "error": errno(&e), "stage": "sendto"}));
+            println!(
+                "{}",
+                json!({"ok": false, "error": errno(&e), "stage": "sendto"})
+            );
             continue;
         }
         match s.recv_from(&mut buf) {
             Ok((len, from)) => {
                 let reply = String::from_utf8_lossy(&buf[..len]).trim().to_owned();
-                println!("{}", json!({"ok": true, "from": from.to_string(), "reply": reply, "local": s.local_addr().unwrap().to_string()}));
+                println!(
+                    "{}",
+                    json!({"ok": true, "from": from.to_string(), "reply": reply, "local": s.local_addr().unwrap().to_string()})
+                );
             }
-            Err(e) => println!("{}", json!({"ok": false, "error": errno(&e), "stage": "recvfrom"})),
+            Err(e) => println!(
+                "{}",
+                json!({"ok": false, "error": errno(&e), "stage": "recvfrom"})
+            ),
         }
     }
 }
 
 fn udp_connected(addr: SocketAddr, n: usize) {
-    let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+    let bind: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap()
+    } else {
+        "[::]:0".parse().unwrap()
+    };
     let s = UdpSocket::bind(bind).expect("bind");
     s.set_read_timeout(Some(TIMEOUT)).expect("timeout");
     if let Err(e) = s.connect(addr) {
-        println!("{}", json!({"ok": false, "error": errno(&e), "stage": "connect"}));
+        println!(
+            "{}",
+            json!({"ok": false, "error": errno(&e), "stage": "connect"})
+        );
         return;
     }
     let mut buf = [0u8; 128];
@@ -134,7 +158,9 @@ fn run_loop(addr: SocketAddr, millis: u64) {
             ok += 1;
         } else {
             failed += 1;
-            *errors.entry(v["error"].as_str().unwrap_or("?").to_owned()).or_default() += 1;
+            *errors
+                .entry(v["error"].as_str().unwrap_or("?").to_owned())
+                .or_default() += 1;
         }
     }
     println!("{}", json!({"ok": ok, "failed": failed, "errors": errors}));
@@ -142,7 +168,12 @@ fn run_loop(addr: SocketAddr, millis: u64) {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let addr = |i: usize| -> SocketAddr { args.get(i).expect("address argument").parse().expect("socket address") };
+    let addr = |i: usize| -> SocketAddr {
+        args.get(i)
+            .expect("address argument")
+            .parse()
+            .expect("socket address")
+    };
     let num = |i: usize| -> usize { args.get(i).map_or(1, |s| s.parse().expect("number")) };
     match args.first().map(String::as_str) {
         Some("serve") => serve(&args[1], &args[2], addr(3)),
@@ -155,7 +186,9 @@ fn main() {
         Some("udpc") => udp_connected(addr(1), num(2)),
         Some("loop") => run_loop(addr(1), num(2) as u64),
         _ => {
-            eprintln!("usage: lbt serve NAME tcp|udp ADDR | tcp ADDR N | udp ADDR N | udpc ADDR N | loop ADDR MILLIS");
+            eprintln!(
+                "usage: lbt serve NAME tcp|udp ADDR | tcp ADDR N | udp ADDR N | udpc ADDR N | loop ADDR MILLIS"
+            );
             std::process::exit(2);
         }
     }
