@@ -245,6 +245,16 @@ pub struct Bpffs {
     cgroup: PathBuf,
 }
 
+impl Bpffs {
+    /// A guard for `path` (pins made under it are removed on drop).
+    pub fn new(path: &str, cgroup: &Path) -> Self {
+        Self {
+            path: PathBuf::from(path),
+            cgroup: cgroup.to_owned(),
+        }
+    }
+}
+
 impl Drop for Bpffs {
     fn drop(&mut self) {
         let _ = Command::new(lb_agent())

@@ -615,3 +615,63 @@ fn sctp_ports_become_their_own_frontends() {
         "ECONNREFUSED"
     );
 }
+
+#[test]
+fn run_fails_loudly_when_it_cannot_load_or_attach() {
+    lb_tests::require_privileges();
+    lb_tests::ensure_bpffs();
+    let tag = format!("lbt-fail-{}", std::process::id());
+    let manifests = lb_tests::TempDir::new(&format!("{tag}-m"));
+    let run = |extra: &[&str]| {
+        let out = Command::new(lb_tests::lb_agent())
+            .args(["run", "--manifests"])
+            .arg(&manifests.path)
+            .args(extra)
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("spawn lb-agent");
+        assert!(!out.status.success(), "lb-agent {extra:?} should fail");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let bpffs = format!("/sys/fs/bpf/{tag}");
+    let _pins = lb_tests::Bpffs::new(&bpffs, &lb_tests::cgroup2_root().join("does-not-exist"));
+    let err = run(&["--cgroup", "/nonexistent/cgroup", "--bpffs", &bpffs]);
+    assert!(
+        err.contains("cannot open cgroup /nonexistent/cgroup"),
+        "{err}"
+    );
+    let not_bpf = lb_tests::TempDir::new(&format!("{tag}-notbpf"));
+    let cg = lb_tests::Cgroup::new(&tag);
+    let err = run(&[
+        "--cgroup",
+        cg.path.to_str().unwrap(),
+        "--bpffs",
+        not_bpf.path.to_str().unwrap(),
+    ]);
+    assert!(err.contains("not on a BPF filesystem"), "{err}");
+    // A map of another layout pinned under our name: refuse to adopt it, touch nothing.
+    std::fs::create_dir_all(&bpffs).expect("mkdir bpffs dir");
+    lb_tests::sh(&format!(
+        "bpftool map create {bpffs}/LB4_SVC_V1 type hash key 4 value 4 entries 8 name LB4_SVC_V1"
+    ));
+    let err = run(&["--cgroup", cg.path.to_str().unwrap(), "--bpffs", &bpffs]);
+    assert!(
+        err.contains(
+            "map LB4_SVC_V1: pinned map has key/value size (4, 4), this build expects (12, 12)"
+        ),
+        "{err}"
+    );
+    assert!(
+        std::path::Path::new(&format!("{bpffs}/LB4_SVC_V1")).exists(),
+        "the foreign pin is left alone"
+    );
+    let attached = Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(&cg.path)
+        .output()
+        .expect("bpftool");
+    assert!(
+        String::from_utf8_lossy(&attached.stdout).trim().is_empty(),
+        "nothing attached on failure"
+    );
+}
