@@ -257,13 +257,14 @@ impl Bpffs {
 
 impl Drop for Bpffs {
     fn drop(&mut self) {
-        let _ = Command::new(lb_agent())
-            .args(["cleanup", "--bpffs"])
+        let mut cmd = Command::new(lb_agent());
+        cmd.args(["cleanup", "--bpffs"])
             .arg(&self.path)
-            .arg("--cgroup")
-            .arg(&self.cgroup)
-            .stdout(Stdio::null())
-            .status();
+            .stdout(Stdio::null());
+        if self.cgroup.exists() {
+            cmd.arg("--cgroup").arg(&self.cgroup);
+        }
+        let _ = cmd.status();
         let _ = fs::remove_dir_all(&self.path);
     }
 }
@@ -515,6 +516,28 @@ impl Cluster {
             .expect("spawn client")
     }
 
+    /// `lb-agent cleanup --bpffs <ours> --cgroup <ours>`; panics when it fails.
+    pub fn cleanup(&self) -> String {
+        let out = Command::new(lb_agent())
+            .args(["cleanup", "--bpffs"])
+            .arg(&self.bpffs.path)
+            .arg("--cgroup")
+            .arg(&self.cgroup.path)
+            .output()
+            .expect("spawn lb-agent cleanup");
+        assert!(
+            out.status.success(),
+            "cleanup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `bpftool cgroup show <our cgroup>`: the programs attached there.
+    pub fn attached_hooks(&self) -> String {
+        attached_hooks(&self.cgroup.path)
+    }
+
     /// `lb-agent inspect <what> -o json`.
     #[must_use]
     pub fn inspect(&self, what: &str) -> Value {
@@ -549,6 +572,16 @@ impl Cluster {
                 b
             })
     }
+}
+
+/// `bpftool cgroup show <cgroup>`: the programs attached there.
+pub fn attached_hooks(cgroup: &Path) -> String {
+    let out = Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(cgroup)
+        .output()
+        .expect("spawn bpftool");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A Service manifest: `ClusterIPs` and ports `(name, port, protocol)`.

@@ -381,20 +381,11 @@ fn agent_kill9_and_restart_under_a_connect_loop_loses_no_connection() {
         1,
         "only the first agent should write:\n{log}"
     );
-    let attached = Command::new("bpftool")
-        .args(["cgroup", "show"])
-        .arg(&c.cgroup.path)
-        .output()
-        .expect("bpftool");
-    let lines = String::from_utf8_lossy(&attached.stdout)
-        .lines()
-        .filter(|l| l.contains("sock"))
-        .count();
+    let attached = lb_tests::attached_hooks(&c.cgroup.path);
+    let lines = attached.lines().filter(|l| l.contains("sock")).count();
     assert_eq!(
-        lines,
-        8,
-        "exactly one program per hook after handovers:\n{}",
-        String::from_utf8_lossy(&attached.stdout)
+        lines, 8,
+        "exactly one program per hook after handovers:\n{attached}"
     );
 }
 
@@ -432,28 +423,10 @@ fn maps_are_pinned_with_btf_and_cleanup_removes_everything() {
     assert!(String::from_utf8_lossy(&be.stdout).contains("\"port\": 8080"));
 
     c.kill_agent();
-    let out = Command::new(lb_tests::lb_agent())
-        .args(["cleanup", "--bpffs"])
-        .arg(&c.bpffs.path)
-        .arg("--cgroup")
-        .arg(&c.cgroup.path)
-        .output()
-        .expect("cleanup");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    c.cleanup();
     assert!(!c.bpffs.path.exists(), "pins left behind");
-    let attached = Command::new("bpftool")
-        .args(["cgroup", "show"])
-        .arg(&c.cgroup.path)
-        .output()
-        .expect("bpftool");
-    assert!(
-        !String::from_utf8_lossy(&attached.stdout).contains("sock"),
-        "hooks left attached"
-    );
+    let attached = lb_tests::attached_hooks(&c.cgroup.path);
+    assert!(!attached.contains("sock"), "hooks left attached");
     let r = &c.client(&["tcp", &format!("{VIP4}:80"), "1"])[0];
     assert_eq!(
         r["error"], "ENETUNREACH",
@@ -490,32 +463,12 @@ fn cleanup_detaches_hooks_kept_alive_outside_our_pins() {
     lb_tests::sh(&format!("bpftool link pin id {id} {}", extra.display()));
     let _extra = Unpin(extra);
 
-    let out = Command::new(lb_tests::lb_agent())
-        .args(["cleanup", "--bpffs"])
-        .arg(&c.bpffs.path)
-        .arg("--cgroup")
-        .arg(&c.cgroup.path)
-        .output()
-        .expect("cleanup");
+    let cleaned = c.cleanup();
+    assert!(cleaned.contains("detached 1 unpinned hooks"), "{cleaned}");
+    let attached = lb_tests::attached_hooks(&c.cgroup.path);
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("detached 1 unpinned hooks"),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let attached = Command::new("bpftool")
-        .args(["cgroup", "show"])
-        .arg(&c.cgroup.path)
-        .output()
-        .expect("bpftool");
-    assert!(
-        !String::from_utf8_lossy(&attached.stdout).contains("sock"),
-        "hooks left attached: {}",
-        String::from_utf8_lossy(&attached.stdout)
+        !attached.contains("sock"),
+        "hooks left attached: {attached}"
     );
 }
 
@@ -665,13 +618,6 @@ fn run_fails_loudly_when_it_cannot_load_or_attach() {
         std::path::Path::new(&format!("{bpffs}/LB4_SVC_V1")).exists(),
         "the foreign pin is left alone"
     );
-    let attached = Command::new("bpftool")
-        .args(["cgroup", "show"])
-        .arg(&cg.path)
-        .output()
-        .expect("bpftool");
-    assert!(
-        String::from_utf8_lossy(&attached.stdout).trim().is_empty(),
-        "nothing attached on failure"
-    );
+    let attached = lb_tests::attached_hooks(&cg.path);
+    assert!(attached.trim().is_empty(), "nothing attached on failure");
 }

@@ -198,21 +198,26 @@ fn test(extra: &[String]) -> Result<()> {
         .args(extra))
 }
 
+/// Setup, then the release binaries the demo and the bench run (agent, lbt, lb-demo, lb-bench).
+fn release_bins() -> Result<()> {
+    setup()?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "lb-userspace",
+        "-p",
+        "lb-tests",
+        "--bins",
+    ]))
+}
+
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Setup => setup(),
         Cmd::Test { args } => test(&args),
         Cmd::Demo => {
-            setup()?;
-            run(cargo().args([
-                "build",
-                "--release",
-                "-p",
-                "lb-userspace",
-                "-p",
-                "lb-tests",
-                "--bins",
-            ]))?;
+            release_bins()?;
             run(Command::new(root().join("target/release/lb-demo"))
                 .arg(root().join("examples/demo")))
         }
@@ -221,16 +226,7 @@ fn main() -> Result<()> {
             round_secs,
             rounds,
         } => {
-            setup()?;
-            run(cargo().args([
-                "build",
-                "--release",
-                "-p",
-                "lb-userspace",
-                "-p",
-                "lb-tests",
-                "--bins",
-            ]))?;
+            release_bins()?;
             run(Command::new(root().join("target/release/lb-bench")).args([
                 "--services",
                 &services.to_string(),

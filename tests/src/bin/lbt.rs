@@ -86,14 +86,20 @@ fn tcp_once(addr: SocketAddr) -> serde_json::Value {
     }
 }
 
-fn udp_unconnected(addr: SocketAddr, n: usize) {
-    let bind: SocketAddr = if addr.is_ipv4() {
+/// An ephemeral UDP socket of `addr`'s family with the read timeout set.
+fn udp_client(addr: SocketAddr) -> UdpSocket {
+    let any: SocketAddr = if addr.is_ipv4() {
         "0.0.0.0:0".parse().unwrap()
     } else {
         "[::]:0".parse().unwrap()
     };
-    let s = UdpSocket::bind(bind).expect("bind");
+    let s = UdpSocket::bind(any).expect("bind");
     s.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+    s
+}
+
+fn udp_unconnected(addr: SocketAddr, n: usize) {
+    let s = udp_client(addr);
     let mut buf = [0u8; 128];
     for _ in 0..n {
         if let Err(e) = s.send_to(b"hi", addr) {
@@ -120,13 +126,7 @@ fn udp_unconnected(addr: SocketAddr, n: usize) {
 }
 
 fn udp_connected(addr: SocketAddr, n: usize) {
-    let bind: SocketAddr = if addr.is_ipv4() {
-        "0.0.0.0:0".parse().unwrap()
-    } else {
-        "[::]:0".parse().unwrap()
-    };
-    let s = UdpSocket::bind(bind).expect("bind");
-    s.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+    let s = udp_client(addr);
     if let Err(e) = s.connect(addr) {
         println!(
             "{}",
