@@ -1,6 +1,6 @@
 //! `lb-agent run`: load and attach the datapath, adopt what the maps hold, then keep them equal
-//! to the manifests — level-triggered: every change rereads everything, rebuilds the desired
-//! state and diffs it against the shadow.
+//! to the source (manifest files or the Kubernetes API) — level-triggered: every change takes a
+//! complete snapshot of the source, rebuilds the desired state and diffs it against the shadow.
 use std::{
     collections::BTreeSet,
     error::Error as StdError,
@@ -19,14 +19,23 @@ use crate::{
     loader::{self, Sizes},
     maps::BpfMaps,
     model,
-    source::ManifestDir,
+    source::{ManifestDir, Objects, api::ApiSource},
     sync::{self, Shadow},
 };
+
+/// Where Services and EndpointSlices come from.
+#[derive(Debug, Clone)]
+pub enum SourceOpt {
+    /// A directory of manifest files, watched with inotify.
+    Manifests(PathBuf),
+    /// The Kubernetes API: `--kubeconfig`, else the in-cluster service account.
+    Api { kubeconfig: Option<PathBuf> },
+}
 
 /// Everything `run` needs.
 #[derive(Debug, Clone)]
 pub struct Options {
-    pub manifests: PathBuf,
+    pub source: SourceOpt,
     pub node_name: String,
     pub cgroup: PathBuf,
     pub bpffs: PathBuf,
@@ -34,8 +43,30 @@ pub struct Options {
     pub model: model::Config,
     /// Full resync even without file events (missed inotify events, clock-driven safety net).
     pub resync_every: Duration,
-    /// Quiet time after a file event before syncing, so an editor's write sequence is one sync.
+    /// Quiet time after an event before syncing, so a burst (an editor's write sequence, a
+    /// rollout's EndpointSlice updates) is one sync.
     pub debounce: Duration,
+    /// Least time between the starts of two syncs (kube-proxy's minSyncPeriod).
+    pub min_sync_interval: Duration,
+}
+
+/// The running source.
+enum Source {
+    Manifests(ManifestDir),
+    Api(ApiSource),
+}
+
+impl Source {
+    /// A complete snapshot and the problems met taking it.
+    fn snapshot(&mut self) -> (Objects, Vec<String>) {
+        match self {
+            Self::Manifests(m) => {
+                let (o, errors) = m.read();
+                (o, errors.iter().map(|e| chain(e)).collect())
+            }
+            Self::Api(a) => (a.snapshot(), Vec::new()),
+        }
+    }
 }
 
 /// Formats an error with its whole `source()` chain.
@@ -51,7 +82,7 @@ pub fn chain(e: &dyn StdError) -> String {
 }
 
 struct State {
-    src: ManifestDir,
+    src: Source,
     cfg: model::Config,
     maps: BpfMaps,
     capacity: sync::Capacity,
@@ -63,7 +94,7 @@ struct State {
 impl State {
     fn sync(&mut self) {
         let started = Instant::now();
-        let (objs, file_errors) = self.src.read();
+        let (objs, source_errors) = self.src.snapshot();
         let (mut desired, model_errors) = model::build(&objs.services, &objs.slices, &self.cfg);
         let owners: Vec<(model::Frontend, model::NsName)> = desired
             .frontends
@@ -79,9 +110,8 @@ impl State {
                 self.capacity.svc4, self.capacity.svc6, self.capacity.be4, self.capacity.be6
             )
         });
-        let now: BTreeSet<String> = file_errors
-            .iter()
-            .map(|e| chain(e))
+        let now: BTreeSet<String> = source_errors
+            .into_iter()
             .chain(model_errors.iter().map(ToString::to_string))
             .chain(capacity_errors)
             .collect();
@@ -146,41 +176,67 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         "datapath attached"
     );
     let capacity = maps.capacity();
+
+    // Every source wakes the loop through a 1-slot channel: a burst leaves one pending wake-up.
+    let (tx, mut rx) = mpsc::channel::<()>(1);
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut _inotify = None;
+    let src = match &opts.source {
+        SourceOpt::Manifests(dir) => {
+            let tx = tx.clone();
+            let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+                if res.is_ok() {
+                    let _ = tx.try_send(());
+                }
+            })?;
+            w.watch(dir, RecursiveMode::NonRecursive)
+                .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", dir.display()))?;
+            _inotify = Some(w);
+            Source::Manifests(ManifestDir::new(dir))
+        }
+        SourceOpt::Api { kubeconfig } => {
+            let client = crate::source::api::client(kubeconfig.as_deref())
+                .await
+                .map_err(|e| anyhow::anyhow!(chain(&e)))?;
+            let api = ApiSource::start(&client, &opts.node_name, &tx);
+            info!("waiting for the first list of Services, EndpointSlices and this Node");
+            // Until every store is complete the adopted maps stay exactly as they are.
+            tokio::select! {
+                r = api.ready() => r.map_err(|e| anyhow::anyhow!(chain(&e)))?,
+                _ = term.recv() => return Ok(()),
+                _ = int.recv() => return Ok(()),
+            }
+            Source::Api(api)
+        }
+    };
     let mut state = State {
-        src: ManifestDir::new(&opts.manifests),
+        src,
         cfg: opts.model.clone(),
         maps,
         capacity,
         shadow,
         reported: BTreeSet::new(),
     };
-
-    // inotify → a 1-slot channel: a burst of events leaves one pending wake-up.
-    let (tx, mut rx) = mpsc::channel::<()>(1);
-    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if res.is_ok() {
-            let _ = tx.try_send(());
-        }
-    })?;
-    watcher
-        .watch(&opts.manifests, RecursiveMode::NonRecursive)
-        .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", opts.manifests.display()))?;
-
     state.sync();
-    info!(manifests = %opts.manifests.display(), "watching manifests");
+    let mut last_sync = Instant::now();
+    info!(source = ?opts.source, "agent ready");
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     let mut resync = tokio::time::interval(opts.resync_every);
     resync.reset();
     loop {
         tokio::select! {
             Some(()) = rx.recv() => {
-                tokio::time::sleep(opts.debounce).await;
+                let at = (Instant::now() + opts.debounce).max(last_sync + opts.min_sync_interval);
+                tokio::time::sleep_until(at.into()).await;
                 while rx.try_recv().is_ok() {}
+                last_sync = Instant::now();
                 state.sync();
             }
-            _ = resync.tick() => state.sync(),
+            _ = resync.tick() => {
+                last_sync = Instant::now();
+                state.sync();
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }

@@ -24,11 +24,19 @@ pub enum Command {
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// Directory of Service and `EndpointSlice` manifests (*.yaml, *.yml, *.json; multi-document
-    /// and `kind: List` allowed). Watched: changes are applied within a second.
-    #[arg(long, value_name = "DIR")]
-    pub manifests: PathBuf,
-    /// This node's name (for node-local endpoint selection). Default: $`NODE_NAME`, else the hostname.
+    /// Read Services and EndpointSlices from this directory of manifests (*.yaml, *.yml, *.json;
+    /// multi-document and `kind: List` allowed) instead of the Kubernetes API. Watched.
+    #[arg(long, value_name = "DIR", conflicts_with = "kubeconfig")]
+    pub manifests: Option<PathBuf>,
+    /// kubeconfig for the Kubernetes API. Without it (and without --manifests) the agent uses
+    /// the in-cluster service account.
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Least time between two syncs: bursts of changes within it are applied together
+    /// (kube-proxy's --iptables-min-sync-period, default there 1 s).
+    #[arg(long, value_name = "DURATION", default_value = "20ms", value_parser = parse_duration)]
+    pub min_sync_interval: std::time::Duration,
+    /// This node's name (for node-local endpoint selection). Default: $NODE_NAME, else the hostname.
     #[arg(long, env = "NODE_NAME", value_name = "N")]
     pub node_name: Option<String>,
     /// cgroup v2 directory to attach the socket hooks to. Default: the cgroup2 mount root found
@@ -54,6 +62,24 @@ pub struct RunArgs {
     /// Full resync interval in seconds, in addition to file events.
     #[arg(long, default_value_t = 30)]
     pub resync_seconds: u64,
+}
+
+/// `250ms`, `1s`, `1.5s`.
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else {
+        return Err(format!("{s:?}: give a unit, e.g. 50ms or 1s"));
+    };
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration"))?;
+    if !(0.0..=3600.0).contains(&v) {
+        return Err(format!("{s:?} is out of range"));
+    }
+    Ok(std::time::Duration::from_secs_f64(v * scale))
 }
 
 #[derive(Debug, Clone, Copy, Default, ValueEnum)]

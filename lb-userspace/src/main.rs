@@ -33,7 +33,12 @@ fn real_main(cli: cli::Cli) -> anyhow::Result<()> {
                 None => loader::cgroup2_mount().map_err(|e| anyhow::anyhow!(agent::chain(&e)))?,
             };
             let opts = agent::Options {
-                manifests: a.manifests,
+                source: match a.manifests {
+                    Some(dir) => agent::SourceOpt::Manifests(dir),
+                    None => agent::SourceOpt::Api {
+                        kubeconfig: a.kubeconfig,
+                    },
+                },
                 node_name: a.node_name.unwrap_or_else(hostname),
                 cgroup,
                 bpffs: a.bpffs,
@@ -48,7 +53,8 @@ fn real_main(cli: cli::Cli) -> anyhow::Result<()> {
                     proxy_name: a.proxy_name,
                 },
                 resync_every: Duration::from_secs(a.resync_seconds.max(1)),
-                debounce: Duration::from_millis(20),
+                debounce: Duration::from_millis(5),
+                min_sync_interval: a.min_sync_interval,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -25,6 +25,8 @@ use std::{
 
 pub use serde_json::Value;
 
+pub mod apiserver;
+
 /// Runs a shell command; panics with its output when it fails.
 pub fn sh(cmd: &str) {
     let out = Command::new("sh")
@@ -329,6 +331,8 @@ pub struct Cluster {
     pub node: Netns,
     pub tag: String,
     agent_starts: usize,
+    /// `Some(kubeconfig)`: the agent learns from an API server instead of `manifests`.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 impl Cluster {
@@ -378,6 +382,7 @@ impl Cluster {
             node,
             tag,
             agent_starts: 0,
+            kubeconfig: None,
         };
         for i in 0..n {
             c.start_server(i, "tcp", "[::]:8080");
@@ -403,6 +408,13 @@ impl Cluster {
             i + 1
         );
         self.servers.push(Proc { child });
+    }
+
+    fn source_args(&self) -> Vec<std::ffi::OsString> {
+        match &self.kubeconfig {
+            Some(k) => vec!["--kubeconfig".into(), k.into()],
+            None => vec!["--manifests".into(), self.manifests.path.clone().into()],
+        }
     }
 
     /// Writes (or replaces) a manifest file.
@@ -443,8 +455,7 @@ impl Cluster {
         let log = File::create(&log_path).expect("agent log");
         let child = Command::new(lb_agent())
             .arg("run")
-            .arg("--manifests")
-            .arg(&self.manifests.path)
+            .args(self.source_args())
             .arg("--cgroup")
             .arg(&self.cgroup.path)
             .arg("--bpffs")
@@ -467,7 +478,7 @@ impl Cluster {
             }
             fs::read_to_string(&log_path)
                 .ok()
-                .filter(|l| l.contains("watching manifests"))
+                .filter(|l| l.contains("agent ready"))
                 .map(|_| ())
         });
         assert!(

@@ -1,5 +1,5 @@
-//! Where Services and `EndpointSlices` come from. Today: a directory of manifest files
-//! (`lb-agent run --manifests DIR`), read in full on every change (level-triggered).
+//! The manifest source: a directory of files (`lb-agent run --manifests DIR`), read in full on
+//! every change (level-triggered).
 //!
 //! Each `*.yaml`, `*.yml`, `*.json` file may hold several documents and `kind: List` objects as
 //! `kubectl get -o yaml` writes them. A file that cannot be parsed at all (say, half-saved by an
@@ -13,6 +13,8 @@ use std::{
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+pub use super::Objects;
 use serde::Deserialize as _;
 
 /// Errors reading manifests. Each names the file (and document) it is about.
@@ -44,21 +46,6 @@ pub enum Error {
         name: String,
         message: String,
     },
-}
-
-/// The objects the model needs. Shared (`Arc`) between the per-file cache and the combined
-/// view, so 10,000 Services are held once, not once per read.
-#[derive(Clone, Debug, Default)]
-pub struct Objects {
-    pub services: Vec<Arc<Service>>,
-    pub slices: Vec<Arc<EndpointSlice>>,
-}
-
-impl Objects {
-    fn extend(&mut self, other: &Self) {
-        self.services.extend(other.services.iter().cloned());
-        self.slices.extend(other.slices.iter().cloned());
-    }
 }
 
 /// Reads a manifest directory, remembering each file's last good contents.

@@ -1,0 +1,225 @@
+//! The agent against the Kubernetes API-server double (`lb_tests::apiserver`), on the real
+//! kernel: list/watch, changes mid-watch, cut watches, 410 Gone and relist, deletes while
+//! disconnected — the maps converge with no stale entry, unchanged Services undisturbed.
+use std::time::{Duration, Instant};
+
+use lb_tests::{
+    Cluster, Value,
+    apiserver::{ApiServer, Kind},
+    pod_v4, service, slice, wait_for,
+};
+
+const VIP: &str = "198.19.0.10";
+
+fn node(name: &str, zone: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}, labels: {{topology.kubernetes.io/zone: {zone}}}}}\n"
+    )
+}
+
+/// A one-port TCP Service `name` on `vip` with endpoints on the given backends.
+fn svc(name: &str, vip: &str, backends: &[usize]) -> String {
+    let eps: Vec<String> = backends.iter().map(|i| pod_v4(*i)).collect();
+    let eps: Vec<(&str, bool, bool, bool)> = eps
+        .iter()
+        .map(|a| (a.as_str(), true, true, false))
+        .collect();
+    [
+        service(name, &[vip], &[("http", 80, "TCP")]),
+        slice(
+            &format!("{name}-1"),
+            name,
+            "IPv4",
+            &[("http", 8080, "TCP")],
+            &eps,
+        ),
+    ]
+    .join("\n---\n")
+}
+
+fn want(backends: &[usize]) -> Vec<String> {
+    backends
+        .iter()
+        .map(|i| format!("{}:8080", pod_v4(*i)))
+        .collect()
+}
+
+fn api_cluster(tag: &str, n: usize) -> (Cluster, ApiServer) {
+    let mut c = Cluster::new(tag, n);
+    let api = ApiServer::start(&c.logs.path);
+    api.apply_yaml(&node("node-a", "zone-a"));
+    c.kubeconfig = Some(api.kubeconfig.clone());
+    (c, api)
+}
+
+/// Waits until `frontend` serves exactly `backends` (`None`: absent); returns the time taken.
+fn converge(c: &Cluster, frontend: &str, backends: Option<&[String]>) -> Duration {
+    let t = Instant::now();
+    wait_for(Duration::from_secs(10), || {
+        (c.backends_of(frontend).as_deref() == backends).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "{frontend}: wanted {backends:?}, have {:?}\n{}",
+            c.backends_of(frontend),
+            c.agent_log()
+        )
+    });
+    t.elapsed()
+}
+
+#[test]
+fn the_api_source_programs_services_and_follows_changes_mid_watch() {
+    let (mut c, api) = api_cluster("api", 3);
+    api.apply_yaml(&svc("web", VIP, &[1, 2]));
+    c.start_agent();
+    let fe = format!("{VIP}:80/TCP");
+    converge(&c, &fe, Some(&want(&[1, 2])));
+    let r = &c.client(&["tcp", &format!("{VIP}:80"), "4"]);
+    assert!(
+        r.iter()
+            .all(|r| r["ok"] == true && r["peer"] == format!("{VIP}:80")),
+        "{r:?}"
+    );
+
+    // Mid-watch: endpoints change, a Service appears, one is deleted.
+    api.apply_yaml(&svc("web", VIP, &[2, 3]));
+    assert!(converge(&c, &fe, Some(&want(&[2, 3]))) < Duration::from_secs(1));
+    api.apply_yaml(&svc("new", "198.19.0.11", &[1]));
+    assert!(converge(&c, "198.19.0.11:80/TCP", Some(&want(&[1]))) < Duration::from_secs(1));
+    assert!(api.delete(Kind::Service, "test", "new"));
+    assert!(converge(&c, "198.19.0.11:80/TCP", None) < Duration::from_secs(1));
+    let r = &c.client(&["tcp", "198.19.0.11:80", "1"])[0];
+    assert_eq!(
+        r["error"], "ENETUNREACH",
+        "a deleted Service's VIP is gone entirely: {r}"
+    );
+    // Deleting only the slice leaves a known Service without endpoints: REJECT.
+    assert!(api.delete(Kind::EndpointSlice, "test", "web-1"));
+    converge(&c, &fe, Some(&[]));
+    assert_eq!(
+        c.client(&["tcp", &format!("{VIP}:80"), "1"])[0]["error"],
+        "ECONNREFUSED"
+    );
+}
+
+#[test]
+fn cut_watches_410_and_deletes_while_disconnected_converge_without_disturbing_others() {
+    let (mut c, api) = api_cluster("apifail", 3);
+    api.apply_yaml(&svc("steady", VIP, &[1, 2]));
+    api.apply_yaml(&svc("moving", "198.19.0.12", &[1]));
+    api.apply_yaml(&svc("doomed", "198.19.0.13", &[2]));
+    c.start_agent();
+    converge(&c, "198.19.0.13:80/TCP", Some(&want(&[2])));
+    let steady = c.backends_of(&format!("{VIP}:80/TCP"));
+    let lp = c.client_bg(&["loop", &format!("{VIP}:80"), "6000"]);
+
+    // 1. The watch is cut; a change made meanwhile arrives after the reconnect.
+    api.cut_watches();
+    api.apply_yaml(&svc("moving", "198.19.0.12", &[1, 3]));
+    converge(&c, "198.19.0.12:80/TCP", Some(&want(&[1, 3])));
+
+    // 2. History compacted and the watch cut: resuming gets 410 Gone, the watcher relists.
+    let lists_before = api
+        .requests()
+        .iter()
+        .filter(|r| r.contains("/api/v1/services") && !r.contains("watch="))
+        .count();
+    // Bookmarks keep a watcher's resourceVersion current, so the change and the compaction
+    // happen while it is disconnected: its resume point is then older than the history.
+    api.set_online(false);
+    api.apply_yaml(&svc("moving", "198.19.0.12", &[3]));
+    api.compact();
+    api.set_online(true);
+    converge(&c, "198.19.0.12:80/TCP", Some(&want(&[3])));
+    let lists_after = api
+        .requests()
+        .iter()
+        .filter(|r| r.contains("/api/v1/services") && !r.contains("watch="))
+        .count();
+    assert!(
+        lists_after > lists_before,
+        "410 must force a relist ({lists_before} → {lists_after} lists)"
+    );
+
+    // 3. Offline: a Service and an EndpointSlice are deleted while the agent cannot see it.
+    api.set_online(false);
+    assert!(api.delete(Kind::Service, "test", "doomed"));
+    assert!(api.delete(Kind::EndpointSlice, "test", "moving-1"));
+    api.compact(); // and the history is gone, as after a long outage
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(
+        c.backends_of("198.19.0.13:80/TCP"),
+        Some(want(&[2])),
+        "nothing changes while disconnected"
+    );
+    api.set_online(true);
+    converge(&c, "198.19.0.13:80/TCP", None);
+    converge(&c, "198.19.0.12:80/TCP", Some(&[]));
+
+    let out = lp.wait_with_output().expect("loop");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("loop JSON");
+    assert_eq!(
+        v["failed"],
+        0,
+        "the unchanged Service was disturbed: {v}\n{}",
+        c.agent_log()
+    );
+    assert!(v["ok"].as_u64().unwrap() > 100, "{v}");
+    assert_eq!(c.backends_of(&format!("{VIP}:80/TCP")), steady);
+    // No stale entry anywhere: exactly the two remaining frontends and their VIPs.
+    let services = c.inspect("services");
+    let fes: Vec<&str> = services
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["frontend"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        fes,
+        [format!("{VIP}:80/TCP"), "198.19.0.12:80/TCP".to_owned()]
+    );
+    let backends = c.inspect("backends");
+    assert_eq!(
+        backends.as_array().unwrap().len(),
+        2,
+        "unreferenced backends removed: {backends}"
+    );
+}
+
+#[test]
+fn an_agent_that_cannot_reach_the_api_keeps_the_adopted_datapath() {
+    let (mut c, api) = api_cluster("apidown", 1);
+    api.apply_yaml(&svc("web", VIP, &[1]));
+    c.start_agent();
+    converge(&c, &format!("{VIP}:80/TCP"), Some(&want(&[1])));
+    c.kill_agent();
+    api.set_online(false);
+    // A restarted agent that cannot list must not withdraw anything.
+    let log = c.logs.path.join("agent-down.log");
+    let mut child = std::process::Command::new(lb_tests::lb_agent())
+        .args(["run", "--kubeconfig"])
+        .arg(&api.kubeconfig)
+        .arg("--cgroup")
+        .arg(&c.cgroup.path)
+        .arg("--bpffs")
+        .arg(&c.bpffs.path)
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("spawn");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(c.backends_of(&format!("{VIP}:80/TCP")), Some(want(&[1])));
+    assert_eq!(c.client(&["tcp", &format!("{VIP}:80"), "1"])[0]["ok"], true);
+    api.set_online(true);
+    let ready = wait_for(Duration::from_secs(10), || {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|l| l.contains("agent ready"))
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        ready.is_some(),
+        "agent never became ready after the API came back"
+    );
+}
