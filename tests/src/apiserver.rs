@@ -93,6 +93,8 @@ struct State {
     cut: u64,
     /// `METHOD path?query` of every request, for assertions.
     requests: Vec<String>,
+    /// How many watches were answered with 410 Gone.
+    gone: usize,
 }
 
 type Shared = Arc<(Mutex<State>, Condvar)>;
@@ -277,6 +279,11 @@ impl ApiServer {
     /// Every request received so far (`GET path?query`).
     pub fn requests(&self) -> Vec<String> {
         self.with(|s| s.requests.clone())
+    }
+
+    /// How many watches were answered with 410 Gone.
+    pub fn gone_sent(&self) -> usize {
+        self.with(|s| s.gone)
     }
 
     /// The current resourceVersion.
@@ -473,6 +480,7 @@ fn watch(w: &mut TcpStream, kind: Kind, req: &Request, shared: &Shared, stop: &A
     let mut last_bookmark = Instant::now();
     loop {
         if sent < s.oldest {
+            s.gone += 1;
             let gone = json!({"type": "ERROR", "object": status(410, "Expired", &format!("too old resource version: {sent} ({})", s.oldest))});
             drop(s);
             let _ = chunk(w, &gone);

@@ -132,15 +132,20 @@ fn cut_watches_410_and_deletes_while_disconnected_converge_without_disturbing_ot
     api.compact();
     api.set_online(true);
     converge(&c, "198.19.0.12:80/TCP", Some(&want(&[3])));
-    let lists_after = api
-        .requests()
-        .iter()
-        .filter(|r| r.contains("/api/v1/services") && !r.contains("watch="))
-        .count();
+    let relisted = wait_for(Duration::from_secs(10), || {
+        let n = api
+            .requests()
+            .iter()
+            .filter(|r| r.contains("/api/v1/services") && !r.contains("watch="))
+            .count();
+        (n > lists_before).then_some(n)
+    });
     assert!(
-        lists_after > lists_before,
-        "410 must force a relist ({lists_before} → {lists_after} lists)"
+        relisted.is_some(),
+        "410 must force the Service watcher to relist\n{}",
+        c.agent_log()
     );
+    assert!(api.gone_sent() >= 1, "the double never answered 410");
 
     // 3. Offline: a Service and an EndpointSlice are deleted while the agent cannot see it.
     api.set_online(false);
