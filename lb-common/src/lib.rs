@@ -39,6 +39,12 @@ pub const SCOPE_ALL: u8 = 0;
 /// protocol without a frontend is rejected rather than routed.
 pub const SVC_FLAG_VIP_MARKER: u16 = 1 << 0;
 
+/// `SvcValue::flags`: internalTrafficPolicy Local and this node has no usable endpoint while
+/// other nodes do. `count` is 0; the datapath DROPs instead of REJECTing: `connect()` fails with
+/// ETIMEDOUT at once — the errno a dropped SYN ends in, without the two-minute wait, and no
+/// packet for the VIP ever leaves unrewritten.
+pub const SVC_FLAG_NO_LOCAL: u16 = 1 << 1;
+
 // ---------------------------------------------------------------------------------------------
 // Map names. ≤ 15 bytes (the kernel keeps 15 + NUL). Mirrored by the `#[btf_map]` statics in
 // lb-ebpf; lb-userspace tests that the loaded object carries every one of them.
@@ -59,9 +65,23 @@ pub const MAP_RNAT6: &str = "LB6_RNAT_SK_V1";
 /// Per-CPU datapath counters: [`Stat`] index (`u32`) → `u64`.
 pub const MAP_STATS: &str = "LB_STATS_V1";
 
+/// sessionAffinity ClientIP state: [`AffKey`] → [`AffValue`] (LRU, written by the datapath).
+pub const MAP_AFF: &str = "LB_AFF_V1";
+/// Which backends belong to which frontend, for affinity: [`AffMatchKey`] → `u32` (0).
+/// Written by the agent, for frontends with affinity only.
+pub const MAP_AFF_MATCH: &str = "LB_AFF_MATCH_V1";
+
 /// Every map the datapath object must define.
-pub const ALL_MAPS: [&str; 7] = [
-    MAP_SVC4, MAP_BE4, MAP_SVC6, MAP_BE6, MAP_RNAT4, MAP_RNAT6, MAP_STATS,
+pub const ALL_MAPS: [&str; 9] = [
+    MAP_SVC4,
+    MAP_BE4,
+    MAP_SVC6,
+    MAP_BE6,
+    MAP_RNAT4,
+    MAP_RNAT6,
+    MAP_STATS,
+    MAP_AFF,
+    MAP_AFF_MATCH,
 ];
 
 /// Default `max_entries` of the service maps (frontends + backend slots + VIP markers).
@@ -70,6 +90,10 @@ pub const ALL_MAPS: [&str; 7] = [
 pub const DEFAULT_SVC_ENTRIES: u32 = 1 << 19;
 /// Default `max_entries` of the backend maps.
 pub const DEFAULT_BE_ENTRIES: u32 = 1 << 18;
+/// Default `max_entries` of the affinity LRU map (one entry per client netns × frontend).
+pub const DEFAULT_AFF_ENTRIES: u32 = 1 << 16;
+/// Default `max_entries` of the affinity match map (backends of frontends with affinity).
+pub const DEFAULT_AFF_MATCH_ENTRIES: u32 = 1 << 18;
 /// Default `max_entries` of the LRU reverse-NAT maps (one entry per socket × backend). LRU maps
 /// are preallocated: 131,072 entries ≈ 10 MiB of kernel memory per family.
 pub const DEFAULT_RNAT_ENTRIES: u32 = 1 << 17;
@@ -118,12 +142,14 @@ pub struct Svc6Key {
 /// Value of `LB4_SVC_V1` / `LB6_SVC_V1`.
 ///
 /// * frontend (slot 0): `count` = number of backend slots, `flags`, `affinity_timeout`;
-///   `backend_id` = 0. `count == 0` means "known service, no usable endpoint" → REJECT.
+///   `backend_id` = the frontend's id (stable while it exists; keys the affinity maps).
+///   `count == 0` means "known service, no usable endpoint" → REJECT (DROP with
+///   [`SVC_FLAG_NO_LOCAL`]).
 /// * backend slot (slot ≥ 1): `backend_id` = key into the backend map; other fields 0.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct SvcValue {
-    /// Backend id (slots ≥ 1).
+    /// Backend id (slots ≥ 1); frontend id (slot 0).
     pub backend_id: u32,
     /// Backend count (slot 0).
     pub count: u16,
@@ -222,6 +248,42 @@ pub struct RevNat6Value {
     pub _pad: [u8; 2],
 }
 
+// ---------------------------------------------------------------------------------------------
+// Session affinity (sessionAffinity: ClientIP).
+// ---------------------------------------------------------------------------------------------
+
+/// Key of `LB_AFF_V1`. The client is its network namespace: at `connect()` the source address is
+/// not chosen yet, and a pod's address is its netns (host-network processes share the node's,
+/// which is also one client IP).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AffKey {
+    /// `bpf_get_netns_cookie()` of the client socket.
+    pub netns_cookie: u64,
+    /// Frontend id (slot 0 `backend_id`).
+    pub frontend_id: u32,
+    pub _pad: u32,
+}
+
+/// Value of `LB_AFF_V1`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AffValue {
+    /// The backend this client is pinned to.
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` of the last connection that used the pin.
+    pub last_used_ns: u64,
+}
+
+/// Key of `LB_AFF_MATCH_V1`: present while `backend_id` is a backend of `frontend_id`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct AffMatchKey {
+    pub backend_id: u32,
+    pub frontend_id: u32,
+}
+
 // Compile-time layout guards: these sizes and offsets are ABI with pinned maps.
 const _: () = {
     use core::mem::{offset_of, size_of};
@@ -243,6 +305,10 @@ const _: () = {
     assert!(size_of::<RevNat4Value>() == 8);
     assert!(size_of::<RevNat6Key>() == 32);
     assert!(size_of::<RevNat6Value>() == 20);
+    assert!(size_of::<AffKey>() == 16);
+    assert!(size_of::<AffValue>() == 16);
+    assert!(offset_of!(AffValue, last_used_ns) == 8);
+    assert!(size_of::<AffMatchKey>() == 8);
 };
 
 #[cfg(feature = "user")]
@@ -266,6 +332,12 @@ mod pod {
     unsafe impl aya::Pod for super::RevNat6Key {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::RevNat6Value {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::AffKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::AffValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::AffMatchKey {}
 }
 
 /// Picks a backend slot in `1..=count` from a 32-bit random number, uniformly.

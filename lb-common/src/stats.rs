@@ -23,11 +23,18 @@ pub enum Stat {
     RevNatHit = 5,
     /// The reverse-NAT entry could not be written; `getpeername()` will show the backend.
     RevNatUpdateFailed = 6,
+    /// internalTrafficPolicy Local, endpoints only on other nodes: ETIMEDOUT (DROP).
+    DropNoLocal = 7,
+    /// sessionAffinity: the client's pinned backend was used.
+    AffinityHit = 8,
+    /// sessionAffinity: a client was pinned (first time, after the timeout, or because its
+    /// backend left the Service).
+    AffinityPin = 9,
 }
 
 impl Stat {
     /// Number of counters (`max_entries` of `LB_STATS_V1`).
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 10;
 
     /// Every counter in index order.
     pub const ALL: [Self; Self::COUNT as usize] = [
@@ -38,6 +45,9 @@ impl Stat {
         Self::RejectBackendMissing,
         Self::RevNatHit,
         Self::RevNatUpdateFailed,
+        Self::DropNoLocal,
+        Self::AffinityHit,
+        Self::AffinityPin,
     ];
 
     /// Stable `snake_case` name used in metrics and `inspect` output.
@@ -51,6 +61,9 @@ impl Stat {
             Self::RejectBackendMissing => "reject_backend_missing",
             Self::RevNatHit => "revnat_hit",
             Self::RevNatUpdateFailed => "revnat_update_failed",
+            Self::DropNoLocal => "drop_no_local",
+            Self::AffinityHit => "affinity_hit",
+            Self::AffinityPin => "affinity_pin",
         }
     }
 }

@@ -18,7 +18,7 @@ fn fwd_verdict(r: Result<(), sock::Reject>) -> i32 {
     match r {
         Ok(()) => SYS_PROCEED,
         Err(reject) => {
-            sock::set_econnrefused(reject);
+            sock::set_errno(reject);
             SYS_REJECT
         }
     }

@@ -11,8 +11,9 @@ use aya_ebpf::{bindings::BPF_F_NO_PREALLOC, macros::btf_map};
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
 
 use lb_common::{
-    Backend4, Backend6, DEFAULT_BE_ENTRIES, DEFAULT_RNAT_ENTRIES, DEFAULT_SVC_ENTRIES, RevNat4Key,
-    RevNat4Value, RevNat6Key, RevNat6Value, Stat, Svc4Key, Svc6Key, SvcValue,
+    AffKey, AffMatchKey, AffValue, Backend4, Backend6, DEFAULT_AFF_ENTRIES,
+    DEFAULT_AFF_MATCH_ENTRIES, DEFAULT_BE_ENTRIES, DEFAULT_RNAT_ENTRIES, DEFAULT_SVC_ENTRIES,
+    RevNat4Key, RevNat4Value, RevNat6Key, RevNat6Value, Stat, Svc4Key, Svc6Key, SvcValue,
 };
 
 #[btf_map]
@@ -55,6 +56,18 @@ pub(crate) static LB6_RNAT_SK_V1: LruHashMap<
 
 #[btf_map]
 pub(crate) static LB_STATS_V1: PerCpuArray<u64, { Stat::COUNT as usize }> = PerCpuArray::new();
+
+#[btf_map]
+pub(crate) static LB_AFF_V1: LruHashMap<AffKey, AffValue, { DEFAULT_AFF_ENTRIES as usize }> =
+    LruHashMap::new();
+
+#[btf_map]
+pub(crate) static LB_AFF_MATCH_V1: HashMap<
+    AffMatchKey,
+    u32,
+    { DEFAULT_AFF_MATCH_ENTRIES as usize },
+    NO_PREALLOC,
+> = HashMap::new();
 
 /// Adds one to this CPU's counter for `stat`.
 #[inline(always)]

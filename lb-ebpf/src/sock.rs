@@ -10,19 +10,25 @@
 //! 5. remember {socket cookie, backend} → VIP for the reverse path; rewrite the address.
 use aya_ebpf::{
     EbpfContext,
-    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{
+        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_set_retval,
+    },
     programs::SockAddrContext,
 };
 use lb_common::{
-    Backend4, Backend6, RevNat4Key, RevNat4Value, RevNat6Key, RevNat6Value, SCOPE_ALL,
-    SVC_FLAG_VIP_MARKER, Stat, Svc4Key, Svc6Key, SvcValue, select_slot,
+    AffKey, AffMatchKey, AffValue, Backend4, Backend6, RevNat4Key, RevNat4Value, RevNat6Key,
+    RevNat6Value, SCOPE_ALL, SVC_FLAG_NO_LOCAL, SVC_FLAG_VIP_MARKER, Stat, Svc4Key, Svc6Key,
+    SvcValue, select_slot,
 };
 
 use crate::maps::{
-    LB4_BE_V1, LB4_RNAT_SK_V1, LB4_SVC_V1, LB6_BE_V1, LB6_RNAT_SK_V1, LB6_SVC_V1, count,
+    LB_AFF_MATCH_V1, LB_AFF_V1, LB4_BE_V1, LB4_RNAT_SK_V1, LB4_SVC_V1, LB6_BE_V1, LB6_RNAT_SK_V1,
+    LB6_SVC_V1, count,
 };
 
 const ECONNREFUSED: i32 = 111;
+const ETIMEDOUT: i32 = 110;
 
 /// Which forward hook is running (only changes which counter is bumped).
 #[derive(Clone, Copy)]
@@ -31,27 +37,31 @@ pub(crate) enum Hook {
     Sendmsg,
 }
 
-/// Why a forward translation refused the syscall. Every variant ends in ECONNREFUSED.
+/// Why a forward translation refused the syscall: ECONNREFUSED (REJECT), except `NoLocal`
+/// (DROP), which fails with ETIMEDOUT.
 #[derive(Clone, Copy)]
 pub(crate) enum Reject {
     NoBackend,
     NoPort,
     BackendMissing,
+    NoLocal,
 }
 
-/// Counts `reject` and makes the rejected syscall fail with ECONNREFUSED instead of EPERM.
+/// Counts `reject` and sets the errno the rejected syscall fails with (instead of EPERM).
 ///
 /// `bpf_set_retval` for cgroup programs: Linux 5.18, commit b44123b4a3dc ("bpf: Add cgroup
 /// helpers bpf_{get,set}_retval to get/set syscall return value").
 #[inline(always)]
-pub(crate) fn set_econnrefused(reject: Reject) {
-    count(match reject {
-        Reject::NoBackend => Stat::RejectNoBackend,
-        Reject::NoPort => Stat::RejectNoPort,
-        Reject::BackendMissing => Stat::RejectBackendMissing,
-    });
+pub(crate) fn set_errno(reject: Reject) {
+    let (stat, errno) = match reject {
+        Reject::NoBackend => (Stat::RejectNoBackend, ECONNREFUSED),
+        Reject::NoPort => (Stat::RejectNoPort, ECONNREFUSED),
+        Reject::BackendMissing => (Stat::RejectBackendMissing, ECONNREFUSED),
+        Reject::NoLocal => (Stat::DropNoLocal, ETIMEDOUT),
+    };
+    count(stat);
     // SAFETY: helper call with a plain integer; valid in every cgroup sock_addr hook.
-    let _ = unsafe { bpf_set_retval(-ECONNREFUSED) };
+    let _ = unsafe { bpf_set_retval(-errno) };
 }
 
 #[inline(always)]
@@ -78,6 +88,7 @@ fn frontend<K: Copy>(
 ) -> Result<Option<SvcValue>, Reject> {
     match lookup(key) {
         Some(fe) if fe.flags & SVC_FLAG_VIP_MARKER != 0 => Err(Reject::NoPort),
+        Some(fe) if fe.count == 0 && fe.flags & SVC_FLAG_NO_LOCAL != 0 => Err(Reject::NoLocal),
         Some(fe) if fe.count == 0 => Err(Reject::NoBackend),
         Some(fe) => Ok(Some(fe)),
         None if lookup(marker).is_some() => Err(Reject::NoPort),
@@ -89,6 +100,63 @@ fn frontend<K: Copy>(
 fn random() -> u32 {
     // SAFETY: helper without arguments.
     unsafe { bpf_get_prandom_u32() }
+}
+
+/// The backend id for a new connection to frontend `fe`: the client's pinned backend while the
+/// affinity holds (within the timeout, and the backend still serves the frontend), otherwise a
+/// uniformly random slot — and, with affinity, the new pin is recorded.
+///
+/// `bpf_get_netns_cookie` in cgroup sock_addr hooks: Linux 5.7, commit f318903c0bf4 ("bpf: Add
+/// netns cookie and enable it for bpf cgroup hooks").
+#[inline(always)]
+fn choose(
+    ctx: &SockAddrContext,
+    fe: &SvcValue,
+    slot_id: impl Fn(u16) -> Option<u32>,
+) -> Result<u32, Reject> {
+    if fe.affinity_timeout == 0 {
+        return slot_id(select_slot(random(), fe.count)).ok_or(Reject::BackendMissing);
+    }
+    // SAFETY: helpers taking the program context / no arguments.
+    let (netns, now) = unsafe { (bpf_get_netns_cookie(ctx.as_ptr()), bpf_ktime_get_ns()) };
+    let key = AffKey {
+        netns_cookie: netns,
+        frontend_id: fe.backend_id,
+        _pad: 0,
+    };
+    // SAFETY: copied out at once.
+    if let Some(a) = unsafe { LB_AFF_V1.get(&key) }.copied() {
+        let fresh =
+            now.wrapping_sub(a.last_used_ns) <= u64::from(fe.affinity_timeout) * 1_000_000_000;
+        let member = AffMatchKey {
+            backend_id: a.backend_id,
+            frontend_id: fe.backend_id,
+        };
+        if fresh && LB_AFF_MATCH_V1.get_ptr(&member).is_some() {
+            let _ = LB_AFF_V1.insert(
+                &key,
+                &AffValue {
+                    last_used_ns: now,
+                    ..a
+                },
+                0,
+            );
+            count(Stat::AffinityHit);
+            return Ok(a.backend_id);
+        }
+    }
+    let id = slot_id(select_slot(random(), fe.count)).ok_or(Reject::BackendMissing)?;
+    let _ = LB_AFF_V1.insert(
+        &key,
+        &AffValue {
+            backend_id: id,
+            _pad: 0,
+            last_used_ns: now,
+        },
+        0,
+    );
+    count(Stat::AffinityPin);
+    Ok(id)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -104,8 +172,13 @@ fn svc4(key: &Svc4Key) -> Option<SvcValue> {
 
 /// Chooses a backend for `vip:port/proto`. `Ok(None)`: not a service.
 #[inline(always)]
-fn select4(address: [u8; 4], dport: u16, proto: u8) -> Result<Option<Backend4>, Reject> {
-    let mut key = Svc4Key {
+fn select4(
+    ctx: &SockAddrContext,
+    address: [u8; 4],
+    dport: u16,
+    proto: u8,
+) -> Result<Option<Backend4>, Reject> {
+    let key = Svc4Key {
         address,
         dport,
         backend_slot: 0,
@@ -121,10 +194,15 @@ fn select4(address: [u8; 4], dport: u16, proto: u8) -> Result<Option<Backend4>, 
     let Some(fe) = frontend(svc4, &key, &marker)? else {
         return Ok(None);
     };
-    key.backend_slot = select_slot(random(), fe.count);
-    let slot = svc4(&key).ok_or(Reject::BackendMissing)?;
+    let id = choose(ctx, &fe, |slot| {
+        svc4(&Svc4Key {
+            backend_slot: slot,
+            ..key
+        })
+        .map(|v| v.backend_id)
+    })?;
     // SAFETY: copied out at once, as above.
-    let be = unsafe { LB4_BE_V1.get(slot.backend_id) }
+    let be = unsafe { LB4_BE_V1.get(id) }
         .copied()
         .ok_or(Reject::BackendMissing)?;
     Ok(Some(be))
@@ -162,7 +240,7 @@ pub(crate) fn xlate4_fwd(ctx: &SockAddrContext, hook: Hook) -> Result<(), Reject
     let (ip, port, proto) = unsafe { ((*sa).user_ip4, (*sa).user_port, (*sa).protocol) };
     let vip = ip.to_ne_bytes();
     let vport = u16::from_be(port as u16);
-    let Some(be) = select4(vip, vport, proto as u8)? else {
+    let Some(be) = select4(ctx, vip, vport, proto as u8)? else {
         return Ok(());
     };
     remember4(ctx, &be, vip, vport);
@@ -267,8 +345,13 @@ fn svc6(key: &Svc6Key) -> Option<SvcValue> {
 }
 
 #[inline(always)]
-fn select6(address: [u8; 16], dport: u16, proto: u8) -> Result<Option<Backend6>, Reject> {
-    let mut key = Svc6Key {
+fn select6(
+    ctx: &SockAddrContext,
+    address: [u8; 16],
+    dport: u16,
+    proto: u8,
+) -> Result<Option<Backend6>, Reject> {
+    let key = Svc6Key {
         address,
         dport,
         backend_slot: 0,
@@ -284,10 +367,15 @@ fn select6(address: [u8; 16], dport: u16, proto: u8) -> Result<Option<Backend6>,
     let Some(fe) = frontend(svc6, &key, &marker)? else {
         return Ok(None);
     };
-    key.backend_slot = select_slot(random(), fe.count);
-    let slot = svc6(&key).ok_or(Reject::BackendMissing)?;
+    let id = choose(ctx, &fe, |slot| {
+        svc6(&Svc6Key {
+            backend_slot: slot,
+            ..key
+        })
+        .map(|v| v.backend_id)
+    })?;
     // SAFETY: copied out at once.
-    let be = unsafe { LB6_BE_V1.get(slot.backend_id) }
+    let be = unsafe { LB6_BE_V1.get(id) }
         .copied()
         .ok_or(Reject::BackendMissing)?;
     Ok(Some(be))
@@ -302,7 +390,7 @@ pub(crate) fn xlate6_fwd(ctx: &SockAddrContext, hook: Hook) -> Result<(), Reject
     let proto = unsafe { (*ctx.sock_addr).protocol } as u8;
 
     if let Some(vip4) = v4_mapped(&vip) {
-        let Some(be) = select4(vip4, vport, proto)? else {
+        let Some(be) = select4(ctx, vip4, vport, proto)? else {
             return Ok(());
         };
         remember4(ctx, &be, vip4, vport);
@@ -312,7 +400,7 @@ pub(crate) fn xlate6_fwd(ctx: &SockAddrContext, hook: Hook) -> Result<(), Reject
         return Ok(());
     }
 
-    let Some(be) = select6(vip, vport, proto)? else {
+    let Some(be) = select6(ctx, vip, vport, proto)? else {
         return Ok(());
     };
     let key = RevNat6Key {

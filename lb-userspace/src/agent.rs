@@ -95,6 +95,11 @@ impl State {
     fn sync(&mut self) {
         let started = Instant::now();
         let (objs, source_errors) = self.src.snapshot();
+        // The zone can change with the Node's labels: take it from this snapshot.
+        self.cfg.zone = objs
+            .node
+            .as_ref()
+            .and_then(|n| n.metadata.labels.as_ref()?.get(model::LABEL_ZONE).cloned());
         let (mut desired, model_errors) = model::build(&objs.services, &objs.slices, &self.cfg);
         let owners: Vec<(model::Frontend, model::NsName)> = desired
             .frontends

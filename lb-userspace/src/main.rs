@@ -32,6 +32,7 @@ fn real_main(cli: cli::Cli) -> anyhow::Result<()> {
                 Some(c) => c,
                 None => loader::cgroup2_mount().map_err(|e| anyhow::anyhow!(agent::chain(&e)))?,
             };
+            let node_name = a.node_name.clone().unwrap_or_else(hostname);
             let opts = agent::Options {
                 source: match a.manifests {
                     Some(dir) => agent::SourceOpt::Manifests(dir),
@@ -39,7 +40,7 @@ fn real_main(cli: cli::Cli) -> anyhow::Result<()> {
                         kubeconfig: a.kubeconfig,
                     },
                 },
-                node_name: a.node_name.unwrap_or_else(hostname),
+                node_name: node_name.clone(),
                 cgroup,
                 bpffs: a.bpffs,
                 sizes: loader::Sizes {
@@ -51,6 +52,8 @@ fn real_main(cli: cli::Cli) -> anyhow::Result<()> {
                     ipv4: true,
                     ipv6: std::path::Path::new("/proc/net/if_inet6").exists(),
                     proxy_name: a.proxy_name,
+                    node_name: node_name.clone(),
+                    zone: None, // from the Node object, per sync
                 },
                 resync_every: Duration::from_secs(a.resync_seconds.max(1)),
                 debounce: Duration::from_millis(5),

@@ -8,8 +8,8 @@ use std::{
 
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
 use lb_common::{
-    ALL_MAPS, Backend4, Backend6, MAP_BE4, MAP_BE6, MAP_STATS, MAP_SVC4, MAP_SVC6, SCOPE_ALL, Stat,
-    Svc4Key, Svc6Key, SvcValue,
+    ALL_MAPS, AffMatchKey, Backend4, Backend6, MAP_AFF_MATCH, MAP_BE4, MAP_BE6, MAP_STATS,
+    MAP_SVC4, MAP_SVC6, SCOPE_ALL, Stat, Svc4Key, Svc6Key, SvcValue,
 };
 
 use crate::sync::{Backend, MapOp, MapWriter, Shadow, SvcKey};
@@ -57,6 +57,11 @@ pub fn expected_sizes(name: &str) -> Option<(u32, u32)> {
         n if n == MAP_RNAT4 => s(size_of::<RevNat4Key>(), size_of::<RevNat4Value>()),
         n if n == MAP_RNAT6 => s(size_of::<RevNat6Key>(), size_of::<RevNat6Value>()),
         n if n == MAP_STATS => s(4, 8),
+        n if n == lb_common::MAP_AFF => s(
+            size_of::<lb_common::AffKey>(),
+            size_of::<lb_common::AffValue>(),
+        ),
+        n if n == MAP_AFF_MATCH => s(size_of::<AffMatchKey>(), 4),
         _ => None,
     }
 }
@@ -80,7 +85,9 @@ pub fn check_layouts(dir: &Path) -> Result<()> {
         })?;
         let found = (info.key_size(), info.value_size());
         let expected = expected_sizes(name).expect("every map has sizes");
-        if found != expected {
+        // A counters map from an older build with fewer counters would silently lose new ones.
+        let short_stats = name == MAP_STATS && info.max_entries() < Stat::COUNT;
+        if found != expected || short_stats {
             return Err(Error::Layout {
                 name,
                 dir: dir.to_owned(),
@@ -98,6 +105,7 @@ pub struct BpfMaps {
     svc6: HashMap<MapData, Svc6Key, SvcValue>,
     be4: HashMap<MapData, u32, Backend4>,
     be6: HashMap<MapData, u32, Backend6>,
+    aff_match: HashMap<MapData, AffMatchKey, u32>,
     capacity: crate::sync::Capacity,
 }
 
@@ -148,6 +156,7 @@ impl BpfMaps {
             svc6: hash(svc6, MAP_SVC6)?,
             be4: hash(be4, MAP_BE4)?,
             be6: hash(be6, MAP_BE6)?,
+            aff_match: hash(open_pinned(dir, MAP_AFF_MATCH)?, MAP_AFF_MATCH)?,
             capacity: crate::sync::Capacity {
                 svc4: c_svc4,
                 svc6: c_svc6,
@@ -230,6 +239,17 @@ impl BpfMaps {
                 },
             );
         }
+        for k in self.aff_match.keys() {
+            let k = k.map_err(|source| Error::Map {
+                name: MAP_AFF_MATCH,
+                op: "iterate",
+                source,
+            })?;
+            s.aff_match.insert(crate::sync::AffMatch {
+                backend_id: k.backend_id,
+                frontend_id: k.frontend_id,
+            });
+        }
         Ok(s)
     }
 }
@@ -298,6 +318,22 @@ impl MapWriter for BpfMaps {
                     self.be6.insert(id, v, 0).map_err(e(MAP_BE6, "update"))
                 }
             },
+            MapOp::PutAffMatch(m) => {
+                let k = AffMatchKey {
+                    backend_id: m.backend_id,
+                    frontend_id: m.frontend_id,
+                };
+                self.aff_match
+                    .insert(k, 0, 0)
+                    .map_err(e(MAP_AFF_MATCH, "update"))
+            }
+            MapOp::DelAffMatch(m) => {
+                let k = AffMatchKey {
+                    backend_id: m.backend_id,
+                    frontend_id: m.frontend_id,
+                };
+                ignore_missing(self.aff_match.remove(&k)).map_err(e(MAP_AFF_MATCH, "delete"))
+            }
             MapOp::DelBackend { id, backend } => match backend.addr {
                 SocketAddr::V4(_) => {
                     ignore_missing(self.be4.remove(&id)).map_err(e(MAP_BE4, "delete"))

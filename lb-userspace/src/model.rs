@@ -16,11 +16,13 @@ use lb_common::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 
 /// Label on an `EndpointSlice` naming its Service.
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// Node label naming its zone (`hints.forZones`).
+pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
 /// Label asking a specific proxy to handle a Service; others must ignore it.
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 
 /// `namespace/name` of an object.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub struct NsName {
     pub namespace: String,
     pub name: String,
@@ -116,13 +118,18 @@ impl fmt::Display for Frontend {
 }
 
 /// What a frontend should lead to.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FrontendState {
     pub service: NsName,
     /// The service port's name ("" when unnamed).
     pub port_name: String,
-    /// Usable backends (ready, else serving+terminating); empty = REJECT.
+    /// Usable backends (ready, else serving+terminating, within the traffic policy and
+    /// topology); empty = REJECT, or DROP when `no_local`.
     pub backends: BTreeSet<SocketAddr>,
+    /// internalTrafficPolicy Local with endpoints only on other nodes: DROP, not REJECT.
+    pub no_local: bool,
+    /// sessionAffinity ClientIP timeout in seconds; 0 = no affinity.
+    pub affinity_timeout: u32,
 }
 
 /// The whole desired datapath state.
@@ -138,6 +145,10 @@ pub struct Config {
     pub ipv6: bool,
     /// Our `service.kubernetes.io/service-proxy-name`; Services labelled with another are ignored.
     pub proxy_name: Option<String>,
+    /// This node's name (endpoint `nodeName`, `hints.forNodes`).
+    pub node_name: String,
+    /// This node's `topology.kubernetes.io/zone` label (`hints.forZones`), when known.
+    pub zone: Option<String>,
 }
 
 impl Default for Config {
@@ -146,9 +157,14 @@ impl Default for Config {
             ipv4: true,
             ipv6: true,
             proxy_name: None,
+            node_name: String::new(),
+            zone: None,
         }
     }
 }
+
+/// Default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours), as the API server sets it.
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 
 /// Bad input, always naming the object and the field.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -188,6 +204,12 @@ pub enum Error {
     },
     #[error("{object}: defined more than once; the first definition is used")]
     Duplicate { object: ObjectRef },
+    #[error("{object}: {field}: {value} is outside 1-86400 seconds")]
+    BadAffinityTimeout {
+        object: ObjectRef,
+        field: String,
+        value: i64,
+    },
     #[error("{kind} without metadata.name")]
     MissingName { kind: &'static str },
     #[error("{object}: {field}: {count} backends exceed the limit of {limit}; skipped")]
@@ -234,6 +256,9 @@ struct Ep {
     addr: IpAddr,
     ready: bool,
     serving_terminating: bool,
+    node: Option<String>,
+    zone_hints: Vec<String>,
+    node_hints: Vec<String>,
 }
 
 /// The parts of one valid `EndpointSlice` the model uses.
@@ -316,10 +341,18 @@ fn resolve_slice(
             continue;
         }
         let (ready, serving, terminating) = conditions(ep);
+        let hints = ep.hints.as_ref();
         endpoints.push(Ep {
             addr,
             ready,
             serving_terminating: serving && terminating,
+            node: ep.node_name.clone(),
+            zone_hints: hints
+                .and_then(|h| h.for_zones.as_ref())
+                .map_or_else(Vec::new, |z| z.iter().map(|z| z.name.clone()).collect()),
+            node_hints: hints
+                .and_then(|h| h.for_nodes.as_ref())
+                .map_or_else(Vec::new, |n| n.iter().map(|n| n.name.clone()).collect()),
         });
     }
     Some(Slice {
@@ -345,6 +378,40 @@ struct Svc {
     /// `spec.clusterIPs` or `spec.clusterIP`, whichever the object uses (for error messages).
     ips_field: &'static str,
     ports: Vec<SvcPort>,
+    /// internalTrafficPolicy: Local.
+    local_only: bool,
+    /// sessionAffinity ClientIP timeout (0 = none).
+    affinity_timeout: u32,
+}
+
+/// sessionAffinity ClientIP → timeout in seconds (0 = none). The API server defaults the
+/// timeout to 10800 and validates 1–86400; a bad value is reported and the default used.
+fn affinity_timeout(
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    object: &ObjectRef,
+    errors: &mut Vec<Error>,
+) -> u32 {
+    if spec.session_affinity.as_deref() == Some("ClientIP") {
+        let t = spec
+            .session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds);
+        match t {
+            None => DEFAULT_AFFINITY_TIMEOUT,
+            Some(t) if (1..=86_400).contains(&t) => t as u32,
+            Some(t) => {
+                errors.push(Error::BadAffinityTimeout {
+                    object: object.clone(),
+                    field: "spec.sessionAffinityConfig.clientIP.timeoutSeconds".into(),
+                    value: t.into(),
+                });
+                DEFAULT_AFFINITY_TIMEOUT
+            }
+        }
+    } else {
+        0
+    }
 }
 
 fn resolve_service(svc: &Service, cfg: &Config, errors: &mut Vec<Error>) -> Option<Svc> {
@@ -420,12 +487,15 @@ fn resolve_service(svc: &Service, cfg: &Config, errors: &mut Vec<Error>) -> Opti
             index: i,
         });
     }
+    let affinity_timeout = affinity_timeout(spec, &object, errors);
     Some(Svc {
         id,
         created: svc.metadata.creation_timestamp.as_ref().map(|t| t.0),
         ips,
         ips_field: field_ips,
         ports,
+        local_only: spec.internal_traffic_policy.as_deref() == Some("Local"),
+        affinity_timeout,
     })
 }
 
@@ -528,7 +598,8 @@ where
         let slices = by_service.get(&svc.id).unwrap_or(&empty);
         for sp in &svc.ports {
             for &(ip_index, ip) in &svc.ips {
-                let backends = backends_for(slices, ip.is_ipv6(), &sp.name, sp.proto);
+                let Selected { backends, no_local } =
+                    select(slices, ip.is_ipv6(), sp, svc.local_only, cfg);
                 if backends.len() > MAX_BACKENDS {
                     errors.push(Error::TooManyBackends {
                         object: object.clone(),
@@ -563,6 +634,8 @@ where
                         service: svc.id.clone(),
                         port_name: sp.name.clone(),
                         backends,
+                        no_local,
+                        affinity_timeout: svc.affinity_timeout,
                     },
                 );
             }
@@ -571,28 +644,92 @@ where
     (desired, errors)
 }
 
-/// Usable backends of one service port for one address family: the endpoints that are ready
-/// in any slice, or — when none is — those serving and terminating (KEP-1669). Deduplicated.
-fn backends_for(slices: &[Slice], v6: bool, port_name: &str, proto: Proto) -> BTreeSet<SocketAddr> {
-    let mut ready = BTreeSet::new();
-    let mut fallback = BTreeSet::new();
+/// The backends a frontend uses.
+struct Selected {
+    backends: BTreeSet<SocketAddr>,
+    /// Local policy, endpoints only elsewhere: DROP.
+    no_local: bool,
+}
+
+/// Topology filter decided from the endpoints' hints (kube-proxy's `topologyModeFromHints`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Topology {
+    Any,
+    SameNode,
+    SameZone,
+}
+
+/// Node hints when every ready endpoint has them and one is for this node; else zone hints on
+/// the same terms; else none. Endpoints without hints make the hints meaningless.
+fn topology(eps: &[(&Ep, u16)], cfg: &Config) -> Topology {
+    let ready = || eps.iter().filter(|(e, _)| e.ready);
+    if ready().next().is_none() {
+        return Topology::Any;
+    }
+    if ready().all(|(e, _)| !e.node_hints.is_empty())
+        && ready().any(|(e, _)| e.node_hints.contains(&cfg.node_name))
+    {
+        return Topology::SameNode;
+    }
+    if let Some(zone) = &cfg.zone
+        && ready().all(|(e, _)| !e.zone_hints.is_empty())
+        && ready().any(|(e, _)| e.zone_hints.contains(zone))
+    {
+        return Topology::SameZone;
+    }
+    Topology::Any
+}
+
+fn allowed(e: &Ep, t: Topology, cfg: &Config) -> bool {
+    match t {
+        Topology::Any => true,
+        Topology::SameNode => e.node_hints.contains(&cfg.node_name),
+        Topology::SameZone => cfg.zone.as_ref().is_some_and(|z| e.zone_hints.contains(z)),
+    }
+}
+
+/// Usable backends of one service port for one address family, as kube-proxy's
+/// `CategorizeEndpoints` picks them for ClusterIP traffic:
+/// * Cluster policy: ready endpoints within the topology; if none is ready anywhere, serving and
+///   terminating ones (KEP-1669).
+/// * Local policy: this node's ready endpoints, else its serving and terminating ones; with
+///   none here but some elsewhere the traffic is dropped (`no_local`).
+fn select(slices: &[Slice], v6: bool, sp: &SvcPort, local_only: bool, cfg: &Config) -> Selected {
+    let mut eps: Vec<(&Ep, u16)> = Vec::new();
     for s in slices.iter().filter(|s| s.v6 == v6) {
         for p in s
             .ports
             .iter()
-            .filter(|p| p.name == port_name && p.proto == proto)
+            .filter(|p| p.name == sp.name && p.proto == sp.proto)
         {
-            for ep in &s.endpoints {
-                let sa = SocketAddr::new(ep.addr, p.port);
-                if ep.ready {
-                    ready.insert(sa);
-                } else if ep.serving_terminating {
-                    fallback.insert(sa);
-                }
-            }
+            eps.extend(s.endpoints.iter().map(|e| (e, p.port)));
         }
     }
-    if ready.is_empty() { fallback } else { ready }
+    let pick = |f: &dyn Fn(&Ep) -> bool| -> BTreeSet<SocketAddr> {
+        eps.iter()
+            .filter(|(e, _)| f(e))
+            .map(|(e, port)| SocketAddr::new(e.addr, *port))
+            .collect()
+    };
+    if local_only {
+        let here = |e: &Ep| e.node.as_deref() == Some(cfg.node_name.as_str());
+        let mut backends = pick(&|e| e.ready && here(e));
+        if backends.is_empty() {
+            backends = pick(&|e| e.serving_terminating && here(e));
+        }
+        let no_local =
+            backends.is_empty() && eps.iter().any(|(e, _)| e.ready || e.serving_terminating);
+        return Selected { backends, no_local };
+    }
+    let t = topology(&eps, cfg);
+    let mut backends = pick(&|e| e.ready && allowed(e, t, cfg));
+    if backends.is_empty() {
+        backends = pick(&|e| e.serving_terminating && allowed(e, t, cfg));
+    }
+    Selected {
+        backends,
+        no_local: false,
+    }
 }
 
 #[cfg(test)]

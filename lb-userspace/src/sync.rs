@@ -18,7 +18,7 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
-use lb_common::{SVC_FLAG_VIP_MARKER, SvcValue};
+use lb_common::{SVC_FLAG_NO_LOCAL, SVC_FLAG_VIP_MARKER, SvcValue};
 
 use crate::model::{Desired, Frontend};
 
@@ -76,10 +76,31 @@ pub struct Backend {
 /// One map write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MapOp {
-    PutBackend { id: u32, backend: Backend },
-    PutSvc { key: SvcKey, value: SvcValue },
-    DelSvc { key: SvcKey },
-    DelBackend { id: u32, backend: Backend },
+    PutBackend {
+        id: u32,
+        backend: Backend,
+    },
+    PutSvc {
+        key: SvcKey,
+        value: SvcValue,
+    },
+    DelSvc {
+        key: SvcKey,
+    },
+    DelBackend {
+        id: u32,
+        backend: Backend,
+    },
+    /// `backend_id` serves `frontend_id` (affinity frontends only).
+    PutAffMatch(AffMatch),
+    DelAffMatch(AffMatch),
+}
+
+/// An entry of the affinity match map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AffMatch {
+    pub backend_id: u32,
+    pub frontend_id: u32,
 }
 
 /// Our mirror of the service and backend maps: exactly what is in the kernel, as far as we
@@ -88,6 +109,7 @@ pub enum MapOp {
 pub struct Shadow {
     pub svc: BTreeMap<SvcKey, SvcValue>,
     pub backends: BTreeMap<u32, Backend>,
+    pub aff_match: BTreeSet<AffMatch>,
 }
 
 impl Shadow {
@@ -105,6 +127,12 @@ impl Shadow {
             }
             MapOp::DelBackend { id, .. } => {
                 self.backends.remove(&id);
+            }
+            MapOp::PutAffMatch(m) => {
+                self.aff_match.insert(m);
+            }
+            MapOp::DelAffMatch(m) => {
+                self.aff_match.remove(&m);
             }
         }
     }
@@ -151,6 +179,17 @@ fn image(desired: &Desired, current: &Shadow) -> Shadow {
     let mut next_id = 1u32;
     let mut ids: HashMap<Backend, u32> = HashMap::new();
     let mut want = Shadow::default();
+    // Frontend ids (slot 0 `backend_id`, keying affinity state): kept while the frontend
+    // exists, else the lowest id no frontend uses.
+    let is_fe = |k: &SvcKey, v: &SvcValue| k.slot == 0 && v.flags & SVC_FLAG_VIP_MARKER == 0;
+    let cur_fe_ids: BTreeSet<u32> = current
+        .svc
+        .iter()
+        .filter(|(k, v)| is_fe(k, v))
+        .map(|(_, v)| v.backend_id)
+        .collect();
+    let mut used_fe_ids: BTreeSet<u32> = BTreeSet::new();
+    let mut next_fe_id = 1u32;
 
     for (fe, st) in &desired.frontends {
         let key = SvcKey::frontend(fe);
@@ -209,13 +248,34 @@ fn image(desired: &Desired, current: &Shadow) -> Shadow {
                 },
             );
         }
+        let kept = current
+            .svc
+            .get(&key)
+            .filter(|v| is_fe(&key, v))
+            .map(|v| v.backend_id)
+            .filter(|id| *id != 0 && !used_fe_ids.contains(id));
+        let fe_id = kept.unwrap_or_else(|| {
+            while cur_fe_ids.contains(&next_fe_id) || used_fe_ids.contains(&next_fe_id) {
+                next_fe_id += 1;
+            }
+            next_fe_id
+        });
+        used_fe_ids.insert(fe_id);
+        if st.affinity_timeout > 0 {
+            want.aff_match
+                .extend(desired_ids.iter().map(|&backend_id| AffMatch {
+                    backend_id,
+                    frontend_id: fe_id,
+                }));
+        }
+        let flags = if st.no_local { SVC_FLAG_NO_LOCAL } else { 0 };
         want.svc.insert(
             key,
             SvcValue {
-                backend_id: 0,
+                backend_id: fe_id,
                 count,
-                flags: 0,
-                affinity_timeout: 0,
+                flags,
+                affinity_timeout: st.affinity_timeout,
             },
         );
     }
@@ -235,6 +295,10 @@ pub fn diff(desired: &Desired, current: &Shadow) -> Vec<MapOp> {
         if current.backends.get(&id) != Some(&backend) {
             ops.push(MapOp::PutBackend { id, backend });
         }
+    }
+    // 1b. affinity memberships (before slots can point at the backend)
+    for m in want.aff_match.difference(&current.aff_match) {
+        ops.push(MapOp::PutAffMatch(*m));
     }
     let puts = |pred: &dyn Fn(&SvcKey) -> bool, ops: &mut Vec<MapOp>| {
         for (k, v) in want.svc.iter().filter(|(k, v)| pred(k) && changed(k, v)) {
@@ -257,7 +321,10 @@ pub fn diff(desired: &Desired, current: &Shadow) -> Vec<MapOp> {
     dels(&|k| k.slot == 0 && !k.is_marker(), &mut ops);
     // 5. slots beyond counts / of removed frontends
     dels(&|k| k.slot > 0, &mut ops);
-    // 6. unreferenced backends
+    // 6. memberships that ended (a pinned client re-pins), then unreferenced backends
+    for m in current.aff_match.difference(&want.aff_match) {
+        ops.push(MapOp::DelAffMatch(*m));
+    }
     for (&id, &backend) in &current.backends {
         if !want.backends.contains_key(&id) {
             ops.push(MapOp::DelBackend { id, backend });

@@ -228,3 +228,35 @@ fn an_agent_that_cannot_reach_the_api_keeps_the_adopted_datapath() {
         "agent never became ready after the API came back"
     );
 }
+
+#[test]
+fn zone_hints_follow_the_nodes_zone_label() {
+    let (mut c, api) = api_cluster("zone", 2); // node-a in zone-a
+    let hinted = |i: usize, zone: &str| {
+        format!(
+            "{{addresses: ['{}'], hints: {{forZones: [{{name: {zone}}}]}}}}",
+            pod_v4(i)
+        )
+    };
+    api.apply_yaml(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: near, namespace: test}}\nspec: {{clusterIP: 198.19.0.70, trafficDistribution: PreferClose, ports: [{{name: http, port: 80}}]}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: near-1, namespace: test, labels: {{kubernetes.io/service-name: near}}}}\n\
+         addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{}, {}]\n",
+        hinted(1, "zone-a"),
+        hinted(2, "zone-b")
+    ));
+    c.start_agent();
+    converge(&c, "198.19.0.70:80/TCP", Some(&want(&[1])));
+    let r = c.client(&["tcp", "198.19.0.70:80", "10"]);
+    assert!(
+        r.iter()
+            .all(|r| r["reply"].as_str().unwrap().starts_with("b1 ")),
+        "{r:?}"
+    );
+    // The Node moves to zone-b (its label changes): the same-zone endpoint changes with it.
+    api.apply_yaml(&node("node-a", "zone-b"));
+    converge(&c, "198.19.0.70:80/TCP", Some(&want(&[2])));
+    // A zone no endpoint is hinted for: hints are ignored.
+    api.apply_yaml(&node("node-a", "zone-c"));
+    converge(&c, "198.19.0.70:80/TCP", Some(&want(&[1, 2])));
+}

@@ -312,3 +312,126 @@ fn parse_ip_refuses_leading_zeros() {
     );
     assert!(parse_ip("1.2.3").is_err());
 }
+
+fn policy_case(svc_extra: &str, endpoints: &str, cfg: &Config) -> FrontendState {
+    let yaml = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: p, namespace: ns}}\nspec: {{clusterIP: 198.19.0.5, ports: [{{port: 80}}]{svc_extra}}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: p-1, namespace: ns, labels: {{kubernetes.io/service-name: p}}}}\n\
+         addressType: IPv4\nports: [{{port: 8080}}]\nendpoints: {endpoints}\n"
+    );
+    let (s, e) = objs(&yaml);
+    let (d, errors) = build(&s, &e, cfg);
+    assert!(errors.is_empty(), "{errors:?}");
+    d.frontends[&fe("198.19.0.5:80", Proto::Tcp)].clone()
+}
+
+fn addrs(st: &FrontendState) -> Vec<String> {
+    st.backends.iter().map(|b| b.ip().to_string()).collect()
+}
+
+fn on_node(node: &str, zone: Option<&str>) -> Config {
+    Config {
+        node_name: node.into(),
+        zone: zone.map(Into::into),
+        ..Config::default()
+    }
+}
+
+#[test]
+fn internal_traffic_policy_local_uses_this_nodes_endpoints_or_drops() {
+    let eps = "[{addresses: [198.18.0.1], nodeName: a}, {addresses: [198.18.0.2], nodeName: b}, {addresses: [198.18.0.3], nodeName: a, conditions: {ready: false, serving: true, terminating: true}}]";
+    let local = ", internalTrafficPolicy: Local";
+    let st = policy_case(local, eps, &on_node("a", None));
+    assert_eq!(addrs(&st), ["198.18.0.1"]);
+    assert!(!st.no_local);
+    // Only a terminating local endpoint: it is used (local serving+terminating fallback).
+    let eps_t = "[{addresses: [198.18.0.2], nodeName: b}, {addresses: [198.18.0.3], nodeName: a, conditions: {ready: false, serving: true, terminating: true}}]";
+    assert_eq!(
+        addrs(&policy_case(local, eps_t, &on_node("a", None))),
+        ["198.18.0.3"]
+    );
+    // Endpoints elsewhere only: DROP, not REJECT.
+    let st = policy_case(local, eps, &on_node("c", None));
+    assert!(st.backends.is_empty() && st.no_local);
+    // No endpoints anywhere: REJECT.
+    let st = policy_case(local, "[]", &on_node("a", None));
+    assert!(st.backends.is_empty() && !st.no_local);
+    // Cluster policy ignores node names.
+    assert_eq!(
+        addrs(&policy_case("", eps, &on_node("c", None))),
+        ["198.18.0.1", "198.18.0.2"]
+    );
+}
+
+#[test]
+fn topology_hints_as_kube_proxy_reads_them() {
+    let zoned = "[{addresses: [198.18.0.1], hints: {forZones: [{name: z1}]}}, {addresses: [198.18.0.2], hints: {forZones: [{name: z2}]}}]";
+    assert_eq!(
+        addrs(&policy_case("", zoned, &on_node("a", Some("z1")))),
+        ["198.18.0.1"]
+    );
+    assert_eq!(
+        addrs(&policy_case("", zoned, &on_node("a", Some("z2")))),
+        ["198.18.0.2"]
+    );
+    // No endpoint for our zone, or no zone label: hints ignored, all used.
+    assert_eq!(
+        addrs(&policy_case("", zoned, &on_node("a", Some("z3")))).len(),
+        2
+    );
+    assert_eq!(addrs(&policy_case("", zoned, &on_node("a", None))).len(), 2);
+    // One ready endpoint without hints: hints ignored.
+    let partial =
+        "[{addresses: [198.18.0.1], hints: {forZones: [{name: z1}]}}, {addresses: [198.18.0.2]}]";
+    assert_eq!(
+        addrs(&policy_case("", partial, &on_node("a", Some("z1")))).len(),
+        2
+    );
+    // A not-ready endpoint without hints does not count.
+    let nr = "[{addresses: [198.18.0.1], hints: {forZones: [{name: z1}]}}, {addresses: [198.18.0.2], conditions: {ready: false}}]";
+    assert_eq!(
+        addrs(&policy_case("", nr, &on_node("a", Some("z1")))),
+        ["198.18.0.1"]
+    );
+    // Node hints (PreferSameNode) win over zone hints; without one for us, zone hints apply.
+    let noded = "[{addresses: [198.18.0.1], hints: {forNodes: [{name: a}], forZones: [{name: z1}]}}, {addresses: [198.18.0.2], hints: {forNodes: [{name: b}], forZones: [{name: z1}]}}]";
+    assert_eq!(
+        addrs(&policy_case(
+            ", trafficDistribution: PreferSameNode",
+            noded,
+            &on_node("b", Some("z1"))
+        )),
+        ["198.18.0.2"]
+    );
+    assert_eq!(
+        addrs(&policy_case(
+            ", trafficDistribution: PreferSameNode",
+            noded,
+            &on_node("c", Some("z1"))
+        ))
+        .len(),
+        2
+    );
+}
+
+#[test]
+fn session_affinity_timeouts() {
+    let eps = "[{addresses: [198.18.0.1]}]";
+    assert_eq!(policy_case("", eps, &Config::default()).affinity_timeout, 0);
+    assert_eq!(
+        policy_case(", sessionAffinity: ClientIP", eps, &Config::default()).affinity_timeout,
+        DEFAULT_AFFINITY_TIMEOUT
+    );
+    let t = ", sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}";
+    assert_eq!(policy_case(t, eps, &Config::default()).affinity_timeout, 60);
+    let (s, e) = objs(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: p, namespace: ns}\nspec: {clusterIP: 198.19.0.5, ports: [{port: 80}], sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 90000}}}\n",
+    );
+    let (d, errors) = build(&s, &e, &Config::default());
+    assert!(errors[0].to_string().contains("Service ns/p: spec.sessionAffinityConfig.clientIP.timeoutSeconds: 90000 is outside 1-86400"), "{errors:?}");
+    assert_eq!(
+        d.frontends.len(),
+        1,
+        "the Service is still served, with the default timeout"
+    );
+}

@@ -85,10 +85,11 @@ fn arb_desired() -> impl Strategy<Value = Desired> {
     )
         .prop_map(|(addr, port, proto)| Frontend { addr, port, proto });
     let be_idx = proptest::collection::btree_set(0u8..6, 0..5);
-    proptest::collection::btree_map(fe, be_idx, 0..8).prop_map(|m| Desired {
+    let policy = (any::<bool>(), prop_oneof![Just(0u32), Just(30u32)]);
+    proptest::collection::btree_map(fe, (be_idx, policy), 0..8).prop_map(|m| Desired {
         frontends: m
             .into_iter()
-            .map(|(fe, idx)| {
+            .map(|(fe, (idx, (no_local, affinity_timeout)))| {
                 let backends = idx
                     .into_iter()
                     .map(|i| {
@@ -109,6 +110,8 @@ fn arb_desired() -> impl Strategy<Value = Desired> {
                         },
                         port_name: String::new(),
                         backends,
+                        no_local,
+                        affinity_timeout,
                     },
                 )
             })
@@ -134,6 +137,22 @@ proptest! {
             let used: BTreeSet<u32> = shadow.svc.iter().filter(|(k, _)| k.slot > 0).map(|(_, v)| v.backend_id).collect();
             let have: BTreeSet<u32> = shadow.backends.keys().copied().collect();
             prop_assert_eq!(used, have, "no unreferenced backend left");
+            // Frontend ids: non-zero and unique; affinity memberships exactly the backends of
+            // the frontends with affinity; flags and timeouts as desired.
+            let mut ids = BTreeSet::new();
+            let mut want_match = BTreeSet::new();
+            for (fe, st) in &d.frontends {
+                let v = shadow.svc[&SvcKey::frontend(fe)];
+                prop_assert!(v.backend_id != 0 && ids.insert(v.backend_id), "frontend id {} reused", v.backend_id);
+                prop_assert_eq!(v.affinity_timeout, st.affinity_timeout);
+                prop_assert_eq!(v.flags & lb_common::SVC_FLAG_NO_LOCAL != 0, st.no_local);
+                if st.affinity_timeout > 0 {
+                    for s in 1..=v.count {
+                        want_match.insert(AffMatch { backend_id: shadow.svc[&SvcKey::frontend(fe).with_slot(s)].backend_id, frontend_id: v.backend_id });
+                    }
+                }
+            }
+            prop_assert_eq!(&shadow.aff_match, &want_match);
         }
     }
 
@@ -180,6 +199,7 @@ fn removing_one_backend_moves_the_last_slot_into_the_hole() {
         },
         port_name: String::new(),
         backends: b.iter().copied().collect(),
+        ..FrontendState::default()
     };
     let mut shadow = Shadow::default();
     converge(
@@ -215,6 +235,7 @@ fn removing_one_backend_moves_the_last_slot_into_the_hole() {
             MapOp::PutSvc {
                 key,
                 value: SvcValue {
+                    backend_id: 1, // the frontend id, unchanged
                     count: 3,
                     ..SvcValue::default()
                 }
@@ -247,6 +268,7 @@ fn a_service_without_endpoints_keeps_a_zero_count_frontend() {
         },
         port_name: String::new(),
         backends: BTreeSet::new(),
+        ..FrontendState::default()
     };
     let mut shadow = Shadow::default();
     converge(
@@ -327,6 +349,7 @@ fn fit_refuses_only_the_newcomer() {
         backends: (1..=n)
             .map(|i| SocketAddr::new(format!("198.18.0.{i}").parse().unwrap(), 80))
             .collect(),
+        ..FrontendState::default()
     };
     let fe = |last: u8| Frontend {
         addr: format!("198.19.0.{last}").parse().unwrap(),
