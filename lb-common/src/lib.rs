@@ -71,8 +71,12 @@ pub const MAP_AFF: &str = "LB_AFF_V1";
 /// Written by the agent, for frontends with affinity only.
 pub const MAP_AFF_MATCH: &str = "LB_AFF_MATCH_V1";
 
+/// New connections per frontend: frontend id (`u32`) → per-CPU `u64`. Written by the datapath;
+/// the agent labels it with the Service and deletes the counters of removed frontends.
+pub const MAP_SVC_CNT: &str = "LB_SVC_CNT_V1";
+
 /// Every map the datapath object must define.
-pub const ALL_MAPS: [&str; 9] = [
+pub const ALL_MAPS: [&str; 10] = [
     MAP_SVC4,
     MAP_BE4,
     MAP_SVC6,
@@ -82,7 +86,11 @@ pub const ALL_MAPS: [&str; 9] = [
     MAP_STATS,
     MAP_AFF,
     MAP_AFF_MATCH,
+    MAP_SVC_CNT,
 ];
+
+/// Default `max_entries` of the per-frontend connection counters.
+pub const DEFAULT_SVC_CNT_ENTRIES: u32 = 1 << 16;
 
 /// Default `max_entries` of the service maps (frontends + backend slots + VIP markers).
 /// 10,000 Services × (1 frontend + 4 slots + 1 marker) = 60,000; the default leaves room for

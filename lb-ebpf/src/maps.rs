@@ -5,15 +5,16 @@
 //! Service and backend maps are `BPF_F_NO_PREALLOC`: kernel memory follows the entries in use,
 //! so a generous `max_entries` (room for 50,000 Services × 4 endpoints) costs nothing on a small
 //! cluster; lookups are as fast as in a preallocated map. LRU maps must preallocate.
-use aya_ebpf::btf_maps::{HashMap, LruHashMap, PerCpuArray};
+use aya_ebpf::btf_maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap};
 use aya_ebpf::{bindings::BPF_F_NO_PREALLOC, macros::btf_map};
 /// `FLAGS` of the agent-written hash maps.
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
 
 use lb_common::{
     AffKey, AffMatchKey, AffValue, Backend4, Backend6, DEFAULT_AFF_ENTRIES,
-    DEFAULT_AFF_MATCH_ENTRIES, DEFAULT_BE_ENTRIES, DEFAULT_RNAT_ENTRIES, DEFAULT_SVC_ENTRIES,
-    RevNat4Key, RevNat4Value, RevNat6Key, RevNat6Value, Stat, Svc4Key, Svc6Key, SvcValue,
+    DEFAULT_AFF_MATCH_ENTRIES, DEFAULT_BE_ENTRIES, DEFAULT_RNAT_ENTRIES, DEFAULT_SVC_CNT_ENTRIES,
+    DEFAULT_SVC_ENTRIES, RevNat4Key, RevNat4Value, RevNat6Key, RevNat6Value, Stat, Svc4Key,
+    Svc6Key, SvcValue,
 };
 
 #[btf_map]
@@ -68,6 +69,28 @@ pub(crate) static LB_AFF_MATCH_V1: HashMap<
     { DEFAULT_AFF_MATCH_ENTRIES as usize },
     NO_PREALLOC,
 > = HashMap::new();
+
+#[btf_map]
+pub(crate) static LB_SVC_CNT_V1: PerCpuHashMap<
+    u32,
+    u64,
+    { DEFAULT_SVC_CNT_ENTRIES as usize },
+    NO_PREALLOC,
+> = PerCpuHashMap::new();
+
+/// Adds one to this CPU's connection counter of frontend `id`.
+#[inline(always)]
+pub(crate) fn count_frontend(id: u32) {
+    match LB_SVC_CNT_V1.get_ptr_mut(id) {
+        // SAFETY: this CPU's slot of a per-CPU value; nobody else writes it.
+        Some(c) => unsafe { *c += 1 },
+        // First connection on this frontend since it appeared: BPF_NOEXIST (1) so a racing
+        // insert from another CPU is not overwritten (that CPU's count starts at 1 too).
+        None => {
+            let _ = LB_SVC_CNT_V1.insert(id, 1u64, 1);
+        }
+    }
+}
 
 /// Adds one to this CPU's counter for `stat`.
 #[inline(always)]

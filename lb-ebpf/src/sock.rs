@@ -24,7 +24,7 @@ use lb_common::{
 
 use crate::maps::{
     LB_AFF_MATCH_V1, LB_AFF_V1, LB4_BE_V1, LB4_RNAT_SK_V1, LB4_SVC_V1, LB6_BE_V1, LB6_RNAT_SK_V1,
-    LB6_SVC_V1, count,
+    LB6_SVC_V1, count, count_frontend,
 };
 
 const ECONNREFUSED: i32 = 111;
@@ -170,7 +170,8 @@ fn svc4(key: &Svc4Key) -> Option<SvcValue> {
     unsafe { LB4_SVC_V1.get(key) }.copied()
 }
 
-/// Chooses a backend for `vip:port/proto`. `Ok(None)`: not a service.
+/// Chooses a backend for `vip:port/proto` and counts the connection on its frontend.
+/// `Ok(None)`: not a service.
 #[inline(always)]
 fn select4(
     ctx: &SockAddrContext,
@@ -205,6 +206,7 @@ fn select4(
     let be = unsafe { LB4_BE_V1.get(id) }
         .copied()
         .ok_or(Reject::BackendMissing)?;
+    count_frontend(fe.backend_id);
     Ok(Some(be))
 }
 
@@ -378,6 +380,7 @@ fn select6(
     let be = unsafe { LB6_BE_V1.get(id) }
         .copied()
         .ok_or(Reject::BackendMissing)?;
+    count_frontend(fe.backend_id);
     Ok(Some(be))
 }
 

@@ -15,9 +15,19 @@ use tokio::{
 };
 use tracing::{debug, error, info, warn};
 
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
 use crate::{
+    http,
     loader::{self, Sizes},
     maps::BpfMaps,
+    metrics::{Health, Metrics},
     model,
     source::{ManifestDir, Objects, api::ApiSource},
     sync::{self, Shadow},
@@ -48,6 +58,12 @@ pub struct Options {
     pub debounce: Duration,
     /// Least time between the starts of two syncs (kube-proxy's minSyncPeriod).
     pub min_sync_interval: Duration,
+    /// Prometheus metrics listener.
+    pub metrics_addr: SocketAddr,
+    /// `/healthz` and `/livez` listener.
+    pub healthz_addr: SocketAddr,
+    /// A change not in the datapath after this long makes `/healthz` and `/livez` fail.
+    pub health_timeout: Duration,
 }
 
 /// The running source.
@@ -85,16 +101,130 @@ struct State {
     src: Source,
     cfg: model::Config,
     maps: BpfMaps,
+    bpffs: PathBuf,
     capacity: sync::Capacity,
     shadow: Shadow,
     /// Problems already reported, so a resync does not repeat them.
     reported: BTreeSet<String>,
+    metrics: Arc<Metrics>,
+    health: Arc<Mutex<Health>>,
+    /// The previous snapshot's objects by namespace/name, to count changes (objects unchanged
+    /// since the last snapshot are the same `Arc`).
+    prev_services: BTreeMap<(String, String), Arc<Service>>,
+    prev_slices: BTreeMap<(String, String), Arc<EndpointSlice>>,
+    synced_once: bool,
 }
 
+/// Objects by namespace/name.
+fn index<K: kube::Resource>(objs: &[Arc<K>]) -> BTreeMap<(String, String), Arc<K>> {
+    objs.iter()
+        .map(|o| {
+            (
+                (
+                    o.meta().namespace.clone().unwrap_or_default(),
+                    o.meta().name.clone().unwrap_or_default(),
+                ),
+                o.clone(),
+            )
+        })
+        .collect()
+}
+
+/// How many objects were added, changed or removed between two snapshots.
+fn changes<K>(
+    prev: &BTreeMap<(String, String), Arc<K>>,
+    now: &BTreeMap<(String, String), Arc<K>>,
+) -> u64 {
+    let changed = now
+        .iter()
+        .filter(|(k, v)| prev.get(*k).is_none_or(|p| !Arc::ptr_eq(p, v)))
+        .count();
+    let removed = prev.keys().filter(|k| !now.contains_key(*k)).count();
+    (changed + removed) as u64
+}
+
+/// The EndpointSlice annotation the EndpointSlice controller sets to the time of the change
+/// that triggered the slice update.
+const TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
 impl State {
-    fn sync(&mut self) {
+    /// One level-triggered sync. Returns whether the datapath now matches the source.
+    fn sync(&mut self) -> bool {
         let started = Instant::now();
         let (objs, source_errors) = self.src.snapshot();
+        let ok = self.sync_snapshot(&objs, source_errors, started);
+        self.metrics
+            .sync_duration
+            .observe(started.elapsed().as_secs_f64());
+        self.account(&objs, ok);
+        ok
+    }
+
+    /// Metrics and health after a sync of `objs`.
+    fn account(&mut self, objs: &Objects, ok: bool) {
+        let services = index(&objs.services);
+        let slices = index(&objs.slices);
+        if self.synced_once {
+            self.metrics
+                .service_changes
+                .inc_by(changes(&self.prev_services, &services));
+            self.metrics
+                .endpoint_changes
+                .inc_by(changes(&self.prev_slices, &slices));
+        }
+        if ok {
+            let now_wall = std::time::SystemTime::now();
+            self.metrics.last_sync.set(
+                now_wall
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs_f64(),
+            );
+            // Network programming latency: slices that changed since the last sync, measured
+            // from the change that triggered them (not on the first sync: those changes are
+            // older than this agent).
+            if self.synced_once {
+                let since_epoch = now_wall
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+                let now_ts =
+                    k8s_openapi::jiff::Timestamp::from_nanosecond(since_epoch.as_nanos() as i128)
+                        .unwrap_or_default();
+                for (k, s) in &slices {
+                    if self.prev_slices.get(k).is_some_and(|p| Arc::ptr_eq(p, s)) {
+                        continue;
+                    }
+                    let trig = s
+                        .metadata
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get(TRIGGER_TIME));
+                    if let Some(t) =
+                        trig.and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
+                        && let Ok(d) = now_ts.duration_since(t).try_into()
+                    {
+                        let d: std::time::Duration = d;
+                        self.metrics.network_programming.observe(d.as_secs_f64());
+                    }
+                }
+            }
+            let mut h = self.health.lock().expect("health lock");
+            h.last_updated = now_wall;
+            h.pending_since = None;
+        }
+        self.health.lock().expect("health lock").node_eligible =
+            crate::metrics::node_eligible(objs.node.as_deref());
+        self.prev_services = services;
+        self.prev_slices = slices;
+        self.synced_once = true;
+    }
+
+    fn sync_snapshot(
+        &mut self,
+        objs: &Objects,
+        source_errors: Vec<String>,
+        started: Instant,
+    ) -> bool {
         // The zone can change with the Node's labels: take it from this snapshot.
         self.cfg.zone = objs
             .node
@@ -125,13 +255,14 @@ impl State {
         }
         self.reported = now;
 
+        self.label_frontends(&desired);
         let ops = sync::diff(&desired, &self.shadow);
         if ops.is_empty() {
             debug!(
                 frontends = desired.frontends.len(),
                 "datapath already up to date"
             );
-            return;
+            return true;
         }
         match sync::apply(&ops, &mut self.maps, &mut self.shadow) {
             Ok(n) => {
@@ -143,14 +274,50 @@ impl State {
                     elapsed_us = started.elapsed().as_micros() as u64,
                     "programmed datapath"
                 );
+                self.label_frontends(&desired);
+                let live = self
+                    .shadow
+                    .svc
+                    .iter()
+                    .filter(|(k, _)| k.slot == 0 && !k.is_marker())
+                    .map(|(_, v)| v.backend_id)
+                    .collect();
+                if let Err(e) = crate::maps::gc_frontend_counts(&self.bpffs, &live) {
+                    warn!(error = %chain(&e), "cannot remove counters of removed frontends");
+                }
+                true
             }
-            Err((applied, e)) => error!(
-                error = %chain(&e),
-                applied,
-                pending = ops.len() - applied,
-                "map update failed; what was written is consistent, retrying on the next sync"
-            ),
+            Err((applied, e)) => {
+                error!(
+                    error = %chain(&e),
+                    applied,
+                    pending = ops.len() - applied,
+                    "map update failed; what was written is consistent, retrying on the next sync"
+                );
+                false
+            }
         }
+    }
+
+    /// Frontend id → Service labels for `lb_service_connections_total`, from the shadow (ids)
+    /// and the desired state (owners).
+    fn label_frontends(&self, desired: &model::Desired) {
+        let labels = desired
+            .frontends
+            .iter()
+            .filter_map(|(fe, st)| {
+                let v = self.shadow.svc.get(&sync::SvcKey::frontend(fe))?;
+                Some((
+                    v.backend_id,
+                    crate::metrics::FrontendLabel {
+                        namespace: st.service.namespace.clone(),
+                        service: st.service.name.clone(),
+                        frontend: fe.to_string(),
+                    },
+                ))
+            })
+            .collect();
+        *self.metrics.frontends.write().expect("labels lock") = labels;
     }
 }
 
@@ -162,6 +329,40 @@ fn trim_heap() {
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+/// Starts the metrics and health listeners (failing at once when an address is taken).
+async fn serve_http(opts: &Options) -> anyhow::Result<(Arc<Metrics>, Arc<Mutex<Health>>)> {
+    let metrics = Arc::new(Metrics::new(opts.bpffs.clone()));
+    let health = Arc::new(Mutex::new(Health::new(opts.health_timeout)));
+    let m = metrics.clone();
+    http::serve(
+        "metrics",
+        opts.metrics_addr,
+        Arc::new(move |path| match path {
+            "/metrics" => m.render(),
+            _ => http::Response::new(404, "text/plain", "not found\n".into()),
+        }),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("cannot listen on --metrics-addr {}: {e}", opts.metrics_addr))?;
+    let h = health.clone();
+    http::serve(
+        "healthz",
+        opts.healthz_addr,
+        Arc::new(move |path| {
+            let h = h.lock().expect("health lock").clone();
+            match path {
+                "/healthz" => h.respond(false, Instant::now(), std::time::SystemTime::now()),
+                "/livez" => h.respond(true, Instant::now(), std::time::SystemTime::now()),
+                _ => http::Response::new(404, "text/plain", "not found\n".into()),
+            }
+        }),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("cannot listen on --healthz-addr {}: {e}", opts.healthz_addr))?;
+
+    Ok((metrics, health))
 }
 
 /// Runs the agent until SIGTERM/SIGINT. The datapath stays attached after exit (pinned), so
@@ -181,6 +382,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         "datapath attached"
     );
     let capacity = maps.capacity();
+
+    let (metrics, health) = serve_http(&opts).await?;
 
     // Every source wakes the loop through a 1-slot channel: a burst leaves one pending wake-up.
     let (tx, mut rx) = mpsc::channel::<()>(1);
@@ -219,9 +422,15 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         src,
         cfg: opts.model.clone(),
         maps,
+        bpffs: opts.bpffs.clone(),
         capacity,
         shadow,
         reported: BTreeSet::new(),
+        metrics,
+        health: health.clone(),
+        prev_services: BTreeMap::new(),
+        prev_slices: BTreeMap::new(),
+        synced_once: false,
     };
     state.sync();
     let mut last_sync = Instant::now();
@@ -232,6 +441,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             Some(()) = rx.recv() => {
+                health.lock().expect("health lock").pending_since.get_or_insert_with(Instant::now);
                 let at = (Instant::now() + opts.debounce).max(last_sync + opts.min_sync_interval);
                 tokio::time::sleep_until(at.into()).await;
                 while rx.try_recv().is_ok() {}

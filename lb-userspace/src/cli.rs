@@ -15,7 +15,7 @@ pub struct Cli {
 pub enum Command {
     /// Load and attach the datapath, then keep its maps equal to the Services and
     /// `EndpointSlices` found in the manifest directory.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print what the pinned maps hold (no running agent needed).
     Inspect(InspectArgs),
     /// Detach every hook and remove every pin the agent made.
@@ -59,6 +59,15 @@ pub struct RunArgs {
     /// `max_entries` of each per-socket reverse-NAT LRU map.
     #[arg(long, default_value_t = lb_common::DEFAULT_RNAT_ENTRIES)]
     pub max_revnat_entries: u32,
+    /// Prometheus metrics (kube-proxy's names): GET /metrics.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:10249")]
+    pub metrics_addr: std::net::SocketAddr,
+    /// Node health as kube-proxy serves it: GET /healthz and /livez.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:10256")]
+    pub healthz_addr: std::net::SocketAddr,
+    /// A change not in the datapath after this long fails /healthz and /livez.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub health_timeout: std::time::Duration,
     /// Full resync interval in seconds, in addition to file events.
     #[arg(long, default_value_t = 30)]
     pub resync_seconds: u64,

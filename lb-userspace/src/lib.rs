@@ -7,9 +7,11 @@
 //! pinned maps back, [`cli`] is the command line.
 pub mod agent;
 pub mod cli;
+pub mod http;
 pub mod inspect;
 pub mod loader;
 pub mod maps;
+pub mod metrics;
 pub mod model;
 pub mod source;
 pub mod sync;

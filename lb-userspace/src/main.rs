@@ -58,6 +58,9 @@ fn real_main(cli: cli::Cli) -> anyhow::Result<()> {
                 resync_every: Duration::from_secs(a.resync_seconds.max(1)),
                 debounce: Duration::from_millis(5),
                 min_sync_interval: a.min_sync_interval,
+                metrics_addr: a.metrics_addr,
+                healthz_addr: a.healthz_addr,
+                health_timeout: a.health_timeout,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -6,7 +6,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
+use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap};
 use lb_common::{
     ALL_MAPS, AffMatchKey, Backend4, Backend6, MAP_AFF_MATCH, MAP_BE4, MAP_BE6, MAP_STATS,
     MAP_SVC4, MAP_SVC6, SCOPE_ALL, Stat, Svc4Key, Svc6Key, SvcValue,
@@ -62,6 +62,7 @@ pub fn expected_sizes(name: &str) -> Option<(u32, u32)> {
             size_of::<lb_common::AffValue>(),
         ),
         n if n == MAP_AFF_MATCH => s(size_of::<AffMatchKey>(), 4),
+        n if n == lb_common::MAP_SVC_CNT => s(4, 8),
         _ => None,
     }
 }
@@ -355,6 +356,52 @@ fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
         }
         other => other,
     }
+}
+
+/// New connections per frontend id, summed over CPUs.
+pub fn read_frontend_counts(dir: &Path) -> Result<std::collections::BTreeMap<u32, u64>> {
+    let name = lb_common::MAP_SVC_CNT;
+    let map: PerCpuHashMap<MapData, u32, u64> = PerCpuHashMap::try_from(open_pinned(dir, name)?)
+        .map_err(|source| Error::Map {
+            name,
+            op: "open as per-CPU hash",
+            source,
+        })?;
+    map.iter()
+        .map(|kv| {
+            let (id, v) = kv.map_err(|source| Error::Map {
+                name,
+                op: "iterate",
+                source,
+            })?;
+            Ok((id, v.iter().sum()))
+        })
+        .collect()
+}
+
+/// Deletes the connection counters of frontend ids that no longer exist, so that an id given
+/// to a new frontend later starts from zero. Returns how many were deleted.
+pub fn gc_frontend_counts(dir: &Path, live: &std::collections::BTreeSet<u32>) -> Result<usize> {
+    let name = lb_common::MAP_SVC_CNT;
+    let mut map: PerCpuHashMap<MapData, u32, u64> =
+        PerCpuHashMap::try_from(open_pinned(dir, name)?).map_err(|source| Error::Map {
+            name,
+            op: "open as per-CPU hash",
+            source,
+        })?;
+    let dead: Vec<u32> = map
+        .keys()
+        .filter_map(std::result::Result::ok)
+        .filter(|id| !live.contains(id))
+        .collect();
+    for id in &dead {
+        ignore_missing(map.remove(id)).map_err(|source| Error::Map {
+            name,
+            op: "delete",
+            source,
+        })?;
+    }
+    Ok(dead.len())
 }
 
 /// Datapath counters summed over CPUs, in [`Stat::ALL`] order.

@@ -461,6 +461,13 @@ impl Cluster {
             .arg("--bpffs")
             .arg(&self.bpffs.path)
             .args(["--node-name", "node-a"])
+            // Ephemeral ports: tests run in parallel; the bound addresses are in the log.
+            .args([
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--healthz-addr",
+                "127.0.0.1:0",
+            ])
             .args(extra)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
@@ -494,6 +501,27 @@ impl Cluster {
         if let Some(mut p) = self.agent.take() {
             p.kill9();
         }
+    }
+
+    /// `GET path` from the agent's `what` listener ("metrics" or "healthz"; the bound address is
+    /// read from the agent's log). Returns the raw response (status line, headers, body).
+    pub fn http_get(&self, what: &str, path: &str) -> String {
+        use std::io::{Read as _, Write as _};
+        let log = self.agent_log();
+        let tag = format!("what={what} addr=");
+        let addr = log
+            .lines()
+            .filter_map(|l| l.split(&tag).nth(1))
+            .next_back()
+            .and_then(|s| s.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no {what} address in the agent log:\n{log}"))
+            .to_owned();
+        let mut s =
+            std::net::TcpStream::connect(&addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("write request");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("read response");
+        out
     }
 
     /// Runs `lbt ARGS…` in the client namespace and the test cgroup; one JSON value per line.

@@ -209,6 +209,13 @@ fn an_agent_that_cannot_reach_the_api_keeps_the_adopted_datapath() {
         .arg(&c.cgroup.path)
         .arg("--bpffs")
         .arg(&c.bpffs.path)
+        .args([
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--healthz-addr",
+            "127.0.0.1:0",
+        ])
+        .env("NO_COLOR", "1")
         .stderr(std::fs::File::create(&log).expect("log"))
         .spawn()
         .expect("spawn");
@@ -259,4 +266,89 @@ fn zone_hints_follow_the_nodes_zone_label() {
     // A zone no endpoint is hinted for: hints are ignored.
     api.apply_yaml(&node("node-a", "zone-c"));
     converge(&c, "198.19.0.70:80/TCP", Some(&want(&[1, 2])));
+}
+
+#[test]
+fn metrics_and_health_as_kube_proxy_serves_them() {
+    let (mut c, api) = api_cluster("metrics", 2);
+    api.apply_yaml(&svc("web", VIP, &[1, 2]));
+    c.start_agent();
+    converge(&c, &format!("{VIP}:80/TCP"), Some(&want(&[1, 2])));
+    let r = c.client(&["tcp", &format!("{VIP}:80"), "7"]);
+    assert!(r.iter().all(|r| r["ok"] == true));
+
+    let m = c.http_get("metrics", "/metrics");
+    assert!(m.starts_with("HTTP/1.1 200"), "{m}");
+    for want in [
+        "kubeproxy_sync_proxy_rules_duration_seconds_count",
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+        "kubeproxy_sync_proxy_rules_service_changes_total",
+        "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+        "lb_datapath_events_total{reason=\"connect_xlated\"} 7",
+        "lb_service_connections_total{namespace=\"test\",service=\"web\",frontend=\"198.19.0.10:80/TCP\"} 7",
+    ] {
+        assert!(m.contains(want), "metrics lack {want}:\n{m}");
+    }
+    let metric = |body: &str, name: &str| -> f64 {
+        body.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(-1.0)
+    };
+    let changes_before = metric(&m, "kubeproxy_sync_proxy_rules_endpoint_changes_total");
+
+    // An EndpointSlice change carrying the controller's trigger time: network programming
+    // latency is observed, and the change counter moves.
+    let mut slice_obj: Value = serde_json::to_value(
+        serde_yaml::from_str::<serde_yaml::Value>(
+            svc("web", VIP, &[2]).split("\n---\n").nth(1).unwrap(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let now = c.http_get("healthz", "/healthz");
+    let current = now
+        .split("\"currentTime\":\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .expect("currentTime")
+        .to_owned();
+    slice_obj["metadata"]["annotations"] =
+        serde_json::json!({"endpoints.kubernetes.io/last-change-trigger-time": current});
+    api.apply(slice_obj);
+    converge(&c, &format!("{VIP}:80/TCP"), Some(&want(&[2])));
+    let m = c.http_get("metrics", "/metrics");
+    assert!(
+        metric(&m, "kubeproxy_network_programming_duration_seconds_count") >= 1.0,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "kubeproxy_sync_proxy_rules_endpoint_changes_total") > changes_before,
+        "{m}"
+    );
+
+    // Health: 200 with kube-proxy's JSON; the Node tainted for deletion → /healthz 503, /livez 200.
+    let h = c.http_get("healthz", "/healthz");
+    assert!(h.starts_with("HTTP/1.1 200"), "{h}");
+    for want in [
+        "Content-Type: application/json",
+        "X-Content-Type-Options: nosniff",
+        "\"lastUpdated\":",
+        "\"currentTime\":",
+        "\"nodeEligible\":true",
+    ] {
+        assert!(h.contains(want), "healthz lacks {want}: {h}");
+    }
+    api.apply_yaml(
+        "apiVersion: v1\nkind: Node\nmetadata: {name: node-a, labels: {topology.kubernetes.io/zone: zone-a}}\n\
+         spec: {taints: [{key: ToBeDeletedByClusterAutoscaler, effect: NoSchedule}]}\n",
+    );
+    let h = wait_for(Duration::from_secs(5), || {
+        let h = c.http_get("healthz", "/healthz");
+        h.starts_with("HTTP/1.1 503").then_some(h)
+    })
+    .expect("healthz 503 for a node being deleted");
+    assert!(h.contains("\"nodeEligible\":false"), "{h}");
+    assert!(c.http_get("healthz", "/livez").starts_with("HTTP/1.1 200"));
+    assert!(c.http_get("healthz", "/nope").starts_with("HTTP/1.1 404"));
 }

@@ -58,6 +58,9 @@ pub enum Error {
 pub struct ManifestDir {
     dir: PathBuf,
     last_good: BTreeMap<PathBuf, Objects>,
+    /// Text and per-object errors of each file as last parsed: an unchanged file is not parsed
+    /// again, and its objects stay the same `Arc`s (the agent counts changes by identity).
+    parsed: BTreeMap<PathBuf, (String, Vec<Error>)>,
     first_seen: BTreeMap<(String, String), k8s_openapi::jiff::Timestamp>,
 }
 
@@ -74,6 +77,7 @@ impl ManifestDir {
         Self {
             dir: dir.into(),
             last_good: BTreeMap::new(),
+            parsed: BTreeMap::new(),
             first_seen: BTreeMap::new(),
         }
     }
@@ -107,14 +111,29 @@ impl ManifestDir {
             .collect();
         files.sort();
         self.last_good.retain(|p, _| files.contains(p));
+        self.parsed.retain(|p, _| files.contains(p));
 
         let mut all = Objects::default();
         for path in files {
             match fs::read_to_string(&path) {
+                Ok(text)
+                    if self.parsed.get(&path).is_some_and(|(t, _)| *t == text)
+                        && self.last_good.contains_key(&path) =>
+                {
+                    let (_, errs) = &self.parsed[&path];
+                    errors.extend(errs.iter().filter_map(Error::clone_object));
+                    all.extend(&self.last_good[&path]);
+                }
                 Ok(text) => match parse_str(&path, &text, &mut errors) {
                     Ok(mut objs) => {
                         self.stamp(&mut objs);
                         all.extend(&objs);
+                        let errs = errors
+                            .iter()
+                            .filter(|e| matches!(e, Error::Object { path: p, .. } if *p == path))
+                            .filter_map(Error::clone_object)
+                            .collect();
+                        self.parsed.insert(path.clone(), (text, errs));
                         self.last_good.insert(path, objs);
                     }
                     Err(e) => {
@@ -157,6 +176,28 @@ impl ManifestDir {
                 Arc::make_mut(svc).metadata.creation_timestamp =
                     Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(seen));
             }
+        }
+    }
+}
+
+impl Error {
+    /// A copy of an [`Error::Object`] (the per-object errors a cached file keeps reporting).
+    fn clone_object(&self) -> Option<Self> {
+        match self {
+            Self::Object {
+                path,
+                doc,
+                kind,
+                name,
+                message,
+            } => Some(Self::Object {
+                path: path.clone(),
+                doc: *doc,
+                kind: kind.clone(),
+                name: name.clone(),
+                message: message.clone(),
+            }),
+            _ => None,
         }
     }
 }
@@ -358,6 +399,33 @@ mod tests {
         };
         assert_eq!(ts("a"), t1, "stable across reads");
         assert!(ts("b").0 > t1.0, "a newcomer is younger");
+        fs::remove_dir_all(&dir).expect("rmdir");
+    }
+
+    #[test]
+    fn an_unchanged_file_keeps_its_objects_and_errors() {
+        let dir = std::env::temp_dir().join(format!("lb-src-cache-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("mkdir");
+        fs::write(dir.join("a.yaml"), "apiVersion: v1\nkind: Service\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: bad}\nspec: {ports: x}\n").expect("write");
+        let mut m = ManifestDir::new(&dir);
+        let (o1, e1) = m.read();
+        let (o2, e2) = m.read();
+        assert!(
+            Arc::ptr_eq(&o1.services[0], &o2.services[0]),
+            "same objects for unchanged text"
+        );
+        assert_eq!(
+            (e1.len(), e2.len()),
+            (1, 1),
+            "the bad object is reported on every read"
+        );
+        fs::write(
+            dir.join("a.yaml"),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: a, labels: {x: y}}\n",
+        )
+        .expect("write");
+        let (o3, e3) = m.read();
+        assert!(!Arc::ptr_eq(&o1.services[0], &o3.services[0]) && e3.is_empty());
         fs::remove_dir_all(&dir).expect("rmdir");
     }
 

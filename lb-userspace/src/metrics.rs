@@ -1,0 +1,320 @@
+//! Prometheus metrics (kube-proxy's names, so its dashboards and alerts keep working) and node
+//! health as kube-proxy serves it on :10256.
+//!
+//! | metric | meaning |
+//! |---|---|
+//! | `kubeproxy_sync_proxy_rules_duration_seconds` | histogram: one sync (snapshot → model → diff → maps) |
+//! | `kubeproxy_network_programming_duration_seconds` | histogram: EndpointSlice `endpoints.kubernetes.io/last-change-trigger-time` → in the datapath |
+//! | `kubeproxy_sync_proxy_rules_last_timestamp_seconds` | gauge: unix time of the last successful sync |
+//! | `kubeproxy_sync_proxy_rules_service_changes_total` | Services added, changed or removed |
+//! | `kubeproxy_sync_proxy_rules_endpoint_changes_total` | EndpointSlices added, changed or removed |
+//! | `lb_datapath_events_total{reason}` | the datapath's per-reason counters (`inspect stats`) |
+//! | `lb_service_connections_total{namespace,service,frontend}` | new connections per frontend |
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{Arc, RwLock, atomic::AtomicU64},
+    time::{Duration, Instant, SystemTime},
+};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _},
+    metrics::{
+        MetricType,
+        counter::{ConstCounter, Counter},
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+use crate::{http::Response, maps};
+
+/// Who a frontend id belongs to, for labels.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendLabel {
+    pub namespace: String,
+    pub service: String,
+    pub frontend: String,
+}
+
+/// The agent's metrics.
+pub struct Metrics {
+    pub registry: Registry,
+    pub sync_duration: Histogram,
+    pub network_programming: Histogram,
+    pub last_sync: Gauge<f64, AtomicU64>,
+    pub service_changes: Counter,
+    pub endpoint_changes: Counter,
+    /// Frontend id → labels, replaced after every sync.
+    pub frontends: Arc<RwLock<BTreeMap<u32, FrontendLabel>>>,
+}
+
+/// Reads the pinned datapath counters at scrape time.
+#[derive(Debug)]
+struct Datapath {
+    bpffs: PathBuf,
+    frontends: Arc<RwLock<BTreeMap<u32, FrontendLabel>>>,
+}
+
+impl Collector for Datapath {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        // A map that cannot be read (the agent's own pins: should not happen) yields no sample
+        // rather than a failed scrape.
+        if let Ok(stats) = maps::read_stats(&self.bpffs) {
+            let mut fam = encoder.encode_descriptor(
+                "lb_datapath_events",
+                "Socket-LB datapath outcomes by reason (summed over CPUs).",
+                None,
+                MetricType::Counter,
+            )?;
+            for (stat, v) in stats {
+                let labels = [("reason", stat.name())];
+                ConstCounter::new(v).encode(fam.encode_family(&labels)?)?;
+            }
+        }
+        if let Ok(counts) = maps::read_frontend_counts(&self.bpffs) {
+            let labels = self.frontends.read().expect("labels lock");
+            let mut fam = encoder.encode_descriptor(
+                "lb_service_connections",
+                "New connections (and unconnected datagrams) translated per Service frontend.",
+                None,
+                MetricType::Counter,
+            )?;
+            for (id, v) in counts {
+                if let Some(l) = labels.get(&id) {
+                    let set = [
+                        ("namespace", l.namespace.as_str()),
+                        ("service", l.service.as_str()),
+                        ("frontend", l.frontend.as_str()),
+                    ];
+                    ConstCounter::new(v).encode(fam.encode_family(&set)?)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Metrics {
+    #[must_use]
+    pub fn new(bpffs: PathBuf) -> Self {
+        let mut registry = Registry::default();
+        let kp = registry.sub_registry_with_prefix("kubeproxy");
+        // kube-proxy's buckets start at 1 ms; socket-LB syncs are often faster, so the same
+        // doubling series starts at 0.1 ms here.
+        let sync_duration = Histogram::new(exponential_buckets(0.000_1, 2.0, 20));
+        let network_programming = Histogram::new(exponential_buckets(0.001, 2.0, 20));
+        let last_sync = Gauge::<f64, AtomicU64>::default();
+        let service_changes = Counter::default();
+        let endpoint_changes = Counter::default();
+        kp.register(
+            "sync_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds",
+            sync_duration.clone(),
+        );
+        kp.register(
+            "network_programming_duration_seconds",
+            "In Cluster Network Programming Latency in seconds",
+            network_programming.clone(),
+        );
+        kp.register(
+            "sync_proxy_rules_last_timestamp_seconds",
+            "The last time proxy rules were successfully synced",
+            last_sync.clone(),
+        );
+        kp.register(
+            "sync_proxy_rules_service_changes",
+            "Cumulative proxy rules Service changes",
+            service_changes.clone(),
+        );
+        kp.register(
+            "sync_proxy_rules_endpoint_changes",
+            "Cumulative proxy rules Endpoint changes",
+            endpoint_changes.clone(),
+        );
+        let frontends = Arc::new(RwLock::new(BTreeMap::new()));
+        registry.register_collector(Box::new(Datapath {
+            bpffs,
+            frontends: frontends.clone(),
+        }));
+        Self {
+            registry,
+            sync_duration,
+            network_programming,
+            last_sync,
+            service_changes,
+            endpoint_changes,
+            frontends,
+        }
+    }
+
+    /// The text exposition format.
+    #[must_use]
+    pub fn render(&self) -> Response {
+        let mut body = String::new();
+        if prometheus_client::encoding::text::encode(&mut body, &self.registry).is_err() {
+            return Response::new(500, "text/plain", "encoding failed\n".into());
+        }
+        Response::new(
+            200,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            body,
+        )
+    }
+}
+
+/// Node and sync health, as kube-proxy's `/healthz` and `/livez` judge them.
+#[derive(Clone, Debug)]
+pub struct Health {
+    /// The last successful sync.
+    pub last_updated: SystemTime,
+    /// The oldest change not yet in the datapath.
+    pub pending_since: Option<Instant>,
+    /// False while the Node is being deleted or tainted `ToBeDeletedByClusterAutoscaler`.
+    pub node_eligible: bool,
+    /// How long a change may wait before the agent counts as stalled.
+    pub timeout: Duration,
+}
+
+/// Taint the cluster autoscaler puts on nodes it is about to delete.
+pub const TAINT_TO_BE_DELETED: &str = "ToBeDeletedByClusterAutoscaler";
+
+impl Health {
+    #[must_use]
+    pub fn new(timeout: Duration) -> Self {
+        Self {
+            last_updated: SystemTime::now(),
+            pending_since: None,
+            node_eligible: true,
+            timeout,
+        }
+    }
+
+    /// Updates are applied in time.
+    #[must_use]
+    pub fn syncing(&self, now: Instant) -> bool {
+        self.pending_since
+            .is_none_or(|t| now.duration_since(t) <= self.timeout)
+    }
+
+    /// `/healthz` (`livez = false`) or `/livez` (`livez = true`): `/livez` ignores the node.
+    #[must_use]
+    pub fn respond(&self, livez: bool, now: Instant, wall: SystemTime) -> Response {
+        let healthy = self.syncing(now) && (livez || self.node_eligible);
+        let ts = |t: SystemTime| {
+            let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+            k8s_openapi::jiff::Timestamp::from_nanosecond(d.as_nanos() as i128)
+                .map(|t| t.to_string())
+                .unwrap_or_default()
+        };
+        let body = if livez {
+            format!(
+                "{{\"lastUpdated\":\"{}\",\"currentTime\":\"{}\"}}",
+                ts(self.last_updated),
+                ts(wall)
+            )
+        } else {
+            format!(
+                "{{\"lastUpdated\":\"{}\",\"currentTime\":\"{}\",\"nodeEligible\":{}}}",
+                ts(self.last_updated),
+                ts(wall),
+                self.node_eligible
+            )
+        };
+        let mut r = Response::new(if healthy { 200 } else { 503 }, "application/json", body);
+        r.headers.push(("X-Content-Type-Options", "nosniff".into()));
+        r
+    }
+}
+
+/// Is this node eligible for traffic (not being deleted, not tainted for deletion)?
+#[must_use]
+pub fn node_eligible(node: Option<&k8s_openapi::api::core::v1::Node>) -> bool {
+    let Some(n) = node else { return true };
+    let deleting = n.metadata.deletion_timestamp.is_some();
+    let tainted = n
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == TAINT_TO_BE_DELETED));
+    !deleting && !tainted
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_follows_pending_changes_and_the_node() {
+        let t0 = Instant::now();
+        let wall = SystemTime::now();
+        let mut h = Health::new(Duration::from_secs(2));
+        assert_eq!(h.respond(false, t0, wall).status, 200);
+        h.pending_since = Some(t0);
+        assert_eq!(
+            h.respond(false, t0 + Duration::from_secs(1), wall).status,
+            200,
+            "within the timeout"
+        );
+        assert_eq!(
+            h.respond(false, t0 + Duration::from_secs(3), wall).status,
+            503,
+            "stalled"
+        );
+        assert_eq!(
+            h.respond(true, t0 + Duration::from_secs(3), wall).status,
+            503,
+            "livez also fails when stalled"
+        );
+        h.pending_since = None;
+        h.node_eligible = false;
+        let r = h.respond(false, t0, wall);
+        assert_eq!(r.status, 503);
+        assert!(r.body.contains("\"nodeEligible\":false"), "{}", r.body);
+        assert_eq!(
+            h.respond(true, t0, wall).status,
+            200,
+            "livez ignores the node"
+        );
+        assert!(
+            r.headers
+                .contains(&("X-Content-Type-Options", "nosniff".into()))
+        );
+    }
+
+    #[test]
+    fn node_eligibility() {
+        use k8s_openapi::api::core::v1::{Node, NodeSpec, Taint};
+        assert!(node_eligible(None));
+        let mut n = Node::default();
+        assert!(node_eligible(Some(&n)));
+        n.spec = Some(NodeSpec {
+            taints: Some(vec![Taint {
+                key: TAINT_TO_BE_DELETED.into(),
+                effect: "NoSchedule".into(),
+                ..Taint::default()
+            }]),
+            ..NodeSpec::default()
+        });
+        assert!(!node_eligible(Some(&n)));
+    }
+
+    #[test]
+    fn metrics_use_kube_proxy_names() {
+        let m = Metrics::new(PathBuf::from("/nonexistent"));
+        m.sync_duration.observe(0.002);
+        m.service_changes.inc();
+        let body = m.render().body;
+        for name in [
+            "kubeproxy_sync_proxy_rules_duration_seconds_bucket",
+            "kubeproxy_network_programming_duration_seconds",
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "kubeproxy_sync_proxy_rules_service_changes_total 1",
+            "kubeproxy_sync_proxy_rules_endpoint_changes_total 0",
+        ] {
+            assert!(body.contains(name), "{name} missing:\n{body}");
+        }
+    }
+}
