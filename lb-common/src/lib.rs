@@ -242,7 +242,10 @@ pub struct RevNat6Key {
     pub address: [u8; 16],
     /// Backend port, host order.
     pub port: u16,
-    pub _pad: [u8; 6],
+    /// Two scalar pad fields rather than `[u8; 6]`: zeroing a 6-byte array compiles to a
+    /// byte loop whose stack pointer arithmetic the verifier refuses without CAP_PERFMON.
+    pub _pad: u16,
+    pub _pad2: u32,
 }
 
 /// Value of `LB6_RNAT_SK_V1`.
@@ -312,6 +315,7 @@ const _: () = {
     assert!(offset_of!(RevNat4Key, address) == 8);
     assert!(size_of::<RevNat4Value>() == 8);
     assert!(size_of::<RevNat6Key>() == 32);
+    assert!(offset_of!(RevNat6Key, _pad2) == 28);
     assert!(size_of::<RevNat6Value>() == 20);
     assert!(size_of::<AffKey>() == 16);
     assert!(size_of::<AffValue>() == 16);

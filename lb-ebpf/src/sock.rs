@@ -410,7 +410,8 @@ pub(crate) fn xlate6_fwd(ctx: &SockAddrContext, hook: Hook) -> Result<(), Reject
         cookie: cookie(ctx),
         address: be.address,
         port: be.port,
-        _pad: [0; 6],
+        _pad: 0,
+        _pad2: 0,
     };
     let val = RevNat6Value {
         address: vip,
@@ -445,7 +446,8 @@ pub(crate) fn xlate6_rev(ctx: &SockAddrContext) {
         cookie: cookie(ctx),
         address: addr,
         port,
-        _pad: [0; 6],
+        _pad: 0,
+        _pad2: 0,
     };
     // SAFETY: copied out at once.
     if let Some(v) = unsafe { LB6_RNAT_SK_V1.get(&key) }.copied() {

@@ -333,6 +333,8 @@ pub struct Cluster {
     agent_starts: usize,
     /// `Some(kubeconfig)`: the agent learns from an API server instead of `manifests`.
     pub kubeconfig: Option<PathBuf>,
+    /// A command the agent is started through (e.g. `setpriv --bounding-set=…`).
+    pub agent_prefix: Vec<String>,
 }
 
 impl Cluster {
@@ -383,6 +385,7 @@ impl Cluster {
             tag,
             agent_starts: 0,
             kubeconfig: None,
+            agent_prefix: Vec::new(),
         };
         for i in 0..n {
             c.start_server(i, "tcp", "[::]:8080");
@@ -453,7 +456,15 @@ impl Cluster {
             .path
             .join(format!("agent-{}.log", self.agent_starts));
         let log = File::create(&log_path).expect("agent log");
-        let child = Command::new(lb_agent())
+        let mut cmd = match self.agent_prefix.split_first() {
+            Some((prog, args)) => {
+                let mut c = Command::new(prog);
+                c.args(args).arg(lb_agent());
+                c
+            }
+            None => Command::new(lb_agent()),
+        };
+        let child = cmd
             .arg("run")
             .args(self.source_args())
             .arg("--cgroup")

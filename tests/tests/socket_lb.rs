@@ -724,3 +724,65 @@ fn internal_traffic_policy_local_uses_node_local_endpoints_or_drops() {
     })
     .expect("REJECT");
 }
+
+#[test]
+fn runs_with_only_cap_bpf_and_cap_net_admin() {
+    // As deploy/daemonset.yaml grants: uid 0, bounding set {CAP_BPF, CAP_NET_ADMIN}.
+    let mut c = Cluster::new("caps", 1);
+    write_web(&c, &ready(1));
+    c.agent_prefix = ["setpriv", "--bounding-set=-all,+bpf,+net_admin"]
+        .map(String::from)
+        .to_vec();
+    c.start_agent();
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", c.agent.as_ref().unwrap().pid()))
+            .expect("status");
+    let eff = status
+        .lines()
+        .find(|l| l.starts_with("CapEff:"))
+        .expect("CapEff");
+    // CAP_NET_ADMIN = 12, CAP_BPF = 39.
+    assert_eq!(
+        eff.split_whitespace().nth(1),
+        Some("0000008000001000"),
+        "{eff}"
+    );
+    let t = tally(&c.client(&["tcp", &format!("{VIP4}:80"), "5"]));
+    assert_eq!(t.get("b1"), Some(&5));
+    assert_eq!(c.client(&["udp", &format!("{VIP4}:53"), "2"]).len(), 2);
+
+    // Each of the two is necessary.
+    for (caps, why) in [
+        ("+bpf", "Operation not permitted"),
+        ("+net_admin", "Operation not permitted"),
+    ] {
+        let dir = format!(
+            "/sys/fs/bpf/lbt-caps-{}-{}",
+            caps.trim_start_matches('+'),
+            std::process::id()
+        );
+        let _pins = lb_tests::Bpffs::new(&dir, &c.cgroup.path);
+        let out = Command::new("setpriv")
+            .arg(format!("--bounding-set=-all,{caps}"))
+            .arg(lb_tests::lb_agent())
+            .args(["run", "--manifests"])
+            .arg(&c.manifests.path)
+            .arg("--cgroup")
+            .arg(&c.cgroup.path)
+            .args([
+                "--bpffs",
+                &dir,
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--healthz-addr",
+                "127.0.0.1:0",
+            ])
+            .output()
+            .expect("spawn");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(why),
+            "with only {caps}: {err}"
+        );
+    }
+}

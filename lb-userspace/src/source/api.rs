@@ -45,6 +45,14 @@ pub enum Error {
     NotReady { kind: &'static str },
 }
 
+/// What the agent watches: (API group, resource) with verbs list and watch (get comes with
+/// them in RBAC practice). deploy/clusterrole.yaml grants exactly these; a test checks both.
+pub const WATCHES: [(&str, &str); 3] = [
+    ("", "services"),
+    ("discovery.k8s.io", "endpointslices"),
+    ("", "nodes"),
+];
+
 /// The three reflector stores. Cloning is cheap (they are shared handles).
 #[derive(Clone)]
 pub struct ApiSource {
@@ -166,5 +174,35 @@ impl ApiSource {
             slices: self.slices.state(),
             node: self.node.state().into_iter().next(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::Resource as _;
+
+    use super::*;
+
+    #[test]
+    fn watches_match_the_watched_types() {
+        let typed = [
+            (
+                Service::group(&()).into_owned(),
+                Service::plural(&()).into_owned(),
+            ),
+            (
+                EndpointSlice::group(&()).into_owned(),
+                EndpointSlice::plural(&()).into_owned(),
+            ),
+            (
+                Node::group(&()).into_owned(),
+                Node::plural(&()).into_owned(),
+            ),
+        ];
+        let declared: Vec<(String, String)> = WATCHES
+            .iter()
+            .map(|(g, r)| ((*g).to_owned(), (*r).to_owned()))
+            .collect();
+        assert_eq!(declared, typed);
     }
 }
