@@ -41,7 +41,12 @@ fn kustomization_lists_every_manifest() {
             .expect("deploy dir")
             .flatten()
             .map(|e| e.file_name().into_string().unwrap())
-            .filter(|n| n.ends_with(".yaml") && n != "kustomization.yaml")
+            .filter(|n| {
+                std::path::Path::new(n)
+                    .extension()
+                    .is_some_and(|e| e == "yaml")
+                    && n != "kustomization.yaml"
+            })
             .collect();
     assert_eq!(listed, on_disk);
 }

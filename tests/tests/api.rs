@@ -352,3 +352,68 @@ fn metrics_and_health_as_kube_proxy_serves_them() {
     assert!(c.http_get("healthz", "/livez").starts_with("HTTP/1.1 200"));
     assert!(c.http_get("healthz", "/nope").starts_with("HTTP/1.1 404"));
 }
+
+#[test]
+fn affinity_local_policy_and_dual_stack_through_the_api() {
+    let (mut c, api) = api_cluster("apisem", 2); // the agent runs as node-a
+    let ep = |i: usize, node: &str| format!("{{addresses: ['{}'], nodeName: {node}}}", pod_v4(i));
+    api.apply_yaml(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: sticky, namespace: test}}\n\
+         spec: {{clusterIPs: [198.19.0.80, '2001:db8:f::80'], ipFamilies: [IPv4, IPv6], sessionAffinity: ClientIP, ports: [{{name: http, port: 80}}]}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: sticky-4, namespace: test, labels: {{kubernetes.io/service-name: sticky}}}}\n\
+         addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{}, {}]\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: sticky-6, namespace: test, labels: {{kubernetes.io/service-name: sticky}}}}\n\
+         addressType: IPv6\nports: [{{name: http, port: 8080}}]\nendpoints: [{{addresses: ['{}']}}, {{addresses: ['{}']}}]\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {{name: local, namespace: test}}\nspec: {{clusterIP: 198.19.0.81, internalTrafficPolicy: Local, ports: [{{name: http, port: 80}}]}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: local-1, namespace: test, labels: {{kubernetes.io/service-name: local}}}}\n\
+         addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{}, {}]\n",
+        ep(1, "node-a"),
+        ep(2, "node-b"),
+        lb_tests::pod_v6(1),
+        lb_tests::pod_v6(2),
+        ep(1, "node-b"),
+        ep(2, "node-a"),
+    ));
+    c.start_agent();
+    converge(
+        &c,
+        "[2001:db8:f::80]:80/TCP",
+        Some(&[
+            format!("[{}]:8080", lb_tests::pod_v6(1)),
+            format!("[{}]:8080", lb_tests::pod_v6(2)),
+        ]),
+    );
+    converge(&c, "198.19.0.81:80/TCP", Some(&want(&[2])));
+
+    // Dual-stack ClusterIPs, each with session affinity: one backend per family for this client.
+    for target in ["198.19.0.80:80", "[2001:db8:f::80]:80"] {
+        let r = c.client(&["tcp", target, "12"]);
+        let names: std::collections::BTreeSet<&str> = r
+            .iter()
+            .map(|r| r["reply"].as_str().unwrap().split(' ').next().unwrap())
+            .collect();
+        assert_eq!(
+            names.len(),
+            1,
+            "{target}: affinity must keep one backend: {names:?}"
+        );
+        assert!(r.iter().all(|r| r["peer"] == target), "{r:?}");
+    }
+    // internalTrafficPolicy Local: only node-a's endpoint (b2); after it moves away, DROP.
+    let r = c.client(&["tcp", "198.19.0.81:80", "6"]);
+    assert!(
+        r.iter()
+            .all(|r| r["reply"].as_str().unwrap().starts_with("b2 ")),
+        "{r:?}"
+    );
+    api.apply_yaml(&format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: local-1, namespace: test, labels: {{kubernetes.io/service-name: local}}}}\n\
+         addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{}]\n",
+        ep(1, "node-b")
+    ));
+    converge(&c, "198.19.0.81:80/TCP", Some(&[]));
+    assert_eq!(
+        c.client(&["tcp", "198.19.0.81:80", "1"])[0]["error"],
+        "ETIMEDOUT"
+    );
+}

@@ -42,6 +42,9 @@ enum Cmd {
         /// Interleaved rounds per lane (single rounds vary by ±10 % on a shared machine).
         #[arg(long, default_value_t = 10)]
         rounds: usize,
+        /// Changes written to the API-server double for the change → datapath latency (0: skip).
+        #[arg(long, default_value_t = 200)]
+        api_changes: usize,
     },
 }
 
@@ -225,6 +228,7 @@ fn main() -> Result<()> {
             services,
             round_secs,
             rounds,
+            api_changes,
         } => {
             release_bins()?;
             run(Command::new(root().join("target/release/lb-bench")).args([
@@ -234,6 +238,8 @@ fn main() -> Result<()> {
                 &round_secs.to_string(),
                 "--rounds",
                 &rounds.to_string(),
+                "--api-changes",
+                &api_changes.to_string(),
             ]))
         }
     }

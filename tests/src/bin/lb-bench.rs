@@ -18,6 +18,8 @@ struct Args {
     services: usize,
     round_secs: f64,
     rounds: usize,
+    /// Changes written to the API double for the latency measurement (0 = skip the API phase).
+    api_changes: usize,
 }
 
 fn parse_args() -> Args {
@@ -25,6 +27,7 @@ fn parse_args() -> Args {
         services: 10_000,
         round_secs: 1.0,
         rounds: 5,
+        api_changes: 100,
     };
     let v: Vec<String> = std::env::args().skip(1).collect();
     for pair in v.chunks(2) {
@@ -33,6 +36,7 @@ fn parse_args() -> Args {
             "--services" => a.services = val.parse().expect("--services"),
             "--round-secs" => a.round_secs = val.parse().expect("--round-secs"),
             "--rounds" => a.rounds = val.parse().expect("--rounds"),
+            "--api-changes" => a.api_changes = val.parse().expect("--api-changes"),
             f => panic!("unknown flag {f}"),
         }
     }
@@ -117,6 +121,91 @@ fn many_services(n: usize) -> String {
         s.push_str("---\n");
     }
     s
+}
+
+/// Polls the pinned service map until the probe frontend (198.19.0.10:80/TCP) has `count`
+/// backends; returns when it does.
+fn wait_count(
+    map: &aya::maps::HashMap<aya::maps::MapData, lb_common::Svc4Key, lb_common::SvcValue>,
+    count: u16,
+) {
+    let key = lb_common::Svc4Key {
+        address: [198, 19, 0, 10],
+        dport: 80,
+        backend_slot: 0,
+        proto: 6,
+        scope: 0,
+        _pad: [0; 2],
+    };
+    let end = Instant::now() + Duration::from_secs(10);
+    while map.get(&key, 0).map_or(true, |v| v.count != count) {
+        assert!(Instant::now() < end, "change never reached the datapath");
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Change written to the API double → visible in the pinned map: p50/p99 over `n` changes, with
+/// `loaded` other Services × 4 endpoints in the API. Returns (p50 ms, p99 ms, max ms, RSS MiB).
+fn api_latency(n: usize, loaded: usize) -> (f64, f64, f64, u64) {
+    use lb_tests::apiserver::ApiServer;
+    let mut c = Cluster::new("benchapi", 2);
+    let api = ApiServer::start(&c.logs.path);
+    api.apply_yaml("apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\n");
+    let probe = |n: usize| {
+        let eps: Vec<String> = (1..=n).map(pod_v4).collect();
+        let eps: Vec<(&str, bool, bool, bool)> = eps
+            .iter()
+            .map(|e| (e.as_str(), true, true, false))
+            .collect();
+        [
+            service("web", &["198.19.0.10"], &[("http", 80, "TCP")]),
+            slice("web-1", "web", "IPv4", &[("http", 8080, "TCP")], &eps),
+        ]
+        .join("\n---\n")
+    };
+    api.apply_yaml(&probe(1));
+    if loaded > 0 {
+        api.apply_yaml(&many_services(loaded).replace("---\n", "\n---\n"));
+    }
+    c.kubeconfig = Some(api.kubeconfig.clone());
+    c.start_agent();
+    let map =
+        aya::maps::MapData::from_pin(c.bpffs.path.join(lb_common::MAP_SVC4)).expect("pinned map");
+    let map: aya::maps::HashMap<_, lb_common::Svc4Key, lb_common::SvcValue> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map)).expect("hash map");
+    wait_count(&map, 1);
+    let mut ms = Vec::with_capacity(n);
+    for i in 0..n {
+        let want = if i % 2 == 0 { 2 } else { 1 };
+        let t = Instant::now();
+        api.apply_yaml(&probe(want));
+        wait_count(&map, want as u16);
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+        // Space changes out so that each is its own sync (not coalesced with the next).
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    let rss = fs::read_to_string(format!(
+        "/proc/{}/status",
+        c.agent.as_ref().expect("agent").pid()
+    ))
+    .ok()
+    .and_then(|s| {
+        s.lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+    })
+    .unwrap_or(0);
+    ms.sort_by(f64::total_cmp);
+    (
+        percentile(&ms, 0.5),
+        percentile(&ms, 0.99),
+        ms[ms.len() - 1],
+        rss / 1024,
+    )
 }
 
 #[expect(
@@ -238,5 +327,35 @@ fn main() {
             .unwrap_or_default()
             .trim()
     );
+    if a.api_changes > 0 {
+        drop(c);
+        let _ = writeln!(md);
+        let _ = writeln!(
+            md,
+            "| Kubernetes API source | change → datapath p50 | p99 | max | agent RSS |"
+        );
+        let _ = writeln!(md, "|---|---:|---:|---:|---:|");
+        for loaded in [0, a.services] {
+            eprintln!(
+                "API latency: {} changes with {loaded} other Services loaded",
+                a.api_changes
+            );
+            let (p50, p99, max, rss) = api_latency(a.api_changes, loaded);
+            let what = if loaded == 0 {
+                "probe Service only".to_owned()
+            } else {
+                format!("probe + {loaded} Services × 4 endpoints")
+            };
+            let _ = writeln!(
+                md,
+                "| {what} | {p50:.1} ms | {p99:.1} ms | {max:.1} ms | {rss} MiB |"
+            );
+        }
+        let _ = writeln!(
+            md,
+            "\nChange = an EndpointSlice of the probe Service updated in the API double (1 ↔ 2 endpoints), timed until the pinned map shows the new count; {} changes each, 30 ms apart.",
+            a.api_changes
+        );
+    }
     println!("\n{md}");
 }
