@@ -176,69 +176,53 @@ impl BpfMaps {
     /// Reads the maps into a shadow: what a restarted agent adopts.
     pub fn read_shadow(&self) -> Result<Shadow> {
         let mut s = Shadow::default();
-        for kv in &self.svc4 {
-            let (k, v) = kv.map_err(|source| Error::Map {
-                name: MAP_SVC4,
-                op: "iterate",
-                source,
-            })?;
+        let svc = |addr: IpAddr, port, proto, slot| SvcKey {
+            addr,
+            port,
+            proto,
+            slot,
+        };
+        for kv in entries(&self.svc4, MAP_SVC4) {
+            let (k, v) = kv?;
             if k.scope == SCOPE_ALL {
                 s.svc.insert(
-                    SvcKey {
-                        addr: Ipv4Addr::from(k.address).into(),
-                        port: k.dport,
-                        proto: k.proto,
-                        slot: k.backend_slot,
-                    },
+                    svc(
+                        Ipv4Addr::from(k.address).into(),
+                        k.dport,
+                        k.proto,
+                        k.backend_slot,
+                    ),
                     v,
                 );
             }
         }
-        for kv in &self.svc6 {
-            let (k, v) = kv.map_err(|source| Error::Map {
-                name: MAP_SVC6,
-                op: "iterate",
-                source,
-            })?;
+        for kv in entries(&self.svc6, MAP_SVC6) {
+            let (k, v) = kv?;
             if k.scope == SCOPE_ALL {
                 s.svc.insert(
-                    SvcKey {
-                        addr: Ipv6Addr::from(k.address).into(),
-                        port: k.dport,
-                        proto: k.proto,
-                        slot: k.backend_slot,
-                    },
+                    svc(
+                        Ipv6Addr::from(k.address).into(),
+                        k.dport,
+                        k.proto,
+                        k.backend_slot,
+                    ),
                     v,
                 );
             }
         }
-        for kv in &self.be4 {
-            let (id, b) = kv.map_err(|source| Error::Map {
-                name: MAP_BE4,
-                op: "iterate",
-                source,
-            })?;
-            s.backends.insert(
-                id,
-                Backend {
-                    addr: SocketAddr::new(Ipv4Addr::from(b.address).into(), b.port),
-                    proto: b.proto,
-                },
-            );
+        let be = |ip: IpAddr, port, proto| Backend {
+            addr: SocketAddr::new(ip, port),
+            proto,
+        };
+        for kv in entries(&self.be4, MAP_BE4) {
+            let (id, b) = kv?;
+            s.backends
+                .insert(id, be(Ipv4Addr::from(b.address).into(), b.port, b.proto));
         }
-        for kv in &self.be6 {
-            let (id, b) = kv.map_err(|source| Error::Map {
-                name: MAP_BE6,
-                op: "iterate",
-                source,
-            })?;
-            s.backends.insert(
-                id,
-                Backend {
-                    addr: SocketAddr::new(Ipv6Addr::from(b.address).into(), b.port),
-                    proto: b.proto,
-                },
-            );
+        for kv in entries(&self.be6, MAP_BE6) {
+            let (id, b) = kv?;
+            s.backends
+                .insert(id, be(Ipv6Addr::from(b.address).into(), b.port, b.proto));
         }
         for k in self.aff_match.keys() {
             let k = k.map_err(|source| Error::Map {
@@ -253,6 +237,20 @@ impl BpfMaps {
         }
         Ok(s)
     }
+}
+
+/// A pinned hash map's entries, naming the map in errors.
+fn entries<'a, K: aya::Pod, V: aya::Pod>(
+    m: &'a HashMap<MapData, K, V>,
+    name: &'static str,
+) -> impl Iterator<Item = Result<(K, V)>> + 'a {
+    m.iter().map(move |kv| {
+        kv.map_err(|source| Error::Map {
+            name,
+            op: "iterate",
+            source,
+        })
+    })
 }
 
 fn svc4_key(k: &SvcKey, a: Ipv4Addr) -> Svc4Key {

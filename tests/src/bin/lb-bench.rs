@@ -144,6 +144,20 @@ fn wait_count(
     }
 }
 
+/// The agent's resident set size in MiB.
+fn agent_rss_mib(c: &Cluster) -> u64 {
+    let pid = c.agent.as_ref().expect("agent").pid();
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        / 1024
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
@@ -188,23 +202,13 @@ fn api_latency(n: usize, loaded: usize) -> (f64, f64, f64, u64) {
         // Space changes out so that each is its own sync (not coalesced with the next).
         std::thread::sleep(Duration::from_millis(30));
     }
-    let rss = fs::read_to_string(format!(
-        "/proc/{}/status",
-        c.agent.as_ref().expect("agent").pid()
-    ))
-    .ok()
-    .and_then(|s| {
-        s.lines()
-            .find(|l| l.starts_with("VmRSS:"))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-    })
-    .unwrap_or(0);
+    let rss = agent_rss_mib(&c);
     ms.sort_by(f64::total_cmp);
     (
         percentile(&ms, 0.5),
         percentile(&ms, 0.99),
         ms[ms.len() - 1],
-        rss / 1024,
+        rss,
     )
 }
 
@@ -282,17 +286,7 @@ fn main() {
     eprintln!("lane pair with {frontends} Services loaded");
     let many = lanes(&c, &a);
 
-    let rss_kb = fs::read_to_string(format!(
-        "/proc/{}/status",
-        c.agent.as_ref().expect("agent").pid()
-    ))
-    .ok()
-    .and_then(|s| {
-        s.lines()
-            .find(|l| l.starts_with("VmRSS:"))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-    })
-    .unwrap_or(0);
+    let rss_mib = agent_rss_mib(&c);
 
     let mut md = String::new();
     let _ = writeln!(
@@ -314,7 +308,7 @@ fn main() {
         a.services,
         program_wall.as_secs_f64() * 1e3,
         internal_us as f64 / 1e3,
-        rss_kb / 1024
+        rss_mib
     );
     let _ = writeln!(md);
     let _ = writeln!(
