@@ -429,6 +429,12 @@ fn serve(conn: TcpStream, shared: &Shared, stop: &AtomicBool) {
         }
         let body = {
             let s = lock.lock().expect("lock");
+            // Checked again under the lock the list is built with: nothing changed after going
+            // offline may be served.
+            if s.offline {
+                let _ = w.shutdown(Shutdown::Both);
+                return;
+            }
             let items: Vec<Value> = s
                 .objects
                 .iter()
@@ -470,6 +476,9 @@ fn watch(w: &mut TcpStream, kind: Kind, req: &Request, shared: &Shared, stop: &A
         return;
     }
     let mut s = lock.lock().expect("lock");
+    if s.offline {
+        return; // went offline between accepting the request and starting the stream
+    }
     let requested: u64 = req
         .query
         .get("resourceVersion")
@@ -496,13 +505,15 @@ fn watch(w: &mut TcpStream, kind: Kind, req: &Request, shared: &Shared, stop: &A
         sent = s.rv;
         let (dropped, current) = (s.cut != cut || stop.load(Ordering::SeqCst), s.rv);
         drop(s);
+        if dropped {
+            // Abrupt: the caller shuts the socket without a terminating chunk. Nothing made
+            // after the cut may reach the client (it would through a real cut connection).
+            return;
+        }
         for ev in &out {
             if chunk(w, ev).is_err() {
                 return;
             }
-        }
-        if dropped {
-            return; // abrupt: the caller shuts the socket without a terminating chunk
         }
         if Instant::now() >= end {
             let _ = write!(w, "0\r\n\r\n");
