@@ -236,7 +236,9 @@ impl State {
             .iter()
             .map(|(f, s)| (*f, s.service.clone()))
             .collect();
+        let t_model = started.elapsed();
         let refused = sync::fit(&mut desired, &self.shadow, &self.capacity);
+        let t_fit = started.elapsed();
         let capacity_errors = refused.iter().map(|fe| {
             let owner = owners.iter().find(|(f, _)| f == fe).map_or_else(String::new, |(_, s)| s.to_string());
             format!(
@@ -255,8 +257,8 @@ impl State {
         }
         self.reported = now;
 
-        self.label_frontends(&desired);
         let ops = sync::diff(&desired, &self.shadow);
+        let t_diff = started.elapsed();
         if ops.is_empty() {
             debug!(
                 frontends = desired.frontends.len(),
@@ -272,6 +274,9 @@ impl State {
                     frontends = desired.frontends.len(),
                     services = objs.services.len(),
                     elapsed_us = started.elapsed().as_micros() as u64,
+                    model_us = t_model.as_micros() as u64,
+                    fit_us = (t_fit - t_model).as_micros() as u64,
+                    diff_us = (t_diff - t_fit).as_micros() as u64,
                     "programmed datapath"
                 );
                 self.label_frontends(&desired);
