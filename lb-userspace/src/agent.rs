@@ -113,6 +113,9 @@ struct State {
     prev_services: BTreeMap<(String, String), Arc<Service>>,
     prev_slices: BTreeMap<(String, String), Arc<EndpointSlice>>,
     synced_once: bool,
+    /// The desired state the maps hold (after `fit`), when the last sync succeeded: the next
+    /// event-driven sync then diffs only the frontends that changed since.
+    applied: Option<model::Desired>,
 }
 
 /// Objects by namespace/name.
@@ -148,11 +151,14 @@ fn changes<K>(
 const TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 impl State {
-    /// One level-triggered sync. Returns whether the datapath now matches the source.
-    fn sync(&mut self) -> bool {
+    /// One level-triggered sync. `full`: diff against every frontend (start-up, periodic
+    /// resync: also repairs anything left over); otherwise only the frontends whose desired
+    /// state changed since the last successful sync. Returns whether the datapath now matches
+    /// the source.
+    fn sync(&mut self, full: bool) -> bool {
         let started = Instant::now();
         let (objs, source_errors) = self.src.snapshot();
-        let ok = self.sync_snapshot(&objs, source_errors, started);
+        let ok = self.sync_snapshot(&objs, source_errors, started, full);
         self.metrics
             .sync_duration
             .observe(started.elapsed().as_secs_f64());
@@ -224,6 +230,7 @@ impl State {
         objs: &Objects,
         source_errors: Vec<String>,
         started: Instant,
+        full: bool,
     ) -> bool {
         // The zone can change with the Node's labels: take it from this snapshot.
         self.cfg.zone = objs
@@ -237,7 +244,12 @@ impl State {
             .map(|(f, s)| (*f, s.service.clone()))
             .collect();
         let t_model = started.elapsed();
-        let refused = sync::fit(&mut desired, &self.shadow, &self.capacity);
+        // The frontends that changed since the maps were last synced (None: look at all).
+        let dirty = match (&self.applied, full) {
+            (Some(prev), false) => Some(sync::changed(prev, &desired)),
+            _ => None,
+        };
+        let refused = sync::fit(&mut desired, &self.shadow, &self.capacity, dirty.as_ref());
         let t_fit = started.elapsed();
         let capacity_errors = refused.iter().map(|fe| {
             let owner = owners.iter().find(|(f, _)| f == fe).map_or_else(String::new, |(_, s)| s.to_string());
@@ -257,13 +269,17 @@ impl State {
         }
         self.reported = now;
 
-        let ops = sync::diff(&desired, &self.shadow);
+        let ops = match &dirty {
+            Some(d) => sync::diff_scoped(&desired, &self.shadow, d),
+            None => sync::diff(&desired, &self.shadow),
+        };
         let t_diff = started.elapsed();
         if ops.is_empty() {
             debug!(
                 frontends = desired.frontends.len(),
                 "datapath already up to date"
             );
+            self.applied = Some(desired);
             return true;
         }
         match sync::apply(&ops, &mut self.maps, &mut self.shadow) {
@@ -277,6 +293,7 @@ impl State {
                     model_us = t_model.as_micros() as u64,
                     fit_us = (t_fit - t_model).as_micros() as u64,
                     diff_us = (t_diff - t_fit).as_micros() as u64,
+                    scoped = dirty.as_ref().map(BTreeSet::len),
                     "programmed datapath"
                 );
                 self.label_frontends(&desired);
@@ -290,9 +307,11 @@ impl State {
                 if let Err(e) = crate::maps::gc_frontend_counts(&self.bpffs, &live) {
                     warn!(error = %chain(&e), "cannot remove counters of removed frontends");
                 }
+                self.applied = Some(desired);
                 true
             }
             Err((applied, e)) => {
+                self.applied = None; // the next sync looks at everything
                 error!(
                     error = %chain(&e),
                     applied,
@@ -436,8 +455,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         prev_services: BTreeMap::new(),
         prev_slices: BTreeMap::new(),
         synced_once: false,
+        applied: None,
     };
-    state.sync();
+    state.sync(true);
     let mut last_sync = Instant::now();
     info!(source = ?opts.source, "agent ready");
 
@@ -451,11 +471,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 tokio::time::sleep_until(at.into()).await;
                 while rx.try_recv().is_ok() {}
                 last_sync = Instant::now();
-                state.sync();
+                state.sync(false);
             }
             _ = resync.tick() => {
                 last_sync = Instant::now();
-                state.sync();
+                state.sync(true);
             }
             _ = term.recv() => break,
             _ = int.recv() => break,

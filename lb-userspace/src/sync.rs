@@ -14,13 +14,13 @@
 //! 6. backends no longer referenced;
 //! 7. VIP markers no longer needed.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
 };
 
 use lb_common::{SVC_FLAG_NO_LOCAL, SVC_FLAG_VIP_MARKER, SvcValue};
 
-use crate::model::{Desired, Frontend};
+use crate::model::{Desired, Frontend, FrontendState};
 
 /// A service-map key, family-independent (the writer picks `LB4_SVC_V1` or `LB6_SVC_V1`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -175,6 +175,13 @@ const MARKER: SvcValue = SvcValue {
 
 /// The complete contents the maps should have, with backend ids reused from `current`.
 fn image(desired: &Desired, current: &Shadow) -> Shadow {
+    image_of(desired.frontends.iter(), current)
+}
+
+/// The map contents `frontends` need (their markers, frontend entries, slots, backends and
+/// affinity memberships), ids reused from `current`. Used over all desired frontends by
+/// [`diff`] and over the changed ones by [`diff_scoped`].
+fn image_of<'a>(frontends: impl Iterator<Item = (&'a Frontend, &'a FrontendState)>, current: &Shadow) -> Shadow {
     let known: HashMap<Backend, u32> = current.backends.iter().map(|(id, b)| (*b, *id)).collect();
     let mut next_id = 1u32;
     let mut ids: HashMap<Backend, u32> = HashMap::new();
@@ -191,7 +198,7 @@ fn image(desired: &Desired, current: &Shadow) -> Shadow {
     let mut used_fe_ids: BTreeSet<u32> = BTreeSet::new();
     let mut next_fe_id = 1u32;
 
-    for (fe, st) in &desired.frontends {
+    for (fe, st) in frontends {
         let key = SvcKey::frontend(fe);
         want.svc.insert(SvcKey::marker(fe.addr), MARKER);
 
@@ -386,38 +393,38 @@ fn current_backends(current: &Shadow, fe: &Frontend) -> Option<BTreeSet<SocketAd
     )
 }
 
-/// Makes `desired` fit the maps. `diff` writes every new entry before deleting any old one, so
+/// Makes `desired` fit the maps (with `dirty`, considering only those frontends: the others are
+/// in the maps already). `diff` writes every new entry before deleting any old one, so
 /// the peak is |current ∪ desired| per map. Frontends that need no new entry always pass; the
 /// others (new, grown, or moved to new backends) are admitted in frontend order while they fit.
 /// A refused frontend keeps exactly what the maps hold for it now (or stays absent when new):
 /// nothing existing is evicted or half-written, and every other change still goes through.
 /// Returns the refused frontends.
-pub fn fit(desired: &mut Desired, current: &Shadow, cap: &Capacity) -> Vec<Frontend> {
+pub fn fit(desired: &mut Desired, current: &Shadow, cap: &Capacity, dirty: Option<&BTreeSet<Frontend>>) -> Vec<Frontend> {
     let fam = |ip: &IpAddr| usize::from(ip.is_ipv6());
-    let mut keys: BTreeSet<SvcKey> = current.svc.keys().copied().collect();
-    let mut bes: BTreeSet<Backend> = current.backends.values().copied().collect();
     let mut usage: Usage = [0; 4];
-    for k in &keys {
+    for k in current.svc.keys() {
         usage[fam(&k.addr)] += 1;
     }
-    for b in &bes {
+    let known: HashSet<Backend> = current.backends.values().copied().collect();
+    for b in &known {
         usage[2 + fam(&b.addr.ip())] += 1;
     }
-    let mut growing = Vec::new();
-    for (fe, st) in &desired.frontends {
-        let (ks, bs) = footprint(fe, &st.backends);
-        if ks.iter().all(|k| keys.contains(k)) && bs.iter().all(|b| bes.contains(b)) {
+    // Only frontends that change can grow: with a dirty set, only those are looked at.
+    let candidates: Vec<Frontend> = match dirty {
+        Some(d) => d.iter().filter(|f| desired.frontends.contains_key(f)).copied().collect(),
+        None => desired.frontends.keys().copied().collect(),
+    };
+    let (mut added_keys, mut added_bes) = (BTreeSet::new(), BTreeSet::new());
+    let mut refused = Vec::new();
+    for fe in candidates {
+        let (ks, bs) = footprint(&fe, &desired.frontends[&fe].backends);
+        let new_keys: BTreeSet<SvcKey> = ks.into_iter().filter(|k| !current.svc.contains_key(k) && !added_keys.contains(k)).collect();
+        let new_bes: BTreeSet<Backend> = bs.into_iter().filter(|b| !known.contains(b) && !added_bes.contains(b)).collect();
+        if new_keys.is_empty() && new_bes.is_empty() {
             continue; // occupies only entries that exist already
         }
-        growing.push((*fe, ks, bs));
-    }
-    let mut refused = Vec::new();
-    for (fe, ks, bs) in growing {
         let mut u = usage;
-        let new_keys: Vec<SvcKey> = ks.into_iter().filter(|k| !keys.contains(k)).collect();
-        let new_bes: Vec<Backend> = bs.into_iter().filter(|b| !bes.contains(b)).collect();
-        let new_keys: BTreeSet<SvcKey> = new_keys.into_iter().collect();
-        let new_bes: BTreeSet<Backend> = new_bes.into_iter().collect();
         for k in &new_keys {
             u[fam(&k.addr)] += 1;
         }
@@ -434,11 +441,119 @@ pub fn fit(desired: &mut Desired, current: &Shadow, cap: &Capacity) -> Vec<Front
             }
         } else {
             usage = u;
-            keys.extend(new_keys);
-            bes.extend(new_bes);
+            added_keys.extend(new_keys);
+            added_bes.extend(new_bes);
         }
     }
     refused
+}
+
+/// Frontends whose desired state differs between two desired states (added, removed or
+/// changed): the dirty set for [`diff_scoped`].
+#[must_use]
+pub fn changed(prev: &Desired, next: &Desired) -> BTreeSet<Frontend> {
+    let mut dirty: BTreeSet<Frontend> =
+        next.frontends.iter().filter(|(f, st)| prev.frontends.get(f) != Some(st)).map(|(f, _)| *f).collect();
+    dirty.extend(prev.frontends.keys().filter(|f| !next.frontends.contains_key(f)));
+    dirty
+}
+
+/// Like [`diff`], but only for the frontends in `dirty`: the other frontends of `desired` must
+/// already be in `current` exactly as desired (true when `dirty = changed(prev, desired)` and
+/// `current` was synced to `prev`). Same write phases and the same resulting maps as [`diff`],
+/// at a cost proportional to the change rather than to every Service. [`diff`] remains the
+/// one for starting up and periodic resyncs: it also repairs anything left over.
+#[must_use]
+pub fn diff_scoped(desired: &Desired, current: &Shadow, dirty: &BTreeSet<Frontend>) -> Vec<MapOp> {
+    let want = image_of(dirty.iter().filter_map(|f| desired.frontends.get_key_value(f)), current);
+    let mut ops = Vec::new();
+
+    // What the dirty frontends occupy now.
+    let range = |fe: &Frontend| {
+        let k = SvcKey::frontend(fe);
+        current.svc.range(k..=k.with_slot(u16::MAX)).map(|(k, v)| (*k, *v))
+    };
+    let old: Vec<(SvcKey, SvcValue)> = dirty.iter().flat_map(range).collect();
+    let old_fe_ids: BTreeSet<u32> = old.iter().filter(|(k, _)| k.slot == 0).map(|(_, v)| v.backend_id).collect();
+    let old_aff: Vec<AffMatch> = current.aff_match.iter().filter(|m| old_fe_ids.contains(&m.frontend_id)).copied().collect();
+
+    // Markers of the dirty frontends' VIPs: wanted while any desired frontend uses the VIP.
+    let vips: BTreeSet<IpAddr> = dirty.iter().map(|f| f.addr).collect();
+    let vip_used = |ip: IpAddr| {
+        let lo = Frontend { addr: ip, port: 0, proto: crate::model::Proto::Tcp };
+        desired.frontends.range(lo..).next().is_some_and(|(f, _)| f.addr == ip)
+    };
+
+    // 1. new backends, 1b. new memberships
+    for (&id, &backend) in &want.backends {
+        if !current.backends.contains_key(&id) {
+            ops.push(MapOp::PutBackend { id, backend });
+        }
+    }
+    for m in want.aff_match.difference(&current.aff_match) {
+        ops.push(MapOp::PutAffMatch(*m));
+    }
+    // 2. markers
+    for &ip in &vips {
+        let k = SvcKey::marker(ip);
+        if vip_used(ip) && current.svc.get(&k) != Some(&MARKER) {
+            ops.push(MapOp::PutSvc { key: k, value: MARKER });
+        }
+    }
+    // 3. slots, 4. frontends (puts, then removals)
+    let changed_puts = |pred: &dyn Fn(&SvcKey) -> bool, ops: &mut Vec<MapOp>| {
+        for (k, v) in want.svc.iter().filter(|(k, v)| pred(k) && !k.is_marker() && current.svc.get(k) != Some(v)) {
+            ops.push(MapOp::PutSvc { key: *k, value: *v });
+        }
+    };
+    changed_puts(&|k| k.slot > 0, &mut ops);
+    changed_puts(&|k| k.slot == 0, &mut ops);
+    for (k, _) in old.iter().filter(|(k, _)| k.slot == 0 && !want.svc.contains_key(k)) {
+        ops.push(MapOp::DelSvc { key: *k });
+    }
+    // 5. slots beyond the new counts / of removed frontends
+    for (k, _) in old.iter().filter(|(k, _)| k.slot > 0 && !want.svc.contains_key(k)) {
+        ops.push(MapOp::DelSvc { key: *k });
+    }
+    // 6. memberships that ended, then backends no slot refers to any more
+    for m in &old_aff {
+        if !want.aff_match.contains(m) {
+            ops.push(MapOp::DelAffMatch(*m));
+        }
+    }
+    let candidates: BTreeSet<u32> = old.iter().filter(|(k, _)| k.slot > 0).map(|(_, v)| v.backend_id).collect();
+    if !candidates.is_empty() {
+        // References after the change: clean frontends' slots (unchanged) + the dirty ones' new.
+        let mut refs: HashMap<u32, usize> = HashMap::new();
+        for (k, v) in &current.svc {
+            if k.slot > 0 && candidates.contains(&v.backend_id) {
+                let fe = Frontend { addr: k.addr, port: k.port, proto: crate::model::Proto::from_number(k.proto).unwrap_or(crate::model::Proto::Tcp) };
+                if !dirty.contains(&fe) {
+                    *refs.entry(v.backend_id).or_default() += 1;
+                }
+            }
+        }
+        for (k, v) in &want.svc {
+            if k.slot > 0 && candidates.contains(&v.backend_id) {
+                *refs.entry(v.backend_id).or_default() += 1;
+            }
+        }
+        for id in candidates {
+            if refs.get(&id).copied().unwrap_or(0) == 0
+                && let Some(&backend) = current.backends.get(&id)
+            {
+                ops.push(MapOp::DelBackend { id, backend });
+            }
+        }
+    }
+    // 7. markers of VIPs no longer served
+    for &ip in &vips {
+        let k = SvcKey::marker(ip);
+        if !vip_used(ip) && current.svc.contains_key(&k) {
+            ops.push(MapOp::DelSvc { key: k });
+        }
+    }
+    ops
 }
 
 /// Something that can execute map operations: the pinned BPF maps, or a test double.

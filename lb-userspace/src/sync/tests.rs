@@ -292,11 +292,11 @@ proptest! {
         let big = Capacity { svc4: 1000, svc6: 1000, be4: 1000, be6: 1000 };
         let mut shadow = Shadow::default();
         let mut a = a;
-        fit(&mut a, &shadow, &big);
+        fit(&mut a, &shadow, &big, None);
         converge(&a, &mut shadow);
         let cap = Capacity { svc4: caps.0 + count(&shadow, 0), svc6: caps.1 + count(&shadow, 1), be4: caps.2 + count(&shadow, 2), be6: caps.3 + count(&shadow, 3) };
         let mut d = b.clone();
-        let refused = fit(&mut d, &shadow, &cap);
+        let refused = fit(&mut d, &shadow, &cap, None);
         // Peak usage: union of what is there and what will be written.
         let ops = diff(&d, &shadow);
         let mut peak = shadow.clone();
@@ -373,13 +373,68 @@ fn fit_refuses_only_the_newcomer() {
     let mut d = Desired {
         frontends: [(fe(1), st(2)), (fe(2), st(2))].into(),
     };
-    assert_eq!(fit(&mut d, &shadow, &cap), vec![fe(2)]);
+    assert_eq!(fit(&mut d, &shadow, &cap, None), vec![fe(2)]);
     assert!(!d.frontends.contains_key(&fe(2)));
     assert_eq!(d.frontends[&fe(1)], st(2));
     // A grown incumbent beyond the backend capacity keeps its current backends.
     let mut d = Desired {
         frontends: [(fe(1), st(3))].into(),
     };
-    assert_eq!(fit(&mut d, &shadow, &cap), vec![fe(1)]);
+    assert_eq!(fit(&mut d, &shadow, &cap, None), vec![fe(1)]);
     assert_eq!(d.frontends[&fe(1)].backends, st(2).backends);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 1024, ..ProptestConfig::default() })]
+
+    /// The scoped diff over the changed frontends gives exactly the maps the full diff gives,
+    /// consistent after every write, and leaves nothing for a full resync to do.
+    #[test]
+    fn scoped_diff_equals_the_full_diff(a in arb_desired(), b in arb_desired()) {
+        let mut full = Shadow::default();
+        converge(&a, &mut full);
+        let mut scoped = full.clone();
+        converge(&b, &mut full);
+
+        let ops = diff_scoped(&b, &scoped, &changed(&a, &b));
+        let mut w = Checked(scoped.clone());
+        apply(&ops, &mut w, &mut scoped).expect("infallible");
+        prop_assert_eq!(&scoped, &full, "scoped ≠ full");
+        prop_assert!(diff(&b, &scoped).is_empty(), "a full resync after a scoped one has work left");
+    }
+
+    /// Chains of scoped syncs stay equal to the desired state.
+    #[test]
+    fn scoped_syncs_chain(seq in proptest::collection::vec(arb_desired(), 2..6)) {
+        let mut shadow = Shadow::default();
+        converge(&seq[0], &mut shadow);
+        for w in seq.windows(2) {
+            let ops = diff_scoped(&w[1], &shadow, &changed(&w[0], &w[1]));
+            let mut c = Checked(shadow.clone());
+            apply(&ops, &mut c, &mut shadow).expect("infallible");
+            prop_assert_eq!(served(&shadow), expected(&w[1]));
+            prop_assert!(diff(&w[1], &shadow).is_empty());
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// With the maps synced to `a`, fitting `b` over its changed frontends decides exactly as
+    /// fitting all of it.
+    #[test]
+    fn scoped_fit_equals_full_fit(a in arb_desired(), b in arb_desired(), caps in (0usize..30, 0usize..30, 0usize..10, 0usize..10)) {
+        let big = Capacity { svc4: 1000, svc6: 1000, be4: 1000, be6: 1000 };
+        let mut a = a;
+        let mut shadow = Shadow::default();
+        fit(&mut a, &shadow, &big, None);
+        converge(&a, &mut shadow);
+        let cap = Capacity { svc4: caps.0 + count(&shadow, 0), svc6: caps.1 + count(&shadow, 1), be4: caps.2 + count(&shadow, 2), be6: caps.3 + count(&shadow, 3) };
+        let (mut full, mut scoped) = (b.clone(), b.clone());
+        let r_full = fit(&mut full, &shadow, &cap, None);
+        let r_scoped = fit(&mut scoped, &shadow, &cap, Some(&changed(&a, &b)));
+        prop_assert_eq!(r_full, r_scoped);
+        prop_assert_eq!(full, scoped);
+    }
 }
