@@ -116,6 +116,8 @@ struct State {
     /// The desired state the maps hold (after `fit`), when the last sync succeeded: the next
     /// event-driven sync then diffs only the frontends that changed since.
     applied: Option<model::Desired>,
+    /// Per-object model results reused while the objects are unchanged.
+    model_cache: model::Cache,
 }
 
 /// Objects by namespace/name.
@@ -237,7 +239,12 @@ impl State {
             .node
             .as_ref()
             .and_then(|n| n.metadata.labels.as_ref()?.get(model::LABEL_ZONE).cloned());
-        let (mut desired, model_errors) = model::build(&objs.services, &objs.slices, &self.cfg);
+        let (mut desired, model_errors) = model::build(
+            &objs.services,
+            &objs.slices,
+            &self.cfg,
+            &mut self.model_cache,
+        );
         let owners: Vec<(model::Frontend, model::NsName)> = desired
             .frontends
             .iter()
@@ -291,8 +298,8 @@ impl State {
                     services = objs.services.len(),
                     elapsed_us = started.elapsed().as_micros() as u64,
                     model_us = t_model.as_micros() as u64,
-                    fit_us = (t_fit - t_model).as_micros() as u64,
-                    diff_us = (t_diff - t_fit).as_micros() as u64,
+                    fit_us = t_fit.checked_sub(t_model).unwrap().as_micros() as u64,
+                    diff_us = t_diff.checked_sub(t_fit).unwrap().as_micros() as u64,
                     scoped = dirty.as_ref().map(BTreeSet::len),
                     "programmed datapath"
                 );
@@ -456,6 +463,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         prev_slices: BTreeMap::new(),
         synced_once: false,
         applied: None,
+        model_cache: model::Cache::default(),
     };
     state.sync(true);
     let mut last_sync = Instant::now();

@@ -3,9 +3,10 @@
 //! This is where a Service becomes frontends (../shared/SEMANTICS.md, `ClusterIP` part). Pure: no
 //! I/O, no maps. Bad input is reported per object/field and skipped; everything else is kept.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     net::{IpAddr, SocketAddr},
+    sync::Arc,
 };
 
 use k8s_openapi::api::{
@@ -139,7 +140,7 @@ pub struct Desired {
 }
 
 /// What this node proxies.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     pub ipv4: bool,
     pub ipv6: bool,
@@ -245,6 +246,7 @@ fn port_u16(v: i32) -> Option<u16> {
 }
 
 /// One `EndpointSlice` port, resolved.
+#[derive(Debug)]
 struct SlicePort {
     name: String,
     proto: Proto,
@@ -252,6 +254,7 @@ struct SlicePort {
 }
 
 /// An endpoint address with its conditions, resolved.
+#[derive(Debug)]
 struct Ep {
     addr: IpAddr,
     ready: bool,
@@ -262,6 +265,7 @@ struct Ep {
 }
 
 /// The parts of one valid `EndpointSlice` the model uses.
+#[derive(Debug)]
 struct Slice {
     v6: bool,
     ports: Vec<SlicePort>,
@@ -363,6 +367,7 @@ fn resolve_slice(
 }
 
 /// A Service port, resolved.
+#[derive(Debug)]
 struct SvcPort {
     name: String,
     proto: Proto,
@@ -371,6 +376,7 @@ struct SvcPort {
 }
 
 /// The frontend-relevant parts of one valid Service.
+#[derive(Debug)]
 struct Svc {
     id: NsName,
     created: Option<k8s_openapi::jiff::Timestamp>,
@@ -499,28 +505,137 @@ fn resolve_service(svc: &Service, cfg: &Config, errors: &mut Vec<Error>) -> Opti
     })
 }
 
-/// Valid slices grouped by the Service they belong to.
-fn group_slices<E: std::borrow::Borrow<EndpointSlice>>(
-    slices: &[E],
+/// One EndpointSlice, resolved once per object (kept while the object is unchanged).
+#[derive(Debug)]
+struct SliceRes {
+    slice: Option<Slice>,
+    errors: Vec<Error>,
+}
+
+/// One Service with its frontends, resolved once per (Service, slices) pair of objects.
+#[derive(Debug)]
+struct SvcRes {
+    svc: Svc,
+    /// (frontend, state, index into `svc.ips`, `spec.ports` index) before conflict resolution.
+    frontends: Vec<(Frontend, FrontendState, usize, usize)>,
+    errors: Vec<Error>,
+}
+
+/// Results of the previous build, reused for objects that are the very same (`Arc::ptr_eq`):
+/// a source hands out the same `Arc` for an object until it changes (kube-rs stores; the
+/// manifest source for unchanged files). The cache holds the `Arc`s, so an address can never be
+/// reused by another object while an entry refers to it. Entries not used by a build are
+/// dropped; a change of [`Config`] (say, the node's zone) empties it.
+#[derive(Debug, Default)]
+pub struct Cache {
+    cfg: Option<Config>,
+    slices: HashMap<NsName, SliceEntry>,
+    services: HashMap<NsName, SvcEntry>,
+}
+
+/// A slice object and what it resolved to.
+type SliceEntry = (Arc<EndpointSlice>, Arc<SliceRes>);
+/// A Service object, the slice objects it was resolved with, and the result.
+type SvcEntry = (Arc<Service>, Vec<Arc<EndpointSlice>>, Arc<SvcRes>);
+
+/// Resolves one Service with its (valid) slices into frontends.
+fn resolve_frontends(svc: Svc, slices: &[&Slice], cfg: &Config, mut errors: Vec<Error>) -> SvcRes {
+    let object = ObjectRef {
+        kind: "Service",
+        id: svc.id.clone(),
+    };
+    let mut frontends = Vec::new();
+    for sp in &svc.ports {
+        for &(ip_index, ip) in &svc.ips {
+            let Selected { backends, no_local } =
+                select(slices, ip.is_ipv6(), sp, svc.local_only, cfg);
+            if backends.len() > MAX_BACKENDS {
+                errors.push(Error::TooManyBackends {
+                    object: object.clone(),
+                    field: format!("spec.ports[{}]", sp.index),
+                    count: backends.len(),
+                    limit: MAX_BACKENDS,
+                });
+                continue;
+            }
+            let fe = Frontend {
+                addr: ip,
+                port: sp.port,
+                proto: sp.proto,
+            };
+            let st = FrontendState {
+                service: svc.id.clone(),
+                port_name: sp.name.clone(),
+                backends,
+                no_local,
+                affinity_timeout: svc.affinity_timeout,
+            };
+            frontends.push((fe, st, ip_index, sp.index));
+        }
+    }
+    SvcRes {
+        svc,
+        frontends,
+        errors,
+    }
+}
+
+/// Builds the desired state. Returns it with every problem found; a problem only ever removes
+/// the object (or endpoint, or port) it is about. `cache` carries per-object results from one
+/// build to the next (pass `&mut Cache::default()` for a one-off build).
+pub fn build(
+    services: &[Arc<Service>],
+    slices: &[Arc<EndpointSlice>],
+    cfg: &Config,
+    cache: &mut Cache,
+) -> (Desired, Vec<Error>) {
+    if cache.cfg.as_ref() != Some(cfg) {
+        *cache = Cache {
+            cfg: Some(cfg.clone()),
+            ..Cache::default()
+        };
+    }
+    let mut errors = Vec::new();
+    let (next_slices, by_service) = slices_phase(slices, cache, &mut errors);
+    let (next_services, mut resolved) =
+        services_phase(services, &by_service, cfg, cache, &mut errors);
+    cache.slices = next_slices;
+    cache.services = next_services;
+    // `None` timestamps sort last: an object without one cannot prove it is older.
+    resolved.sort_by(|a, b| {
+        let (a, b) = (&a.svc, &b.svc);
+        (a.created.is_none(), a.created, &a.id).cmp(&(b.created.is_none(), b.created, &b.id))
+    });
+
+    let desired = assemble(&resolved, &mut errors);
+    (desired, errors)
+}
+
+/// Slices: deduplicated, resolved (or taken from the cache), grouped by their Service.
+fn slices_phase(
+    slices: &[Arc<EndpointSlice>],
+    cache: &Cache,
     errors: &mut Vec<Error>,
-) -> BTreeMap<NsName, Vec<Slice>> {
-    // Slices grouped by their Service.
-    let mut by_service: BTreeMap<NsName, Vec<Slice>> = BTreeMap::new();
-    let mut seen_slices = BTreeSet::new();
+) -> (
+    HashMap<NsName, SliceEntry>,
+    HashMap<NsName, Vec<SliceEntry>>,
+) {
+    let mut next_slices = HashMap::with_capacity(slices.len());
+    let mut by_service: HashMap<NsName, Vec<SliceEntry>> = HashMap::new();
     for slice in slices {
-        let slice: &EndpointSlice = slice.borrow();
         let Some(id) = ns_name(&slice.metadata) else {
             errors.push(Error::MissingName {
                 kind: "EndpointSlice",
             });
             continue;
         };
-        let object = ObjectRef {
-            kind: "EndpointSlice",
-            id: id.clone(),
-        };
-        if !seen_slices.insert(id.clone()) {
-            errors.push(Error::Duplicate { object });
+        if next_slices.contains_key(&id) {
+            errors.push(Error::Duplicate {
+                object: ObjectRef {
+                    kind: "EndpointSlice",
+                    id,
+                },
+            });
             continue;
         }
         let Some(svc_name) = slice
@@ -531,117 +646,110 @@ fn group_slices<E: std::borrow::Borrow<EndpointSlice>>(
         else {
             continue; // not managed for a Service
         };
-        if let Some(s) = resolve_slice(slice, &object, errors) {
-            by_service
-                .entry(NsName {
-                    namespace: id.namespace.clone(),
-                    name: svc_name.clone(),
-                })
-                .or_default()
-                .push(s);
-        }
-    }
-
-    by_service
-}
-
-/// Valid Services, oldest first so that conflicts have a deterministic winner.
-fn resolve_services<S: std::borrow::Borrow<Service>>(
-    services: &[S],
-    cfg: &Config,
-    errors: &mut Vec<Error>,
-) -> Vec<Svc> {
-    // Services, oldest first so that conflicts have a deterministic winner.
-    let mut svcs = Vec::new();
-    let mut seen_svcs = BTreeSet::new();
-    for svc in services {
-        if let Some(s) = resolve_service(svc.borrow(), cfg, errors) {
-            if seen_svcs.insert(s.id.clone()) {
-                svcs.push(s);
-            } else {
-                errors.push(Error::Duplicate {
-                    object: ObjectRef {
-                        kind: "Service",
-                        id: s.id,
-                    },
-                });
-            }
-        }
-    }
-    // `None` timestamps sort last: an object without one cannot prove it is older.
-    svcs.sort_by(|a, b| {
-        (a.created.is_none(), a.created, &a.id).cmp(&(b.created.is_none(), b.created, &b.id))
-    });
-
-    svcs
-}
-
-/// Builds the desired state. Returns it with every problem found; a problem only ever removes
-/// the object (or endpoint, or port) it is about.
-#[must_use]
-pub fn build<S, E>(services: &[S], slices: &[E], cfg: &Config) -> (Desired, Vec<Error>)
-where
-    S: std::borrow::Borrow<Service>,
-    E: std::borrow::Borrow<EndpointSlice>,
-{
-    let mut errors = Vec::new();
-    let by_service = group_slices(slices, &mut errors);
-    let svcs = resolve_services(services, cfg, &mut errors);
-
-    let mut desired = Desired::default();
-    let empty = Vec::new();
-    for svc in &svcs {
-        let object = ObjectRef {
-            kind: "Service",
-            id: svc.id.clone(),
-        };
-        let slices = by_service.get(&svc.id).unwrap_or(&empty);
-        for sp in &svc.ports {
-            for &(ip_index, ip) in &svc.ips {
-                let Selected { backends, no_local } =
-                    select(slices, ip.is_ipv6(), sp, svc.local_only, cfg);
-                if backends.len() > MAX_BACKENDS {
-                    errors.push(Error::TooManyBackends {
-                        object: object.clone(),
-                        field: format!("spec.ports[{}]", sp.index),
-                        count: backends.len(),
-                        limit: MAX_BACKENDS,
-                    });
-                    continue;
-                }
-                let fe = Frontend {
-                    addr: ip,
-                    port: sp.port,
-                    proto: sp.proto,
+        let res = match cache.slices.get(&id) {
+            Some((a, r)) if Arc::ptr_eq(a, slice) => r.clone(),
+            _ => {
+                let mut errs = Vec::new();
+                let object = ObjectRef {
+                    kind: "EndpointSlice",
+                    id: id.clone(),
                 };
-                if let Some(winner) = desired.frontends.get(&fe) {
-                    if winner.service != svc.id {
-                        errors.push(Error::Conflict {
-                            object: object.clone(),
-                            field: format!(
-                                "{}[{ip_index}] / spec.ports[{}]",
-                                svc.ips_field, sp.index
-                            ),
-                            frontend: fe,
-                            winner: winner.service.clone(),
-                        });
-                    }
-                    continue;
-                }
-                desired.frontends.insert(
-                    fe,
-                    FrontendState {
-                        service: svc.id.clone(),
-                        port_name: sp.name.clone(),
-                        backends,
-                        no_local,
-                        affinity_timeout: svc.affinity_timeout,
-                    },
-                );
+                let slice_res = resolve_slice(slice, &object, &mut errs);
+                Arc::new(SliceRes {
+                    slice: slice_res,
+                    errors: errs,
+                })
             }
+        };
+        errors.extend(res.errors.iter().cloned());
+        by_service
+            .entry(NsName {
+                namespace: id.namespace.clone(),
+                name: svc_name.clone(),
+            })
+            .or_default()
+            .push((slice.clone(), res.clone()));
+        next_slices.insert(id, (slice.clone(), res));
+    }
+
+    (next_slices, by_service)
+}
+
+/// Services: resolved with their slices (or taken from the cache).
+fn services_phase(
+    services: &[Arc<Service>],
+    by_service: &HashMap<NsName, Vec<SliceEntry>>,
+    cfg: &Config,
+    cache: &Cache,
+    errors: &mut Vec<Error>,
+) -> (HashMap<NsName, SvcEntry>, Vec<Arc<SvcRes>>) {
+    let mut next_services = HashMap::with_capacity(services.len());
+    let mut resolved: Vec<Arc<SvcRes>> = Vec::new();
+    let empty = Vec::new();
+    for svc in services {
+        let mine = ns_name(&svc.metadata)
+            .and_then(|id| by_service.get(&id))
+            .unwrap_or(&empty);
+        let slice_arcs: Vec<Arc<EndpointSlice>> = mine.iter().map(|(a, _)| a.clone()).collect();
+        let cached = ns_name(&svc.metadata)
+            .and_then(|id| cache.services.get(&id))
+            .filter(|(a, sl, _)| {
+                Arc::ptr_eq(a, svc)
+                    && sl.len() == slice_arcs.len()
+                    && sl.iter().zip(&slice_arcs).all(|(x, y)| Arc::ptr_eq(x, y))
+            });
+        let res = if let Some((_, _, r)) = cached {
+            r.clone()
+        } else {
+            let mut errs = Vec::new();
+            let Some(s) = resolve_service(svc, cfg, &mut errs) else {
+                errors.extend(errs);
+                continue;
+            };
+            let valid: Vec<&Slice> = mine.iter().filter_map(|(_, r)| r.slice.as_ref()).collect();
+            Arc::new(resolve_frontends(s, &valid, cfg, errs))
+        };
+        errors.extend(res.errors.iter().cloned());
+        if next_services.contains_key(&res.svc.id) {
+            errors.push(Error::Duplicate {
+                object: ObjectRef {
+                    kind: "Service",
+                    id: res.svc.id.clone(),
+                },
+            });
+            continue;
+        }
+        next_services.insert(res.svc.id.clone(), (svc.clone(), slice_arcs, res.clone()));
+        resolved.push(res);
+    }
+    (next_services, resolved)
+}
+
+/// Frontends of the resolved Services, oldest Service first; later claimants of a frontend are
+/// reported, never served.
+fn assemble(resolved: &[Arc<SvcRes>], errors: &mut Vec<Error>) -> Desired {
+    let mut desired = Desired::default();
+    for res in resolved {
+        let svc = &res.svc;
+        for (fe, st, ip_index, port_index) in &res.frontends {
+            if let Some(winner) = desired.frontends.get(fe) {
+                if winner.service != svc.id {
+                    errors.push(Error::Conflict {
+                        object: ObjectRef {
+                            kind: "Service",
+                            id: svc.id.clone(),
+                        },
+                        field: format!("{}[{ip_index}] / spec.ports[{port_index}]", svc.ips_field),
+                        frontend: *fe,
+                        winner: winner.service.clone(),
+                    });
+                }
+                continue;
+            }
+            desired.frontends.insert(*fe, st.clone());
         }
     }
-    (desired, errors)
+    desired
 }
 
 /// The backends a frontend uses.
@@ -694,7 +802,7 @@ fn allowed(e: &Ep, t: Topology, cfg: &Config) -> bool {
 ///   terminating ones (KEP-1669).
 /// * Local policy: this node's ready endpoints, else its serving and terminating ones; with
 ///   none here but some elsewhere the traffic is dropped (`no_local`).
-fn select(slices: &[Slice], v6: bool, sp: &SvcPort, local_only: bool, cfg: &Config) -> Selected {
+fn select(slices: &[&Slice], v6: bool, sp: &SvcPort, local_only: bool, cfg: &Config) -> Selected {
     let mut eps: Vec<(&Ep, u16)> = Vec::new();
     for s in slices.iter().filter(|s| s.v6 == v6) {
         for p in s

@@ -181,7 +181,10 @@ fn image(desired: &Desired, current: &Shadow) -> Shadow {
 /// The map contents `frontends` need (their markers, frontend entries, slots, backends and
 /// affinity memberships), ids reused from `current`. Used over all desired frontends by
 /// [`diff`] and over the changed ones by [`diff_scoped`].
-fn image_of<'a>(frontends: impl Iterator<Item = (&'a Frontend, &'a FrontendState)>, current: &Shadow) -> Shadow {
+fn image_of<'a>(
+    frontends: impl Iterator<Item = (&'a Frontend, &'a FrontendState)>,
+    current: &Shadow,
+) -> Shadow {
     let known: HashMap<Backend, u32> = current.backends.iter().map(|(id, b)| (*b, *id)).collect();
     let mut next_id = 1u32;
     let mut ids: HashMap<Backend, u32> = HashMap::new();
@@ -400,7 +403,12 @@ fn current_backends(current: &Shadow, fe: &Frontend) -> Option<BTreeSet<SocketAd
 /// A refused frontend keeps exactly what the maps hold for it now (or stays absent when new):
 /// nothing existing is evicted or half-written, and every other change still goes through.
 /// Returns the refused frontends.
-pub fn fit(desired: &mut Desired, current: &Shadow, cap: &Capacity, dirty: Option<&BTreeSet<Frontend>>) -> Vec<Frontend> {
+pub fn fit(
+    desired: &mut Desired,
+    current: &Shadow,
+    cap: &Capacity,
+    dirty: Option<&BTreeSet<Frontend>>,
+) -> Vec<Frontend> {
     let fam = |ip: &IpAddr| usize::from(ip.is_ipv6());
     let mut usage: Usage = [0; 4];
     for k in current.svc.keys() {
@@ -412,15 +420,25 @@ pub fn fit(desired: &mut Desired, current: &Shadow, cap: &Capacity, dirty: Optio
     }
     // Only frontends that change can grow: with a dirty set, only those are looked at.
     let candidates: Vec<Frontend> = match dirty {
-        Some(d) => d.iter().filter(|f| desired.frontends.contains_key(f)).copied().collect(),
+        Some(d) => d
+            .iter()
+            .filter(|f| desired.frontends.contains_key(f))
+            .copied()
+            .collect(),
         None => desired.frontends.keys().copied().collect(),
     };
     let (mut added_keys, mut added_bes) = (BTreeSet::new(), BTreeSet::new());
     let mut refused = Vec::new();
     for fe in candidates {
         let (ks, bs) = footprint(&fe, &desired.frontends[&fe].backends);
-        let new_keys: BTreeSet<SvcKey> = ks.into_iter().filter(|k| !current.svc.contains_key(k) && !added_keys.contains(k)).collect();
-        let new_bes: BTreeSet<Backend> = bs.into_iter().filter(|b| !known.contains(b) && !added_bes.contains(b)).collect();
+        let new_keys: BTreeSet<SvcKey> = ks
+            .into_iter()
+            .filter(|k| !current.svc.contains_key(k) && !added_keys.contains(k))
+            .collect();
+        let new_bes: BTreeSet<Backend> = bs
+            .into_iter()
+            .filter(|b| !known.contains(b) && !added_bes.contains(b))
+            .collect();
         if new_keys.is_empty() && new_bes.is_empty() {
             continue; // occupies only entries that exist already
         }
@@ -452,9 +470,17 @@ pub fn fit(desired: &mut Desired, current: &Shadow, cap: &Capacity, dirty: Optio
 /// changed): the dirty set for [`diff_scoped`].
 #[must_use]
 pub fn changed(prev: &Desired, next: &Desired) -> BTreeSet<Frontend> {
-    let mut dirty: BTreeSet<Frontend> =
-        next.frontends.iter().filter(|(f, st)| prev.frontends.get(f) != Some(st)).map(|(f, _)| *f).collect();
-    dirty.extend(prev.frontends.keys().filter(|f| !next.frontends.contains_key(f)));
+    let mut dirty: BTreeSet<Frontend> = next
+        .frontends
+        .iter()
+        .filter(|(f, st)| prev.frontends.get(f) != Some(st))
+        .map(|(f, _)| *f)
+        .collect();
+    dirty.extend(
+        prev.frontends
+            .keys()
+            .filter(|f| !next.frontends.contains_key(f)),
+    );
     dirty
 }
 
@@ -465,23 +491,48 @@ pub fn changed(prev: &Desired, next: &Desired) -> BTreeSet<Frontend> {
 /// one for starting up and periodic resyncs: it also repairs anything left over.
 #[must_use]
 pub fn diff_scoped(desired: &Desired, current: &Shadow, dirty: &BTreeSet<Frontend>) -> Vec<MapOp> {
-    let want = image_of(dirty.iter().filter_map(|f| desired.frontends.get_key_value(f)), current);
+    let want = image_of(
+        dirty
+            .iter()
+            .filter_map(|f| desired.frontends.get_key_value(f)),
+        current,
+    );
     let mut ops = Vec::new();
 
     // What the dirty frontends occupy now.
     let range = |fe: &Frontend| {
         let k = SvcKey::frontend(fe);
-        current.svc.range(k..=k.with_slot(u16::MAX)).map(|(k, v)| (*k, *v))
+        current
+            .svc
+            .range(k..=k.with_slot(u16::MAX))
+            .map(|(k, v)| (*k, *v))
     };
     let old: Vec<(SvcKey, SvcValue)> = dirty.iter().flat_map(range).collect();
-    let old_fe_ids: BTreeSet<u32> = old.iter().filter(|(k, _)| k.slot == 0).map(|(_, v)| v.backend_id).collect();
-    let old_aff: Vec<AffMatch> = current.aff_match.iter().filter(|m| old_fe_ids.contains(&m.frontend_id)).copied().collect();
+    let old_fe_ids: BTreeSet<u32> = old
+        .iter()
+        .filter(|(k, _)| k.slot == 0)
+        .map(|(_, v)| v.backend_id)
+        .collect();
+    let old_aff: Vec<AffMatch> = current
+        .aff_match
+        .iter()
+        .filter(|m| old_fe_ids.contains(&m.frontend_id))
+        .copied()
+        .collect();
 
     // Markers of the dirty frontends' VIPs: wanted while any desired frontend uses the VIP.
     let vips: BTreeSet<IpAddr> = dirty.iter().map(|f| f.addr).collect();
     let vip_used = |ip: IpAddr| {
-        let lo = Frontend { addr: ip, port: 0, proto: crate::model::Proto::Tcp };
-        desired.frontends.range(lo..).next().is_some_and(|(f, _)| f.addr == ip)
+        let lo = Frontend {
+            addr: ip,
+            port: 0,
+            proto: crate::model::Proto::Tcp,
+        };
+        desired
+            .frontends
+            .range(lo..)
+            .next()
+            .is_some_and(|(f, _)| f.addr == ip)
     };
 
     // 1. new backends, 1b. new memberships
@@ -497,53 +548,47 @@ pub fn diff_scoped(desired: &Desired, current: &Shadow, dirty: &BTreeSet<Fronten
     for &ip in &vips {
         let k = SvcKey::marker(ip);
         if vip_used(ip) && current.svc.get(&k) != Some(&MARKER) {
-            ops.push(MapOp::PutSvc { key: k, value: MARKER });
+            ops.push(MapOp::PutSvc {
+                key: k,
+                value: MARKER,
+            });
         }
     }
     // 3. slots, 4. frontends (puts, then removals)
     let changed_puts = |pred: &dyn Fn(&SvcKey) -> bool, ops: &mut Vec<MapOp>| {
-        for (k, v) in want.svc.iter().filter(|(k, v)| pred(k) && !k.is_marker() && current.svc.get(k) != Some(v)) {
+        for (k, v) in want
+            .svc
+            .iter()
+            .filter(|(k, v)| pred(k) && !k.is_marker() && current.svc.get(k) != Some(v))
+        {
             ops.push(MapOp::PutSvc { key: *k, value: *v });
         }
     };
     changed_puts(&|k| k.slot > 0, &mut ops);
     changed_puts(&|k| k.slot == 0, &mut ops);
-    for (k, _) in old.iter().filter(|(k, _)| k.slot == 0 && !want.svc.contains_key(k)) {
-        ops.push(MapOp::DelSvc { key: *k });
-    }
+    let removed = |slots: bool, ops: &mut Vec<MapOp>| {
+        let gone = old
+            .iter()
+            .filter(|(k, _)| (k.slot > 0) == slots && !want.svc.contains_key(k));
+        ops.extend(gone.map(|(k, _)| MapOp::DelSvc { key: *k }));
+    };
+    removed(false, &mut ops);
     // 5. slots beyond the new counts / of removed frontends
-    for (k, _) in old.iter().filter(|(k, _)| k.slot > 0 && !want.svc.contains_key(k)) {
-        ops.push(MapOp::DelSvc { key: *k });
-    }
+    removed(true, &mut ops);
     // 6. memberships that ended, then backends no slot refers to any more
     for m in &old_aff {
         if !want.aff_match.contains(m) {
             ops.push(MapOp::DelAffMatch(*m));
         }
     }
-    let candidates: BTreeSet<u32> = old.iter().filter(|(k, _)| k.slot > 0).map(|(_, v)| v.backend_id).collect();
-    if !candidates.is_empty() {
-        // References after the change: clean frontends' slots (unchanged) + the dirty ones' new.
-        let mut refs: HashMap<u32, usize> = HashMap::new();
-        for (k, v) in &current.svc {
-            if k.slot > 0 && candidates.contains(&v.backend_id) {
-                let fe = Frontend { addr: k.addr, port: k.port, proto: crate::model::Proto::from_number(k.proto).unwrap_or(crate::model::Proto::Tcp) };
-                if !dirty.contains(&fe) {
-                    *refs.entry(v.backend_id).or_default() += 1;
-                }
-            }
-        }
-        for (k, v) in &want.svc {
-            if k.slot > 0 && candidates.contains(&v.backend_id) {
-                *refs.entry(v.backend_id).or_default() += 1;
-            }
-        }
-        for id in candidates {
-            if refs.get(&id).copied().unwrap_or(0) == 0
-                && let Some(&backend) = current.backends.get(&id)
-            {
-                ops.push(MapOp::DelBackend { id, backend });
-            }
+    let candidates: BTreeSet<u32> = old
+        .iter()
+        .filter(|(k, _)| k.slot > 0)
+        .map(|(_, v)| v.backend_id)
+        .collect();
+    for id in unreferenced(&candidates, current, &want, dirty) {
+        if let Some(&backend) = current.backends.get(&id) {
+            ops.push(MapOp::DelBackend { id, backend });
         }
     }
     // 7. markers of VIPs no longer served
@@ -554,6 +599,43 @@ pub fn diff_scoped(desired: &Desired, current: &Shadow, dirty: &BTreeSet<Fronten
         }
     }
     ops
+}
+
+/// The `candidates` no slot refers to after a scoped change: references from clean frontends
+/// (their slots stay) plus those from the dirty frontends' new image.
+fn unreferenced(
+    candidates: &BTreeSet<u32>,
+    current: &Shadow,
+    want: &Shadow,
+    dirty: &BTreeSet<Frontend>,
+) -> Vec<u32> {
+    if candidates.is_empty() {
+        return Vec::new();
+    }
+    let mut refs: HashMap<u32, usize> = HashMap::new();
+    for (k, v) in &current.svc {
+        if k.slot > 0 && candidates.contains(&v.backend_id) {
+            let proto =
+                crate::model::Proto::from_number(k.proto).unwrap_or(crate::model::Proto::Tcp);
+            if !dirty.contains(&Frontend {
+                addr: k.addr,
+                port: k.port,
+                proto,
+            }) {
+                *refs.entry(v.backend_id).or_default() += 1;
+            }
+        }
+    }
+    for (k, v) in &want.svc {
+        if k.slot > 0 && candidates.contains(&v.backend_id) {
+            *refs.entry(v.backend_id).or_default() += 1;
+        }
+    }
+    candidates
+        .iter()
+        .copied()
+        .filter(|id| refs.get(id).copied().unwrap_or(0) == 0)
+        .collect()
 }
 
 /// Something that can execute map operations: the pinned BPF maps, or a test double.

@@ -17,7 +17,7 @@ fn objs(
 
 fn run(yaml: &str) -> (Desired, Vec<Error>) {
     let (s, e) = objs(yaml);
-    build(&s, &e, &Config::default())
+    build(&s, &e, &Config::default(), &mut Cache::default())
 }
 
 fn fe(s: &str, proto: Proto) -> Frontend {
@@ -167,6 +167,7 @@ spec: {clusterIP: 198.19.0.11, ports: [{port: 80}]}
             proxy_name: Some("lb".into()),
             ..Config::default()
         },
+        &mut Cache::default(),
     );
     assert_eq!(d.frontends.len(), 1, "our own proxy name is served");
 }
@@ -295,6 +296,7 @@ fn families_the_node_does_not_run_are_skipped() {
             ipv6: false,
             ..Config::default()
         },
+        &mut Cache::default(),
     );
     assert!(errors.is_empty());
     assert!(d.frontends.keys().all(|f| f.addr.is_ipv4()));
@@ -320,7 +322,7 @@ fn policy_case(svc_extra: &str, endpoints: &str, cfg: &Config) -> FrontendState 
          addressType: IPv4\nports: [{{port: 8080}}]\nendpoints: {endpoints}\n"
     );
     let (s, e) = objs(&yaml);
-    let (d, errors) = build(&s, &e, cfg);
+    let (d, errors) = build(&s, &e, cfg, &mut Cache::default());
     assert!(errors.is_empty(), "{errors:?}");
     d.frontends[&fe("198.19.0.5:80", Proto::Tcp)].clone()
 }
@@ -427,11 +429,59 @@ fn session_affinity_timeouts() {
     let (s, e) = objs(
         "apiVersion: v1\nkind: Service\nmetadata: {name: p, namespace: ns}\nspec: {clusterIP: 198.19.0.5, ports: [{port: 80}], sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 90000}}}\n",
     );
-    let (d, errors) = build(&s, &e, &Config::default());
+    let (d, errors) = build(&s, &e, &Config::default(), &mut Cache::default());
     assert!(errors[0].to_string().contains("Service ns/p: spec.sessionAffinityConfig.clientIP.timeoutSeconds: 90000 is outside 1-86400"), "{errors:?}");
     assert_eq!(
         d.frontends.len(),
         1,
         "the Service is still served, with the default timeout"
     );
+}
+
+#[test]
+fn the_cache_gives_the_same_results_as_a_fresh_build() {
+    let yaml = |eps: &str, port: u16| {
+        format!(
+            "{WEB}---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: w, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, port: {port}}}]
+endpoints: {eps}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: other, namespace: shop}}
+spec: {{clusterIP: 010.0.0.1, ports: [{{port: 80}}]}}
+"
+        )
+    };
+    let mut cache = Cache::default();
+    let cfg = Config::default();
+    let (s1, e1) = objs(&yaml("[{addresses: [198.18.1.1]}]", 8080));
+    let fresh = |s: &[Arc<Service>], e: &[Arc<EndpointSlice>], cfg: &Config| {
+        build(s, e, cfg, &mut Cache::default())
+    };
+    assert_eq!(build(&s1, &e1, &cfg, &mut cache), fresh(&s1, &e1, &cfg));
+    // Same objects again: served from the cache, errors still reported.
+    let (d, errors) = build(&s1, &e1, &cfg, &mut cache);
+    assert_eq!((d, errors.len()), (fresh(&s1, &e1, &cfg).0, 1));
+    // The slice changes (a new object): the Service is recomputed.
+    let (_, e2) = objs(&yaml("[{addresses: [198.18.1.2]}]", 9090));
+    let mixed = build(&s1, &e2, &cfg, &mut cache);
+    assert_eq!(mixed, fresh(&s1, &e2, &cfg));
+    assert_eq!(
+        backends(&mixed.0, &fe("198.19.0.10:80", Proto::Tcp)),
+        ["198.18.1.2:9090"]
+    );
+    // A config change (zone) empties the cache rather than serving stale results.
+    let zoned = Config {
+        zone: Some("z".into()),
+        ..Config::default()
+    };
+    assert_eq!(build(&s1, &e2, &zoned, &mut cache), fresh(&s1, &e2, &zoned));
+    // Objects gone from the input are gone from the cache.
+    let _ = build(&[], &[], &cfg, &mut cache);
+    assert_eq!(build(&s1, &e1, &cfg, &mut cache), fresh(&s1, &e1, &cfg));
 }

@@ -203,8 +203,18 @@ fn api_latency(n: usize, loaded: usize) -> (f64, f64, f64, u64) {
         std::thread::sleep(Duration::from_millis(30));
     }
     let rss = agent_rss_mib(&c);
-    if let Some(line) = c.agent_log().lines().filter(|l| l.contains("programmed datapath")).next_back() {
-        eprintln!("  last sync: {}", line.split("programmed datapath").nth(1).unwrap_or("").trim());
+    if let Some(line) = c
+        .agent_log()
+        .lines()
+        .rfind(|l| l.contains("programmed datapath"))
+    {
+        eprintln!(
+            "  last sync: {}",
+            line.split("programmed datapath")
+                .nth(1)
+                .unwrap_or("")
+                .trim()
+        );
     }
     ms.sort_by(f64::total_cmp);
     (
