@@ -131,6 +131,10 @@ pub struct FrontendState {
     pub no_local: bool,
     /// sessionAffinity ClientIP timeout in seconds; 0 = no affinity.
     pub affinity_timeout: u32,
+    /// Reached by an externalIP or LoadBalancer ingress IP rather than a ClusterIP. Such an
+    /// address may be a real host's: only the Service's ports are translated, and no VIP marker
+    /// makes its other ports refuse (unlike a ClusterIP, which is nothing but a VIP).
+    pub external: bool,
 }
 
 /// The whole desired datapath state.
@@ -375,14 +379,23 @@ struct SvcPort {
     index: usize,
 }
 
+/// One address a Service is reached by.
+#[derive(Debug)]
+struct SvcAddr {
+    ip: IpAddr,
+    /// Where it came from, for error messages (`spec.clusterIPs[0]`, `spec.externalIPs[1]`, …).
+    field: String,
+    /// externalIPs / LoadBalancer ingress: not a cluster VIP (no marker, see FrontendState).
+    external: bool,
+}
+
 /// The frontend-relevant parts of one valid Service.
 #[derive(Debug)]
 struct Svc {
     id: NsName,
     created: Option<k8s_openapi::jiff::Timestamp>,
-    ips: Vec<(usize, IpAddr)>,
-    /// `spec.clusterIPs` or `spec.clusterIP`, whichever the object uses (for error messages).
-    ips_field: &'static str,
+    /// ClusterIPs, then externalIPs, then LoadBalancer ingress IPs.
+    addrs: Vec<SvcAddr>,
     ports: Vec<SvcPort>,
     /// internalTrafficPolicy: Local.
     local_only: bool,
@@ -420,6 +433,65 @@ fn affinity_timeout(
     }
 }
 
+/// The addresses a Service is reached by, in the families this node runs: its ClusterIPs, its
+/// externalIPs and its LoadBalancer ingress IPs (ipMode VIP, the default). Bad ones are named.
+fn service_addrs(
+    svc: &Service,
+    raw_ips: &[String],
+    field_ips: &str,
+    cfg: &Config,
+    object: &ObjectRef,
+    errors: &mut Vec<Error>,
+) -> Vec<SvcAddr> {
+    let Some(spec) = svc.spec.as_ref() else {
+        return Vec::new();
+    };
+    let mut addrs = Vec::new();
+    let mut add =
+        |raw: &str, field: String, external: bool, errors: &mut Vec<Error>| match parse_ip(raw) {
+            Ok(ip) if (ip.is_ipv4() && cfg.ipv4) || (ip.is_ipv6() && cfg.ipv6) => {
+                addrs.push(SvcAddr {
+                    ip,
+                    field,
+                    external,
+                });
+            }
+            Ok(_) => {} // a family this node does not run
+            Err(reason) => errors.push(Error::BadAddress {
+                object: object.clone(),
+                field,
+                value: raw.to_owned(),
+                reason,
+            }),
+        };
+    for (i, raw) in raw_ips.iter().enumerate() {
+        add(raw, format!("{field_ips}[{i}]"), false, errors);
+    }
+    for (i, raw) in spec.external_ips.iter().flatten().enumerate() {
+        add(raw, format!("spec.externalIPs[{i}]"), true, errors);
+    }
+    // LoadBalancer ingress IPs with ipMode VIP (the default); ipMode Proxy means in-cluster
+    // traffic to that IP must go to the load balancer, not be short-circuited.
+    let ingress = svc
+        .status
+        .as_ref()
+        .and_then(|st| st.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref());
+    for (i, ing) in ingress.into_iter().flatten().enumerate() {
+        if let Some(raw) = &ing.ip
+            && ing.ip_mode.as_deref() != Some("Proxy")
+        {
+            add(
+                raw,
+                format!("status.loadBalancer.ingress[{i}].ip"),
+                true,
+                errors,
+            );
+        }
+    }
+    addrs
+}
+
 fn resolve_service(svc: &Service, cfg: &Config, errors: &mut Vec<Error>) -> Option<Svc> {
     let Some(id) = ns_name(&svc.metadata) else {
         errors.push(Error::MissingName { kind: "Service" });
@@ -455,19 +527,7 @@ fn resolve_service(svc: &Service, cfg: &Config, errors: &mut Vec<Error>) -> Opti
     } else {
         "spec.clusterIP"
     };
-    let mut ips = Vec::new();
-    for (i, raw) in raw_ips.iter().enumerate() {
-        match parse_ip(raw) {
-            Ok(ip) if (ip.is_ipv4() && cfg.ipv4) || (ip.is_ipv6() && cfg.ipv6) => ips.push((i, ip)),
-            Ok(_) => {} // a family this node does not run
-            Err(reason) => errors.push(Error::BadAddress {
-                object: object.clone(),
-                field: format!("{field_ips}[{i}]"),
-                value: raw.clone(),
-                reason,
-            }),
-        }
-    }
+    let addrs = service_addrs(svc, &raw_ips, field_ips, cfg, &object, errors);
     let mut ports = Vec::new();
     for (i, p) in spec.ports.iter().flatten().enumerate() {
         let Some(proto) = Proto::parse(p.protocol.as_deref()) else {
@@ -497,8 +557,7 @@ fn resolve_service(svc: &Service, cfg: &Config, errors: &mut Vec<Error>) -> Opti
     Some(Svc {
         id,
         created: svc.metadata.creation_timestamp.as_ref().map(|t| t.0),
-        ips,
-        ips_field: field_ips,
+        addrs,
         ports,
         local_only: spec.internal_traffic_policy.as_deref() == Some("Local"),
         affinity_timeout,
@@ -516,8 +575,8 @@ struct SliceRes {
 #[derive(Debug)]
 struct SvcRes {
     svc: Svc,
-    /// (frontend, state, index into `svc.ips`, `spec.ports` index) before conflict resolution.
-    frontends: Vec<(Frontend, FrontendState, usize, usize)>,
+    /// (frontend, state, address field, `spec.ports` index) before conflict resolution.
+    frontends: Vec<(Frontend, FrontendState, String, usize)>,
     errors: Vec<Error>,
 }
 
@@ -546,7 +605,8 @@ fn resolve_frontends(svc: Svc, slices: &[&Slice], cfg: &Config, mut errors: Vec<
     };
     let mut frontends = Vec::new();
     for sp in &svc.ports {
-        for &(ip_index, ip) in &svc.ips {
+        for addr in &svc.addrs {
+            let ip = addr.ip;
             let Selected { backends, no_local } =
                 select(slices, ip.is_ipv6(), sp, svc.local_only, cfg);
             if backends.len() > MAX_BACKENDS {
@@ -569,8 +629,9 @@ fn resolve_frontends(svc: Svc, slices: &[&Slice], cfg: &Config, mut errors: Vec<
                 backends,
                 no_local,
                 affinity_timeout: svc.affinity_timeout,
+                external: addr.external,
             };
-            frontends.push((fe, st, ip_index, sp.index));
+            frontends.push((fe, st, addr.field.clone(), sp.index));
         }
     }
     SvcRes {
@@ -731,7 +792,7 @@ fn assemble(resolved: &[Arc<SvcRes>], errors: &mut Vec<Error>) -> Desired {
     let mut desired = Desired::default();
     for res in resolved {
         let svc = &res.svc;
-        for (fe, st, ip_index, port_index) in &res.frontends {
+        for (fe, st, addr_field, port_index) in &res.frontends {
             if let Some(winner) = desired.frontends.get(fe) {
                 if winner.service != svc.id {
                     errors.push(Error::Conflict {
@@ -739,7 +800,7 @@ fn assemble(resolved: &[Arc<SvcRes>], errors: &mut Vec<Error>) -> Desired {
                             kind: "Service",
                             id: svc.id.clone(),
                         },
-                        field: format!("{}[{ip_index}] / spec.ports[{port_index}]", svc.ips_field),
+                        field: format!("{addr_field} / spec.ports[{port_index}]"),
                         frontend: *fe,
                         winner: winner.service.clone(),
                     });

@@ -203,7 +203,9 @@ fn image_of<'a>(
 
     for (fe, st) in frontends {
         let key = SvcKey::frontend(fe);
-        want.svc.insert(SvcKey::marker(fe.addr), MARKER);
+        if !st.external {
+            want.svc.insert(SvcKey::marker(fe.addr), MARKER);
+        }
 
         // Backend ids: reuse what the maps hold, else the lowest free id.
         let mut desired_ids = BTreeSet::new();
@@ -362,10 +364,15 @@ fn exceeds(u: &Usage, cap: &Capacity) -> bool {
 }
 
 /// The service-map keys and backend identities a frontend occupies.
-fn footprint(fe: &Frontend, backends: &BTreeSet<SocketAddr>) -> (Vec<SvcKey>, Vec<Backend>) {
+fn footprint(fe: &Frontend, st: &FrontendState) -> (Vec<SvcKey>, Vec<Backend>) {
     let key = SvcKey::frontend(fe);
+    let backends = &st.backends;
     let n = u16::try_from(backends.len()).unwrap_or(u16::MAX);
-    let mut keys = vec![SvcKey::marker(fe.addr), key];
+    let mut keys = if st.external {
+        vec![key]
+    } else {
+        vec![SvcKey::marker(fe.addr), key]
+    };
     keys.extend((1..=n).map(|s| key.with_slot(s)));
     (
         keys,
@@ -430,7 +437,7 @@ pub fn fit(
     let (mut added_keys, mut added_bes) = (BTreeSet::new(), BTreeSet::new());
     let mut refused = Vec::new();
     for fe in candidates {
-        let (ks, bs) = footprint(&fe, &desired.frontends[&fe].backends);
+        let (ks, bs) = footprint(&fe, &desired.frontends[&fe]);
         let new_keys: BTreeSet<SvcKey> = ks
             .into_iter()
             .filter(|k| !current.svc.contains_key(k) && !added_keys.contains(k))
@@ -452,7 +459,12 @@ pub fn fit(
         if exceeds(&u, cap) {
             refused.push(fe);
             match current_backends(current, &fe) {
-                Some(now) => desired.frontends.get_mut(&fe).expect("present").backends = now,
+                Some(now) => {
+                    // Exactly what the maps hold: its backends, and no marker if it has none.
+                    let st = desired.frontends.get_mut(&fe).expect("present");
+                    st.backends = now;
+                    st.external = !current.svc.contains_key(&SvcKey::marker(fe.addr));
+                }
                 None => {
                     desired.frontends.remove(&fe);
                 }
@@ -531,8 +543,8 @@ pub fn diff_scoped(desired: &Desired, current: &Shadow, dirty: &BTreeSet<Fronten
         desired
             .frontends
             .range(lo..)
-            .next()
-            .is_some_and(|(f, _)| f.addr == ip)
+            .take_while(|(f, _)| f.addr == ip)
+            .any(|(_, st)| !st.external)
     };
 
     // 1. new backends, 1b. new memberships

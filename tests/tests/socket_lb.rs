@@ -786,3 +786,47 @@ fn runs_with_only_cap_bpf_and_cap_net_admin() {
         );
     }
 }
+
+#[test]
+fn external_ips_and_load_balancer_ips_are_translated_for_in_cluster_clients() {
+    let mut c = Cluster::new("extip", 1);
+    c.write_manifest(
+        "ext.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: ext, namespace: test}}\n\
+             spec: {{type: LoadBalancer, clusterIP: 198.19.0.90, externalIPs: [198.19.5.1], ports: [{{name: http, port: 80}}]}}\n\
+             status: {{loadBalancer: {{ingress: [{{ip: 198.19.6.1}}, {{ip: 198.19.6.2, ipMode: Proxy}}]}}}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: ext-1, namespace: test, labels: {{kubernetes.io/service-name: ext}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{{addresses: ['{}']}}]\n",
+            pod_v4(1)
+        ),
+    );
+    c.start_agent();
+    wait_for(Duration::from_secs(5), || {
+        c.backends_of("198.19.6.1:80/TCP")
+    })
+    .expect("LB IP programmed");
+    for target in ["198.19.5.1:80", "198.19.6.1:80"] {
+        let r = &c.client(&["tcp", target, "3"]);
+        assert!(
+            r.iter().all(|r| r["ok"] == true && r["peer"] == target),
+            "{target}: {r:?}"
+        );
+    }
+    // Other ports of an external address are not ours: untouched (unroutable in the test bed),
+    // where a ClusterIP's other ports are refused.
+    assert_eq!(
+        c.client(&["tcp", "198.19.5.1:22", "1"])[0]["error"],
+        "ENETUNREACH"
+    );
+    assert_eq!(
+        c.client(&["tcp", "198.19.0.90:22", "1"])[0]["error"],
+        "ECONNREFUSED"
+    );
+    // ipMode Proxy: in-cluster traffic goes to the load balancer itself, not short-circuited.
+    assert_eq!(c.backends_of("198.19.6.2:80/TCP"), None);
+    assert_eq!(
+        c.client(&["tcp", "198.19.6.2:80", "1"])[0]["error"],
+        "ENETUNREACH"
+    );
+}

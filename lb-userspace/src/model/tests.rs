@@ -485,3 +485,44 @@ spec: {{clusterIP: 010.0.0.1, ports: [{{port: 80}}]}}
     let _ = build(&[], &[], &cfg, &mut cache);
     assert_eq!(build(&s1, &e1, &cfg, &mut cache), fresh(&s1, &e1, &cfg));
 }
+
+#[test]
+fn external_ips_and_load_balancer_ingress_are_frontends_without_markers() {
+    let (d, errors) = run("
+apiVersion: v1
+kind: Service
+metadata: {name: lb, namespace: ns}
+spec:
+  type: LoadBalancer
+  clusterIP: 198.19.0.40
+  externalIPs: [198.51.100.7, 0198.51.100.8]
+  ports: [{port: 80}]
+status:
+  loadBalancer:
+    ingress:
+    - {ip: 203.0.113.10}
+    - {ip: 203.0.113.11, ipMode: Proxy}
+    - {hostname: lb.example.com}
+");
+    let msgs: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert_eq!(msgs.len(), 1, "{msgs:?}");
+    assert!(
+        msgs[0]
+            .contains("Service ns/lb: spec.externalIPs[1]: invalid IP address \"0198.51.100.8\""),
+        "{msgs:?}"
+    );
+    let ext = |a: &str| d.frontends.get(&fe(a, Proto::Tcp)).map(|st| st.external);
+    assert_eq!(
+        ext("198.19.0.40:80"),
+        Some(false),
+        "ClusterIP: a VIP with a marker"
+    );
+    assert_eq!(ext("198.51.100.7:80"), Some(true));
+    assert_eq!(ext("203.0.113.10:80"), Some(true));
+    assert_eq!(
+        ext("203.0.113.11:80"),
+        None,
+        "ipMode Proxy is not short-circuited"
+    );
+    assert_eq!(d.frontends.len(), 3);
+}

@@ -8,12 +8,32 @@ use crate::model::{FrontendState, NsName, Proto};
 /// A writer that checks, after every single write, what a concurrent datapath could observe.
 struct Checked(Shadow);
 
+thread_local! {
+    /// Frontends reached by external addresses in the case at hand: they have no VIP marker.
+    static EXTERNAL: std::cell::RefCell<BTreeSet<SvcKey>> = const { std::cell::RefCell::new(BTreeSet::new()) };
+}
+
+fn note_external(ds: &[&Desired]) {
+    EXTERNAL.with(|e| {
+        let mut e = e.borrow_mut();
+        for d in ds {
+            e.extend(
+                d.frontends
+                    .iter()
+                    .filter(|(_, st)| st.external)
+                    .map(|(f, _)| SvcKey::frontend(f)),
+            );
+        }
+    });
+}
+
 fn check_consistent(s: &Shadow) -> Result<(), String> {
     for (k, v) in &s.svc {
         if k.slot != 0 || k.is_marker() {
             continue;
         }
-        if !s.svc.contains_key(&SvcKey::marker(k.addr)) {
+        let external = EXTERNAL.with(|e| e.borrow().contains(k));
+        if !external && !s.svc.contains_key(&SvcKey::marker(k.addr)) {
             return Err(format!("frontend {k:?} without its VIP marker"));
         }
         for slot in 1..=v.count {
@@ -43,6 +63,7 @@ impl MapWriter for Checked {
 }
 
 fn converge(desired: &Desired, shadow: &mut Shadow) -> Vec<MapOp> {
+    note_external(&[desired]);
     let ops = diff(desired, shadow);
     let mut w = Checked(shadow.clone());
     apply(&ops, &mut w, shadow).expect("infallible");
@@ -85,11 +106,15 @@ fn arb_desired() -> impl Strategy<Value = Desired> {
     )
         .prop_map(|(addr, port, proto)| Frontend { addr, port, proto });
     let be_idx = proptest::collection::btree_set(0u8..6, 0..5);
-    let policy = (any::<bool>(), prop_oneof![Just(0u32), Just(30u32)]);
+    let policy = (
+        any::<bool>(),
+        prop_oneof![Just(0u32), Just(30u32)],
+        prop_oneof![4 => Just(false), 1 => Just(true)],
+    );
     proptest::collection::btree_map(fe, (be_idx, policy), 0..8).prop_map(|m| Desired {
         frontends: m
             .into_iter()
-            .map(|(fe, (idx, (no_local, affinity_timeout)))| {
+            .map(|(fe, (idx, (no_local, affinity_timeout, external)))| {
                 let backends = idx
                     .into_iter()
                     .map(|i| {
@@ -112,6 +137,7 @@ fn arb_desired() -> impl Strategy<Value = Desired> {
                         backends,
                         no_local,
                         affinity_timeout,
+                        external,
                     },
                 )
             })
@@ -131,7 +157,7 @@ proptest! {
             converge(d, &mut shadow);
             prop_assert_eq!(served(&shadow), expected(d));
             prop_assert!(diff(d, &shadow).is_empty(), "second diff not empty");
-            let vips: BTreeSet<IpAddr> = d.frontends.keys().map(|f| f.addr).collect();
+            let vips: BTreeSet<IpAddr> = d.frontends.iter().filter(|(_, st)| !st.external).map(|(f, _)| f.addr).collect();
             let markers: BTreeSet<IpAddr> = shadow.svc.keys().filter(|k| k.is_marker()).map(|k| k.addr).collect();
             prop_assert_eq!(markers, vips, "markers exactly for served VIPs");
             let used: BTreeSet<u32> = shadow.svc.iter().filter(|(k, _)| k.slot > 0).map(|(_, v)| v.backend_id).collect();
@@ -171,6 +197,7 @@ proptest! {
     #[test]
     fn recovers_from_an_interrupted_apply(a in arb_desired(), b in arb_desired(), cut in 0usize..64) {
         let mut shadow = Shadow::default();
+        note_external(&[&a, &b]);
         converge(&a, &mut shadow);
         let ops = diff(&b, &shadow);
         for op in ops.iter().take(cut) {
@@ -396,6 +423,7 @@ proptest! {
         let mut scoped = full.clone();
         converge(&b, &mut full);
 
+        note_external(&[&a, &b]);
         let ops = diff_scoped(&b, &scoped, &changed(&a, &b));
         let mut w = Checked(scoped.clone());
         apply(&ops, &mut w, &mut scoped).expect("infallible");
@@ -409,6 +437,7 @@ proptest! {
         let mut shadow = Shadow::default();
         converge(&seq[0], &mut shadow);
         for w in seq.windows(2) {
+            note_external(&[&w[0], &w[1]]);
             let ops = diff_scoped(&w[1], &shadow, &changed(&w[0], &w[1]));
             let mut c = Checked(shadow.clone());
             apply(&ops, &mut c, &mut shadow).expect("infallible");
