@@ -45,6 +45,15 @@ pub const SVC_FLAG_VIP_MARKER: u16 = 1 << 0;
 /// packet for the VIP ever leaves unrewritten.
 pub const SVC_FLAG_NO_LOCAL: u16 = 1 << 1;
 
+/// `SvcValue::flags`: only sockets in the host's network namespace are translated (the
+/// `127.0.0.1:<nodePort>` frontends: reachable from host processes, not from pods, as with
+/// kube-proxy). For any other socket the entry does not exist.
+pub const SVC_FLAG_HOST_ONLY: u16 = 1 << 2;
+
+/// Name of the datapath's load-time global holding the host netns cookie (`u64`), set by the
+/// agent from `SO_NETNS_COOKIE` of a socket in the host namespace.
+pub const GLOBAL_HOST_NETNS: &str = "LB_HOST_NETNS";
+
 // ---------------------------------------------------------------------------------------------
 // Map names. ≤ 15 bytes (the kernel keeps 15 + NUL). Mirrored by the `#[btf_map]` statics in
 // lb-ebpf; lb-userspace tests that the loaded object carries every one of them.

@@ -18,9 +18,23 @@ use aya_ebpf::{
 };
 use lb_common::{
     AffKey, AffMatchKey, AffValue, Backend4, Backend6, RevNat4Key, RevNat4Value, RevNat6Key,
-    RevNat6Value, SCOPE_ALL, SVC_FLAG_NO_LOCAL, SVC_FLAG_VIP_MARKER, Stat, Svc4Key, Svc6Key,
-    SvcValue, select_slot,
+    RevNat6Value, SCOPE_ALL, SVC_FLAG_HOST_ONLY, SVC_FLAG_NO_LOCAL, SVC_FLAG_VIP_MARKER, Stat,
+    Svc4Key, Svc6Key, SvcValue, select_slot,
 };
+
+/// The host's netns cookie, set by the agent at load time (`lb_common::GLOBAL_HOST_NETNS`).
+#[unsafe(no_mangle)]
+static LB_HOST_NETNS: u64 = 0;
+
+/// Is this socket in the host's network namespace?
+#[inline(always)]
+fn from_host(ctx: &SockAddrContext) -> bool {
+    // SAFETY: reading a load-time constant; volatile so the compiler keeps the load (the
+    // loader patches the value after compilation).
+    let host = unsafe { core::ptr::read_volatile(&raw const LB_HOST_NETNS) };
+    // SAFETY: helper taking the program context.
+    host != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == host
+}
 
 use crate::maps::{
     LB_AFF_MATCH_V1, LB_AFF_V1, LB4_BE_V1, LB4_RNAT_SK_V1, LB4_SVC_V1, LB6_BE_V1, LB6_RNAT_SK_V1,
@@ -82,11 +96,13 @@ fn cookie(ctx: &SockAddrContext) -> u64 {
 /// `Ok(None)`: not a service address at all.
 #[inline(always)]
 fn frontend<K: Copy>(
+    ctx: &SockAddrContext,
     lookup: impl Fn(&K) -> Option<SvcValue>,
     key: &K,
     marker: &K,
 ) -> Result<Option<SvcValue>, Reject> {
     match lookup(key) {
+        Some(fe) if fe.flags & SVC_FLAG_HOST_ONLY != 0 && !from_host(ctx) => Ok(None),
         Some(fe) if fe.flags & SVC_FLAG_VIP_MARKER != 0 => Err(Reject::NoPort),
         Some(fe) if fe.count == 0 && fe.flags & SVC_FLAG_NO_LOCAL != 0 => Err(Reject::NoLocal),
         Some(fe) if fe.count == 0 => Err(Reject::NoBackend),
@@ -192,7 +208,7 @@ fn select4(
         proto: 0,
         ..key
     };
-    let Some(fe) = frontend(svc4, &key, &marker)? else {
+    let Some(fe) = frontend(ctx, svc4, &key, &marker)? else {
         return Ok(None);
     };
     let id = choose(ctx, &fe, |slot| {
@@ -366,7 +382,7 @@ fn select6(
         proto: 0,
         ..key
     };
-    let Some(fe) = frontend(svc6, &key, &marker)? else {
+    let Some(fe) = frontend(ctx, svc6, &key, &marker)? else {
         return Ok(None);
     };
     let id = choose(ctx, &fe, |slot| {

@@ -58,6 +58,8 @@ pub struct Options {
     pub debounce: Duration,
     /// Least time between the starts of two syncs (kube-proxy's minSyncPeriod).
     pub min_sync_interval: Duration,
+    /// The host's network namespace (for host-only `127.0.0.1:<nodePort>` frontends).
+    pub host_netns: PathBuf,
     /// Prometheus metrics listener.
     pub metrics_addr: SocketAddr,
     /// `/healthz` and `/livez` listener.
@@ -118,6 +120,8 @@ struct State {
     applied: Option<model::Desired>,
     /// Per-object model results reused while the objects are unchanged.
     model_cache: model::Cache,
+    /// `--node-address` values.
+    node_addresses_flag: Vec<std::net::IpAddr>,
 }
 
 /// Objects by namespace/name.
@@ -239,6 +243,13 @@ impl State {
             .node
             .as_ref()
             .and_then(|n| n.metadata.labels.as_ref()?.get(model::LABEL_ZONE).cloned());
+        // Node addresses: the flags, plus the Node's primary addresses when the source knows it.
+        self.cfg.node_addresses = self.node_addresses_flag.clone();
+        for ip in crate::model::primary_addresses(objs.node.as_deref()) {
+            if !self.cfg.node_addresses.contains(&ip) {
+                self.cfg.node_addresses.push(ip);
+            }
+        }
         let (mut desired, model_errors) = model::build(
             &objs.services,
             &objs.slices,
@@ -399,7 +410,9 @@ async fn serve_http(opts: &Options) -> anyhow::Result<(Arc<Metrics>, Arc<Mutex<H
 /// Runs the agent until SIGTERM/SIGINT. The datapath stays attached after exit (pinned), so
 /// traffic keeps flowing across restarts; `lb-agent cleanup` removes it.
 pub async fn run(opts: Options) -> anyhow::Result<()> {
-    let maps = loader::load_and_attach(&opts.bpffs, &opts.cgroup, opts.sizes)
+    let host = loader::netns_cookie(&opts.host_netns)
+        .map_err(|e| anyhow::anyhow!("cannot read the host netns cookie: {}", chain(&e)))?;
+    let maps = loader::load_and_attach(&opts.bpffs, &opts.cgroup, opts.sizes, host)
         .map_err(|e| anyhow::anyhow!("cannot load or attach the datapath: {}", chain(&e)))?;
     let shadow = maps
         .read_shadow()
@@ -464,6 +477,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         synced_once: false,
         applied: None,
         model_cache: model::Cache::default(),
+        node_addresses_flag: opts.model.node_addresses.clone(),
     };
     state.sync(true);
     let mut last_sync = Instant::now();

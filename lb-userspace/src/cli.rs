@@ -59,6 +59,13 @@ pub struct RunArgs {
     /// `max_entries` of each per-socket reverse-NAT LRU map.
     #[arg(long, default_value_t = lb_common::DEFAULT_RNAT_ENTRIES)]
     pub max_revnat_entries: u32,
+    /// The host's network namespace: sockets in it may use `127.0.0.1:<nodePort>`.
+    #[arg(long, value_name = "PATH", default_value = "/proc/self/ns/net")]
+    pub host_netns: PathBuf,
+    /// Node address serving NodePorts to in-node clients (repeatable). Added to the Node's
+    /// primary addresses (first InternalIP per family) when the API source knows the Node.
+    #[arg(long = "node-address", value_name = "IP")]
+    pub node_addresses: Vec<std::net::IpAddr>,
     /// Prometheus metrics (kube-proxy's names): GET /metrics.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:10249")]
     pub metrics_addr: std::net::SocketAddr,

@@ -171,9 +171,62 @@ pub fn prepare_bpffs(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The netns cookie of the network namespace at `path` (e.g. `/proc/self/ns/net`): a thread
+/// enters it (unless it is ours), opens a socket and asks for `SO_NETNS_COOKIE` (Linux 5.14). Only that thread
+/// changes namespace.
+pub fn netns_cookie(path: &Path) -> Result<u64> {
+    let io = |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let ns = File::open(path).map_err(io)?;
+    // Entering a namespace needs CAP_SYS_ADMIN, even our own: on a node the host netns *is*
+    // ours (hostNetwork), so only a different one is entered.
+    let enter = {
+        use std::os::unix::fs::MetadataExt as _;
+        let target = ns.metadata().map_err(io)?;
+        let own = fs::metadata("/proc/thread-self/ns/net").map_err(io)?;
+        (target.dev(), target.ino()) != (own.dev(), own.ino())
+    };
+    std::thread::scope(|s| {
+        s.spawn(|| -> io::Result<u64> {
+            use std::os::fd::AsRawFd as _;
+            // SAFETY: setns on this thread only, with an fd we own.
+            if enter && unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let sock = std::net::UdpSocket::bind("127.0.0.1:0")?;
+            let mut cookie = 0u64;
+            let mut len = size_of::<u64>() as libc::socklen_t;
+            // SAFETY: valid socket fd and a correctly sized out-buffer.
+            let rc = unsafe {
+                libc::getsockopt(
+                    sock.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_NETNS_COOKIE,
+                    (&raw mut cookie).cast(),
+                    &raw mut len,
+                )
+            };
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(cookie)
+        })
+        .join()
+        .expect("netns cookie thread")
+    })
+    .map_err(io)
+}
+
 /// Loads the datapath, adopting pinned maps, and attaches every hook to `cgroup`, replacing the
 /// links of a previous agent without a gap. Returns the map handles for `sync`.
-pub fn load_and_attach(bpffs: &Path, cgroup: &Path, sizes: Sizes) -> Result<BpfMaps> {
+pub fn load_and_attach(
+    bpffs: &Path,
+    cgroup: &Path,
+    sizes: Sizes,
+    host_netns_cookie: u64,
+) -> Result<BpfMaps> {
     if OBJECT.is_empty() {
         return Err(Error::NotBuilt);
     }
@@ -186,6 +239,7 @@ pub fn load_and_attach(bpffs: &Path, cgroup: &Path, sizes: Sizes) -> Result<BpfM
 
     let pins: Vec<(&str, PathBuf)> = ALL_MAPS.iter().map(|n| (*n, bpffs.join(n))).collect();
     let mut loader = EbpfLoader::new();
+    loader.override_global(lb_common::GLOBAL_HOST_NETNS, &host_netns_cookie, true);
     for (name, path) in &pins {
         loader.map_pin_path(name, path.as_path());
     }

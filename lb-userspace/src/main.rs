@@ -54,10 +54,12 @@ fn real_main(cli: cli::Cli) -> anyhow::Result<()> {
                     proxy_name: a.proxy_name,
                     node_name: node_name.clone(),
                     zone: None, // from the Node object, per sync
+                    node_addresses: a.node_addresses.clone(),
                 },
                 resync_every: Duration::from_secs(a.resync_seconds.max(1)),
                 debounce: Duration::from_millis(5),
                 min_sync_interval: a.min_sync_interval,
+                host_netns: a.host_netns.clone(),
                 metrics_addr: a.metrics_addr,
                 healthz_addr: a.healthz_addr,
                 health_timeout: a.health_timeout,

@@ -135,6 +135,8 @@ pub struct FrontendState {
     /// address may be a real host's: only the Service's ports are translated, and no VIP marker
     /// makes its other ports refuse (unlike a ClusterIP, which is nothing but a VIP).
     pub external: bool,
+    /// `127.0.0.1:<nodePort>`: translated for host processes only, never for pods.
+    pub host_only: bool,
 }
 
 /// The whole desired datapath state.
@@ -154,6 +156,9 @@ pub struct Config {
     pub node_name: String,
     /// This node's `topology.kubernetes.io/zone` label (`hints.forZones`), when known.
     pub zone: Option<String>,
+    /// Addresses NodePorts are served on to in-node clients (plus `127.0.0.1` for host
+    /// processes). Empty: only `127.0.0.1`.
+    pub node_addresses: Vec<IpAddr>,
 }
 
 impl Default for Config {
@@ -164,8 +169,34 @@ impl Default for Config {
             proxy_name: None,
             node_name: String::new(),
             zone: None,
+            node_addresses: Vec::new(),
         }
     }
+}
+
+/// A Node's primary addresses, as kube-proxy's default `--nodeport-addresses=primary` takes
+/// them: the first InternalIP of each family, else the first ExternalIP of that family.
+#[must_use]
+pub fn primary_addresses(node: Option<&k8s_openapi::api::core::v1::Node>) -> Vec<IpAddr> {
+    let addrs: Vec<(String, IpAddr)> = node
+        .and_then(|n| n.status.as_ref()?.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|a| Some((a.type_.clone(), parse_ip(&a.address).ok()?)))
+        .collect();
+    let mut out = Vec::new();
+    for v6 in [false, true] {
+        let pick = |t: &str| {
+            addrs
+                .iter()
+                .find(|(ty, ip)| ty == t && ip.is_ipv6() == v6)
+                .map(|(_, ip)| *ip)
+        };
+        if let Some(ip) = pick("InternalIP").or_else(|| pick("ExternalIP")) {
+            out.push(ip);
+        }
+    }
+    out
 }
 
 /// Default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours), as the API server sets it.
@@ -377,6 +408,8 @@ struct SvcPort {
     proto: Proto,
     port: u16,
     index: usize,
+    /// `spec.ports[].nodePort` (NodePort and LoadBalancer Services).
+    node_port: Option<u16>,
 }
 
 /// One address a Service is reached by.
@@ -546,11 +579,27 @@ fn resolve_service(svc: &Service, cfg: &Config, errors: &mut Vec<Error>) -> Opti
             });
             continue;
         };
+        let node_port = match p.node_port {
+            None | Some(0) => None,
+            Some(np) => {
+                if let Some(np) = port_u16(np) {
+                    Some(np)
+                } else {
+                    errors.push(Error::BadPort {
+                        object: object.clone(),
+                        field: format!("spec.ports[{i}].nodePort"),
+                        value: np.into(),
+                    });
+                    None
+                }
+            }
+        };
         ports.push(SvcPort {
             name: p.name.clone().unwrap_or_default(),
             proto,
             port,
             index: i,
+            node_port,
         });
     }
     let affinity_timeout = affinity_timeout(spec, &object, errors);
@@ -630,8 +679,48 @@ fn resolve_frontends(svc: Svc, slices: &[&Slice], cfg: &Config, mut errors: Vec<
                 no_local,
                 affinity_timeout: svc.affinity_timeout,
                 external: addr.external,
+                host_only: false,
             };
             frontends.push((fe, st, addr.field.clone(), sp.index));
+        }
+        // NodePort for in-node clients: each node address, and 127.0.0.1 for host processes.
+        let Some(np) = sp.node_port else { continue };
+        let node_addrs = cfg
+            .node_addresses
+            .iter()
+            .filter(|ip| (ip.is_ipv4() && cfg.ipv4) || (ip.is_ipv6() && cfg.ipv6));
+        let loopback = cfg.ipv4.then_some(IpAddr::from([127, 0, 0, 1]));
+        for (ip, host_only) in node_addrs
+            .map(|ip| (*ip, false))
+            .chain(loopback.map(|ip| (ip, true)))
+        {
+            // From inside the node, a NodePort leads to all usable endpoints, whatever the
+            // external traffic policy (kube-proxy sends locally-originated traffic to the
+            // cluster-wide endpoints too).
+            let Selected { backends, no_local } = select(slices, ip.is_ipv6(), sp, false, cfg);
+            if backends.len() > MAX_BACKENDS {
+                continue; // reported for the ClusterIP frontend of the same port
+            }
+            let fe = Frontend {
+                addr: ip,
+                port: np,
+                proto: sp.proto,
+            };
+            let st = FrontendState {
+                service: svc.id.clone(),
+                port_name: sp.name.clone(),
+                backends,
+                no_local,
+                affinity_timeout: svc.affinity_timeout,
+                external: true,
+                host_only,
+            };
+            frontends.push((
+                fe,
+                st,
+                format!("spec.ports[{}].nodePort", sp.index),
+                sp.index,
+            ));
         }
     }
     SvcRes {

@@ -18,7 +18,7 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
-use lb_common::{SVC_FLAG_NO_LOCAL, SVC_FLAG_VIP_MARKER, SvcValue};
+use lb_common::{SVC_FLAG_HOST_ONLY, SVC_FLAG_NO_LOCAL, SVC_FLAG_VIP_MARKER, SvcValue};
 
 use crate::model::{Desired, Frontend, FrontendState};
 
@@ -280,7 +280,8 @@ fn image_of<'a>(
                     frontend_id: fe_id,
                 }));
         }
-        let flags = if st.no_local { SVC_FLAG_NO_LOCAL } else { 0 };
+        let flags = if st.no_local { SVC_FLAG_NO_LOCAL } else { 0 }
+            | if st.host_only { SVC_FLAG_HOST_ONLY } else { 0 };
         want.svc.insert(
             key,
             SvcValue {

@@ -306,6 +306,10 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
     }
 }
 
+/// The node's address in the test bed (on the node namespace's bridge).
+pub const NODE_V4: &str = "198.18.0.1";
+pub const NODE_V6: &str = "2001:db8::1";
+
 /// IPv4 and IPv6 address of pod `i` (0 = client, 1.. = backends).
 #[must_use]
 pub fn pod_v4(i: usize) -> String {
@@ -346,8 +350,10 @@ impl Cluster {
         ensure_bpffs();
         let tag = format!("{tag}-{}", std::process::id());
         let node = Netns::new(&format!("lbt-{tag}-node"));
+        // br0 carries the node's own address (198.18.0.1, 2001:db8::1): NodePort tests use it.
         sh(&format!(
-            "ip -n {0} link add br0 type bridge && ip -n {0} link set br0 up",
+            "ip -n {0} link add br0 type bridge && ip -n {0} link set br0 up && \
+             ip -n {0} addr add {NODE_V4}/24 dev br0 && ip -n {0} addr add {NODE_V6}/64 dev br0 nodad",
             node.name
         ));
         let mk_pod = |i: usize, role: &str| {
@@ -553,6 +559,24 @@ impl Cluster {
             .map(|l| {
                 serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON from lbt: {l}: {e}"))
             })
+            .collect()
+    }
+
+    /// Runs `lbt ARGS…` as a host process: in the node namespace and the test cgroup.
+    pub fn host_client(&self, args: &[&str]) -> Vec<Value> {
+        let out = command_in(&self.node, Some(&self.cgroup), &lbt())
+            .args(args)
+            .output()
+            .expect("run host client");
+        assert!(
+            out.status.success(),
+            "lbt {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .expect("utf8")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("lbt JSON"))
             .collect()
     }
 

@@ -830,3 +830,67 @@ fn external_ips_and_load_balancer_ips_are_translated_for_in_cluster_clients() {
         "ENETUNREACH"
     );
 }
+
+#[test]
+fn node_ports_serve_pods_and_host_processes_and_localhost_only_the_host() {
+    let mut c = Cluster::new("nodeport", 1);
+    c.write_manifest(
+        "np.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: np, namespace: test}}\n\
+             spec: {{type: NodePort, clusterIP: 198.19.0.95, ports: [{{name: http, port: 80, nodePort: 30080}}]}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: np-1, namespace: test, labels: {{kubernetes.io/service-name: np}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{{addresses: ['{}']}}]\n",
+            pod_v4(1)
+        ),
+    );
+    // The test bed's node namespace plays the host: its address, and its netns for 127.0.0.1.
+    let host_netns = format!("/run/netns/{}", c.node.name);
+    c.start_agent_with(&[
+        "--node-address",
+        lb_tests::NODE_V4,
+        "--host-netns",
+        &host_netns,
+    ]);
+    let node_port = format!("{}:30080", lb_tests::NODE_V4);
+    wait_for(Duration::from_secs(5), || {
+        c.backends_of(&format!("{node_port}/TCP"))
+    })
+    .expect("NodePort programmed");
+
+    // A pod to <node address>:<nodePort>.
+    let r = c.client(&["tcp", &node_port, "3"]);
+    assert!(
+        r.iter()
+            .all(|r| r["ok"] == true && r["peer"] == node_port.as_str()),
+        "{r:?}"
+    );
+    // A host process to 127.0.0.1:<nodePort> and to <node address>:<nodePort>.
+    for target in ["127.0.0.1:30080", node_port.as_str()] {
+        let r = c.host_client(&["tcp", target, "3"]);
+        assert!(
+            r.iter().all(|r| r["ok"] == true && r["peer"] == target),
+            "{target}: {r:?}"
+        );
+    }
+    // A pod to 127.0.0.1:<nodePort>: not translated (its own loopback has no listener).
+    let before = stats(&c);
+    assert_eq!(
+        c.client(&["tcp", "127.0.0.1:30080", "1"])[0]["error"],
+        "ECONNREFUSED"
+    );
+    // The node address's other ports are the node's own: untouched, not refused by us.
+    assert_eq!(
+        c.client(&["tcp", &format!("{}:22", lb_tests::NODE_V4), "1"])[0]["error"],
+        "ECONNREFUSED"
+    );
+    let after = stats(&c);
+    assert_eq!(
+        after["connect_xlated"], before["connect_xlated"],
+        "nothing translated"
+    );
+    assert_eq!(
+        after["reject_no_port"], before["reject_no_port"],
+        "nothing refused by the datapath"
+    );
+}

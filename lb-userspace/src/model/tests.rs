@@ -1,4 +1,4 @@
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use super::*;
 
@@ -525,4 +525,80 @@ status:
         "ipMode Proxy is not short-circuited"
     );
     assert_eq!(d.frontends.len(), 3);
+}
+
+#[test]
+fn node_ports_for_in_node_clients() {
+    let yaml = "
+apiVersion: v1
+kind: Service
+metadata: {name: np, namespace: ns}
+spec: {type: NodePort, clusterIP: 198.19.0.41, ports: [{name: a, port: 80, nodePort: 30080}, {name: b, port: 81, nodePort: 70000}]}
+";
+    let (s, e) = objs(yaml);
+    let cfg = Config {
+        node_addresses: vec![
+            "198.18.0.1".parse().unwrap(),
+            "2001:db8::1".parse().unwrap(),
+        ],
+        ..Config::default()
+    };
+    let (d, errors) = build(&s, &e, &cfg, &mut Cache::default());
+    assert_eq!(errors.len(), 1);
+    assert!(
+        errors[0]
+            .to_string()
+            .contains("Service ns/np: spec.ports[1].nodePort: port 70000"),
+        "{errors:?}"
+    );
+    let st = |a: &str| {
+        d.frontends
+            .get(&fe(a, Proto::Tcp))
+            .map(|st| (st.external, st.host_only))
+    };
+    assert_eq!(
+        st("198.18.0.1:30080"),
+        Some((true, false)),
+        "node address: no marker, any client"
+    );
+    assert_eq!(st("[2001:db8::1]:30080"), Some((true, false)));
+    assert_eq!(
+        st("127.0.0.1:30080"),
+        Some((true, true)),
+        "loopback: host processes only"
+    );
+    assert_eq!(st("198.19.0.41:80"), Some((false, false)));
+    assert_eq!(
+        d.frontends.len(),
+        5,
+        "ClusterIP :80 and :81, three NodePort frontends"
+    );
+}
+
+#[test]
+fn primary_node_addresses() {
+    use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeStatus};
+    let addr = |t: &str, a: &str| NodeAddress {
+        type_: t.into(),
+        address: a.into(),
+    };
+    let node = Node {
+        status: Some(NodeStatus {
+            addresses: Some(vec![
+                addr("Hostname", "n1"),
+                addr("ExternalIP", "203.0.113.5"),
+                addr("InternalIP", "198.18.0.1"),
+                addr("InternalIP", "198.18.0.2"),
+                addr("ExternalIP", "2001:db8::5"),
+            ]),
+            ..NodeStatus::default()
+        }),
+        ..Node::default()
+    };
+    let want: Vec<IpAddr> = vec![
+        "198.18.0.1".parse().unwrap(),
+        "2001:db8::5".parse().unwrap(),
+    ];
+    assert_eq!(primary_addresses(Some(&node)), want);
+    assert!(primary_addresses(None).is_empty());
 }

@@ -138,6 +138,7 @@ fn arb_desired() -> impl Strategy<Value = Desired> {
                         no_local,
                         affinity_timeout,
                         external,
+                        host_only: false,
                     },
                 )
             })
