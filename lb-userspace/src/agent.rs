@@ -64,6 +64,8 @@ pub struct Options {
     pub metrics_addr: SocketAddr,
     /// `/healthz` and `/livez` listener.
     pub healthz_addr: SocketAddr,
+    /// Address for the healthCheckNodePort listeners.
+    pub healthcheck_bind: std::net::IpAddr,
     /// A change not in the datapath after this long makes `/healthz` and `/livez` fail.
     pub health_timeout: Duration,
 }
@@ -122,6 +124,8 @@ struct State {
     model_cache: model::Cache,
     /// `--node-address` values.
     node_addresses_flag: Vec<std::net::IpAddr>,
+    /// healthCheckNodePort listeners.
+    health_checks: crate::healthcheck::HealthChecks,
 }
 
 /// Objects by namespace/name.
@@ -287,6 +291,7 @@ impl State {
         }
         self.reported = now;
 
+        self.health_checks.sync(&desired.health_checks);
         let ops = match &dirty {
             Some(d) => sync::diff_scoped(&desired, &self.shadow, d),
             None => sync::diff(&desired, &self.shadow),
@@ -478,6 +483,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         applied: None,
         model_cache: model::Cache::default(),
         node_addresses_flag: opts.model.node_addresses.clone(),
+        health_checks: crate::healthcheck::HealthChecks::new(opts.healthcheck_bind, health.clone()),
     };
     state.sync(true);
     let mut last_sync = Instant::now();

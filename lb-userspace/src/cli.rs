@@ -72,6 +72,9 @@ pub struct RunArgs {
     /// Node health as kube-proxy serves it: GET /healthz and /livez.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:10256")]
     pub healthz_addr: std::net::SocketAddr,
+    /// Address the healthCheckNodePort listeners bind to (port: each Service's).
+    #[arg(long, value_name = "IP", default_value = "0.0.0.0")]
+    pub healthcheck_bind_address: std::net::IpAddr,
     /// A change not in the datapath after this long fails /healthz and /livez.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     pub health_timeout: std::time::Duration,

@@ -61,6 +61,16 @@ pub async fn serve(
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     info!(what = %what, addr = %bound, "serving HTTP");
+    let _ = serve_listener(what, listener, handler);
+    Ok(bound)
+}
+
+/// Serves `handler` on an already bound listener; aborting the returned handle closes it.
+pub fn serve_listener(
+    what: &'static str,
+    listener: TcpListener,
+    handler: Handler,
+) -> tokio::task::AbortHandle {
     tokio::spawn(async move {
         loop {
             let Ok((mut conn, _)) = listener.accept().await else {
@@ -112,8 +122,8 @@ pub async fn serve(
                 }
             });
         }
-    });
-    Ok(bound)
+    })
+    .abort_handle()
 }
 
 #[cfg(test)]

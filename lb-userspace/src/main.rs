@@ -62,6 +62,7 @@ fn real_main(cli: cli::Cli) -> anyhow::Result<()> {
                 host_netns: a.host_netns.clone(),
                 metrics_addr: a.metrics_addr,
                 healthz_addr: a.healthz_addr,
+                healthcheck_bind: a.healthcheck_bind_address,
                 health_timeout: a.health_timeout,
             };
             tokio::runtime::Builder::new_current_thread()

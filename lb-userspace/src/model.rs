@@ -143,6 +143,17 @@ pub struct FrontendState {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     pub frontends: BTreeMap<Frontend, FrontendState>,
+    /// healthCheckNodePort servers this node runs: port → what it reports.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
+}
+
+/// A LoadBalancer Service with externalTrafficPolicy Local, as its healthCheckNodePort
+/// reports it (../shared/SEMANTICS.md, Health).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub service: NsName,
+    /// Distinct ready endpoint addresses on this node.
+    pub local_endpoints: usize,
 }
 
 /// What this node proxies.
@@ -245,6 +256,14 @@ pub enum Error {
         object: ObjectRef,
         field: String,
         value: i64,
+    },
+    #[error(
+        "{object}: spec.healthCheckNodePort: {port} is already used by Service {winner}; skipped"
+    )]
+    HealthCheckConflict {
+        object: ObjectRef,
+        port: u16,
+        winner: NsName,
     },
     #[error("{kind} without metadata.name")]
     MissingName { kind: &'static str },
@@ -434,6 +453,31 @@ struct Svc {
     local_only: bool,
     /// sessionAffinity ClientIP timeout (0 = none).
     affinity_timeout: u32,
+    /// healthCheckNodePort (LoadBalancer Services with externalTrafficPolicy Local).
+    health_check_port: Option<u16>,
+}
+
+/// healthCheckNodePort of a LoadBalancer Service with externalTrafficPolicy Local.
+fn health_check_port(
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    object: &ObjectRef,
+    errors: &mut Vec<Error>,
+) -> Option<u16> {
+    if spec.type_.as_deref() != Some("LoadBalancer")
+        || spec.external_traffic_policy.as_deref() != Some("Local")
+    {
+        return None;
+    }
+    let raw = spec.health_check_node_port?;
+    let port = port_u16(raw);
+    if port.is_none() {
+        errors.push(Error::BadPort {
+            object: object.clone(),
+            field: "spec.healthCheckNodePort".into(),
+            value: raw.into(),
+        });
+    }
+    port
 }
 
 /// sessionAffinity ClientIP → timeout in seconds (0 = none). The API server defaults the
@@ -609,6 +653,7 @@ fn resolve_service(svc: &Service, cfg: &Config, errors: &mut Vec<Error>) -> Opti
         addrs,
         ports,
         local_only: spec.internal_traffic_policy.as_deref() == Some("Local"),
+        health_check_port: health_check_port(spec, &object, errors),
         affinity_timeout,
     })
 }
@@ -626,6 +671,8 @@ struct SvcRes {
     svc: Svc,
     /// (frontend, state, address field, `spec.ports` index) before conflict resolution.
     frontends: Vec<(Frontend, FrontendState, String, usize)>,
+    /// (healthCheckNodePort, distinct ready local endpoint addresses).
+    health: Option<(u16, usize)>,
     errors: Vec<Error>,
 }
 
@@ -723,9 +770,18 @@ fn resolve_frontends(svc: Svc, slices: &[&Slice], cfg: &Config, mut errors: Vec<
             ));
         }
     }
+    let health = svc.health_check_port.map(|port| {
+        let here = |e: &&Ep| e.ready && e.node.as_deref() == Some(cfg.node_name.as_str());
+        let local: BTreeSet<IpAddr> = slices
+            .iter()
+            .flat_map(|s| s.endpoints.iter().filter(here).map(|e| e.addr))
+            .collect();
+        (port, local.len())
+    });
     SvcRes {
         svc,
         frontends,
+        health,
         errors,
     }
 }
@@ -897,6 +953,27 @@ fn assemble(resolved: &[Arc<SvcRes>], errors: &mut Vec<Error>) -> Desired {
                 continue;
             }
             desired.frontends.insert(*fe, st.clone());
+        }
+        if let Some((port, local_endpoints)) = res.health {
+            match desired.health_checks.get(&port) {
+                Some(winner) => errors.push(Error::HealthCheckConflict {
+                    object: ObjectRef {
+                        kind: "Service",
+                        id: svc.id.clone(),
+                    },
+                    port,
+                    winner: winner.service.clone(),
+                }),
+                None => {
+                    desired.health_checks.insert(
+                        port,
+                        HealthCheck {
+                            service: svc.id.clone(),
+                            local_endpoints,
+                        },
+                    );
+                }
+            }
         }
     }
     desired

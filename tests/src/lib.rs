@@ -520,6 +520,16 @@ impl Cluster {
         }
     }
 
+    /// `GET path` from `addr`; `None` when nothing listens there.
+    pub fn get(addr: &str, path: &str) -> Option<String> {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect(addr).ok()?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out)
+    }
+
     /// `GET path` from the agent's `what` listener ("metrics" or "healthz"; the bound address is
     /// read from the agent's log). Returns the raw response (status line, headers, body).
     pub fn http_get(&self, what: &str, path: &str) -> String {

@@ -417,3 +417,59 @@ fn affinity_local_policy_and_dual_stack_through_the_api() {
         "ETIMEDOUT"
     );
 }
+
+#[test]
+fn health_check_node_ports_follow_local_endpoints_and_ports() {
+    let (mut c, api) = api_cluster("hcnp", 2); // the agent is node-a
+    let port1 = 31_000 + (std::process::id() % 500) as u16 * 2;
+    let port2 = port1 + 1;
+    let lb = |hc: u16, b1_node: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: lb, namespace: test}}\n\
+             spec: {{type: LoadBalancer, externalTrafficPolicy: Local, healthCheckNodePort: {hc}, clusterIP: 198.19.0.99, ports: [{{name: http, port: 80, nodePort: 30099}}]}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: lb-1, namespace: test, labels: {{kubernetes.io/service-name: lb}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{{addresses: ['{}'], nodeName: {b1_node}}}, {{addresses: ['{}'], nodeName: node-b}}]\n",
+            pod_v4(1),
+            pod_v4(2)
+        )
+    };
+    api.apply_yaml(&lb(port1, "node-a"));
+    c.start_agent_with(&["--healthcheck-bind-address", "127.0.0.1"]);
+    let at = |p: u16| format!("127.0.0.1:{p}");
+    let r = wait_for(Duration::from_secs(5), || {
+        Cluster::get(&at(port1), "/anything")
+    })
+    .expect("health check listening");
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    for want in [
+        "Content-Type: application/json",
+        "X-Content-Type-Options: nosniff",
+        "X-Load-Balancing-Endpoint-Weight: 1",
+        r#"{"service":{"namespace":"test","name":"lb"},"localEndpoints":1,"serviceProxyHealthy":true}"#,
+    ] {
+        assert!(r.contains(want), "lacks {want}: {r}");
+    }
+    // The local endpoint moves to another node: 503, no local endpoints.
+    api.apply_yaml(&lb(port1, "node-b"));
+    let r = wait_for(Duration::from_secs(5), || {
+        Cluster::get(&at(port1), "/").filter(|r| r.starts_with("HTTP/1.1 503"))
+    })
+    .expect("503");
+    assert!(r.contains(r#""localEndpoints":0"#), "{r}");
+    // The port changes: the old listener closes, the new one answers.
+    api.apply_yaml(&lb(port2, "node-a"));
+    wait_for(Duration::from_secs(5), || {
+        Cluster::get(&at(port2), "/").filter(|r| r.starts_with("HTTP/1.1 200"))
+    })
+    .expect("new port");
+    wait_for(Duration::from_secs(5), || {
+        Cluster::get(&at(port1), "/").is_none().then_some(())
+    })
+    .expect("old port closed");
+    // The Service goes away: so does its listener.
+    assert!(api.delete(Kind::Service, "test", "lb"));
+    wait_for(Duration::from_secs(5), || {
+        Cluster::get(&at(port2), "/").is_none().then_some(())
+    })
+    .expect("closed with the Service");
+}

@@ -143,6 +143,7 @@ fn arb_desired() -> impl Strategy<Value = Desired> {
                 )
             })
             .collect(),
+        ..Desired::default()
     })
 }
 
@@ -233,6 +234,7 @@ fn removing_one_backend_moves_the_last_slot_into_the_hole() {
     converge(
         &Desired {
             frontends: [(fe, st(&addrs))].into(),
+            ..Desired::default()
         },
         &mut shadow,
     );
@@ -247,6 +249,7 @@ fn removing_one_backend_moves_the_last_slot_into_the_hole() {
     let ops = converge(
         &Desired {
             frontends: [(fe, st(&keep))].into(),
+            ..Desired::default()
         },
         &mut shadow,
     );
@@ -302,6 +305,7 @@ fn a_service_without_endpoints_keeps_a_zero_count_frontend() {
     converge(
         &Desired {
             frontends: [(fe, st)].into(),
+            ..Desired::default()
         },
         &mut shadow,
     );
@@ -388,6 +392,7 @@ fn fit_refuses_only_the_newcomer() {
     converge(
         &Desired {
             frontends: [(fe(1), st(2))].into(),
+            ..Desired::default()
         },
         &mut shadow,
     ); // marker + fe + 2 slots = 4
@@ -400,6 +405,7 @@ fn fit_refuses_only_the_newcomer() {
     // Newcomer needs marker + fe + 2 slots = 4 more: 8 > 7.
     let mut d = Desired {
         frontends: [(fe(1), st(2)), (fe(2), st(2))].into(),
+        ..Desired::default()
     };
     assert_eq!(fit(&mut d, &shadow, &cap, None), vec![fe(2)]);
     assert!(!d.frontends.contains_key(&fe(2)));
@@ -407,6 +413,7 @@ fn fit_refuses_only_the_newcomer() {
     // A grown incumbent beyond the backend capacity keeps its current backends.
     let mut d = Desired {
         frontends: [(fe(1), st(3))].into(),
+        ..Desired::default()
     };
     assert_eq!(fit(&mut d, &shadow, &cap, None), vec![fe(1)]);
     assert_eq!(d.frontends[&fe(1)].backends, st(2).backends);
