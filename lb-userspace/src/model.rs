@@ -700,16 +700,32 @@ fn resolve_frontends(svc: Svc, slices: &[&Slice], cfg: &Config, mut errors: Vec<
         id: svc.id.clone(),
     };
     let mut frontends = Vec::new();
+    let state = |sp: &SvcPort, sel: Selected, external, host_only| FrontendState {
+        service: svc.id.clone(),
+        port_name: sp.name.clone(),
+        backends: sel.backends,
+        no_local: sel.no_local,
+        affinity_timeout: svc.affinity_timeout,
+        external,
+        host_only,
+    };
     for sp in &svc.ports {
         for addr in &svc.addrs {
             let ip = addr.ip;
-            let Selected { backends, no_local } =
-                select(slices, ip.is_ipv6(), sp, svc.local_only, cfg);
-            if backends.len() > MAX_BACKENDS {
+            // internalTrafficPolicy governs ClusterIP traffic only: in-cluster clients going to
+            // an externalIP or LoadBalancer IP may use all endpoints (SEMANTICS.md).
+            let sel = select(
+                slices,
+                ip.is_ipv6(),
+                sp,
+                svc.local_only && !addr.external,
+                cfg,
+            );
+            if sel.backends.len() > MAX_BACKENDS {
                 errors.push(Error::TooManyBackends {
                     object: object.clone(),
                     field: format!("spec.ports[{}]", sp.index),
-                    count: backends.len(),
+                    count: sel.backends.len(),
                     limit: MAX_BACKENDS,
                 });
                 continue;
@@ -719,15 +735,7 @@ fn resolve_frontends(svc: Svc, slices: &[&Slice], cfg: &Config, mut errors: Vec<
                 port: sp.port,
                 proto: sp.proto,
             };
-            let st = FrontendState {
-                service: svc.id.clone(),
-                port_name: sp.name.clone(),
-                backends,
-                no_local,
-                affinity_timeout: svc.affinity_timeout,
-                external: addr.external,
-                host_only: false,
-            };
+            let st = state(sp, sel, addr.external, false);
             frontends.push((fe, st, addr.field.clone(), sp.index));
         }
         // NodePort for in-node clients: each node address, and 127.0.0.1 for host processes.
@@ -744,8 +752,8 @@ fn resolve_frontends(svc: Svc, slices: &[&Slice], cfg: &Config, mut errors: Vec<
             // From inside the node, a NodePort leads to all usable endpoints, whatever the
             // external traffic policy (kube-proxy sends locally-originated traffic to the
             // cluster-wide endpoints too).
-            let Selected { backends, no_local } = select(slices, ip.is_ipv6(), sp, false, cfg);
-            if backends.len() > MAX_BACKENDS {
+            let sel = select(slices, ip.is_ipv6(), sp, false, cfg);
+            if sel.backends.len() > MAX_BACKENDS {
                 continue; // reported for the ClusterIP frontend of the same port
             }
             let fe = Frontend {
@@ -753,15 +761,7 @@ fn resolve_frontends(svc: Svc, slices: &[&Slice], cfg: &Config, mut errors: Vec<
                 port: np,
                 proto: sp.proto,
             };
-            let st = FrontendState {
-                service: svc.id.clone(),
-                port_name: sp.name.clone(),
-                backends,
-                no_local,
-                affinity_timeout: svc.affinity_timeout,
-                external: true,
-                host_only,
-            };
+            let st = state(sp, sel, true, host_only);
             frontends.push((
                 fe,
                 st,

@@ -551,13 +551,12 @@ impl Cluster {
         out
     }
 
-    /// Runs `lbt ARGS…` in the client namespace and the test cgroup; one JSON value per line.
-    #[must_use]
-    pub fn client(&self, args: &[&str]) -> Vec<Value> {
-        let out = command_in(&self.client, Some(&self.cgroup), &lbt())
+    /// Runs `lbt ARGS…` in `netns` and the test cgroup; one JSON value per line.
+    fn lbt_in(&self, netns: &Netns, args: &[&str]) -> Vec<Value> {
+        let out = command_in(netns, Some(&self.cgroup), &lbt())
             .args(args)
             .output()
-            .expect("run client");
+            .expect("run lbt");
         assert!(
             out.status.success(),
             "lbt {args:?} failed: {}",
@@ -572,22 +571,16 @@ impl Cluster {
             .collect()
     }
 
+    /// Runs `lbt ARGS…` as a pod: in the client namespace and the test cgroup.
+    #[must_use]
+    pub fn client(&self, args: &[&str]) -> Vec<Value> {
+        self.lbt_in(&self.client, args)
+    }
+
     /// Runs `lbt ARGS…` as a host process: in the node namespace and the test cgroup.
+    #[must_use]
     pub fn host_client(&self, args: &[&str]) -> Vec<Value> {
-        let out = command_in(&self.node, Some(&self.cgroup), &lbt())
-            .args(args)
-            .output()
-            .expect("run host client");
-        assert!(
-            out.status.success(),
-            "lbt {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout)
-            .expect("utf8")
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("lbt JSON"))
-            .collect()
+        self.lbt_in(&self.node, args)
     }
 
     /// Like [`Cluster::client`] but started in the background.

@@ -602,3 +602,40 @@ fn primary_node_addresses() {
     assert_eq!(primary_addresses(Some(&node)), want);
     assert!(primary_addresses(None).is_empty());
 }
+
+#[test]
+fn internal_traffic_policy_applies_to_cluster_ips_only() {
+    let yaml = "
+apiVersion: v1
+kind: Service
+metadata: {name: itp, namespace: ns}
+spec: {clusterIP: 198.19.0.42, externalIPs: [198.51.100.9], internalTrafficPolicy: Local, ports: [{port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: itp-1, namespace: ns, labels: {kubernetes.io/service-name: itp}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [198.18.0.1], nodeName: a}, {addresses: [198.18.0.2], nodeName: b}]
+";
+    let (s, e) = objs(yaml);
+    let (d, _) = build(
+        &s,
+        &e,
+        &Config {
+            node_name: "a".into(),
+            ..Config::default()
+        },
+        &mut Cache::default(),
+    );
+    assert_eq!(
+        backends(&d, &fe("198.19.0.42:80", Proto::Tcp)),
+        ["198.18.0.1:8080"],
+        "ClusterIP: local only"
+    );
+    assert_eq!(
+        backends(&d, &fe("198.51.100.9:80", Proto::Tcp)).len(),
+        2,
+        "externalIP: all endpoints"
+    );
+}
