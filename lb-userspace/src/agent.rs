@@ -260,11 +260,6 @@ impl State {
             &self.cfg,
             &mut self.model_cache,
         );
-        let owners: Vec<(model::Frontend, model::NsName)> = desired
-            .frontends
-            .iter()
-            .map(|(f, s)| (*f, s.service.clone()))
-            .collect();
         let t_model = started.elapsed();
         // The frontends that changed since the maps were last synced (None: look at all).
         let dirty = match (&self.applied, full) {
@@ -273,8 +268,7 @@ impl State {
         };
         let refused = sync::fit(&mut desired, &self.shadow, &self.capacity, dirty.as_ref());
         let t_fit = started.elapsed();
-        let capacity_errors = refused.iter().map(|fe| {
-            let owner = owners.iter().find(|(f, _)| f == fe).map_or_else(String::new, |(_, s)| s.to_string());
+        let capacity_errors = refused.iter().map(|(fe, owner)| {
             format!(
                 "Service {owner}: {fe}: not programmed, the maps are full (max entries: services v4 {} v6 {}, backends v4 {} v6 {}); \
                  it keeps what it had, raise --max-service-entries/--max-backend-entries",

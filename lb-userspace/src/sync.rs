@@ -410,13 +410,13 @@ fn current_backends(current: &Shadow, fe: &Frontend) -> Option<BTreeSet<SocketAd
 /// others (new, grown, or moved to new backends) are admitted in frontend order while they fit.
 /// A refused frontend keeps exactly what the maps hold for it now (or stays absent when new):
 /// nothing existing is evicted or half-written, and every other change still goes through.
-/// Returns the refused frontends.
+/// Returns the refused frontends with their Services.
 pub fn fit(
     desired: &mut Desired,
     current: &Shadow,
     cap: &Capacity,
     dirty: Option<&BTreeSet<Frontend>>,
-) -> Vec<Frontend> {
+) -> Vec<(Frontend, crate::model::NsName)> {
     let fam = |ip: &IpAddr| usize::from(ip.is_ipv6());
     let mut usage: Usage = [0; 4];
     for k in current.svc.keys() {
@@ -458,7 +458,7 @@ pub fn fit(
             u[2 + fam(&b.addr.ip())] += 1;
         }
         if exceeds(&u, cap) {
-            refused.push(fe);
+            refused.push((fe, desired.frontends[&fe].service.clone()));
             match current_backends(current, &fe) {
                 Some(now) => {
                     // Exactly what the maps hold: its backends, and no marker if it has none.

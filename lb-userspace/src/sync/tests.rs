@@ -342,12 +342,12 @@ proptest! {
         let before = served(&shadow);
         converge(&d, &mut shadow);
         let after = served(&shadow);
-        for fe in &refused {
+        for (fe, _) in &refused {
             let k = SvcKey::frontend(fe);
             prop_assert_eq!(after.get(&k), before.get(&k), "a refused frontend keeps what it had");
         }
         for (fe, st) in &b.frontends {
-            if !refused.contains(fe) {
+            if !refused.iter().any(|(r, _)| r == fe) {
                 prop_assert_eq!(after.get(&SvcKey::frontend(fe)), Some(&st.backends), "admitted as desired");
             }
         }
@@ -407,7 +407,10 @@ fn fit_refuses_only_the_newcomer() {
         frontends: [(fe(1), st(2)), (fe(2), st(2))].into(),
         ..Desired::default()
     };
-    assert_eq!(fit(&mut d, &shadow, &cap, None), vec![fe(2)]);
+    assert_eq!(
+        fit(&mut d, &shadow, &cap, None),
+        vec![(fe(2), st(2).service)]
+    );
     assert!(!d.frontends.contains_key(&fe(2)));
     assert_eq!(d.frontends[&fe(1)], st(2));
     // A grown incumbent beyond the backend capacity keeps its current backends.
@@ -415,7 +418,10 @@ fn fit_refuses_only_the_newcomer() {
         frontends: [(fe(1), st(3))].into(),
         ..Desired::default()
     };
-    assert_eq!(fit(&mut d, &shadow, &cap, None), vec![fe(1)]);
+    assert_eq!(
+        fit(&mut d, &shadow, &cap, None),
+        vec![(fe(1), st(3).service)]
+    );
     assert_eq!(d.frontends[&fe(1)].backends, st(2).backends);
 }
 
