@@ -19,8 +19,10 @@
     reason = "explicit, named padding in kernel ABI types"
 )]
 
+pub mod nat;
 pub mod stats;
 
+pub use nat::*;
 pub use stats::Stat;
 
 /// IANA protocol numbers as found in `bpf_sock_addr.protocol`.
@@ -30,9 +32,14 @@ pub const IPPROTO_UDP: u8 = 17;
 /// SCTP.
 pub const IPPROTO_SCTP: u8 = 132;
 
-/// Scope of a frontend entry. Only [`SCOPE_ALL`] exists today; the field is reserved so that
-/// traffic-policy scopes (internal/external, local-only) can be added without a layout change.
+/// Scope of a frontend entry: what the socket hooks look up (in-cluster clients: pods and
+/// host processes of this node). The field was reserved for this from the start, so adding
+/// [`SCOPE_EXTERNAL`] changed no layout.
 pub const SCOPE_ALL: u8 = 0;
+/// Scope of a frontend entry: what the TC program looks up for packets from outside the node
+/// (NodePort on node addresses, externalIPs, LoadBalancer IPs), with externalTrafficPolicy
+/// applied: Local keeps only this node's endpoints.
+pub const SCOPE_EXTERNAL: u8 = 1;
 
 /// `SvcValue::flags`: this is the VIP marker entry (`dport = 0, proto = 0, slot = 0`), present
 /// for every address that is a frontend on any port. A `connect()` to a marked VIP on a port or
@@ -49,6 +56,15 @@ pub const SVC_FLAG_NO_LOCAL: u16 = 1 << 1;
 /// `127.0.0.1:<nodePort>` frontends: reachable from host processes, not from pods, as with
 /// kube-proxy). For any other socket the entry does not exist.
 pub const SVC_FLAG_HOST_ONLY: u16 = 1 << 2;
+
+/// `SvcValue::flags` (external scope): the frontend has `loadBalancerSourceRanges`; only
+/// clients matching its entries in `LB4_SRCR_V1`/`LB6_SRCR_V1` pass, others are dropped.
+pub const SVC_FLAG_SRC_RANGES: u16 = 1 << 3;
+
+/// `Backend4::flags`/`Backend6::flags`: the endpoint is on this node. The packet path SNATs
+/// only flows to backends without it. (The byte was reserved as 0 = "not known to be local",
+/// which is the safe reading for an older agent's entries.)
+pub const BE_FLAG_LOCAL: u8 = 1 << 0;
 
 /// Name of the datapath's load-time global holding the host netns cookie (`u64`), set by the
 /// agent from `SO_NETNS_COOKIE` of a socket in the host namespace.
@@ -72,7 +88,7 @@ pub const MAP_RNAT4: &str = "LB4_RNAT_SK_V1";
 /// IPv6 per-socket reverse NAT: [`RevNat6Key`] → [`RevNat6Value`].
 pub const MAP_RNAT6: &str = "LB6_RNAT_SK_V1";
 /// Per-CPU datapath counters: [`Stat`] index (`u32`) → `u64`.
-pub const MAP_STATS: &str = "LB_STATS_V1";
+pub const MAP_STATS: &str = "LB_STATS_V2";
 
 /// sessionAffinity ClientIP state: [`AffKey`] → [`AffValue`] (LRU, written by the datapath).
 pub const MAP_AFF: &str = "LB_AFF_V1";
@@ -84,8 +100,19 @@ pub const MAP_AFF_MATCH: &str = "LB_AFF_MATCH_V1";
 /// the agent labels it with the Service and deletes the counters of removed frontends.
 pub const MAP_SVC_CNT: &str = "LB_SVC_CNT_V1";
 
+/// Connection tracking / NAT of the packet path, IPv4 ([`nat`]).
+pub const MAP_CT4: &str = "LB4_CT_V1";
+/// Connection tracking / NAT of the packet path, IPv6.
+pub const MAP_CT6: &str = "LB6_CT_V1";
+/// `loadBalancerSourceRanges`, IPv4 ([`SrcRange4`]).
+pub const MAP_SRCR4: &str = "LB4_SRCR_V1";
+/// `loadBalancerSourceRanges`, IPv6 ([`SrcRange6`]).
+pub const MAP_SRCR6: &str = "LB6_SRCR_V1";
+/// Client-IP session affinity for traffic from outside ([`AffxKey`]).
+pub const MAP_AFFX: &str = "LB_AFFX_V1";
+
 /// Every map the datapath object must define.
-pub const ALL_MAPS: [&str; 10] = [
+pub const ALL_MAPS: [&str; 15] = [
     MAP_SVC4,
     MAP_BE4,
     MAP_SVC6,
@@ -96,6 +123,11 @@ pub const ALL_MAPS: [&str; 10] = [
     MAP_AFF,
     MAP_AFF_MATCH,
     MAP_SVC_CNT,
+    MAP_CT4,
+    MAP_CT6,
+    MAP_SRCR4,
+    MAP_SRCR6,
+    MAP_AFFX,
 ];
 
 /// Default `max_entries` of the per-frontend connection counters.
@@ -114,6 +146,12 @@ pub const DEFAULT_AFF_MATCH_ENTRIES: u32 = 1 << 18;
 /// Default `max_entries` of the LRU reverse-NAT maps (one entry per socket × backend). LRU maps
 /// are preallocated: 131,072 entries ≈ 10 MiB of kernel memory per family.
 pub const DEFAULT_RNAT_ENTRIES: u32 = 1 << 17;
+/// Conntrack entries per family (two per flow); `--max-conntrack-entries`.
+pub const DEFAULT_CT_ENTRIES: u32 = 1 << 18;
+/// Source-range entries per family.
+pub const DEFAULT_SRCR_ENTRIES: u32 = 1 << 14;
+/// External client-IP affinity entries.
+pub const DEFAULT_AFFX_ENTRIES: u32 = 1 << 16;
 
 // ---------------------------------------------------------------------------------------------
 // Service maps.
@@ -190,7 +228,7 @@ pub struct Backend4 {
     pub port: u16,
     /// `IPPROTO_*`.
     pub proto: u8,
-    /// Reserved, 0.
+    /// `BE_FLAG_*`.
     pub flags: u8,
 }
 
@@ -204,7 +242,7 @@ pub struct Backend6 {
     pub port: u16,
     /// `IPPROTO_*`.
     pub proto: u8,
-    /// Reserved, 0.
+    /// `BE_FLAG_*`.
     pub flags: u8,
 }
 
@@ -387,7 +425,7 @@ mod tests {
     fn map_names_fit_the_kernel_limit() {
         for name in ALL_MAPS {
             assert!(name.len() <= 15, "{name} is longer than 15 bytes");
-            assert!(name.ends_with("_V1"), "{name} carries no layout version");
+            assert!(name.contains("_V"), "{name} carries no layout version");
         }
     }
 

@@ -30,11 +30,31 @@ pub enum Stat {
     /// sessionAffinity: a client was pinned (first time, after the timeout, or because its
     /// backend left the Service).
     AffinityPin = 9,
+    /// Packet path: a packet from outside translated to a backend (forward direction).
+    TcXlated = 10,
+    /// Packet path: a reply translated back to the frontend.
+    TcRevXlated = 11,
+    /// Packet path: externalTrafficPolicy Local with no endpoint on this node: dropped.
+    TcDropNoLocal = 12,
+    /// Packet path: client not in loadBalancerSourceRanges: dropped.
+    TcDropSourceRange = 13,
+    /// Packet path: no endpoint at all: ICMP unreachable sent back.
+    TcRejectNoBackend = 14,
+    /// Packet path: no free SNAT port for the flow: dropped.
+    TcNatPortExhausted = 15,
+    /// Packet path: no route to the chosen backend: dropped.
+    TcNoRoute = 16,
+    /// Packet path: a conntrack entry could not be written: dropped.
+    TcCtFull = 17,
+    /// Packet path: an ICMP error about a translated flow translated back.
+    TcIcmpXlated = 18,
+    /// Packet path: a new flow followed the client's affinity entry.
+    TcAffinityHit = 19,
 }
 
 impl Stat {
     /// Number of counters (`max_entries` of `LB_STATS_V1`).
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 20;
 
     /// Every counter in index order.
     pub const ALL: [Self; Self::COUNT as usize] = [
@@ -48,6 +68,16 @@ impl Stat {
         Self::DropNoLocal,
         Self::AffinityHit,
         Self::AffinityPin,
+        Self::TcXlated,
+        Self::TcRevXlated,
+        Self::TcDropNoLocal,
+        Self::TcDropSourceRange,
+        Self::TcRejectNoBackend,
+        Self::TcNatPortExhausted,
+        Self::TcNoRoute,
+        Self::TcCtFull,
+        Self::TcIcmpXlated,
+        Self::TcAffinityHit,
     ];
 
     /// Stable `snake_case` name used in metrics and `inspect` output.
@@ -64,6 +94,16 @@ impl Stat {
             Self::DropNoLocal => "drop_no_local",
             Self::AffinityHit => "affinity_hit",
             Self::AffinityPin => "affinity_pin",
+            Self::TcXlated => "tc_xlated",
+            Self::TcRevXlated => "tc_rev_xlated",
+            Self::TcDropNoLocal => "tc_drop_no_local",
+            Self::TcDropSourceRange => "tc_drop_source_range",
+            Self::TcRejectNoBackend => "tc_reject_no_backend",
+            Self::TcNatPortExhausted => "tc_nat_port_exhausted",
+            Self::TcNoRoute => "tc_no_route",
+            Self::TcCtFull => "tc_ct_update_failed",
+            Self::TcIcmpXlated => "tc_icmp_xlated",
+            Self::TcAffinityHit => "tc_affinity_hit",
         }
     }
 }

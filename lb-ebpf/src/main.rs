@@ -4,9 +4,13 @@
 #![no_main]
 
 mod maps;
+mod nodeport;
 mod sock;
 
-use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+use aya_ebpf::{
+    macros::{cgroup_sock_addr, classifier},
+    programs::{SockAddrContext, TcContext},
+};
 
 /// cgroup sock_addr: let the syscall go on (with whatever address the program wrote).
 const SYS_PROCEED: i32 = 1;
@@ -74,6 +78,19 @@ pub fn sock6_recvmsg(ctx: SockAddrContext) -> i32 {
 pub fn sock6_getpeername(ctx: SockAddrContext) -> i32 {
     sock::xlate6_rev(&ctx);
     SYS_PROCEED
+}
+
+/// tcx ingress on node interfaces: NodePort / externalIPs / LoadBalancer IPs from outside,
+/// and replies of SNATed flows. Returns a TC action (`TC_ACT_OK`, `_SHOT`, `_REDIRECT`).
+#[classifier]
+pub fn tc_nodeport_ingress(ctx: TcContext) -> i32 {
+    nodeport::handle(&ctx, nodeport::Dir::Ingress)
+}
+
+/// tcx egress on node interfaces: replies of flows DNATed to a backend on this node.
+#[classifier]
+pub fn tc_nodeport_egress(ctx: TcContext) -> i32 {
+    nodeport::handle(&ctx, nodeport::Dir::Egress)
 }
 
 #[cfg(not(test))]

@@ -5,16 +5,17 @@
 //! Service and backend maps are `BPF_F_NO_PREALLOC`: kernel memory follows the entries in use,
 //! so a generous `max_entries` (room for 50,000 Services × 4 endpoints) costs nothing on a small
 //! cluster; lookups are as fast as in a preallocated map. LRU maps must preallocate.
-use aya_ebpf::btf_maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap};
+use aya_ebpf::btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap};
 use aya_ebpf::{bindings::BPF_F_NO_PREALLOC, macros::btf_map};
 /// `FLAGS` of the agent-written hash maps.
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
 
 use lb_common::{
-    AffKey, AffMatchKey, AffValue, Backend4, Backend6, DEFAULT_AFF_ENTRIES,
-    DEFAULT_AFF_MATCH_ENTRIES, DEFAULT_BE_ENTRIES, DEFAULT_RNAT_ENTRIES, DEFAULT_SVC_CNT_ENTRIES,
-    DEFAULT_SVC_ENTRIES, RevNat4Key, RevNat4Value, RevNat6Key, RevNat6Value, Stat, Svc4Key,
-    Svc6Key, SvcValue,
+    AffKey, AffMatchKey, AffValue, AffxKey, Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key, Ct6Value,
+    DEFAULT_AFF_ENTRIES, DEFAULT_AFF_MATCH_ENTRIES, DEFAULT_AFFX_ENTRIES, DEFAULT_BE_ENTRIES,
+    DEFAULT_CT_ENTRIES, DEFAULT_RNAT_ENTRIES, DEFAULT_SRCR_ENTRIES, DEFAULT_SVC_CNT_ENTRIES,
+    DEFAULT_SVC_ENTRIES, RevNat4Key, RevNat4Value, RevNat6Key, RevNat6Value, SrcRange4, SrcRange6,
+    Stat, Svc4Key, Svc6Key, SvcValue,
 };
 
 #[btf_map]
@@ -56,7 +57,7 @@ pub(crate) static LB6_RNAT_SK_V1: LruHashMap<
 > = LruHashMap::new();
 
 #[btf_map]
-pub(crate) static LB_STATS_V1: PerCpuArray<u64, { Stat::COUNT as usize }> = PerCpuArray::new();
+pub(crate) static LB_STATS_V2: PerCpuArray<u64, { Stat::COUNT as usize }> = PerCpuArray::new();
 
 #[btf_map]
 pub(crate) static LB_AFF_V1: LruHashMap<AffKey, AffValue, { DEFAULT_AFF_ENTRIES as usize }> =
@@ -79,6 +80,29 @@ pub(crate) static LB_SVC_CNT_V1: PerCpuHashMap<
 > = PerCpuHashMap::new();
 
 /// Adds one to this CPU's connection counter of frontend `id`.
+/// Packet-path connection tracking / NAT (lb_common::nat). LRU: preallocated.
+#[btf_map]
+pub(crate) static LB4_CT_V1: LruHashMap<Ct4Key, Ct4Value, { DEFAULT_CT_ENTRIES as usize }> =
+    LruHashMap::new();
+
+#[btf_map]
+pub(crate) static LB6_CT_V1: LruHashMap<Ct6Key, Ct6Value, { DEFAULT_CT_ENTRIES as usize }> =
+    LruHashMap::new();
+
+/// `loadBalancerSourceRanges` per frontend (LPM tries must be `BPF_F_NO_PREALLOC`).
+#[btf_map]
+pub(crate) static LB4_SRCR_V1: LpmTrie<SrcRange4, u8, { DEFAULT_SRCR_ENTRIES as usize }> =
+    LpmTrie::new();
+
+#[btf_map]
+pub(crate) static LB6_SRCR_V1: LpmTrie<SrcRange6, u8, { DEFAULT_SRCR_ENTRIES as usize }> =
+    LpmTrie::new();
+
+/// Client-IP session affinity of the packet path.
+#[btf_map]
+pub(crate) static LB_AFFX_V1: LruHashMap<AffxKey, AffValue, { DEFAULT_AFFX_ENTRIES as usize }> =
+    LruHashMap::new();
+
 #[inline(always)]
 pub(crate) fn count_frontend(id: u32) {
     match LB_SVC_CNT_V1.get_ptr_mut(id) {
@@ -95,7 +119,7 @@ pub(crate) fn count_frontend(id: u32) {
 /// Adds one to this CPU's counter for `stat`.
 #[inline(always)]
 pub(crate) fn count(stat: Stat) {
-    if let Some(c) = LB_STATS_V1.get_ptr_mut(stat as u32) {
+    if let Some(c) = LB_STATS_V2.get_ptr_mut(stat as u32) {
         // SAFETY: per-CPU slot of a preallocated array; only this CPU writes it, and the program
         // cannot be preempted by itself on the same CPU in this hook type.
         unsafe { *c += 1 };

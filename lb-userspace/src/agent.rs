@@ -50,6 +50,9 @@ pub struct Options {
     pub cgroup: PathBuf,
     pub bpffs: PathBuf,
     pub sizes: Sizes,
+    /// `--nodeport-interfaces`: `None` = detect, `["none"]` = no packet path.
+    pub nodeport_interfaces: Option<Vec<String>>,
+    pub conntrack_gc_interval: Duration,
     pub model: model::Config,
     /// Full resync even without file events (missed inotify events, clock-driven safety net).
     pub resync_every: Duration,
@@ -406,13 +409,39 @@ async fn serve_http(opts: &Options) -> anyhow::Result<(Arc<Metrics>, Arc<Mutex<H
     Ok((metrics, health))
 }
 
+/// `--nodeport-interfaces`: as given, none, or detected from the node addresses.
+fn nodeport_interfaces(opts: &Options) -> Vec<String> {
+    match &opts.nodeport_interfaces {
+        Some(v) if v.iter().any(|i| i == "none") => Vec::new(),
+        Some(v) => v.iter().filter(|i| !i.is_empty()).cloned().collect(),
+        None => loader::detect_nodeport_interfaces(&opts.model.node_addresses),
+    }
+}
+
+/// One conntrack garbage collection (on a blocking thread: it walks whole maps).
+async fn collect_conntrack(bpffs: &std::path::Path, metrics: &Metrics) {
+    let dir = bpffs.to_owned();
+    match tokio::task::spawn_blocking(move || crate::conntrack::gc(&dir)).await {
+        Ok(Ok(r)) => {
+            metrics.conntrack(&r);
+            if r.deleted != [0, 0] {
+                debug!(entries = ?r.entries, deleted = ?r.deleted, "conntrack collected");
+            }
+        }
+        Ok(Err(e)) => warn!(error = %chain(&e), "conntrack collection failed"),
+        Err(e) => warn!(error = %e, "conntrack collection panicked"),
+    }
+}
+
 /// Runs the agent until SIGTERM/SIGINT. The datapath stays attached after exit (pinned), so
 /// traffic keeps flowing across restarts; `lb-agent cleanup` removes it.
 pub async fn run(opts: Options) -> anyhow::Result<()> {
     let host = loader::netns_cookie(&opts.host_netns)
         .map_err(|e| anyhow::anyhow!("cannot read the host netns cookie: {}", chain(&e)))?;
-    let maps = loader::load_and_attach(&opts.bpffs, &opts.cgroup, opts.sizes, host)
+    let ifaces = nodeport_interfaces(&opts);
+    let maps = loader::load_and_attach(&opts.bpffs, &opts.cgroup, opts.sizes, host, &ifaces)
         .map_err(|e| anyhow::anyhow!("cannot load or attach the datapath: {}", chain(&e)))?;
+    info!(interfaces = ?ifaces, "packet path attached");
     let shadow = maps
         .read_shadow()
         .map_err(|e| anyhow::anyhow!("cannot read pinned maps: {}", chain(&e)))?;
@@ -485,6 +514,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 
     let mut resync = tokio::time::interval(opts.resync_every);
     resync.reset();
+    let mut ct_gc =
+        tokio::time::interval(opts.conntrack_gc_interval.max(Duration::from_millis(100)));
+    ct_gc.reset();
     loop {
         tokio::select! {
             Some(()) = rx.recv() => {
@@ -499,6 +531,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 last_sync = Instant::now();
                 state.sync(true);
             }
+            _ = ct_gc.tick() => collect_conntrack(&opts.bpffs, &state.metrics).await,
             _ = term.recv() => break,
             _ = int.recv() => break,
         }

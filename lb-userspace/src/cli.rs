@@ -59,6 +59,17 @@ pub struct RunArgs {
     /// `max_entries` of each per-socket reverse-NAT LRU map.
     #[arg(long, default_value_t = lb_common::DEFAULT_RNAT_ENTRIES)]
     pub max_revnat_entries: u32,
+    /// `max_entries` of each packet-path conntrack/NAT LRU map (two entries per flow).
+    #[arg(long, default_value_t = lb_common::DEFAULT_CT_ENTRIES)]
+    pub max_conntrack_entries: u32,
+    /// Interfaces that receive NodePort / externalIP / LoadBalancer traffic from outside
+    /// (tcx ingress + egress), comma-separated. Default: the interfaces holding a
+    /// `--node-address`, plus the IPv4 default route's. `none`: no packet path.
+    #[arg(long, value_name = "IFACES", value_delimiter = ',')]
+    pub nodeport_interfaces: Option<Vec<String>>,
+    /// How often expired packet-path conntrack entries are deleted.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub conntrack_gc_interval: std::time::Duration,
     /// The host's network namespace: sockets in it may use `127.0.0.1:<nodePort>`.
     #[arg(long, value_name = "PATH", default_value = "/proc/self/ns/net")]
     pub host_netns: PathBuf,

@@ -17,8 +17,12 @@ pub struct ServiceRow {
     pub address: std::net::IpAddr,
     pub port: u16,
     pub protocol: String,
+    /// `in-node` (socket hooks) or `external` (packet path, externalTrafficPolicy applied).
+    pub scope: &'static str,
     /// Backends in slot order; `null` marks a slot that does not resolve (never expected).
     pub backends: Vec<Option<SocketAddr>>,
+    /// `loadBalancerSourceRanges` (external LB IP frontends); empty = every client.
+    pub source_ranges: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -28,6 +32,8 @@ pub struct BackendRow {
     pub protocol: String,
     /// How many frontend slots point at this backend.
     pub slots: usize,
+    /// On this node (no SNAT on the packet path).
+    pub local: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -58,16 +64,27 @@ fn build(shadow: &Shadow, stats: std::collections::BTreeMap<&'static str, u64>) 
     let services = shadow
         .frontends()
         .into_iter()
-        .map(|(k, (_, bes))| ServiceRow {
-            frontend: format!(
-                "{}/{}",
-                SocketAddr::new(k.addr, k.port),
-                proto_name(k.proto)
-            ),
-            address: k.addr,
-            port: k.port,
-            protocol: proto_name(k.proto),
-            backends: bes.into_iter().map(|b| b.map(|b| b.addr)).collect(),
+        .map(|(k, (_, bes))| {
+            let external = k.scope == lb_common::SCOPE_EXTERNAL;
+            ServiceRow {
+                frontend: format!(
+                    "{}/{}{}",
+                    SocketAddr::new(k.addr, k.port),
+                    proto_name(k.proto),
+                    if external { " (external)" } else { "" }
+                ),
+                address: k.addr,
+                port: k.port,
+                protocol: proto_name(k.proto),
+                scope: if external { "external" } else { "in-node" },
+                backends: bes.into_iter().map(|b| b.map(|b| b.addr)).collect(),
+                source_ranges: shadow
+                    .src_ranges
+                    .iter()
+                    .filter(|r| r.frontend == k)
+                    .map(|r| r.cidr.to_string())
+                    .collect(),
+            }
         })
         .collect();
     let backends = shadow
@@ -82,6 +99,7 @@ fn build(shadow: &Shadow, stats: std::collections::BTreeMap<&'static str, u64>) 
                 .iter()
                 .filter(|(k, v)| k.slot > 0 && v.backend_id == *id)
                 .count(),
+            local: b.local,
         })
         .collect();
     let vips = shadow

@@ -7,6 +7,7 @@
 //! pinned maps back, [`cli`] is the command line.
 pub mod agent;
 pub mod cli;
+pub mod conntrack;
 pub mod healthcheck;
 pub mod http;
 pub mod inspect;

@@ -4,6 +4,7 @@
 //! ```text
 //! LB4_SVC_V1 LB4_BE_V1 LB6_SVC_V1 LB6_BE_V1 LB4_RNAT_SK_V1 LB6_RNAT_SK_V1 LB_STATS_V1   maps
 //! links/sock4_connect links/sock4_sendmsg …                                          bpf_links
+//! links/tc_in_<ifname> links/tc_eg_<ifname>              tcx links on --nodeport-interfaces
 //! ```
 //! Maps are pinned by name and reused by the next agent (adoption: the datapath keeps its state
 //! and the new agent reads it into its shadow). Links are pinned so that programs stay attached
@@ -20,8 +21,9 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        CgroupAttachMode, CgroupSockAddr,
-        links::{FdLink, PinnedLink},
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType,
+        links::{FdLink, LinkOrder, PinnedLink},
+        tc::TcAttachOptions,
     },
 };
 use lb_common::{ALL_MAPS, MAP_BE4, MAP_BE6, MAP_RNAT4, MAP_RNAT6, MAP_SVC4, MAP_SVC6};
@@ -30,6 +32,13 @@ use crate::maps::{self, BpfMaps};
 
 /// The eBPF object built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
+
+/// The datapath's eBPF object (empty when built with `AYA_BUILD_SKIP`), for tests that load it
+/// themselves (packet fixtures through `BPF_PROG_TEST_RUN`).
+#[must_use]
+pub fn object() -> &'static [u8] {
+    OBJECT
+}
 
 /// Every socket hook, by program (function) name.
 pub const PROGRAMS: [&str; 8] = [
@@ -41,6 +50,12 @@ pub const PROGRAMS: [&str; 8] = [
     "sock6_sendmsg",
     "sock6_recvmsg",
     "sock6_getpeername",
+];
+
+/// The packet-path programs: (program, attach point, link pin prefix).
+pub const TC_PROGRAMS: [(&str, TcAttachType, &str); 2] = [
+    ("tc_nodeport_ingress", TcAttachType::Ingress, "tc_in_"),
+    ("tc_nodeport_egress", TcAttachType::Egress, "tc_eg_"),
 ];
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -73,6 +88,13 @@ pub enum Error {
         #[source]
         source: aya::programs::ProgramError,
     },
+    #[error("program {name}: attach to interface {iface} failed (tcx needs Linux ≥ 6.6)")]
+    Interface {
+        name: &'static str,
+        iface: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
     #[error("program {name}: the kernel did not give a bpf_link (needs Linux ≥ 5.7)")]
     Link {
         name: &'static str,
@@ -100,6 +122,8 @@ pub struct Sizes {
     pub services: u32,
     pub backends: u32,
     pub revnat: u32,
+    /// Conntrack entries per family (packet path).
+    pub conntrack: u32,
 }
 
 /// Finds the cgroup2 mount point in /proc/self/mountinfo (field 5 of the line whose filesystem
@@ -226,6 +250,7 @@ pub fn load_and_attach(
     cgroup: &Path,
     sizes: Sizes,
     host_netns_cookie: u64,
+    nodeport_ifaces: &[String],
 ) -> Result<BpfMaps> {
     if OBJECT.is_empty() {
         return Err(Error::NotBuilt);
@@ -249,11 +274,13 @@ pub fn load_and_attach(
         .map_max_entries(MAP_BE4, sizes.backends)
         .map_max_entries(MAP_BE6, sizes.backends)
         .map_max_entries(MAP_RNAT4, sizes.revnat)
-        .map_max_entries(MAP_RNAT6, sizes.revnat);
+        .map_max_entries(MAP_RNAT6, sizes.revnat)
+        .map_max_entries(lb_common::MAP_CT4, sizes.conntrack)
+        .map_max_entries(lb_common::MAP_CT6, sizes.conntrack);
     let mut ebpf: Ebpf = loader.load(OBJECT).map_err(|e| Error::Load(Box::new(e)))?;
 
     // Attach everything first; only when all hooks are attached replace the old pins.
-    let mut links: Vec<(&'static str, FdLink)> = Vec::new();
+    let mut links: Vec<(String, FdLink)> = Vec::new();
     for name in PROGRAMS {
         let prog: &mut CgroupSockAddr = ebpf
             .program_mut(name)
@@ -289,15 +316,24 @@ pub fn load_and_attach(
             source,
         })?;
         let link = FdLink::try_from(link).map_err(|source| Error::Link { name, source })?;
-        links.push((name, link));
+        links.push((name.to_owned(), link));
     }
-    for (name, link) in links {
-        let fin = bpffs.join(LINKS_DIR).join(name);
+    links.extend(attach_tc(&mut ebpf, nodeport_ifaces)?);
+    // Packet-path links on interfaces no longer configured: unpinning detaches them.
+    let wanted: Vec<&String> = links.iter().map(|(n, _)| n).collect();
+    for old in pinned_links(bpffs) {
+        if old.starts_with("tc_") && !wanted.iter().any(|w| **w == old) {
+            let p = bpffs.join(LINKS_DIR).join(&old);
+            fs::remove_file(&p).map_err(|source| Error::Io { path: p, source })?;
+        }
+    }
+    for (pin_name, link) in links {
+        let fin = bpffs.join(LINKS_DIR).join(&pin_name);
         // bpffs refuses names with dots (kernel/bpf/inode.c, bpf_lookup).
-        let tmp = bpffs.join(LINKS_DIR).join(format!("{name}_new"));
+        let tmp = bpffs.join(LINKS_DIR).join(format!("{pin_name}_new"));
         let _ = fs::remove_file(&tmp);
         let pinned: PinnedLink = link.pin(&tmp).map_err(|source| Error::PinLink {
-            name,
+            name: "link",
             path: tmp.clone(),
             source,
         })?;
@@ -310,6 +346,126 @@ pub fn load_and_attach(
     }
     drop(ebpf); // programs live on in their pinned links, maps in their pins
     Ok(BpfMaps::from_pins(bpffs)?)
+}
+
+/// Loads the packet-path programs and attaches them with tcx to each interface, first in the
+/// chain (so a CNI's programs after ours see translated packets). Returns (pin name, link).
+fn attach_tc(ebpf: &mut Ebpf, ifaces: &[String]) -> Result<Vec<(String, FdLink)>> {
+    let mut out = Vec::new();
+    if ifaces.is_empty() {
+        return Ok(out);
+    }
+    for (name, attach_type, prefix) in TC_PROGRAMS {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or(Error::Program {
+                name,
+                what: "find",
+                source: aya::programs::ProgramError::NotLoaded,
+            })?
+            .try_into()
+            .map_err(|source| Error::Program {
+                name,
+                what: "type check",
+                source,
+            })?;
+        prog.load().map_err(|source| Error::Program {
+            name,
+            what: "load (verifier)",
+            source,
+        })?;
+        for iface in ifaces {
+            let id = prog
+                .attach_with_options(
+                    iface,
+                    attach_type,
+                    TcAttachOptions::TcxOrder(LinkOrder::first()),
+                )
+                .map_err(|source| Error::Interface {
+                    name,
+                    iface: iface.clone(),
+                    source,
+                })?;
+            let link = prog.take_link(id).map_err(|source| Error::Program {
+                name,
+                what: "take link",
+                source,
+            })?;
+            let link = FdLink::try_from(link).map_err(|source| Error::Link { name, source })?;
+            out.push((format!("{prefix}{}", iface.replace('.', "_")), link));
+        }
+    }
+    Ok(out)
+}
+
+/// Interfaces for the packet path when `--nodeport-interfaces` is not given: those holding one
+/// of `addrs` (the node addresses NodePorts are served on), plus the one of the IPv4 default
+/// route. Loopback never.
+pub fn detect_nodeport_interfaces(addrs: &[std::net::IpAddr]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut push = |n: String| {
+        if n != "lo" && !out.contains(&n) {
+            out.push(n);
+        }
+    };
+    for (name, ip) in interface_addresses() {
+        if addrs.contains(&ip) {
+            push(name);
+        }
+    }
+    // /proc/net/route: Iface, Destination (hex), …; destination 00000000 = default.
+    if let Ok(t) = fs::read_to_string("/proc/net/route") {
+        for line in t.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() > 2 && f[1] == "00000000" {
+                push(f[0].to_owned());
+            }
+        }
+    }
+    out
+}
+
+/// (interface name, address) of every address of this network namespace (`getifaddrs`).
+fn interface_addresses() -> Vec<(String, std::net::IpAddr)> {
+    let mut out = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&raw mut head) } != 0 {
+        return out;
+    }
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned, not yet freed.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
+            continue;
+        }
+        // SAFETY: a NUL-terminated name owned by the list.
+        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }
+            .to_string_lossy()
+            .into_owned();
+        // SAFETY: `ifa_addr` is non-null and points at a sockaddr of the family it names.
+        let ip = unsafe {
+            match i32::from((*ifa.ifa_addr).sa_family) {
+                libc::AF_INET => {
+                    let sa = std::ptr::read_unaligned(ifa.ifa_addr.cast::<libc::sockaddr_in>());
+                    Some(std::net::IpAddr::from(sa.sin_addr.s_addr.to_ne_bytes()))
+                }
+                libc::AF_INET6 => {
+                    let sa = std::ptr::read_unaligned(ifa.ifa_addr.cast::<libc::sockaddr_in6>());
+                    Some(std::net::IpAddr::from(sa.sin6_addr.s6_addr))
+                }
+                _ => None,
+            }
+        };
+        if let Some(ip) = ip {
+            out.push((name, ip));
+        }
+    }
+    // SAFETY: the list getifaddrs allocated, freed once.
+    unsafe { libc::freeifaddrs(head) };
+    out
 }
 
 /// Detaches every hook and removes every pin under `bpffs`. Returns what was removed.

@@ -47,7 +47,10 @@ fn real_main(cli: cli::Cli) -> anyhow::Result<()> {
                     services: a.max_service_entries,
                     backends: a.max_backend_entries,
                     revnat: a.max_revnat_entries,
+                    conntrack: a.max_conntrack_entries,
                 },
+                nodeport_interfaces: a.nodeport_interfaces.clone(),
+                conntrack_gc_interval: a.conntrack_gc_interval,
                 model: model::Config {
                     ipv4: true,
                     ipv6: std::path::Path::new("/proc/net/if_inet6").exists(),

@@ -6,13 +6,20 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap};
+use aya::maps::{
+    HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap,
+    lpm_trie::{Key as LpmKey, LpmTrie},
+};
 use lb_common::{
-    ALL_MAPS, AffMatchKey, Backend4, Backend6, MAP_AFF_MATCH, MAP_BE4, MAP_BE6, MAP_STATS,
-    MAP_SVC4, MAP_SVC6, SCOPE_ALL, Stat, Svc4Key, Svc6Key, SvcValue,
+    ALL_MAPS, AffMatchKey, BE_FLAG_LOCAL, Backend4, Backend6, MAP_AFF_MATCH, MAP_BE4, MAP_BE6,
+    MAP_SRCR4, MAP_SRCR6, MAP_STATS, MAP_SVC4, MAP_SVC6, SRCR4_FRONTEND_BITS, SRCR6_FRONTEND_BITS,
+    SrcRange4, SrcRange6, Stat, Svc4Key, Svc6Key, SvcValue,
 };
 
-use crate::sync::{Backend, MapOp, MapWriter, Shadow, SvcKey};
+use crate::{
+    model::Cidr,
+    sync::{Backend, MapOp, MapWriter, Shadow, SrcRange, SvcKey},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -63,6 +70,20 @@ pub fn expected_sizes(name: &str) -> Option<(u32, u32)> {
         ),
         n if n == MAP_AFF_MATCH => s(size_of::<AffMatchKey>(), 4),
         n if n == lb_common::MAP_SVC_CNT => s(4, 8),
+        n if n == lb_common::MAP_CT4 => s(
+            size_of::<lb_common::Ct4Key>(),
+            size_of::<lb_common::Ct4Value>(),
+        ),
+        n if n == lb_common::MAP_CT6 => s(
+            size_of::<lb_common::Ct6Key>(),
+            size_of::<lb_common::Ct6Value>(),
+        ),
+        n if n == MAP_SRCR4 => s(4 + size_of::<SrcRange4>(), 1),
+        n if n == MAP_SRCR6 => s(4 + size_of::<SrcRange6>(), 1),
+        n if n == lb_common::MAP_AFFX => s(
+            size_of::<lb_common::AffxKey>(),
+            size_of::<lb_common::AffValue>(),
+        ),
         _ => None,
     }
 }
@@ -107,7 +128,44 @@ pub struct BpfMaps {
     be4: HashMap<MapData, u32, Backend4>,
     be6: HashMap<MapData, u32, Backend6>,
     aff_match: HashMap<MapData, AffMatchKey, u32>,
+    srcr4: LpmTrie<MapData, SrcRange4, u8>,
+    srcr6: LpmTrie<MapData, SrcRange6, u8>,
     capacity: crate::sync::Capacity,
+}
+
+fn lpm<K: aya::Pod>(map: Map, name: &'static str) -> Result<LpmTrie<MapData, K, u8>> {
+    LpmTrie::try_from(map).map_err(|source| Error::Map {
+        name,
+        op: "open as LPM trie",
+        source,
+    })
+}
+
+/// The LPM key of a source range: the whole frontend, then the CIDR's bits.
+fn srcr4_key(r: &SrcRange, fe: Ipv4Addr, net: Ipv4Addr) -> LpmKey<SrcRange4> {
+    LpmKey::new(
+        SRCR4_FRONTEND_BITS + u32::from(r.cidr.prefix),
+        SrcRange4 {
+            frontend: fe.octets(),
+            port_be: r.frontend.port.to_be_bytes(),
+            proto: r.frontend.proto,
+            _pad: 0,
+            client: net.octets(),
+        },
+    )
+}
+
+fn srcr6_key(r: &SrcRange, fe: Ipv6Addr, net: Ipv6Addr) -> LpmKey<SrcRange6> {
+    LpmKey::new(
+        SRCR6_FRONTEND_BITS + u32::from(r.cidr.prefix),
+        SrcRange6 {
+            frontend: fe.octets(),
+            port_be: r.frontend.port.to_be_bytes(),
+            proto: r.frontend.proto,
+            _pad: 0,
+            client: net.octets(),
+        },
+    )
 }
 
 fn open_pinned(dir: &Path, name: &'static str) -> Result<Map> {
@@ -158,6 +216,8 @@ impl BpfMaps {
             be4: hash(be4, MAP_BE4)?,
             be6: hash(be6, MAP_BE6)?,
             aff_match: hash(open_pinned(dir, MAP_AFF_MATCH)?, MAP_AFF_MATCH)?,
+            srcr4: lpm(open_pinned(dir, MAP_SRCR4)?, MAP_SRCR4)?,
+            srcr6: lpm(open_pinned(dir, MAP_SRCR6)?, MAP_SRCR6)?,
             capacity: crate::sync::Capacity {
                 svc4: c_svc4,
                 svc6: c_svc6,
@@ -174,55 +234,108 @@ impl BpfMaps {
     }
 
     /// Reads the maps into a shadow: what a restarted agent adopts.
+    #[expect(
+        clippy::too_many_lines,
+        reason = "a reader per map, side by side, mirrors the writer"
+    )]
     pub fn read_shadow(&self) -> Result<Shadow> {
         let mut s = Shadow::default();
-        let svc = |addr: IpAddr, port, proto, slot| SvcKey {
+        // Every scope is read back: an entry this build does not know (a scope from a newer
+        // build) is adopted and then deleted by the first full sync, never left behind.
+        let svc = |addr: IpAddr, port, proto, scope, slot| SvcKey {
             addr,
             port,
             proto,
+            scope,
             slot,
         };
         for kv in entries(&self.svc4, MAP_SVC4) {
             let (k, v) = kv?;
-            if k.scope == SCOPE_ALL {
-                s.svc.insert(
-                    svc(
-                        Ipv4Addr::from(k.address).into(),
-                        k.dport,
-                        k.proto,
-                        k.backend_slot,
-                    ),
-                    v,
-                );
-            }
+            s.svc.insert(
+                svc(
+                    Ipv4Addr::from(k.address).into(),
+                    k.dport,
+                    k.proto,
+                    k.scope,
+                    k.backend_slot,
+                ),
+                v,
+            );
         }
         for kv in entries(&self.svc6, MAP_SVC6) {
             let (k, v) = kv?;
-            if k.scope == SCOPE_ALL {
-                s.svc.insert(
-                    svc(
-                        Ipv6Addr::from(k.address).into(),
-                        k.dport,
-                        k.proto,
-                        k.backend_slot,
-                    ),
-                    v,
-                );
-            }
+            s.svc.insert(
+                svc(
+                    Ipv6Addr::from(k.address).into(),
+                    k.dport,
+                    k.proto,
+                    k.scope,
+                    k.backend_slot,
+                ),
+                v,
+            );
         }
-        let be = |ip: IpAddr, port, proto| Backend {
+        let be = |ip: IpAddr, port, proto, flags: u8| Backend {
             addr: SocketAddr::new(ip, port),
             proto,
+            local: flags & BE_FLAG_LOCAL != 0,
         };
         for kv in entries(&self.be4, MAP_BE4) {
             let (id, b) = kv?;
-            s.backends
-                .insert(id, be(Ipv4Addr::from(b.address).into(), b.port, b.proto));
+            s.backends.insert(
+                id,
+                be(Ipv4Addr::from(b.address).into(), b.port, b.proto, b.flags),
+            );
         }
         for kv in entries(&self.be6, MAP_BE6) {
             let (id, b) = kv?;
-            s.backends
-                .insert(id, be(Ipv6Addr::from(b.address).into(), b.port, b.proto));
+            s.backends.insert(
+                id,
+                be(Ipv6Addr::from(b.address).into(), b.port, b.proto, b.flags),
+            );
+        }
+        let iter_err = |name| {
+            move |source| Error::Map {
+                name,
+                op: "iterate",
+                source,
+            }
+        };
+        for k in self.srcr4.keys() {
+            let k = k.map_err(iter_err(MAP_SRCR4))?;
+            let d = k.data();
+            s.src_ranges.insert(SrcRange {
+                frontend: svc(
+                    Ipv4Addr::from(d.frontend).into(),
+                    u16::from_be_bytes(d.port_be),
+                    d.proto,
+                    lb_common::SCOPE_EXTERNAL,
+                    0,
+                ),
+                cidr: Cidr {
+                    addr: Ipv4Addr::from(d.client).into(),
+                    prefix: u8::try_from(k.prefix_len().saturating_sub(SRCR4_FRONTEND_BITS))
+                        .unwrap_or(32),
+                },
+            });
+        }
+        for k in self.srcr6.keys() {
+            let k = k.map_err(iter_err(MAP_SRCR6))?;
+            let d = k.data();
+            s.src_ranges.insert(SrcRange {
+                frontend: svc(
+                    Ipv6Addr::from(d.frontend).into(),
+                    u16::from_be_bytes(d.port_be),
+                    d.proto,
+                    lb_common::SCOPE_EXTERNAL,
+                    0,
+                ),
+                cidr: Cidr {
+                    addr: Ipv6Addr::from(d.client).into(),
+                    prefix: u8::try_from(k.prefix_len().saturating_sub(SRCR6_FRONTEND_BITS))
+                        .unwrap_or(128),
+                },
+            });
         }
         for k in self.aff_match.keys() {
             let k = k.map_err(|source| Error::Map {
@@ -259,7 +372,7 @@ fn svc4_key(k: &SvcKey, a: Ipv4Addr) -> Svc4Key {
         dport: k.port,
         backend_slot: k.slot,
         proto: k.proto,
-        scope: SCOPE_ALL,
+        scope: k.scope,
         _pad: [0; 2],
     }
 }
@@ -270,7 +383,7 @@ fn svc6_key(k: &SvcKey, a: Ipv6Addr) -> Svc6Key {
         dport: k.port,
         backend_slot: k.slot,
         proto: k.proto,
-        scope: SCOPE_ALL,
+        scope: k.scope,
         _pad: [0; 2],
     }
 }
@@ -303,7 +416,7 @@ impl MapWriter for BpfMaps {
                         address: a.octets(),
                         port: backend.addr.port(),
                         proto: backend.proto,
-                        flags: 0,
+                        flags: if backend.local { BE_FLAG_LOCAL } else { 0 },
                     };
                     self.be4.insert(id, v, 0).map_err(e(MAP_BE4, "update"))
                 }
@@ -312,7 +425,7 @@ impl MapWriter for BpfMaps {
                         address: a.octets(),
                         port: backend.addr.port(),
                         proto: backend.proto,
-                        flags: 0,
+                        flags: if backend.local { BE_FLAG_LOCAL } else { 0 },
                     };
                     self.be6.insert(id, v, 0).map_err(e(MAP_BE6, "update"))
                 }
@@ -332,6 +445,29 @@ impl MapWriter for BpfMaps {
                     frontend_id: m.frontend_id,
                 };
                 ignore_missing(self.aff_match.remove(&k)).map_err(e(MAP_AFF_MATCH, "delete"))
+            }
+            MapOp::PutSrcRange(r) | MapOp::DelSrcRange(r) => {
+                let put = matches!(op, MapOp::PutSrcRange(_));
+                match (r.frontend.addr, r.cidr.addr) {
+                    (IpAddr::V4(fe), IpAddr::V4(net)) => {
+                        let k = srcr4_key(&r, fe, net);
+                        if put {
+                            self.srcr4.insert(&k, 1, 0).map_err(e(MAP_SRCR4, "update"))
+                        } else {
+                            ignore_missing(self.srcr4.remove(&k)).map_err(e(MAP_SRCR4, "delete"))
+                        }
+                    }
+                    (IpAddr::V6(fe), IpAddr::V6(net)) => {
+                        let k = srcr6_key(&r, fe, net);
+                        if put {
+                            self.srcr6.insert(&k, 1, 0).map_err(e(MAP_SRCR6, "update"))
+                        } else {
+                            ignore_missing(self.srcr6.remove(&k)).map_err(e(MAP_SRCR6, "delete"))
+                        }
+                    }
+                    // The model filters ranges by the frontend's family.
+                    _ => Ok(()),
+                }
             }
             MapOp::DelBackend { id, backend } => match backend.addr {
                 SocketAddr::V4(_) => {

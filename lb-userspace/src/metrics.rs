@@ -23,6 +23,7 @@ use prometheus_client::{
     metrics::{
         MetricType,
         counter::{ConstCounter, Counter},
+        family::Family,
         gauge::Gauge,
         histogram::{Histogram, exponential_buckets},
     },
@@ -49,6 +50,10 @@ pub struct Metrics {
     pub endpoint_changes: Counter,
     /// Frontend id → labels, replaced after every sync.
     pub frontends: Arc<RwLock<BTreeMap<u32, FrontendLabel>>>,
+    /// Packet-path conntrack entries at the last collection, by family.
+    pub conntrack_entries: Family<Vec<(String, String)>, Gauge>,
+    /// Conntrack entries deleted by the collector, by family.
+    pub conntrack_gc_deleted: Family<Vec<(String, String)>, Counter>,
 }
 
 /// Reads the pinned datapath counters at scrape time.
@@ -134,6 +139,18 @@ impl Metrics {
             "Cumulative proxy rules Endpoint changes",
             endpoint_changes.clone(),
         );
+        let conntrack_entries = Family::<Vec<(String, String)>, Gauge>::default();
+        let conntrack_gc_deleted = Family::<Vec<(String, String)>, Counter>::default();
+        registry.register(
+            "lb_conntrack_entries",
+            "Packet-path conntrack/NAT entries (two per flow) at the last garbage collection.",
+            conntrack_entries.clone(),
+        );
+        registry.register(
+            "lb_conntrack_gc_deleted",
+            "Packet-path conntrack/NAT entries deleted by the garbage collector.",
+            conntrack_gc_deleted.clone(),
+        );
         let frontends = Arc::new(RwLock::new(BTreeMap::new()));
         registry.register_collector(Box::new(Datapath {
             bpffs,
@@ -147,6 +164,21 @@ impl Metrics {
             service_changes,
             endpoint_changes,
             frontends,
+            conntrack_entries,
+            conntrack_gc_deleted,
+        }
+    }
+
+    /// Records one conntrack collection.
+    pub fn conntrack(&self, r: &crate::conntrack::Report) {
+        for (i, fam) in ["ipv4", "ipv6"].into_iter().enumerate() {
+            let l = vec![("family".to_owned(), fam.to_owned())];
+            self.conntrack_entries
+                .get_or_create(&l)
+                .set(i64::try_from(r.entries[i]).unwrap_or(i64::MAX));
+            self.conntrack_gc_deleted
+                .get_or_create(&l)
+                .inc_by(r.deleted[i] as u64);
         }
     }
 

@@ -99,12 +99,44 @@ impl fmt::Display for Proto {
     }
 }
 
-/// A frontend: what a client addresses.
+/// Which clients a frontend entry is for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Scope {
+    /// Sockets of this node (pods and host processes): the socket hooks.
+    #[default]
+    InNode,
+    /// Packets from outside the node: the TC program, externalTrafficPolicy applied.
+    External,
+}
+
+impl Scope {
+    /// The `scope` byte of a service-map key.
+    #[must_use]
+    pub const fn number(self) -> u8 {
+        match self {
+            Self::InNode => lb_common::SCOPE_ALL,
+            Self::External => lb_common::SCOPE_EXTERNAL,
+        }
+    }
+
+    /// Inverse of [`Scope::number`].
+    #[must_use]
+    pub const fn from_number(n: u8) -> Option<Self> {
+        match n {
+            lb_common::SCOPE_ALL => Some(Self::InNode),
+            lb_common::SCOPE_EXTERNAL => Some(Self::External),
+            _ => None,
+        }
+    }
+}
+
+/// A frontend: what a client addresses, and for which clients.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Frontend {
     pub addr: IpAddr,
     pub port: u16,
     pub proto: Proto,
+    pub scope: Scope,
 }
 
 impl fmt::Display for Frontend {
@@ -114,7 +146,48 @@ impl fmt::Display for Frontend {
             "{}/{}",
             SocketAddr::new(self.addr, self.port),
             self.proto
-        )
+        )?;
+        if self.scope == Scope::External {
+            f.write_str(" (external)")?;
+        }
+        Ok(())
+    }
+}
+
+/// A CIDR of `loadBalancerSourceRanges`, host bits cleared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    /// Parses `a.b.c.d/n` or `x::/n` strictly (addresses as [`parse_ip`]).
+    pub fn parse(s: &str) -> Result<Self, &'static str> {
+        let (a, n) = s.trim().split_once('/').ok_or("missing /prefix")?;
+        let addr = parse_ip(a)?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix: u8 = n.parse().map_err(|_| "bad prefix length")?;
+        if prefix > max {
+            return Err("prefix length too long for the family");
+        }
+        let addr = match addr {
+            IpAddr::V4(a) => {
+                let m = u32::MAX.checked_shl(u32::from(32 - prefix)).unwrap_or(0);
+                IpAddr::from((u32::from(a) & m).to_be_bytes())
+            }
+            IpAddr::V6(a) => {
+                let m = u128::MAX.checked_shl(u32::from(128 - prefix)).unwrap_or(0);
+                IpAddr::from((u128::from(a) & m).to_be_bytes())
+            }
+        };
+        Ok(Self { addr, prefix })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
     }
 }
 
@@ -137,6 +210,11 @@ pub struct FrontendState {
     pub external: bool,
     /// `127.0.0.1:<nodePort>`: translated for host processes only, never for pods.
     pub host_only: bool,
+    /// The backends that are on this node (the packet path does not SNAT flows to them).
+    pub local: BTreeSet<SocketAddr>,
+    /// External scope, LoadBalancer IPs: `loadBalancerSourceRanges` of this family; empty =
+    /// every client.
+    pub source_ranges: BTreeSet<Cidr>,
 }
 
 /// The whole desired datapath state.
@@ -264,6 +342,13 @@ pub enum Error {
         object: ObjectRef,
         port: u16,
         winner: NsName,
+    },
+    #[error("{object}: {field}: invalid CIDR {value:?}: {reason}; ignored")]
+    BadCidr {
+        object: ObjectRef,
+        field: String,
+        value: String,
+        reason: &'static str,
     },
     #[error("{kind} without metadata.name")]
     MissingName { kind: &'static str },
@@ -439,6 +524,8 @@ struct SvcAddr {
     field: String,
     /// externalIPs / LoadBalancer ingress: not a cluster VIP (no marker, see FrontendState).
     external: bool,
+    /// A LoadBalancer ingress IP (`loadBalancerSourceRanges` apply).
+    lb: bool,
 }
 
 /// The frontend-relevant parts of one valid Service.
@@ -451,6 +538,10 @@ struct Svc {
     ports: Vec<SvcPort>,
     /// internalTrafficPolicy: Local.
     local_only: bool,
+    /// externalTrafficPolicy: Local.
+    ext_local: bool,
+    /// loadBalancerSourceRanges (valid ones).
+    source_ranges: Vec<Cidr>,
     /// sessionAffinity ClientIP timeout (0 = none).
     affinity_timeout: u32,
     /// healthCheckNodePort (LoadBalancer Services with externalTrafficPolicy Local).
@@ -527,10 +618,12 @@ fn service_addrs(
     let mut add =
         |raw: &str, field: String, external: bool, errors: &mut Vec<Error>| match parse_ip(raw) {
             Ok(ip) if (ip.is_ipv4() && cfg.ipv4) || (ip.is_ipv6() && cfg.ipv6) => {
+                let lb = field.starts_with("status.");
                 addrs.push(SvcAddr {
                     ip,
                     field,
                     external,
+                    lb,
                 });
             }
             Ok(_) => {} // a family this node does not run
@@ -647,12 +740,31 @@ fn resolve_service(svc: &Service, cfg: &Config, errors: &mut Vec<Error>) -> Opti
         });
     }
     let affinity_timeout = affinity_timeout(spec, &object, errors);
+    let mut source_ranges = Vec::new();
+    for (i, raw) in spec
+        .load_balancer_source_ranges
+        .iter()
+        .flatten()
+        .enumerate()
+    {
+        match Cidr::parse(raw) {
+            Ok(c) => source_ranges.push(c),
+            Err(reason) => errors.push(Error::BadCidr {
+                object: object.clone(),
+                field: format!("spec.loadBalancerSourceRanges[{i}]"),
+                value: raw.clone(),
+                reason,
+            }),
+        }
+    }
     Some(Svc {
         id,
         created: svc.metadata.creation_timestamp.as_ref().map(|t| t.0),
         addrs,
         ports,
         local_only: spec.internal_traffic_policy.as_deref() == Some("Local"),
+        ext_local: spec.external_traffic_policy.as_deref() == Some("Local"),
+        source_ranges,
         health_check_port: health_check_port(spec, &object, errors),
         affinity_timeout,
     })
@@ -694,6 +806,10 @@ type SliceEntry = (Arc<EndpointSlice>, Arc<SliceRes>);
 type SvcEntry = (Arc<Service>, Vec<Arc<EndpointSlice>>, Arc<SvcRes>);
 
 /// Resolves one Service with its (valid) slices into frontends.
+#[expect(
+    clippy::too_many_lines,
+    reason = "every frontend a Service yields (ClusterIP, external, NodePort; both scopes) in one place"
+)]
 fn resolve_frontends(svc: Svc, slices: &[&Slice], cfg: &Config, mut errors: Vec<Error>) -> SvcRes {
     let object = ObjectRef {
         kind: "Service",
@@ -708,6 +824,31 @@ fn resolve_frontends(svc: Svc, slices: &[&Slice], cfg: &Config, mut errors: Vec<
         affinity_timeout: svc.affinity_timeout,
         external,
         host_only,
+        local: sel.local,
+        source_ranges: BTreeSet::new(),
+    };
+    // The packet path: externalTrafficPolicy Local keeps this node's endpoints only (DROP
+    // when they are all elsewhere), Cluster uses all (SEMANTICS.md).
+    let external = |sp: &SvcPort, ip: IpAddr, port: u16, lb: bool| {
+        let sel = select(slices, ip.is_ipv6(), sp, svc.ext_local, cfg);
+        let fe = Frontend {
+            addr: ip,
+            port,
+            proto: sp.proto,
+            scope: Scope::External,
+        };
+        let mut st = state(sp, sel, true, false);
+        if lb {
+            // kube-proxy applies each family's ranges to that family's LB IPs; a family
+            // without ranges is open.
+            st.source_ranges = svc
+                .source_ranges
+                .iter()
+                .filter(|c| c.addr.is_ipv6() == ip.is_ipv6())
+                .copied()
+                .collect();
+        }
+        (fe, st)
     };
     for sp in &svc.ports {
         for addr in &svc.addrs {
@@ -734,9 +875,14 @@ fn resolve_frontends(svc: Svc, slices: &[&Slice], cfg: &Config, mut errors: Vec<
                 addr: ip,
                 port: sp.port,
                 proto: sp.proto,
+                scope: Scope::InNode,
             };
             let st = state(sp, sel, addr.external, false);
             frontends.push((fe, st, addr.field.clone(), sp.index));
+            if addr.external {
+                let (fe, st) = external(sp, ip, sp.port, addr.lb);
+                frontends.push((fe, st, addr.field.clone(), sp.index));
+            }
         }
         // NodePort for in-node clients: each node address, and 127.0.0.1 for host processes.
         let Some(np) = sp.node_port else { continue };
@@ -760,14 +906,15 @@ fn resolve_frontends(svc: Svc, slices: &[&Slice], cfg: &Config, mut errors: Vec<
                 addr: ip,
                 port: np,
                 proto: sp.proto,
+                scope: Scope::InNode,
             };
             let st = state(sp, sel, true, host_only);
-            frontends.push((
-                fe,
-                st,
-                format!("spec.ports[{}].nodePort", sp.index),
-                sp.index,
-            ));
+            let field = format!("spec.ports[{}].nodePort", sp.index);
+            frontends.push((fe, st, field.clone(), sp.index));
+            if !host_only {
+                let (fe, st) = external(sp, ip, np, false);
+                frontends.push((fe, st, field, sp.index));
+            }
         }
     }
     let health = svc.health_check_port.map(|port| {
@@ -982,6 +1129,8 @@ fn assemble(resolved: &[Arc<SvcRes>], errors: &mut Vec<Error>) -> Desired {
 /// The backends a frontend uses.
 struct Selected {
     backends: BTreeSet<SocketAddr>,
+    /// Those of `backends` on this node.
+    local: BTreeSet<SocketAddr>,
     /// Local policy, endpoints only elsewhere: DROP.
     no_local: bool,
 }
@@ -1040,6 +1189,17 @@ fn select(slices: &[&Slice], v6: bool, sp: &SvcPort, local_only: bool, cfg: &Con
             eps.extend(s.endpoints.iter().map(|e| (e, p.port)));
         }
     }
+    let here_addrs: BTreeSet<IpAddr> = eps
+        .iter()
+        .filter(|(e, _)| e.node.as_deref() == Some(cfg.node_name.as_str()))
+        .map(|(e, _)| e.addr)
+        .collect();
+    let local_of = |b: &BTreeSet<SocketAddr>| -> BTreeSet<SocketAddr> {
+        b.iter()
+            .filter(|a| here_addrs.contains(&a.ip()))
+            .copied()
+            .collect()
+    };
     let pick = |f: &dyn Fn(&Ep) -> bool| -> BTreeSet<SocketAddr> {
         eps.iter()
             .filter(|(e, _)| f(e))
@@ -1054,7 +1214,12 @@ fn select(slices: &[&Slice], v6: bool, sp: &SvcPort, local_only: bool, cfg: &Con
         }
         let no_local =
             backends.is_empty() && eps.iter().any(|(e, _)| e.ready || e.serving_terminating);
-        return Selected { backends, no_local };
+        let local = backends.clone();
+        return Selected {
+            backends,
+            local,
+            no_local,
+        };
     }
     let t = topology(&eps, cfg);
     let mut backends = pick(&|e| e.ready && allowed(e, t, cfg));
@@ -1062,6 +1227,7 @@ fn select(slices: &[&Slice], v6: bool, sp: &SvcPort, local_only: bool, cfg: &Con
         backends = pick(&|e| e.serving_terminating && allowed(e, t, cfg));
     }
     Selected {
+        local: local_of(&backends),
         backends,
         no_local: false,
     }

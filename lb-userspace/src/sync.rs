@@ -18,9 +18,11 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
-use lb_common::{SVC_FLAG_HOST_ONLY, SVC_FLAG_NO_LOCAL, SVC_FLAG_VIP_MARKER, SvcValue};
+use lb_common::{
+    SVC_FLAG_HOST_ONLY, SVC_FLAG_NO_LOCAL, SVC_FLAG_SRC_RANGES, SVC_FLAG_VIP_MARKER, SvcValue,
+};
 
-use crate::model::{Desired, Frontend, FrontendState};
+use crate::model::{Cidr, Desired, Frontend, FrontendState, Scope};
 
 /// A service-map key, family-independent (the writer picks `LB4_SVC_V1` or `LB6_SVC_V1`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -30,6 +32,8 @@ pub struct SvcKey {
     pub port: u16,
     /// `IPPROTO_*`; 0 in VIP markers.
     pub proto: u8,
+    /// `SCOPE_*` ([`Scope::number`]); 0 in VIP markers.
+    pub scope: u8,
     /// 0 = frontend or marker; 1..=count = backend slot.
     pub slot: u16,
 }
@@ -41,8 +45,20 @@ impl SvcKey {
             addr: fe.addr,
             port: fe.port,
             proto: fe.proto.number(),
+            scope: fe.scope.number(),
             slot: 0,
         }
+    }
+
+    /// The model frontend of a frontend or slot key (`None` for markers and unknown values).
+    #[must_use]
+    pub fn to_frontend(&self) -> Option<Frontend> {
+        Some(Frontend {
+            addr: self.addr,
+            port: self.port,
+            proto: crate::model::Proto::from_number(self.proto)?,
+            scope: Scope::from_number(self.scope)?,
+        })
     }
 
     #[must_use]
@@ -51,13 +67,14 @@ impl SvcKey {
             addr,
             port: 0,
             proto: 0,
+            scope: 0,
             slot: 0,
         }
     }
 
     #[must_use]
     pub const fn is_marker(&self) -> bool {
-        self.port == 0 && self.proto == 0 && self.slot == 0
+        self.port == 0 && self.proto == 0 && self.slot == 0 && self.scope == 0
     }
 
     #[must_use]
@@ -71,6 +88,16 @@ impl SvcKey {
 pub struct Backend {
     pub addr: SocketAddr,
     pub proto: u8,
+    /// On this node (`BE_FLAG_LOCAL`): the packet path does not SNAT flows to it.
+    pub local: bool,
+}
+
+/// One `loadBalancerSourceRanges` entry of a frontend (an LPM trie entry).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SrcRange {
+    /// The frontend's slot-0 key.
+    pub frontend: SvcKey,
+    pub cidr: Cidr,
 }
 
 /// One map write.
@@ -94,6 +121,9 @@ pub enum MapOp {
     /// `backend_id` serves `frontend_id` (affinity frontends only).
     PutAffMatch(AffMatch),
     DelAffMatch(AffMatch),
+    /// A source range a frontend with `SVC_FLAG_SRC_RANGES` lets through.
+    PutSrcRange(SrcRange),
+    DelSrcRange(SrcRange),
 }
 
 /// An entry of the affinity match map.
@@ -110,6 +140,7 @@ pub struct Shadow {
     pub svc: BTreeMap<SvcKey, SvcValue>,
     pub backends: BTreeMap<u32, Backend>,
     pub aff_match: BTreeSet<AffMatch>,
+    pub src_ranges: BTreeSet<SrcRange>,
 }
 
 impl Shadow {
@@ -130,6 +161,12 @@ impl Shadow {
             }
             MapOp::PutAffMatch(m) => {
                 self.aff_match.insert(m);
+            }
+            MapOp::PutSrcRange(r) => {
+                self.src_ranges.insert(r);
+            }
+            MapOp::DelSrcRange(r) => {
+                self.src_ranges.remove(&r);
             }
             MapOp::DelAffMatch(m) => {
                 self.aff_match.remove(&m);
@@ -181,6 +218,10 @@ fn image(desired: &Desired, current: &Shadow) -> Shadow {
 /// The map contents `frontends` need (their markers, frontend entries, slots, backends and
 /// affinity memberships), ids reused from `current`. Used over all desired frontends by
 /// [`diff`] and over the changed ones by [`diff_scoped`].
+#[expect(
+    clippy::too_many_lines,
+    reason = "one pass per frontend: ids, slots, memberships, ranges, flags read best together"
+)]
 fn image_of<'a>(
     frontends: impl Iterator<Item = (&'a Frontend, &'a FrontendState)>,
     current: &Shadow,
@@ -213,6 +254,7 @@ fn image_of<'a>(
             let be = Backend {
                 addr: *addr,
                 proto: key.proto,
+                local: st.local.contains(addr),
             };
             let id = *ids.entry(be).or_insert_with(|| {
                 known.get(&be).copied().unwrap_or_else(|| {
@@ -280,8 +322,18 @@ fn image_of<'a>(
                     frontend_id: fe_id,
                 }));
         }
+        want.src_ranges
+            .extend(st.source_ranges.iter().map(|&cidr| SrcRange {
+                frontend: key,
+                cidr,
+            }));
         let flags = if st.no_local { SVC_FLAG_NO_LOCAL } else { 0 }
-            | if st.host_only { SVC_FLAG_HOST_ONLY } else { 0 };
+            | if st.host_only { SVC_FLAG_HOST_ONLY } else { 0 }
+            | if st.source_ranges.is_empty() {
+                0
+            } else {
+                SVC_FLAG_SRC_RANGES
+            };
         want.svc.insert(
             key,
             SvcValue {
@@ -313,6 +365,10 @@ pub fn diff(desired: &Desired, current: &Shadow) -> Vec<MapOp> {
     for m in want.aff_match.difference(&current.aff_match) {
         ops.push(MapOp::PutAffMatch(*m));
     }
+    // 1c. source ranges (before a frontend's flag makes the datapath consult them)
+    for r in want.src_ranges.difference(&current.src_ranges) {
+        ops.push(MapOp::PutSrcRange(*r));
+    }
     let puts = |pred: &dyn Fn(&SvcKey) -> bool, ops: &mut Vec<MapOp>| {
         for (k, v) in want.svc.iter().filter(|(k, v)| pred(k) && changed(k, v)) {
             ops.push(MapOp::PutSvc { key: *k, value: *v });
@@ -337,6 +393,9 @@ pub fn diff(desired: &Desired, current: &Shadow) -> Vec<MapOp> {
     // 6. memberships that ended (a pinned client re-pins), then unreferenced backends
     for m in current.aff_match.difference(&want.aff_match) {
         ops.push(MapOp::DelAffMatch(*m));
+    }
+    for r in current.src_ranges.difference(&want.src_ranges) {
+        ops.push(MapOp::DelSrcRange(*r));
     }
     for (&id, &backend) in &current.backends {
         if !want.backends.contains_key(&id) {
@@ -382,13 +441,14 @@ fn footprint(fe: &Frontend, st: &FrontendState) -> (Vec<SvcKey>, Vec<Backend>) {
             .map(|a| Backend {
                 addr: *a,
                 proto: key.proto,
+                local: st.local.contains(a),
             })
             .collect(),
     )
 }
 
-/// Backend addresses a frontend currently has in the maps (`None`: not in the maps).
-fn current_backends(current: &Shadow, fe: &Frontend) -> Option<BTreeSet<SocketAddr>> {
+/// Backends a frontend currently has in the maps (`None`: not in the maps).
+fn current_backends(current: &Shadow, fe: &Frontend) -> Option<Vec<Backend>> {
     let key = SvcKey::frontend(fe);
     let v = current
         .svc
@@ -399,7 +459,7 @@ fn current_backends(current: &Shadow, fe: &Frontend) -> Option<BTreeSet<SocketAd
             .slots(key, v.count)
             .iter()
             .filter_map(|id| current.backends.get(id))
-            .map(|b| b.addr)
+            .copied()
             .collect(),
     )
 }
@@ -463,8 +523,16 @@ pub fn fit(
                 Some(now) => {
                     // Exactly what the maps hold: its backends, and no marker if it has none.
                     let st = desired.frontends.get_mut(&fe).expect("present");
-                    st.backends = now;
+                    st.backends = now.iter().map(|b| b.addr).collect();
+                    st.local = now.iter().filter(|b| b.local).map(|b| b.addr).collect();
                     st.external = !current.svc.contains_key(&SvcKey::marker(fe.addr));
+                    let key = SvcKey::frontend(&fe);
+                    st.source_ranges = current
+                        .src_ranges
+                        .iter()
+                        .filter(|r| r.frontend == key)
+                        .map(|r| r.cidr)
+                        .collect();
                 }
                 None => {
                     desired.frontends.remove(&fe);
@@ -503,6 +571,10 @@ pub fn changed(prev: &Desired, next: &Desired) -> BTreeSet<Frontend> {
 /// at a cost proportional to the change rather than to every Service. [`diff`] remains the
 /// one for starting up and periodic resyncs: it also repairs anything left over.
 #[must_use]
+#[expect(
+    clippy::too_many_lines,
+    reason = "the write phases, in order, are the point; split they would hide it"
+)]
 pub fn diff_scoped(desired: &Desired, current: &Shadow, dirty: &BTreeSet<Frontend>) -> Vec<MapOp> {
     let want = image_of(
         dirty
@@ -532,6 +604,13 @@ pub fn diff_scoped(desired: &Desired, current: &Shadow, dirty: &BTreeSet<Fronten
         .filter(|m| old_fe_ids.contains(&m.frontend_id))
         .copied()
         .collect();
+    let dirty_keys: BTreeSet<SvcKey> = dirty.iter().map(SvcKey::frontend).collect();
+    let old_ranges: Vec<SrcRange> = current
+        .src_ranges
+        .iter()
+        .filter(|r| dirty_keys.contains(&r.frontend))
+        .copied()
+        .collect();
 
     // Markers of the dirty frontends' VIPs: wanted while any desired frontend uses the VIP.
     let vips: BTreeSet<IpAddr> = dirty.iter().map(|f| f.addr).collect();
@@ -540,6 +619,7 @@ pub fn diff_scoped(desired: &Desired, current: &Shadow, dirty: &BTreeSet<Fronten
             addr: ip,
             port: 0,
             proto: crate::model::Proto::Tcp,
+            scope: Scope::InNode,
         };
         desired
             .frontends
@@ -556,6 +636,10 @@ pub fn diff_scoped(desired: &Desired, current: &Shadow, dirty: &BTreeSet<Fronten
     }
     for m in want.aff_match.difference(&current.aff_match) {
         ops.push(MapOp::PutAffMatch(*m));
+    }
+    // 1c. source ranges
+    for r in want.src_ranges.difference(&current.src_ranges) {
+        ops.push(MapOp::PutSrcRange(*r));
     }
     // 2. markers
     for &ip in &vips {
@@ -594,6 +678,11 @@ pub fn diff_scoped(desired: &Desired, current: &Shadow, dirty: &BTreeSet<Fronten
             ops.push(MapOp::DelAffMatch(*m));
         }
     }
+    for r in &old_ranges {
+        if !want.src_ranges.contains(r) {
+            ops.push(MapOp::DelSrcRange(*r));
+        }
+    }
     let candidates: BTreeSet<u32> = old
         .iter()
         .filter(|(k, _)| k.slot > 0)
@@ -627,16 +716,11 @@ fn unreferenced(
     }
     let mut refs: HashMap<u32, usize> = HashMap::new();
     for (k, v) in &current.svc {
-        if k.slot > 0 && candidates.contains(&v.backend_id) {
-            let proto =
-                crate::model::Proto::from_number(k.proto).unwrap_or(crate::model::Proto::Tcp);
-            if !dirty.contains(&Frontend {
-                addr: k.addr,
-                port: k.port,
-                proto,
-            }) {
-                *refs.entry(v.backend_id).or_default() += 1;
-            }
+        if k.slot > 0
+            && candidates.contains(&v.backend_id)
+            && !k.to_frontend().is_some_and(|f| dirty.contains(&f))
+        {
+            *refs.entry(v.backend_id).or_default() += 1;
         }
     }
     for (k, v) in &want.svc {

@@ -27,6 +27,7 @@ pub use serde_json::Value;
 
 pub mod apiserver;
 
+
 /// Runs a shell command; panics with its output when it fails.
 pub fn sh(cmd: &str) {
     let out = Command::new("sh")
@@ -478,6 +479,8 @@ impl Cluster {
             .arg("--bpffs")
             .arg(&self.bpffs.path)
             .args(["--node-name", "node-a"])
+            // The agent runs in the root namespace here: never let it pick interfaces there.
+            .args(["--nodeport-interfaces", "none"])
             // Ephemeral ports: tests run in parallel; the bound addresses are in the log.
             .args([
                 "--metrics-addr",

@@ -205,6 +205,7 @@ fn an_agent_that_cannot_reach_the_api_keeps_the_adopted_datapath() {
     let mut child = std::process::Command::new(lb_tests::lb_agent())
         .args(["run", "--kubeconfig"])
         .arg(&api.kubeconfig)
+        .args(["--nodeport-interfaces", "none"])
         .arg("--cgroup")
         .arg(&c.cgroup.path)
         .arg("--bpffs")

@@ -579,6 +579,7 @@ fn run_fails_loudly_when_it_cannot_load_or_attach() {
         let out = Command::new(lb_tests::lb_agent())
             .args(["run", "--manifests"])
             .arg(&manifests.path)
+            .args(["--nodeport-interfaces", "none"])
             .args(extra)
             .env("NO_COLOR", "1")
             .output()
@@ -767,6 +768,7 @@ fn runs_with_only_cap_bpf_and_cap_net_admin() {
             .arg(lb_tests::lb_agent())
             .args(["run", "--manifests"])
             .arg(&c.manifests.path)
+            .args(["--nodeport-interfaces", "none"])
             .arg("--cgroup")
             .arg(&c.cgroup.path)
             .args([

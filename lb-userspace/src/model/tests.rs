@@ -26,6 +26,7 @@ fn fe(s: &str, proto: Proto) -> Frontend {
         addr: sa.ip(),
         port: sa.port(),
         proto,
+        scope: Scope::InNode,
     }
 }
 
@@ -524,7 +525,15 @@ status:
         None,
         "ipMode Proxy is not short-circuited"
     );
-    assert_eq!(d.frontends.len(), 3);
+    // Plus the packet path's view of the externalIP and the LB IP.
+    assert_eq!(d.frontends.len(), 5);
+    for a in ["198.51.100.7:80", "203.0.113.10:80"] {
+        let x = Frontend {
+            scope: Scope::External,
+            ..fe(a, Proto::Tcp)
+        };
+        assert!(d.frontends.contains_key(&x), "{a} external scope");
+    }
 }
 
 #[test]
@@ -570,9 +579,14 @@ spec: {type: NodePort, clusterIP: 198.19.0.41, ports: [{name: a, port: 80, nodeP
     assert_eq!(st("198.19.0.41:80"), Some((false, false)));
     assert_eq!(
         d.frontends.len(),
-        5,
-        "ClusterIP :80 and :81, three NodePort frontends"
+        7,
+        "ClusterIP :80 and :81, three NodePort frontends, two of them also for the packet path"
     );
+    let loopback_external = Frontend {
+        scope: Scope::External,
+        ..fe("127.0.0.1:30080", Proto::Tcp)
+    };
+    assert!(!d.frontends.contains_key(&loopback_external));
 }
 
 #[test]
@@ -638,4 +652,119 @@ endpoints: [{addresses: [198.18.0.1], nodeName: a}, {addresses: [198.18.0.2], no
         2,
         "externalIP: all endpoints"
     );
+}
+
+#[test]
+fn external_scope_applies_external_traffic_policy_and_source_ranges() {
+    let yaml = "
+apiVersion: v1
+kind: Service
+metadata: {name: lb, namespace: ns}
+spec:
+  type: LoadBalancer
+  clusterIP: 198.19.0.50
+  externalTrafficPolicy: Local
+  loadBalancerSourceRanges: [198.51.100.0/24, 198.18.7.9/16, 2001:db8:9::/48, bogus]
+  ports: [{port: 80, nodePort: 30090}]
+status:
+  loadBalancer:
+    ingress: [{ip: 203.0.113.20}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: lb-1, namespace: ns, labels: {kubernetes.io/service-name: lb}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [198.18.1.10], nodeName: me}, {addresses: [198.18.2.10], nodeName: other}]
+";
+    let (s, e) = objs(yaml);
+    let cfg = Config {
+        node_name: "me".into(),
+        node_addresses: vec!["198.18.0.1".parse().unwrap()],
+        ..Config::default()
+    };
+    let (d, errors) = build(&s, &e, &cfg, &mut Cache::default());
+    let msgs: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        msgs,
+        vec![
+            "Service ns/lb: spec.loadBalancerSourceRanges[3]: invalid CIDR \"bogus\": missing /prefix; ignored"
+        ]
+    );
+    let ext = |a: &str| {
+        d.frontends
+            .get(&Frontend {
+                scope: Scope::External,
+                ..fe(a, Proto::Tcp)
+            })
+            .cloned()
+            .expect(a)
+    };
+    let here: SocketAddr = "198.18.1.10:8080".parse().unwrap();
+    let there: SocketAddr = "198.18.2.10:8080".parse().unwrap();
+    // From outside: Local policy, only this node's endpoint, marked local.
+    let lb = ext("203.0.113.20:80");
+    assert_eq!(lb.backends, BTreeSet::from([here]));
+    assert_eq!(lb.local, BTreeSet::from([here]));
+    // Source ranges: this family's, host bits cleared; the IPv6 one is not for an IPv4 LB IP.
+    let ranges: Vec<String> = lb.source_ranges.iter().map(ToString::to_string).collect();
+    assert_eq!(ranges, vec!["198.18.0.0/16", "198.51.100.0/24"]);
+    // NodePort from outside: Local policy too, but no source ranges (LB IPs only).
+    let np = ext("198.18.0.1:30090");
+    assert_eq!(np.backends, BTreeSet::from([here]));
+    assert!(np.source_ranges.is_empty());
+    // From inside the node: every endpoint, locality still recorded.
+    let inner = &d.frontends[&fe("198.18.0.1:30090", Proto::Tcp)];
+    assert_eq!(inner.backends, BTreeSet::from([here, there]));
+    assert_eq!(inner.local, BTreeSet::from([here]));
+}
+
+#[test]
+fn external_traffic_policy_local_without_local_endpoints_drops() {
+    let yaml = "
+apiVersion: v1
+kind: Service
+metadata: {name: np, namespace: ns}
+spec: {type: NodePort, clusterIP: 198.19.0.51, externalTrafficPolicy: Local, ports: [{port: 80, nodePort: 30091}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: np-1, namespace: ns, labels: {kubernetes.io/service-name: np}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [198.18.2.10], nodeName: other}]
+";
+    let (s, e) = objs(yaml);
+    let cfg = Config {
+        node_name: "me".into(),
+        node_addresses: vec!["198.18.0.1".parse().unwrap()],
+        ..Config::default()
+    };
+    let (d, _) = build(&s, &e, &cfg, &mut Cache::default());
+    let st = &d.frontends[&Frontend {
+        scope: Scope::External,
+        ..fe("198.18.0.1:30091", Proto::Tcp)
+    }];
+    assert!(st.backends.is_empty());
+    assert!(st.no_local, "endpoints only elsewhere: DROP, not REJECT");
+    // Cluster-wide from inside the node.
+    assert_eq!(
+        d.frontends[&fe("198.18.0.1:30091", Proto::Tcp)]
+            .backends
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn cidr_parsing_is_strict() {
+    assert_eq!(Cidr::parse("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
+    assert_eq!(Cidr::parse(" 0.0.0.0/0 ").unwrap().to_string(), "0.0.0.0/0");
+    assert_eq!(
+        Cidr::parse("2001:db8::1/128").unwrap().to_string(),
+        "2001:db8::1/128"
+    );
+    assert!(Cidr::parse("10.0.0.0/33").is_err());
+    assert!(Cidr::parse("010.0.0.0/8").is_err());
+    assert!(Cidr::parse("10.0.0.0").is_err());
 }

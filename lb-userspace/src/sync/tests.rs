@@ -3,7 +3,7 @@ use std::{collections::BTreeSet, convert::Infallible};
 use proptest::prelude::*;
 
 use super::*;
-use crate::model::{FrontendState, NsName, Proto};
+use crate::model::{Cidr, FrontendState, NsName, Proto, Scope};
 
 /// A writer that checks, after every single write, what a concurrent datapath could observe.
 struct Checked(Shadow);
@@ -35,6 +35,13 @@ fn check_consistent(s: &Shadow) -> Result<(), String> {
         let external = EXTERNAL.with(|e| e.borrow().contains(k));
         if !external && !s.svc.contains_key(&SvcKey::marker(k.addr)) {
             return Err(format!("frontend {k:?} without its VIP marker"));
+        }
+        if v.flags & lb_common::SVC_FLAG_SRC_RANGES != 0
+            && !s.src_ranges.iter().any(|r| r.frontend == *k)
+        {
+            return Err(format!(
+                "{k:?}: source-range flag without a range (all dropped)"
+            ));
         }
         for slot in 1..=v.count {
             let Some(sv) = s.svc.get(&k.with_slot(slot)) else {
@@ -103,45 +110,79 @@ fn arb_desired() -> impl Strategy<Value = Desired> {
         vip,
         prop_oneof![Just(80u16), Just(81)],
         prop_oneof![Just(Proto::Tcp), Just(Proto::Udp)],
+        prop_oneof![3 => Just(Scope::InNode), 1 => Just(Scope::External)],
     )
-        .prop_map(|(addr, port, proto)| Frontend { addr, port, proto });
+        .prop_map(|(addr, port, proto, scope)| Frontend {
+            addr,
+            port,
+            proto,
+            scope,
+        });
     let be_idx = proptest::collection::btree_set(0u8..6, 0..5);
     let policy = (
         any::<bool>(),
         prop_oneof![Just(0u32), Just(30u32)],
         prop_oneof![4 => Just(false), 1 => Just(true)],
+        0usize..3,
     );
     proptest::collection::btree_map(fe, (be_idx, policy), 0..8).prop_map(|m| Desired {
         frontends: m
             .into_iter()
-            .map(|(fe, (idx, (no_local, affinity_timeout, external)))| {
-                let backends = idx
-                    .into_iter()
-                    .map(|i| {
-                        let ip: IpAddr = if fe.addr.is_ipv4() {
-                            format!("198.18.0.{}", 10 + i).parse().unwrap()
+            .map(
+                |(fe, (idx, (no_local, affinity_timeout, external, ranges)))| {
+                    let backends: BTreeSet<SocketAddr> = idx
+                        .into_iter()
+                        .map(|i| {
+                            let ip: IpAddr = if fe.addr.is_ipv4() {
+                                format!("198.18.0.{}", 10 + i).parse().unwrap()
+                            } else {
+                                format!("2001:db8:2::{}", 10 + i).parse().unwrap()
+                            };
+                            SocketAddr::new(ip, 8000 + u16::from(i % 2))
+                        })
+                        .collect();
+                    // Locality is a property of the address (as endpoints' nodeName makes it).
+                    let local = backends
+                        .iter()
+                        .filter(|a| match a.ip() {
+                            IpAddr::V4(v) => v.octets()[3] < 13,
+                            IpAddr::V6(v) => v.octets()[15] < 13,
+                        })
+                        .copied()
+                        .collect();
+                    let external_scope = fe.scope == Scope::External;
+                    let source_ranges = if external_scope {
+                        let pool: [&str; 2] = if fe.addr.is_ipv4() {
+                            ["198.18.0.0/15", "198.51.100.0/24"]
                         } else {
-                            format!("2001:db8:2::{}", 10 + i).parse().unwrap()
+                            ["2001:db8::/32", "2001:db8:ff::/48"]
                         };
-                        SocketAddr::new(ip, 8000 + u16::from(i % 2))
-                    })
-                    .collect();
-                (
-                    fe,
-                    FrontendState {
-                        service: NsName {
-                            namespace: "ns".into(),
-                            name: "s".into(),
+                        pool[..ranges.min(2)]
+                            .iter()
+                            .map(|c| Cidr::parse(c).unwrap())
+                            .collect()
+                    } else {
+                        BTreeSet::new()
+                    };
+                    (
+                        fe,
+                        FrontendState {
+                            service: NsName {
+                                namespace: "ns".into(),
+                                name: "s".into(),
+                            },
+                            port_name: String::new(),
+                            backends,
+                            no_local,
+                            affinity_timeout,
+                            external: external || external_scope,
+                            host_only: false,
+                            local,
+                            source_ranges,
                         },
-                        port_name: String::new(),
-                        backends,
-                        no_local,
-                        affinity_timeout,
-                        external,
-                        host_only: false,
-                    },
-                )
-            })
+                    )
+                },
+            )
             .collect(),
         ..Desired::default()
     })
@@ -217,6 +258,7 @@ fn removing_one_backend_moves_the_last_slot_into_the_hole() {
         addr: "198.19.0.1".parse().unwrap(),
         port: 80,
         proto: Proto::Tcp,
+        scope: Scope::InNode,
     };
     let addrs: Vec<SocketAddr> = (1..=4)
         .map(|i| format!("198.18.0.{i}:80").parse().unwrap())
@@ -278,7 +320,8 @@ fn removing_one_backend_moves_the_last_slot_into_the_hole() {
                 id: gone,
                 backend: Backend {
                     addr: addrs[1],
-                    proto: 6
+                    proto: 6,
+                    local: false,
                 }
             },
         ]
@@ -291,6 +334,7 @@ fn a_service_without_endpoints_keeps_a_zero_count_frontend() {
         addr: "198.19.0.9".parse().unwrap(),
         port: 53,
         proto: Proto::Udp,
+        scope: Scope::InNode,
     };
     let st = FrontendState {
         service: NsName {
@@ -387,6 +431,7 @@ fn fit_refuses_only_the_newcomer() {
         addr: format!("198.19.0.{last}").parse().unwrap(),
         port: 80,
         proto: Proto::Tcp,
+        scope: Scope::InNode,
     };
     let mut shadow = Shadow::default();
     converge(

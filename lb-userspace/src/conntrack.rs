@@ -1,0 +1,248 @@
+//! Garbage collection of the packet path's connection-tracking / NAT table (`LB4_CT_V1`,
+//! `LB6_CT_V1`, layouts in `lb_common::nat`).
+//!
+//! The datapath moves an entry's `expires_ns` forward as packets pass (at most once a second);
+//! a flow's two entries (forward and reply) live as long as either is unexpired, so a flow that
+//! is busy in one direction only is never cut. The collector runs every
+//! `--conntrack-gc-interval` and deletes the pairs that are past it, and orphans.
+use std::{
+    collections::HashMap,
+    hash::{BuildHasher, Hash},
+    path::Path,
+};
+
+use aya::maps::{HashMap as BpfHash, MapData, MapError};
+use lb_common::{CT_DIR_FWD, CT_DIR_REPLY, Ct4Key, Ct4Value, Ct6Key, Ct6Value, MAP_CT4, MAP_CT6};
+
+/// A conntrack entry, either family.
+pub trait Entry: Copy {
+    type Key: Copy + Eq + Hash + aya::Pod;
+    /// The other half of the flow.
+    fn partner(key: &Self::Key, v: &Self) -> Self::Key;
+    fn expires_ns(&self) -> u64;
+}
+
+impl Entry for Ct4Value {
+    type Key = Ct4Key;
+    fn partner(k: &Ct4Key, v: &Self) -> Ct4Key {
+        // Forward value: backend (addr:port) and the source sent to it (nat_addr:nat_port);
+        // its reply comes from the backend to that source. Reply value: frontend (addr:port)
+        // and client (nat_addr:nat_port); the forward key is client → frontend.
+        if k.dir == CT_DIR_FWD {
+            Ct4Key {
+                src: v.addr,
+                dst: v.nat_addr,
+                sport: v.port,
+                dport: v.nat_port,
+                proto: k.proto,
+                dir: CT_DIR_REPLY,
+                _pad: [0; 2],
+            }
+        } else {
+            Ct4Key {
+                src: v.nat_addr,
+                dst: v.addr,
+                sport: v.nat_port,
+                dport: v.port,
+                proto: k.proto,
+                dir: CT_DIR_FWD,
+                _pad: [0; 2],
+            }
+        }
+    }
+    fn expires_ns(&self) -> u64 {
+        self.expires_ns
+    }
+}
+
+impl Entry for Ct6Value {
+    type Key = Ct6Key;
+    fn partner(k: &Ct6Key, v: &Self) -> Ct6Key {
+        if k.dir == CT_DIR_FWD {
+            Ct6Key {
+                src: v.addr,
+                dst: v.nat_addr,
+                sport: v.port,
+                dport: v.nat_port,
+                proto: k.proto,
+                dir: CT_DIR_REPLY,
+                _pad: [0; 2],
+            }
+        } else {
+            Ct6Key {
+                src: v.nat_addr,
+                dst: v.addr,
+                sport: v.nat_port,
+                dport: v.port,
+                proto: k.proto,
+                dir: CT_DIR_FWD,
+                _pad: [0; 2],
+            }
+        }
+    }
+    fn expires_ns(&self) -> u64 {
+        self.expires_ns
+    }
+}
+
+/// The keys to delete at `now`: entries expired whose partner is expired or absent.
+#[must_use]
+pub fn plan<V: Entry, S: BuildHasher>(entries: &HashMap<V::Key, V, S>, now: u64) -> Vec<V::Key> {
+    entries
+        .iter()
+        .filter(|(k, v)| {
+            v.expires_ns() <= now
+                && entries
+                    .get(&V::partner(k, v))
+                    .is_none_or(|p| p.expires_ns() <= now)
+        })
+        .map(|(k, _)| *k)
+        .collect()
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns`.
+#[must_use]
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the struct we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+/// What one collection saw and did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Entries (both directions) per family before the collection: [IPv4, IPv6].
+    pub entries: [usize; 2],
+    /// Entries deleted: [IPv4, IPv6].
+    pub deleted: [usize; 2],
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("conntrack map {name}: {op} failed")]
+pub struct Error {
+    name: &'static str,
+    op: &'static str,
+    #[source]
+    source: MapError,
+}
+
+fn collect<V: Entry + aya::Pod>(
+    dir: &Path,
+    name: &'static str,
+    now: u64,
+) -> Result<(usize, usize), Error> {
+    let err = |op| move |source| Error { name, op, source };
+    let md = MapData::from_pin(dir.join(name)).map_err(err("open pin"))?;
+    let mut map: BpfHash<MapData, V::Key, V> =
+        BpfHash::try_from(aya::maps::Map::LruHashMap(md)).map_err(err("open"))?;
+    let mut entries = HashMap::new();
+    for kv in &map {
+        match kv {
+            Ok((k, v)) => {
+                entries.insert(k, v);
+            }
+            // An entry deleted by the LRU while we walk: skip it.
+            Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(err("iterate")(e)),
+        }
+    }
+    let doomed = plan(&entries, now);
+    let mut deleted = 0;
+    for k in &doomed {
+        match map.remove(k) {
+            Ok(()) => deleted += 1,
+            Err(MapError::KeyNotFound) => {}
+            Err(MapError::SyscallError(ref s))
+                if s.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(err("delete")(e)),
+        }
+    }
+    Ok((entries.len(), deleted))
+}
+
+/// One collection over both families' pinned tables.
+pub fn gc(dir: &Path) -> Result<Report, Error> {
+    let now = monotonic_ns();
+    let (e4, d4) = collect::<Ct4Value>(dir, MAP_CT4, now)?;
+    let (e6, d6) = collect::<Ct6Value>(dir, MAP_CT6, now)?;
+    Ok(Report {
+        entries: [e4, e6],
+        deleted: [d4, d6],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use lb_common::IPPROTO_TCP;
+
+    use super::*;
+
+    fn pair(client_port: u16, fwd_exp: u64, rev_exp: u64) -> [(Ct4Key, Ct4Value); 2] {
+        let client = [198, 18, 9, 1];
+        let fe = [198, 18, 0, 1];
+        let be = [198, 18, 2, 10];
+        let nat = [198, 18, 0, 1];
+        let fk = Ct4Key {
+            src: client,
+            dst: fe,
+            sport: client_port,
+            dport: 30080,
+            proto: IPPROTO_TCP,
+            dir: CT_DIR_FWD,
+            _pad: [0; 2],
+        };
+        let fv = Ct4Value {
+            addr: be,
+            nat_addr: nat,
+            port: 8080,
+            nat_port: 61_000 + client_port,
+            expires_ns: fwd_exp,
+            ..Ct4Value::default()
+        };
+        let rk = Ct4Value::partner(&fk, &fv);
+        let rv = Ct4Value {
+            addr: fe,
+            nat_addr: client,
+            port: 30080,
+            nat_port: client_port,
+            expires_ns: rev_exp,
+            ..Ct4Value::default()
+        };
+        assert_eq!(
+            Ct4Value::partner(&rk, &rv),
+            fk,
+            "partners point at each other"
+        );
+        [(fk, fv), (rk, rv)]
+    }
+
+    #[test]
+    fn a_pair_lives_while_either_half_does() {
+        let mut m = HashMap::new();
+        m.extend(pair(1, 100, 100)); // both expired at 150
+        m.extend(pair(2, 100, 200)); // reply still live
+        m.extend(pair(3, 200, 100)); // forward still live
+        let [(orphan_k, orphan_v), _] = pair(4, 100, 0);
+        m.insert(orphan_k, orphan_v); // reply half already gone
+        let mut doomed = plan(&m, 150);
+        doomed.sort_by_key(|k| k.sport);
+        let ports: Vec<u16> = doomed
+            .iter()
+            .map(|k| {
+                if k.dir == CT_DIR_FWD {
+                    k.sport
+                } else {
+                    k.dport
+                }
+            })
+            .collect();
+        // Pair 1 (both halves: forward by client port, reply by NAT port) and the orphan.
+        assert_eq!(doomed.len(), 3, "{doomed:?}");
+        assert!(ports.contains(&1) && ports.contains(&4), "{ports:?}");
+        assert!(plan(&m, 50).is_empty(), "nothing expired yet");
+    }
+}
