@@ -26,7 +26,7 @@ use std::{
 pub use serde_json::Value;
 
 pub mod apiserver;
-
+pub mod multinode;
 
 /// Runs a shell command; panics with its output when it fails.
 pub fn sh(cmd: &str) {

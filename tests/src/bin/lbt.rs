@@ -4,7 +4,9 @@
 //!   `NAME PEER` where PEER is the client address it saw.
 //! * `lbt tcp ADDR N` — N × (connect, getpeername, send, read, close); one JSON line each.
 //! * `lbt udp ADDR N` — unconnected: N × (sendto ADDR, recvfrom); prints the source seen.
-//! * `lbt udpc ADDR N` — connected UDP: connect, then N × (send, recv, getpeername).
+//! * `lbt udpc ADDR N [SRCPORT]` — connected UDP (from SRCPORT when given): connect, then
+//!   N × (send, recv, getpeername).
+//! * `lbt http ADDR PATH` — one HTTP/1.1 GET; prints the raw response (exit 1 on no answer).
 //! * `lbt loop ADDR MILLIS` — TCP connect+request+close as fast as possible for MILLIS ms;
 //!   prints `{"ok":n,"failed":m,"errors":{...}}`.
 //!
@@ -29,6 +31,8 @@ fn errno(e: &std::io::Error) -> String {
         Some(libc::ETIMEDOUT | libc::EAGAIN) => "ETIMEDOUT".into(),
         Some(libc::EPERM) => "EPERM".into(),
         Some(n) => format!("errno {n}"),
+        // `connect_timeout` reports its own deadline without an errno.
+        None if e.kind() == std::io::ErrorKind::TimedOut => "ETIMEDOUT".into(),
         None => e.to_string(),
     }
 }
@@ -88,10 +92,14 @@ fn tcp_once(addr: SocketAddr) -> serde_json::Value {
 
 /// An ephemeral UDP socket of `addr`'s family with the read timeout set.
 fn udp_client(addr: SocketAddr) -> UdpSocket {
+    udp_client_from(addr, 0)
+}
+
+fn udp_client_from(addr: SocketAddr, port: u16) -> UdpSocket {
     let any: SocketAddr = if addr.is_ipv4() {
-        "0.0.0.0:0".parse().unwrap()
+        (std::net::Ipv4Addr::UNSPECIFIED, port).into()
     } else {
-        "[::]:0".parse().unwrap()
+        (std::net::Ipv6Addr::UNSPECIFIED, port).into()
     };
     let s = UdpSocket::bind(any).expect("bind");
     s.set_read_timeout(Some(TIMEOUT)).expect("timeout");
@@ -125,8 +133,8 @@ fn udp_unconnected(addr: SocketAddr, n: usize) {
     }
 }
 
-fn udp_connected(addr: SocketAddr, n: usize) {
-    let s = udp_client(addr);
+fn udp_connected(addr: SocketAddr, n: usize, from: u16) {
+    let s = udp_client_from(addr, from);
     if let Err(e) = s.connect(addr) {
         println!(
             "{}",
@@ -183,11 +191,31 @@ fn main() {
             }
         }
         Some("udp") => udp_unconnected(addr(1), num(2)),
-        Some("udpc") => udp_connected(addr(1), num(2)),
+        Some("udpc") => udp_connected(
+            addr(1),
+            num(2),
+            args.get(3).map_or(0, |p| p.parse().expect("source port")),
+        ),
         Some("loop") => run_loop(addr(1), num(2) as u64),
+        Some("http") => {
+            let mut s = TcpStream::connect_timeout(&addr(1), TIMEOUT).unwrap_or_else(|e| {
+                eprintln!("{}", errno(&e));
+                std::process::exit(1)
+            });
+            let _ = s.set_read_timeout(Some(TIMEOUT));
+            let path = args.get(2).map_or("/", String::as_str);
+            let mut out = String::new();
+            let r = write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n")
+                .and_then(|()| s.read_to_string(&mut out));
+            if let Err(e) = r {
+                eprintln!("{}", errno(&e));
+                std::process::exit(1);
+            }
+            print!("{out}");
+        }
         _ => {
             eprintln!(
-                "usage: lbt serve NAME tcp|udp ADDR | tcp ADDR N | udp ADDR N | udpc ADDR N | loop ADDR MILLIS"
+                "usage: lbt serve NAME tcp|udp ADDR | tcp ADDR N | udp ADDR N | udpc ADDR N [SRCPORT] | loop ADDR MILLIS"
             );
             std::process::exit(2);
         }

@@ -1,0 +1,422 @@
+//! NodePort, LoadBalancer IPs and externalIPs from outside the cluster: the tcx packet path on
+//! a multi-node test bed (tests/src/multinode.rs), each node with its own agent.
+use std::{collections::BTreeSet, time::Duration};
+
+use lb_tests::{
+    multinode::{EXT_V4, EXT_V6, MultiNode, node_v4, node_v6, pod_v4, pod_v6, slice_on_nodes},
+    peer_ip, wait_for,
+};
+use serde_json::Value;
+
+fn service(name: &str, extra_spec: &str, ports: &str, status: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
+         spec:\n  type: LoadBalancer\n  ipFamilyPolicy: PreferDualStack\n{extra_spec}  ports: {ports}\n{status}"
+    )
+}
+
+/// Replies (`reply` = "NAME PEER") of successful exchanges, as (backend name, peer IP seen).
+fn seen(rs: &[Value]) -> Vec<(String, String)> {
+    rs.iter()
+        .filter(|r| r["ok"] == true)
+        .map(|r| {
+            let reply = r["reply"].as_str().expect("reply");
+            let (name, peer) = reply.split_once(' ').expect("NAME PEER");
+            (name.to_owned(), peer_ip(peer).to_string())
+        })
+        .collect()
+}
+
+fn errors(rs: &[Value]) -> BTreeSet<String> {
+    rs.iter()
+        .filter(|r| r["ok"] != true)
+        .map(|r| r["error"].as_str().unwrap_or("?").to_owned())
+        .collect()
+}
+
+/// Waits until `addr` on the external client answers (the agents have programmed it).
+fn wait_served(bed: &MultiNode, addr: &str) {
+    let ok = wait_for(Duration::from_secs(10), || {
+        let r = bed.ext_client(&["tcp", addr, "1"]);
+        (r[0]["ok"] == true).then_some(())
+    });
+    assert!(ok.is_some(), "{addr} never answered\n{}", bed.logs());
+}
+
+/// One backend on each node, externalTrafficPolicy Cluster: from outside, node-1's NodePort
+/// reaches both. The local backend sees the client's address; the remote one sees node-1's
+/// (SNAT), and the reply comes back through node-1 translated to the NodePort. IPv4 and IPv6.
+#[test]
+fn nodeport_cluster_policy_reaches_local_and_remote_backends() {
+    let mut bed = MultiNode::new("np-cluster", &[1, 1]);
+    bed.write_manifest(
+        "svc.yaml",
+        &[
+            service(
+                "web",
+                "  clusterIPs: [198.19.0.10, \"2001:db8:19::10\"]\n  ipFamilies: [IPv4, IPv6]\n",
+                "[{name: http, port: 80, nodePort: 30080}]",
+                "",
+            ),
+            slice_on_nodes(
+                "web",
+                "web-v4",
+                "IPv4",
+                &[("http", 8080, "TCP")],
+                &[(&pod_v4(1, 0), "node-1"), (&pod_v4(2, 0), "node-2")],
+            ),
+            slice_on_nodes(
+                "web",
+                "web-v6",
+                "IPv6",
+                &[("http", 8080, "TCP")],
+                &[(&pod_v6(1, 0), "node-1"), (&pod_v6(2, 0), "node-2")],
+            ),
+        ]
+        .join("---\n"),
+    );
+    bed.start_agents();
+    for (node, client) in [
+        (format!("{}:30080", node_v4(1)), EXT_V4),
+        (format!("[{}]:30080", node_v6(1)), EXT_V6),
+    ] {
+        wait_served(&bed, &node);
+        let rs = bed.ext_client(&["tcp", &node, "40"]);
+        assert!(errors(&rs).is_empty(), "{node}: {rs:?}\n{}", bed.logs());
+        for r in &rs {
+            let want = peer_ip(&node).to_string();
+            assert_eq!(
+                peer_ip(r["peer"].as_str().unwrap()).to_string(),
+                want,
+                "client sees the NodePort"
+            );
+        }
+        let s = seen(&rs);
+        let names: BTreeSet<&str> = s.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            BTreeSet::from(["n1p0", "n2p0"]),
+            "{node}: both nodes' backends"
+        );
+        let node_ip = peer_ip(&node).to_string();
+        for (name, peer) in &s {
+            match name.as_str() {
+                "n1p0" => assert_eq!(peer, client, "local backend: client address kept"),
+                _ => assert_eq!(peer, &node_ip, "remote backend: SNAT to node-1"),
+            }
+        }
+    }
+    assert!(
+        bed.stat(0, "tc_xlated") >= 80,
+        "{}",
+        bed.inspect(0, "stats")
+    );
+    assert!(bed.stat(0, "tc_rev_xlated") > 0);
+    // node-2 only forwarded node-1's SNATed packets: nothing translated there.
+    assert_eq!(bed.stat(1, "tc_xlated"), 0);
+}
+
+fn two_node_slice(svc: &str, ports: &[(&str, u16, &str)], eps: &[(String, &str)]) -> String {
+    let eps: Vec<(&str, &str)> = eps.iter().map(|(a, n)| (a.as_str(), *n)).collect();
+    slice_on_nodes(svc, &format!("{svc}-v4"), "IPv4", ports, &eps)
+}
+
+/// externalTrafficPolicy Local: the node with the endpoint keeps the client's address; the
+/// node without one drops (timeout, never a refusal); a Service with no endpoint at all is
+/// refused at once (ICMP port unreachable from the datapath), IPv4 and IPv6.
+#[test]
+fn local_policy_keeps_the_client_address_and_drops_elsewhere() {
+    let mut bed = MultiNode::new("np-local", &[1, 1]);
+    bed.write_manifest(
+        "svc.yaml",
+        &[
+            service(
+                "loc",
+                "  clusterIP: 198.19.0.20\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32001\n",
+                "[{name: http, port: 80, nodePort: 30081}]",
+                "",
+            ),
+            two_node_slice("loc", &[("http", 8080, "TCP")], &[(pod_v4(2, 0), "node-2")]),
+            service(
+                "none",
+                "  clusterIPs: [198.19.0.21, \"2001:db8:19::21\"]\n  ipFamilies: [IPv4, IPv6]\n",
+                "[{name: http, port: 80, nodePort: 30082}, {name: dns, port: 53, protocol: UDP, nodePort: 30086}]",
+                "",
+            ),
+        ]
+        .join("---\n"),
+    );
+    bed.start_agents();
+    let on2 = format!("{}:30081", node_v4(2));
+    wait_served(&bed, &on2);
+    let rs = bed.ext_client(&["tcp", &on2, "10"]);
+    assert_eq!(
+        seen(&rs),
+        vec![("n2p0".to_owned(), EXT_V4.to_owned()); 10],
+        "Local: the backend sees the client\n{rs:?}"
+    );
+    // node-1 has no local endpoint: DROP.
+    let on1 = format!("{}:30081", node_v4(1));
+    let rs = bed.ext_client(&["tcp", &on1, "1"]);
+    assert_eq!(
+        errors(&rs),
+        BTreeSet::from(["ETIMEDOUT".to_owned()]),
+        "{rs:?}"
+    );
+    assert!(bed.stat(0, "tc_drop_no_local") >= 1);
+    // No endpoint anywhere: REJECT. TCP over IPv4 within a second; UDP (connected socket)
+    // at once over both families.
+    let v4 = format!("{}:30082", node_v4(1));
+    let rs = bed.ext_client(&["tcp", &v4, "1"]);
+    assert_eq!(
+        errors(&rs),
+        BTreeSet::from(["ECONNREFUSED".to_owned()]),
+        "{v4}: {rs:?}\n{}",
+        bed.logs()
+    );
+    assert!(rs[0]["ms"].as_f64().unwrap() < 1000.0, "{v4}: {rs:?}");
+    // TCP over IPv6 is refused too, but on this one-machine bed the ICMPv6 error comes back
+    // while the client's connect() still holds its socket, and Linux's tcp_v6_err drops it
+    // (TcpExt LockDroppedIcmps); the retransmitted SYN's error is taken. A remote client
+    // does not race its own connect().
+    let v6 = format!("[{}]:30082", node_v6(1));
+    let rs = bed.ext_client(&["tcp", &v6, "1"]);
+    assert_eq!(
+        errors(&rs),
+        BTreeSet::from(["ECONNREFUSED".to_owned()]),
+        "{v6}: {rs:?}"
+    );
+    for addr in [
+        format!("{}:30086", node_v4(1)),
+        format!("[{}]:30086", node_v6(1)),
+    ] {
+        let rs = bed.ext_client(&["udpc", &addr, "2"]);
+        assert_eq!(
+            errors(&rs),
+            BTreeSet::from(["ECONNREFUSED".to_owned()]),
+            "{addr}: {rs:?}"
+        );
+    }
+    assert!(bed.stat(0, "tc_reject_no_backend") >= 5);
+    // Health checks: 503 on the node without the endpoint, 200 on the one with it.
+    let hc = |n: usize| {
+        bed.ext_http(&format!("{}:32001", node_v4(n)), "/")
+            .unwrap_or_default()
+    };
+    let h1 = hc(1);
+    assert!(
+        h1.starts_with("HTTP/1.1 503") && h1.contains("\"localEndpoints\":0"),
+        "{h1}"
+    );
+    let h2 = hc(2);
+    assert!(
+        h2.starts_with("HTTP/1.1 200") && h2.contains("\"localEndpoints\":1"),
+        "{h2}"
+    );
+    // The endpoint moves to node-1: the verdicts and the health checks follow.
+    bed.write_manifest(
+        "svc.yaml",
+        &[
+            service(
+                "loc",
+                "  clusterIP: 198.19.0.20\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32001\n",
+                "[{name: http, port: 80, nodePort: 30081}]",
+                "",
+            ),
+            two_node_slice("loc", &[("http", 8080, "TCP")], &[(pod_v4(1, 0), "node-1")]),
+        ]
+        .join("---\n"),
+    );
+    wait_served(&bed, &on1);
+    assert_eq!(
+        seen(&bed.ext_client(&["tcp", &on1, "3"])),
+        vec![("n1p0".to_owned(), EXT_V4.to_owned()); 3]
+    );
+    let moved = wait_for(Duration::from_secs(5), || {
+        (hc(1).contains("\"localEndpoints\":1") && hc(2).starts_with("HTTP/1.1 503")).then_some(())
+    });
+    assert!(
+        moved.is_some(),
+        "health checks did not follow: {} / {}",
+        hc(1),
+        hc(2)
+    );
+}
+
+/// A LoadBalancer IP and an externalIP, routed to node-1 by the client, reach the backends;
+/// loadBalancerSourceRanges let the client in while it matches and drop it once it does not,
+/// and do not apply to the externalIP.
+#[test]
+fn load_balancer_ip_external_ip_and_source_ranges() {
+    let mut bed = MultiNode::new("np-lb", &[1, 1]);
+    let manifest = |ranges: &str| {
+        [
+            service(
+                "lb",
+                &format!("  clusterIP: 198.19.0.30\n  externalIPs: [198.18.200.11]\n  loadBalancerSourceRanges: [{ranges}]\n"),
+                "[{name: http, port: 80, nodePort: 30083}]",
+                "status:\n  loadBalancer:\n    ingress: [{ip: 198.18.200.10}]\n",
+            ),
+            two_node_slice(
+                "lb",
+                &[("http", 8080, "TCP")],
+                &[(pod_v4(1, 0), "node-1"), (pod_v4(2, 0), "node-2")],
+            ),
+        ]
+        .join("---\n")
+    };
+    bed.write_manifest("svc.yaml", &manifest("198.18.100.0/24"));
+    bed.start_agents();
+    for addr in ["198.18.200.10:80", "198.18.200.11:80"] {
+        wait_served(&bed, addr);
+        let rs = bed.ext_client(&["tcp", addr, "20"]);
+        assert!(errors(&rs).is_empty(), "{addr}: {rs:?}");
+        let names: BTreeSet<String> = seen(&rs).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names.len(), 2, "{addr}: both backends");
+        assert!(
+            rs.iter()
+                .all(|r| peer_ip(r["peer"].as_str().unwrap()) == peer_ip(addr))
+        );
+    }
+    bed.write_manifest("svc.yaml", &manifest("198.51.100.0/24"));
+    let denied = wait_for(Duration::from_secs(10), || {
+        let rs = bed.ext_client(&["tcp", "198.18.200.10:80", "1"]);
+        (errors(&rs) == BTreeSet::from(["ETIMEDOUT".to_owned()])).then_some(())
+    });
+    assert!(
+        denied.is_some(),
+        "source range not enforced\n{}",
+        bed.logs()
+    );
+    assert!(bed.stat(0, "tc_drop_source_range") >= 1);
+    let rs = bed.ext_client(&["tcp", "198.18.200.11:80", "3"]);
+    assert!(
+        errors(&rs).is_empty(),
+        "externalIP: no source ranges: {rs:?}"
+    );
+    let svcs = bed.inspect(0, "services");
+    let lb = svcs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["frontend"] == "198.18.200.10:80/TCP (external)")
+        .unwrap_or_else(|| panic!("{svcs}"));
+    assert_eq!(lb["source_ranges"], serde_json::json!(["198.51.100.0/24"]));
+}
+
+/// UDP NodePort from a fixed client port: the flow sticks to its backend, follows a
+/// replacement of that backend at once (the stale conntrack entry is not used), and an ICMP
+/// port unreachable from a backend reaches the client translated (ECONNREFUSED on a connected
+/// socket) — from a remote backend (SNAT, ingress path) and a local one (egress path).
+#[test]
+fn udp_nodeport_follows_a_backend_replacement_and_translates_icmp() {
+    let mut bed = MultiNode::new("np-udp", &[1, 2]);
+    let manifest = |pod: usize| {
+        [
+            service(
+                "dns",
+                "  clusterIP: 198.19.0.40\n",
+                "[{name: dns, port: 53, protocol: UDP, nodePort: 30053}, {name: closed, port: 54, protocol: UDP, nodePort: 30054}, {name: closedl, port: 55, protocol: UDP, nodePort: 30055}]",
+                "",
+            ),
+            slice_on_nodes(
+                "dns",
+                "dns-a",
+                "IPv4",
+                &[("dns", 5353, "UDP"), ("closed", 5999, "UDP")],
+                &[(&pod_v4(2, pod), "node-2")],
+            ),
+            slice_on_nodes(
+                "dns",
+                "dns-b",
+                "IPv4",
+                &[("closedl", 5999, "UDP")],
+                &[(&pod_v4(1, 0), "node-1")],
+            ),
+        ]
+        .join("---\n")
+    };
+    bed.write_manifest("svc.yaml", &manifest(0));
+    bed.start_agents();
+    let addr = format!("{}:30053", node_v4(1));
+    let ok = wait_for(Duration::from_secs(10), || {
+        let r = bed.ext_client(&["udpc", &addr, "1", "40000"]);
+        (r[0]["ok"] == true).then_some(())
+    });
+    assert!(ok.is_some(), "UDP NodePort never answered\n{}", bed.logs());
+    let rs = bed.ext_client(&["udpc", &addr, "5", "40000"]);
+    assert_eq!(
+        seen(&rs),
+        vec![("n2p0".to_owned(), node_v4(1)); 5],
+        "remote backend, SNAT, one flow: {rs:?}"
+    );
+    bed.write_manifest("svc.yaml", &manifest(1));
+    let moved = wait_for(Duration::from_secs(10), || {
+        let rs = bed.ext_client(&["udpc", &addr, "1", "40000"]);
+        (seen(&rs).first().map(|(n, _)| n.as_str()) == Some("n2p1")).then_some(())
+    });
+    assert!(
+        moved.is_some(),
+        "same source port still on the old backend\n{}",
+        bed.logs()
+    );
+    // Nothing listens on the target port: the backend's ICMP error comes back translated.
+    for port in [30054, 30055] {
+        let a = format!("{}:{port}", node_v4(1));
+        let rs = bed.ext_client(&["udpc", &a, "2"]);
+        assert_eq!(
+            errors(&rs),
+            BTreeSet::from(["ECONNREFUSED".to_owned()]),
+            "{a}: {rs:?}\n{}",
+            bed.logs()
+        );
+    }
+    assert!(
+        bed.stat(0, "tc_icmp_xlated") >= 2,
+        "{}",
+        bed.inspect(0, "stats")
+    );
+}
+
+/// sessionAffinity ClientIP on a NodePort: every connection of the external client goes to
+/// the same backend.
+#[test]
+fn nodeport_session_affinity_pins_the_client() {
+    let mut bed = MultiNode::new("np-aff", &[2, 1]);
+    bed.write_manifest(
+        "svc.yaml",
+        &[
+            service(
+                "aff",
+                "  clusterIP: 198.19.0.50\n  sessionAffinity: ClientIP\n",
+                "[{name: http, port: 80, nodePort: 30084}]",
+                "",
+            ),
+            two_node_slice(
+                "aff",
+                &[("http", 8080, "TCP")],
+                &[
+                    (pod_v4(1, 0), "node-1"),
+                    (pod_v4(1, 1), "node-1"),
+                    (pod_v4(2, 0), "node-2"),
+                ],
+            ),
+        ]
+        .join("---\n"),
+    );
+    bed.start_agents();
+    let addr = format!("{}:30084", node_v4(1));
+    wait_served(&bed, &addr);
+    let rs = bed.ext_client(&["tcp", &addr, "30"]);
+    let names: BTreeSet<String> = seen(&rs).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(
+        names.len(),
+        1,
+        "affinity: one backend for the client, got {names:?}"
+    );
+    assert!(
+        bed.stat(0, "tc_affinity_hit") >= 29,
+        "{}",
+        bed.inspect(0, "stats")
+    );
+}

@@ -1,0 +1,617 @@
+//! Packet fixtures for the packet path (`tc_nodeport_ingress` / `tc_nodeport_egress`) through
+//! `BPF_PROG_TEST_RUN`: a table of {description, input packet, expected verdict, expected
+//! output}, as Katran's fixture tables. Packets are built with etherparse; every output's
+//! checksums are recomputed independently and must match.
+//!
+//! The program runs in a network namespace of its own (for `bpf_fib_lookup`): `fx0`
+//! 198.18.100.11/24 (02:00:00:00:00:11) with permanent neighbours for the client
+//! 198.18.100.2 (…:02) and the next node 198.18.100.12 (…:12), which routes 198.18.2.0/24.
+use std::{
+    fs::File,
+    net::{Ipv4Addr, Ipv6Addr},
+    os::fd::AsRawFd as _,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{
+        HashMap,
+        lpm_trie::{Key as LpmKey, LpmTrie},
+    },
+    programs::{SchedClassifier, TestRun as _, TestRunOptions},
+};
+use etherparse::{NetHeaders, PacketBuilder, PacketHeaders, TransportHeader};
+use lb_common::{
+    BE_FLAG_LOCAL, Backend4, Backend6, IPPROTO_TCP, IPPROTO_UDP, SCOPE_EXTERNAL,
+    SRCR4_FRONTEND_BITS, SVC_FLAG_NO_LOCAL, SVC_FLAG_SRC_RANGES, SrcRange4, Svc4Key, Svc6Key,
+    SvcValue,
+};
+use lb_tests::{Netns, require_privileges, sh};
+
+const TC_NEXT: u32 = u32::MAX; // -1
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+const NODE_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x11];
+const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x02];
+const NEXT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x12];
+const NODE: [u8; 4] = [198, 18, 100, 11];
+const CLIENT: [u8; 4] = [198, 18, 100, 2];
+const REMOTE_POD: [u8; 4] = [198, 18, 2, 10];
+const NODE6: &str = "2001:db8:100::11";
+const CLIENT6: &str = "2001:db8:100::2";
+const REMOTE_POD6: &str = "2001:db8:2::10";
+
+fn v6(s: &str) -> [u8; 16] {
+    s.parse::<Ipv6Addr>().expect("v6").octets()
+}
+
+/// The program loaded in a fixture namespace, with the maps it uses.
+struct Bed {
+    ebpf: Ebpf,
+    ifindex: u32,
+    _netns: Netns,
+}
+
+impl Bed {
+    fn new(tag: &str) -> Self {
+        require_privileges();
+        let ns = Netns::new(&format!("lbfx-{tag}-{}", std::process::id()));
+        sh(&format!(
+            "ip -n {n} link add fx0 address 02:00:00:00:00:11 type veth peer name fx1 && \
+             ip -n {n} link set fx0 up && ip -n {n} link set fx1 up && \
+             ip -n {n} addr add 198.18.100.11/24 dev fx0 && \
+             ip -n {n} addr add {NODE6}/64 dev fx0 nodad && \
+             ip -n {n} neigh add 198.18.100.2 lladdr 02:00:00:00:00:02 dev fx0 nud permanent && \
+             ip -n {n} neigh add 198.18.100.12 lladdr 02:00:00:00:00:12 dev fx0 nud permanent && \
+             ip -n {n} neigh add {CLIENT6} lladdr 02:00:00:00:00:02 dev fx0 nud permanent && \
+             ip -n {n} neigh add 2001:db8:100::12 lladdr 02:00:00:00:00:12 dev fx0 nud permanent && \
+             ip -n {n} route add 198.18.2.0/24 via 198.18.100.12 && \
+             ip -n {n} -6 route add 2001:db8:2::/64 via 2001:db8:100::12 && \
+             ip netns exec {n} sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1",
+            n = ns.name
+        ));
+        // The test thread enters the namespace: BPF_PROG_TEST_RUN runs in the caller's.
+        let f = File::open(ns.path()).expect("open netns");
+        // SAFETY: setns on this thread with a valid namespace fd.
+        assert_eq!(
+            unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) },
+            0,
+            "setns"
+        );
+        let ifindex = std::fs::read_to_string("/sys/class/net/fx0/ifindex")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or_else(|| {
+                // /sys shows the namespace it was mounted in; ask the kernel instead.
+                let name = std::ffi::CString::new("fx0").unwrap();
+                // SAFETY: a NUL-terminated name.
+                unsafe { libc::if_nametoindex(name.as_ptr()) }
+            });
+        assert!(ifindex > 0, "fx0 ifindex");
+        let object = lb_userspace::loader::object();
+        assert!(!object.is_empty(), "eBPF object not built");
+        let mut ebpf = EbpfLoader::new().load(object).expect("load object");
+        for name in ["tc_nodeport_ingress", "tc_nodeport_egress"] {
+            let p: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .expect("program")
+                .try_into()
+                .expect("classifier");
+            p.load()
+                .unwrap_or_else(|e| panic!("verifier refused {name}: {e:?}"));
+        }
+        Self {
+            ebpf,
+            ifindex,
+            _netns: ns,
+        }
+    }
+
+    fn svc4(
+        &mut self,
+        addr: [u8; 4],
+        port: u16,
+        proto: u8,
+        flags: u16,
+        backends: &[(u32, Backend4)],
+    ) {
+        let fe_id = 100 + u32::from(port);
+        let mut be: HashMap<_, u32, Backend4> =
+            HashMap::try_from(self.ebpf.map_mut("LB4_BE_V1").expect("map")).expect("hash");
+        for (id, b) in backends {
+            be.insert(id, b, 0).expect("backend");
+        }
+        let mut svc: HashMap<_, Svc4Key, SvcValue> =
+            HashMap::try_from(self.ebpf.map_mut("LB4_SVC_V1").expect("map")).expect("hash");
+        let key = |slot| Svc4Key {
+            address: addr,
+            dport: port,
+            backend_slot: slot,
+            proto,
+            scope: SCOPE_EXTERNAL,
+            _pad: [0; 2],
+        };
+        for (i, (id, _)) in backends.iter().enumerate() {
+            let v = SvcValue {
+                backend_id: *id,
+                ..SvcValue::default()
+            };
+            svc.insert(key(i as u16 + 1), v, 0).expect("slot");
+        }
+        let fe = SvcValue {
+            backend_id: fe_id,
+            count: backends.len() as u16,
+            flags,
+            affinity_timeout: 0,
+        };
+        svc.insert(key(0), fe, 0).expect("frontend");
+    }
+
+    fn svc6(&mut self, addr: [u8; 16], port: u16, proto: u8, backends: &[(u32, Backend6)]) {
+        let mut be: HashMap<_, u32, Backend6> =
+            HashMap::try_from(self.ebpf.map_mut("LB6_BE_V1").expect("map")).expect("hash");
+        for (id, b) in backends {
+            be.insert(id, b, 0).expect("backend");
+        }
+        let mut svc: HashMap<_, Svc6Key, SvcValue> =
+            HashMap::try_from(self.ebpf.map_mut("LB6_SVC_V1").expect("map")).expect("hash");
+        let key = |slot| Svc6Key {
+            address: addr,
+            dport: port,
+            backend_slot: slot,
+            proto,
+            scope: SCOPE_EXTERNAL,
+            _pad: [0; 2],
+        };
+        for (i, (id, _)) in backends.iter().enumerate() {
+            let v = SvcValue {
+                backend_id: *id,
+                ..SvcValue::default()
+            };
+            svc.insert(key(i as u16 + 1), v, 0).expect("slot");
+        }
+        let fe = SvcValue {
+            backend_id: 200 + u32::from(port),
+            count: backends.len() as u16,
+            flags: 0,
+            affinity_timeout: 0,
+        };
+        svc.insert(key(0), fe, 0).expect("frontend");
+    }
+
+    fn allow4(&mut self, fe: [u8; 4], port: u16, proto: u8, net: [u8; 4], prefix: u32) {
+        let mut t: LpmTrie<_, SrcRange4, u8> =
+            LpmTrie::try_from(self.ebpf.map_mut("LB4_SRCR_V1").expect("map")).expect("lpm");
+        let k = LpmKey::new(
+            SRCR4_FRONTEND_BITS + prefix,
+            SrcRange4 {
+                frontend: fe,
+                port_be: port.to_be_bytes(),
+                proto,
+                _pad: 0,
+                client: net,
+            },
+        );
+        t.insert(&k, 1, 0).expect("range");
+    }
+
+    /// Runs `prog` on `pkt` as received on fx0; (verdict, output packet).
+    fn run(&mut self, prog: &str, pkt: &[u8]) -> (u32, Vec<u8>) {
+        let p: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(prog)
+            .expect("program")
+            .try_into()
+            .expect("classifier");
+        // struct __sk_buff: ifindex at 40 (192 bytes in all); the kernel takes the device from it.
+        let mut ctx = [0u8; 192];
+        ctx[40..44].copy_from_slice(&self.ifindex.to_ne_bytes());
+        let mut out = vec![0u8; pkt.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(pkt);
+        opts.data_out = Some(&mut out);
+        opts.ctx_in = Some(&ctx);
+        let r = p.test_run(opts).expect("BPF_PROG_TEST_RUN");
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+}
+
+/// RFC 1071 sum of `data`, folded, not inverted.
+fn sum(data: &[u8], init: u32) -> u32 {
+    let mut s = init;
+    for c in data.chunks(2) {
+        s += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while s > 0xffff {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    s
+}
+
+/// Every checksum of an Ethernet/IP/{TCP,UDP,ICMP,ICMPv6} packet is right.
+fn assert_checksums(pkt: &[u8], what: &str) {
+    let h = PacketHeaders::from_ethernet_slice(pkt).unwrap_or_else(|e| panic!("{what}: {e}"));
+    let (l4, pseudo) = match &h.net {
+        Some(NetHeaders::Ipv4(ip, _)) => {
+            let hl = ip.header_len();
+            let ihdr = &pkt[14..14 + hl];
+            assert_eq!(sum(ihdr, 0), 0xffff, "{what}: IPv4 header checksum");
+            let l4 = &pkt[14 + hl..14 + usize::from(ip.total_len)];
+            let mut ph = Vec::new();
+            ph.extend_from_slice(&ip.source);
+            ph.extend_from_slice(&ip.destination);
+            ph.extend_from_slice(&[0, ip.protocol.0]);
+            ph.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+            (l4, if ip.protocol.0 == 1 { Vec::new() } else { ph })
+        }
+        Some(NetHeaders::Ipv6(ip, _)) => {
+            let l4 = &pkt[54..54 + usize::from(ip.payload_length)];
+            let mut ph = Vec::new();
+            ph.extend_from_slice(&ip.source);
+            ph.extend_from_slice(&ip.destination);
+            ph.extend_from_slice(&(l4.len() as u32).to_be_bytes());
+            ph.extend_from_slice(&[0, 0, 0, ip.next_header.0]);
+            (l4, ph)
+        }
+        None => panic!("{what}: no IP header"),
+    };
+    if matches!(h.transport, Some(TransportHeader::Udp(ref u)) if u.checksum == 0) {
+        return; // IPv4 UDP without checksum
+    }
+    assert_eq!(sum(l4, sum(&pseudo, 0)), 0xffff, "{what}: L4 checksum");
+}
+
+fn tcp4(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, syn: bool) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ipv4(src, dst, 64)
+        .tcp(sport, dport, 1000, 64240);
+    let b = if syn { b.syn() } else { b.ack(1) };
+    let mut v = Vec::new();
+    b.write(&mut v, b"").expect("build");
+    v
+}
+
+fn udp4(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ipv4(src, dst, 64)
+        .udp(sport, dport);
+    let mut v = Vec::new();
+    b.write(&mut v, b"hello").expect("build");
+    v
+}
+
+fn tcp6(src: &str, sport: u16, dst: &str, dport: u16) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ipv6(v6(src), v6(dst), 64)
+        .tcp(sport, dport, 1000, 64240)
+        .syn();
+    let mut v = Vec::new();
+    b.write(&mut v, b"").expect("build");
+    v
+}
+
+fn udp6(src: &str, sport: u16, dst: &str, dport: u16) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ipv6(v6(src), v6(dst), 64)
+        .udp(sport, dport);
+    let mut v = Vec::new();
+    b.write(&mut v, b"hello").expect("build");
+    v
+}
+
+/// A check of a (checksum-verified) output packet.
+type Check = Box<dyn Fn(&PacketHeaders<'_>, &[u8])>;
+
+/// What a fixture expects of the output.
+enum Expect {
+    /// Verdict only; the packet must come out unchanged.
+    Unchanged(u32),
+    /// Verdict, and a check of the output.
+    Out(u32, Check),
+}
+
+struct Fixture {
+    what: &'static str,
+    prog: &'static str,
+    input: Vec<u8>,
+    expect: Expect,
+}
+
+fn run_table(bed: &mut Bed, table: Vec<Fixture>) {
+    for f in table {
+        let (verdict, out) = bed.run(f.prog, &f.input);
+        match f.expect {
+            Expect::Unchanged(v) => {
+                assert_eq!(verdict, v, "{}: verdict", f.what);
+                assert_eq!(out, f.input, "{}: packet must be untouched", f.what);
+            }
+            Expect::Out(v, check) => {
+                assert_eq!(verdict, v, "{}: verdict", f.what);
+                assert_checksums(&out, f.what);
+                let h = PacketHeaders::from_ethernet_slice(&out).expect("parse output");
+                check(&h, &out);
+            }
+        }
+    }
+}
+
+fn ip4(h: &PacketHeaders<'_>) -> ([u8; 4], [u8; 4]) {
+    match &h.net {
+        Some(NetHeaders::Ipv4(ip, _)) => (ip.source, ip.destination),
+        _ => panic!("not IPv4"),
+    }
+}
+
+fn ports(h: &PacketHeaders<'_>) -> (u16, u16) {
+    match &h.transport {
+        Some(TransportHeader::Tcp(t)) => (t.source_port, t.destination_port),
+        Some(TransportHeader::Udp(u)) => (u.source_port, u.destination_port),
+        _ => panic!("no ports"),
+    }
+}
+
+fn macs(out: &[u8]) -> ([u8; 6], [u8; 6]) {
+    (
+        out[..6].try_into().expect("dst mac"),
+        out[6..12].try_into().expect("src mac"),
+    )
+}
+
+#[test]
+#[expect(clippy::too_many_lines, reason = "the fixture table is the test")]
+fn ipv4_fixtures() {
+    let mut bed = Bed::new("v4");
+    let remote = Backend4 {
+        address: REMOTE_POD,
+        port: 8080,
+        proto: IPPROTO_TCP,
+        flags: 0,
+    };
+    let local = Backend4 {
+        address: [198, 18, 100, 50],
+        port: 8080,
+        proto: IPPROTO_TCP,
+        flags: BE_FLAG_LOCAL,
+    };
+    bed.svc4(NODE, 30080, IPPROTO_TCP, 0, &[(1, remote)]);
+    bed.svc4(NODE, 30081, IPPROTO_TCP, 0, &[(2, local)]);
+    bed.svc4(NODE, 30082, IPPROTO_UDP, 0, &[]);
+    bed.svc4(NODE, 30083, IPPROTO_TCP, SVC_FLAG_NO_LOCAL, &[]);
+    bed.svc4(NODE, 30085, IPPROTO_TCP, 0, &[]);
+    bed.svc4(
+        [198, 18, 200, 10],
+        80,
+        IPPROTO_TCP,
+        SVC_FLAG_SRC_RANGES,
+        &[(1, remote)],
+    );
+    bed.allow4([198, 18, 200, 10], 80, IPPROTO_TCP, [203, 0, 113, 0], 24);
+    let syn = tcp4(CLIENT, 40000, NODE, 30080, true);
+    // Complete IP header, TCP header cut after 2 bytes (BPF_PROG_TEST_RUN itself refuses a
+    // cut IP header).
+    let mut truncated = syn.clone();
+    truncated.truncate(14 + 20 + 2);
+    let mut bad_ihl = syn.clone();
+    bad_ihl[14] = 0x43;
+    let mut fragment = udp4(CLIENT, 40001, NODE, 30082);
+    fragment[20] = 0x20; // more fragments
+    let table = vec![
+        Fixture {
+            what: "SYN to a NodePort with a remote backend: DNAT + SNAT, redirected to the next hop",
+            prog: "tc_nodeport_ingress",
+            input: syn.clone(),
+            expect: Expect::Out(
+                TC_ACT_REDIRECT,
+                Box::new(|h, out| {
+                    assert_eq!(ip4(h), (NODE, REMOTE_POD));
+                    let (sport, dport) = ports(h);
+                    assert!(sport >= lb_common::NAT_PORT_MIN, "NAT port {sport}");
+                    assert_eq!(dport, 8080);
+                    assert_eq!(macs(out), (NEXT_MAC, NODE_MAC));
+                }),
+            ),
+        },
+        Fixture {
+            what: "the same flow's next packet: same backend, same NAT port (conntrack)",
+            prog: "tc_nodeport_ingress",
+            input: tcp4(CLIENT, 40000, NODE, 30080, false),
+            expect: Expect::Out(
+                TC_ACT_REDIRECT,
+                Box::new(|h, _| {
+                    assert_eq!(ip4(h), (NODE, REMOTE_POD));
+                    assert!(ports(h).0 >= lb_common::NAT_PORT_MIN);
+                }),
+            ),
+        },
+        Fixture {
+            what: "SYN to a NodePort with a local backend: DNAT only, client address kept",
+            prog: "tc_nodeport_ingress",
+            input: tcp4(CLIENT, 40002, NODE, 30081, true),
+            expect: Expect::Out(
+                TC_ACT_REDIRECT,
+                Box::new(|h, _| {
+                    assert_eq!(ip4(h), (CLIENT, [198, 18, 100, 50]));
+                    assert_eq!(ports(h), (40002, 8080));
+                }),
+            ),
+        },
+        Fixture {
+            what: "the local backend's reply on egress: source back to the NodePort",
+            prog: "tc_nodeport_egress",
+            input: tcp4([198, 18, 100, 50], 8080, CLIENT, 40002, false),
+            expect: Expect::Out(
+                TC_NEXT,
+                Box::new(|h, _| {
+                    assert_eq!(ip4(h), (NODE, CLIENT));
+                    assert_eq!(ports(h), (30081, 40002));
+                }),
+            ),
+        },
+        Fixture {
+            what: "UDP to a NodePort without endpoints: ICMP port unreachable back to the client",
+            prog: "tc_nodeport_ingress",
+            input: udp4(CLIENT, 40003, NODE, 30082),
+            expect: Expect::Out(
+                TC_ACT_REDIRECT,
+                Box::new(|h, out| {
+                    assert_eq!(ip4(h), (NODE, CLIENT));
+                    assert_eq!(macs(out), (CLIENT_MAC, NODE_MAC));
+                    assert!(
+                        matches!(h.transport, Some(TransportHeader::Icmpv4(_))),
+                        "not ICMP"
+                    );
+                    assert_eq!((out[34], out[35]), (3, 3), "destination/port unreachable");
+                    // The quote is the client's packet as sent.
+                    let quote = &out[14 + 20 + 8..];
+                    assert_eq!(&quote[12..16], &CLIENT);
+                    assert_eq!(&quote[16..20], &NODE);
+                    assert_eq!(&quote[20..22], &40003u16.to_be_bytes());
+                }),
+            ),
+        },
+        Fixture {
+            what: "TCP SYN to a NodePort without endpoints: ICMP quoting the whole TCP header",
+            prog: "tc_nodeport_ingress",
+            input: tcp4(CLIENT, 40008, NODE, 30085, true),
+            expect: Expect::Out(
+                TC_ACT_REDIRECT,
+                Box::new(|h, out| {
+                    assert_eq!(ip4(h), (NODE, CLIENT));
+                    assert_eq!(
+                        out.len(),
+                        14 + 20 + 8 + 40,
+                        "IP + 20-byte TCP header quoted"
+                    );
+                    assert_eq!((out[34], out[35]), (3, 3));
+                    assert_eq!(&out[42 + 20..42 + 22], &40008u16.to_be_bytes());
+                }),
+            ),
+        },
+        Fixture {
+            what: "Local policy, endpoints elsewhere: dropped",
+            prog: "tc_nodeport_ingress",
+            input: tcp4(CLIENT, 40004, NODE, 30083, true),
+            expect: Expect::Unchanged(TC_ACT_SHOT),
+        },
+        Fixture {
+            what: "LB IP, client outside loadBalancerSourceRanges: dropped",
+            prog: "tc_nodeport_ingress",
+            input: tcp4(CLIENT, 40005, [198, 18, 200, 10], 80, true),
+            expect: Expect::Unchanged(TC_ACT_SHOT),
+        },
+        Fixture {
+            what: "LB IP, client inside loadBalancerSourceRanges: translated",
+            prog: "tc_nodeport_ingress",
+            input: tcp4([203, 0, 113, 7], 40006, [198, 18, 200, 10], 80, true),
+            expect: Expect::Out(
+                TC_ACT_REDIRECT,
+                Box::new(|h, _| assert_eq!(ip4(h).1, REMOTE_POD)),
+            ),
+        },
+        Fixture {
+            what: "not a frontend port: passed on untouched",
+            prog: "tc_nodeport_ingress",
+            input: tcp4(CLIENT, 40007, NODE, 22, true),
+            expect: Expect::Unchanged(TC_NEXT),
+        },
+        Fixture {
+            what: "truncated TCP header: passed on untouched",
+            prog: "tc_nodeport_ingress",
+            input: truncated,
+            expect: Expect::Unchanged(TC_NEXT),
+        },
+        Fixture {
+            what: "IHL below 5: passed on untouched",
+            prog: "tc_nodeport_ingress",
+            input: bad_ihl,
+            expect: Expect::Unchanged(TC_NEXT),
+        },
+        Fixture {
+            what: "fragment: passed on untouched",
+            prog: "tc_nodeport_ingress",
+            input: fragment,
+            expect: Expect::Unchanged(TC_NEXT),
+        },
+        Fixture {
+            what: "ARP: passed on untouched",
+            prog: "tc_nodeport_ingress",
+            input: {
+                let mut a = vec![0xff; 6];
+                a.extend_from_slice(&CLIENT_MAC);
+                a.extend_from_slice(&[0x08, 0x06]);
+                a.extend_from_slice(&[0u8; 28]);
+                a
+            },
+            expect: Expect::Unchanged(TC_NEXT),
+        },
+    ];
+    run_table(&mut bed, table);
+}
+
+#[test]
+fn ipv6_fixtures() {
+    let mut bed = Bed::new("v6");
+    let remote = Backend6 {
+        address: v6(REMOTE_POD6),
+        port: 8080,
+        proto: IPPROTO_TCP,
+        flags: 0,
+    };
+    bed.svc6(v6(NODE6), 30080, IPPROTO_TCP, &[(1, remote)]);
+    bed.svc6(v6(NODE6), 30082, IPPROTO_UDP, &[]);
+    let mut truncated = tcp6(CLIENT6, 40000, NODE6, 30080);
+    truncated.truncate(14 + 40 + 2);
+    let table = vec![
+        Fixture {
+            what: "IPv6 SYN to a NodePort with a remote backend: DNAT + SNAT",
+            prog: "tc_nodeport_ingress",
+            input: tcp6(CLIENT6, 40000, NODE6, 30080),
+            expect: Expect::Out(
+                TC_ACT_REDIRECT,
+                Box::new(|h, out| {
+                    match &h.net {
+                        Some(NetHeaders::Ipv6(ip, _)) => {
+                            assert_eq!(ip.source, v6(NODE6));
+                            assert_eq!(ip.destination, v6(REMOTE_POD6));
+                        }
+                        _ => panic!("not IPv6"),
+                    }
+                    assert_eq!(ports(h).1, 8080);
+                    assert_eq!(macs(out), (NEXT_MAC, NODE_MAC));
+                }),
+            ),
+        },
+        Fixture {
+            what: "IPv6 UDP without endpoints: ICMPv6 port unreachable",
+            prog: "tc_nodeport_ingress",
+            input: udp6(CLIENT6, 40001, NODE6, 30082),
+            expect: Expect::Out(
+                TC_ACT_REDIRECT,
+                Box::new(|h, out| {
+                    match &h.net {
+                        Some(NetHeaders::Ipv6(ip, _)) => {
+                            assert_eq!(ip.source, v6(NODE6));
+                            assert_eq!(ip.destination, v6(CLIENT6));
+                        }
+                        _ => panic!("not IPv6"),
+                    }
+                    assert!(
+                        matches!(h.transport, Some(TransportHeader::Icmpv6(_))),
+                        "not ICMPv6"
+                    );
+                    assert_eq!((out[54], out[55]), (1, 4), "destination/port unreachable");
+                }),
+            ),
+        },
+        Fixture {
+            what: "truncated IPv6 TCP header: passed on untouched",
+            prog: "tc_nodeport_ingress",
+            input: truncated,
+            expect: Expect::Unchanged(TC_NEXT),
+        },
+    ];
+    run_table(&mut bed, table);
+    let _ = Ipv4Addr::LOCALHOST;
+}
