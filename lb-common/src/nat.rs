@@ -31,19 +31,26 @@ pub const CT_F_CLOSING: u16 = 1 << 1;
 /// A packet was seen in the reply direction (a TCP flow is established).
 pub const CT_F_SEEN_REPLY: u16 = 1 << 2;
 
-/// Timeouts, as Cilium's defaults (kube-proxy leaves them to nf_conntrack): an established TCP
-/// flow lives 6 hours without packets; one not yet answered, 60 s; a closing one 10 s; UDP 60 s.
+/// Timeouts: an established TCP flow lives 6 hours without packets (Cilium's default); one not
+/// yet answered, 60 s; UDP 60 s. A closing one (FIN or RST seen) 60 s: Linux's TIME_WAIT
+/// length, during which a backend refuses a new connection on the same 4-tuple whose
+/// timestamps are older (PAWS) — its NAT port must not be handed out sooner. nf_conntrack
+/// (kube-proxy) holds them 120 s.
 pub const CT_TIMEOUT_TCP_ESTABLISHED_S: u64 = 21_600;
 pub const CT_TIMEOUT_TCP_SYN_S: u64 = 60;
-pub const CT_TIMEOUT_TCP_CLOSING_S: u64 = 10;
+pub const CT_TIMEOUT_TCP_CLOSING_S: u64 = 60;
 pub const CT_TIMEOUT_NON_TCP_S: u64 = 60;
 /// `expires_ns` is rewritten only when it would move by more than this.
 pub const CT_REFRESH_NS: u64 = 1_000_000_000;
 
-/// Source ports used for SNAT: above Linux's default ephemeral range (32768–60999), so a NATed
-/// flow never takes a port a local socket of the node may be using towards the same backend.
-pub const NAT_PORT_MIN: u16 = 61_000;
-pub const NAT_PORT_MAX: u16 = 65_535;
+/// Source ports used for SNAT: below Linux's default ephemeral range (32768–60999), so a NATed
+/// flow never takes the port of a connection the node itself makes to the same backend (a
+/// kubelet probe, say): such a reply would be taken for the NATed flow's. 31,744 ports per
+/// (node address, backend address:port), each held until its flow expired: about 500 new
+/// SNATed connections per second to one backend sustained (kube-proxy's MASQUERADE: 64,512
+/// ports / 120 s).
+pub const NAT_PORT_MIN: u16 = 1_024;
+pub const NAT_PORT_MAX: u16 = 32_767;
 /// Random probes for a free NAT port before the packet is dropped (`tc_nat_port_exhausted`).
 pub const NAT_PORT_TRIES: u32 = 16;
 
@@ -232,7 +239,7 @@ mod tests {
         assert_eq!(ct_timeout_s(IPPROTO_TCP, CT_F_SEEN_REPLY), 21_600);
         assert_eq!(
             ct_timeout_s(IPPROTO_TCP, CT_F_SEEN_REPLY | CT_F_CLOSING),
-            10
+            60
         );
         assert_eq!(ct_timeout_s(IPPROTO_UDP, CT_F_SEEN_REPLY), 60);
     }

@@ -295,6 +295,22 @@ fn refresh(
     }
 }
 
+/// A TCP SYN (without ACK) on a flow that has closed: the start of a new connection.
+#[inline(always)]
+fn is_new_syn(proto: u8, tcp_flags: u8, ct_flags: u16) -> bool {
+    proto == IPPROTO_TCP && tcp_flags & 0x12 == 0x02 && ct_flags & CT_F_CLOSING != 0
+}
+
+/// May a NAT port whose reply entry expires at `expires` be given to a new flow? Only once
+/// expired: a closed TCP flow holds its port for Linux's TIME_WAIT length
+/// (`CT_TIMEOUT_TCP_CLOSING_S`), because the backend keeps a TIME_WAIT socket for that
+/// 4-tuple and refuses a new SYN whose timestamp is older than the last one it saw (PAWS).
+/// Measured: reusing ports of closed flows at once lost one SYN in about 60 to that.
+#[inline(always)]
+fn nat_port_reusable(expires: u64, t: u64) -> bool {
+    expires < t
+}
+
 /// Client-IP session affinity for a new external flow, else a random slot. Returns the
 /// backend id.
 #[inline(always)]
@@ -488,11 +504,9 @@ mod v4 {
             tcp_flags,
             l4,
         };
-        if let Some(v) = reply(&p) {
-            return rev_xlate(ctx, &p, &v, dir);
-        }
-        if dir == Dir::Egress {
-            return TC_NEXT;
+        let r = reply_path(ctx, &p, dir);
+        if r != NOT_HANDLED || dir == Dir::Egress {
+            return if r == NOT_HANDLED { TC_NEXT } else { r };
         }
         match fwd(ctx, &p) {
             REJECT => reject(ctx, &p, &ip),
@@ -506,6 +520,19 @@ mod v4 {
         match fwd_xlate(ctx, p) {
             Ok(v) => v,
             Err(d) => drop_verdict(d),
+        }
+    }
+
+    /// Not a verdict: the path found nothing to do.
+    const NOT_HANDLED: i32 = i32::MIN;
+
+    /// A reply of a translated flow: translated back and sent on. Out of line, so that its
+    /// frame and the new-flow path's are never on the BPF stack together.
+    #[inline(never)]
+    fn reply_path(ctx: &TcContext, p: &Pkt, dir: Dir) -> i32 {
+        match reply(p) {
+            Some(v) => rev_xlate(ctx, p, &v, dir),
+            None => NOT_HANDLED,
         }
     }
 
@@ -597,7 +624,7 @@ mod v4 {
         (r, s.to_ne_bytes())
     }
 
-    #[inline(never)]
+    #[inline(always)]
     fn rev_xlate(ctx: &TcContext, p: &Pkt, v: &Ct4Value, dir: Dir) -> i32 {
         if !rewrite(ctx, p, v.addr, v.port, v.nat_addr, v.nat_port) {
             return TC_ACT_SHOT;
@@ -623,7 +650,26 @@ mod v4 {
         if be.address != v.addr || be.port != v.port {
             return None;
         }
+        if is_new_syn(p.proto, p.tcp_flags, v.flags) {
+            // A new connection on the tuple of a closed one (the client reused its port):
+            // a new flow with a new NAT port and state. The old reply entry keeps the old
+            // port until it expires (see `nat_port_reusable`).
+            return None;
+        }
         ct_touch!(LB4_CT_V1, &k, p.proto, p.tcp_flags, false);
+        if p.tcp_flags & 0x04 != 0 {
+            // RST ends the flow both ways.
+            let rk = Ct4Key {
+                src: v.addr,
+                dst: v.nat_addr,
+                sport: v.port,
+                dport: v.nat_port,
+                proto: p.proto,
+                dir: CT_DIR_REPLY,
+                _pad: [0; 2],
+            };
+            ct_touch!(LB4_CT_V1, &rk, p.proto, p.tcp_flags, true);
+        }
         Some(v)
     }
 
@@ -729,19 +775,16 @@ mod v4 {
             fwd.nat_addr = route_src;
             rkey.dst = route_src;
             let mut done = false;
+            let snat_rev = Ct4Value {
+                flags: CT_F_SNAT,
+                ..rev
+            };
             for _ in 0..NAT_PORT_TRIES {
                 rkey.dport = nat_port(random());
-                // BPF_NOEXIST (1): a port another flow holds is not taken over.
-                if LB4_CT_V1
-                    .insert(
-                        &rkey,
-                        &Ct4Value {
-                            flags: CT_F_SNAT,
-                            ..rev
-                        },
-                        1,
-                    )
-                    .is_ok()
+                // BPF_NOEXIST (1): a port a live flow holds is not taken over; one whose flow
+                // is closing or expired is.
+                if LB4_CT_V1.insert(&rkey, &snat_rev, 1).is_ok()
+                    || (nat_port_free(&rkey, t) && LB4_CT_V1.insert(&rkey, &snat_rev, 0).is_ok())
                 {
                     done = true;
                     break;
@@ -764,6 +807,14 @@ mod v4 {
         count(Stat::TcXlated);
         count_frontend(fe.backend_id);
         Ok(forward(ctx, r))
+    }
+
+    /// Is the NAT port of reply key `rkey` (taken) free for a new flow? See
+    /// [`nat_port_reusable`].
+    #[inline(always)]
+    fn nat_port_free(rkey: &Ct4Key, t: u64) -> bool {
+        // SAFETY: read of a plain field of our own map's value.
+        unsafe { LB4_CT_V1.get(rkey) }.is_none_or(|v| nat_port_reusable(v.expires_ns, t))
     }
 
     #[inline(always)]
@@ -1239,7 +1290,7 @@ mod v6 {
     /// the same backend (and SNAT) again.
     #[inline(never)]
     fn established(ctx: &TcContext, p: &Pkt) -> i32 {
-        let k = key(p, CT_DIR_FWD);
+        let mut k = key(p, CT_DIR_FWD);
         // SAFETY: copied out at once.
         let Some(v) = unsafe { LB6_CT_V1.get(&k) }.copied() else {
             return NOT_HANDLED;
@@ -1249,7 +1300,24 @@ mod v6 {
             Some(be) if be.address == v.addr && be.port == v.port => {}
             _ => return NOT_HANDLED,
         }
+        if is_new_syn(p.proto, p.tcp_flags, v.flags) {
+            // A new connection on the tuple of a closed one: a new flow (as IPv4).
+            return NOT_HANDLED;
+        }
         ct_touch!(LB6_CT_V1, &k, p.proto, p.tcp_flags, false);
+        if p.tcp_flags & 0x04 != 0 {
+            // RST ends the flow both ways (the key is reused: the stack is tight here).
+            k = Ct6Key {
+                src: v.addr,
+                dst: v.nat_addr,
+                sport: v.port,
+                dport: v.nat_port,
+                proto: p.proto,
+                dir: CT_DIR_REPLY,
+                _pad: [0; 2],
+            };
+            ct_touch!(LB6_CT_V1, &k, p.proto, p.tcp_flags, true);
+        }
         let to = if v.flags & CT_F_SNAT != 0 {
             Tuple {
                 src: v.nat_addr,
@@ -1291,6 +1359,13 @@ mod v6 {
     #[aya_ebpf::macros::btf_map]
     static LB6_SCRATCH: aya_ebpf::btf_maps::PerCpuArray<Scratch, 1> =
         aya_ebpf::btf_maps::PerCpuArray::new();
+
+    /// Is the NAT port of `sc.rkey` (taken) free for a new flow? See [`nat_port_reusable`].
+    #[inline(always)]
+    fn nat_port_free(sc: &Scratch) -> bool {
+        // SAFETY: read of a plain field of our own map's value.
+        unsafe { LB6_CT_V1.get(&sc.rkey) }.is_none_or(|v| nat_port_reusable(v.expires_ns, now()))
+    }
 
     #[inline(always)]
     fn new_flow(ctx: &TcContext, p: &Pkt) -> Result<i32, Drop> {
@@ -1391,8 +1466,11 @@ mod v6 {
             let mut done = false;
             for _ in 0..NAT_PORT_TRIES {
                 sc.rkey.dport = nat_port(random());
-                // BPF_NOEXIST (1): a port another flow holds is not taken over.
-                if LB6_CT_V1.insert(&sc.rkey, &sc.rev, 1).is_ok() {
+                // BPF_NOEXIST (1): a port a live flow holds is not taken over; one whose flow
+                // is closing or expired is.
+                if LB6_CT_V1.insert(&sc.rkey, &sc.rev, 1).is_ok()
+                    || (nat_port_free(sc) && LB6_CT_V1.insert(&sc.rkey, &sc.rev, 0).is_ok())
+                {
                     done = true;
                     break;
                 }

@@ -199,7 +199,7 @@ mod tests {
             addr: be,
             nat_addr: nat,
             port: 8080,
-            nat_port: 61_000 + client_port,
+            nat_port: 20_000 + client_port,
             expires_ns: fwd_exp,
             ..Ct4Value::default()
         };

@@ -662,6 +662,29 @@ fn service_addrs(
     addrs
 }
 
+/// `spec.loadBalancerSourceRanges`, the valid ones (an invalid one is reported and ignored,
+/// as kube-proxy does).
+fn source_ranges(
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    object: &ObjectRef,
+    errors: &mut Vec<Error>,
+) -> Vec<Cidr> {
+    let mut out = Vec::new();
+    let ranges = spec.load_balancer_source_ranges.iter().flatten();
+    for (i, raw) in ranges.enumerate() {
+        match Cidr::parse(raw) {
+            Ok(c) => out.push(c),
+            Err(reason) => errors.push(Error::BadCidr {
+                object: object.clone(),
+                field: format!("spec.loadBalancerSourceRanges[{i}]"),
+                value: raw.clone(),
+                reason,
+            }),
+        }
+    }
+    out
+}
+
 fn resolve_service(svc: &Service, cfg: &Config, errors: &mut Vec<Error>) -> Option<Svc> {
     let Some(id) = ns_name(&svc.metadata) else {
         errors.push(Error::MissingName { kind: "Service" });
@@ -740,23 +763,7 @@ fn resolve_service(svc: &Service, cfg: &Config, errors: &mut Vec<Error>) -> Opti
         });
     }
     let affinity_timeout = affinity_timeout(spec, &object, errors);
-    let mut source_ranges = Vec::new();
-    for (i, raw) in spec
-        .load_balancer_source_ranges
-        .iter()
-        .flatten()
-        .enumerate()
-    {
-        match Cidr::parse(raw) {
-            Ok(c) => source_ranges.push(c),
-            Err(reason) => errors.push(Error::BadCidr {
-                object: object.clone(),
-                field: format!("spec.loadBalancerSourceRanges[{i}]"),
-                value: raw.clone(),
-                reason,
-            }),
-        }
-    }
+    let source_ranges = source_ranges(spec, &object, errors);
     Some(Svc {
         id,
         created: svc.metadata.creation_timestamp.as_ref().map(|t| t.0),

@@ -125,6 +125,7 @@ fn two_node_slice(svc: &str, ports: &[(&str, u16, &str)], eps: &[(String, &str)]
 /// node without one drops (timeout, never a refusal); a Service with no endpoint at all is
 /// refused at once (ICMP port unreachable from the datapath), IPv4 and IPv6.
 #[test]
+#[expect(clippy::too_many_lines, reason = "one scenario, step by step")]
 fn local_policy_keeps_the_client_address_and_drops_elsewhere() {
     let mut bed = MultiNode::new("np-local", &[1, 1]);
     bed.write_manifest(

@@ -397,6 +397,8 @@ fn ipv4_fixtures() {
     bad_ihl[14] = 0x43;
     let mut fragment = udp4(CLIENT, 40001, NODE, 30082);
     fragment[20] = 0x20; // more fragments
+    let nat = std::rc::Rc::new(std::cell::Cell::new(0u16));
+    let (nat1, nat2) = (nat.clone(), nat.clone());
     let table = vec![
         Fixture {
             what: "SYN to a NodePort with a remote backend: DNAT + SNAT, redirected to the next hop",
@@ -404,10 +406,14 @@ fn ipv4_fixtures() {
             input: syn.clone(),
             expect: Expect::Out(
                 TC_ACT_REDIRECT,
-                Box::new(|h, out| {
+                Box::new(move |h, out| {
                     assert_eq!(ip4(h), (NODE, REMOTE_POD));
                     let (sport, dport) = ports(h);
-                    assert!(sport >= lb_common::NAT_PORT_MIN, "NAT port {sport}");
+                    assert!(
+                        (lb_common::NAT_PORT_MIN..=lb_common::NAT_PORT_MAX).contains(&sport),
+                        "NAT port {sport}"
+                    );
+                    nat1.set(sport);
                     assert_eq!(dport, 8080);
                     assert_eq!(macs(out), (NEXT_MAC, NODE_MAC));
                 }),
@@ -419,9 +425,9 @@ fn ipv4_fixtures() {
             input: tcp4(CLIENT, 40000, NODE, 30080, false),
             expect: Expect::Out(
                 TC_ACT_REDIRECT,
-                Box::new(|h, _| {
+                Box::new(move |h, _| {
                     assert_eq!(ip4(h), (NODE, REMOTE_POD));
-                    assert!(ports(h).0 >= lb_common::NAT_PORT_MIN);
+                    assert_eq!(ports(h), (nat2.get(), 8080), "the flow's NAT port again");
                 }),
             ),
         },

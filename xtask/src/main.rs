@@ -45,6 +45,15 @@ enum Cmd {
         /// Changes written to the API-server double for the change → datapath latency (0: skip).
         #[arg(long, default_value_t = 200)]
         api_changes: usize,
+        /// Interleaved rounds of the NodePort lb-vs-iptables comparison (0: skip).
+        #[arg(long, default_value_t = 6)]
+        nodeport_rounds: usize,
+        /// Other Services in both NodePort beds (kube-proxy's KUBE-SERVICES length).
+        #[arg(long, default_value_t = 1000)]
+        nodeport_services: usize,
+        /// Run only the NodePort comparison.
+        #[arg(long)]
+        only_nodeport: bool,
     },
 }
 
@@ -83,11 +92,13 @@ fn cargo() -> Command {
     c
 }
 
-/// Debian packages providing the commands the tests and the demo use.
-const APT: [(&str, &str); 3] = [
+/// Debian packages providing the commands the tests, the demo and the bench use (iptables:
+/// the bench's kube-proxy lane).
+const APT: [(&str, &str); 4] = [
     ("ip", "iproute2"),
     ("bpftool", "bpftool"),
     ("nsenter", "util-linux"),
+    ("iptables-restore", "iptables"),
 ];
 
 fn setup() -> Result<()> {
@@ -229,6 +240,9 @@ fn main() -> Result<()> {
             round_secs,
             rounds,
             api_changes,
+            nodeport_rounds,
+            nodeport_services,
+            only_nodeport,
         } => {
             release_bins()?;
             run(Command::new(root().join("target/release/lb-bench")).args([
@@ -240,6 +254,12 @@ fn main() -> Result<()> {
                 &rounds.to_string(),
                 "--api-changes",
                 &api_changes.to_string(),
+                "--nodeport-rounds",
+                &nodeport_rounds.to_string(),
+                "--nodeport-services",
+                &nodeport_services.to_string(),
+                "--only-nodeport",
+                &only_nodeport.to_string(),
             ]))
         }
     }

@@ -6,13 +6,21 @@
 //! connect + request + response + close client (`lbt loop`) for a fixed time.
 //! Measured with 1 Service loaded, then with N Services × 4 endpoints, and the wall time from
 //! writing the N-Service manifest to the agent reporting the datapath programmed.
+//!
+//! NodePort from outside (`--nodeport-rounds`): two identical multi-node beds
+//! (tests/src/multinode.rs), one with `lb-agent`s (tcx packet path), one with kube-proxy's
+//! iptables rules (same chains and matches kube-proxy writes for a NodePort Service with
+//! externalTrafficPolicy Cluster, plus `--nodeport-services` other Services in
+//! KUBE-SERVICES). The backend is on node-2, the client hits node-1's NodePort: both lanes DNAT
+//! and SNAT. Rounds alternate between the beds: TCP connection rate (connect, request,
+//! response, close) and UDP request/response rate on one flow.
 use std::{
     fmt::Write as _,
     fs,
     time::{Duration, Instant},
 };
 
-use lb_tests::{Cluster, Value, pod_v4, service, slice, wait_for};
+use lb_tests::{Cluster, Value, multinode::MultiNode, pod_v4, service, slice, wait_for};
 
 struct Args {
     services: usize,
@@ -20,6 +28,12 @@ struct Args {
     rounds: usize,
     /// Changes written to the API double for the latency measurement (0 = skip the API phase).
     api_changes: usize,
+    /// Rounds of the NodePort comparison (0 = skip).
+    nodeport_rounds: usize,
+    /// Other Services in both NodePort beds (kube-proxy's KUBE-SERVICES length).
+    nodeport_services: usize,
+    /// Only the NodePort comparison.
+    only_nodeport: bool,
 }
 
 fn parse_args() -> Args {
@@ -28,6 +42,9 @@ fn parse_args() -> Args {
         round_secs: 1.0,
         rounds: 5,
         api_changes: 100,
+        nodeport_rounds: 0,
+        nodeport_services: 1000,
+        only_nodeport: false,
     };
     let v: Vec<String> = std::env::args().skip(1).collect();
     for pair in v.chunks(2) {
@@ -37,6 +54,11 @@ fn parse_args() -> Args {
             "--round-secs" => a.round_secs = val.parse().expect("--round-secs"),
             "--rounds" => a.rounds = val.parse().expect("--rounds"),
             "--api-changes" => a.api_changes = val.parse().expect("--api-changes"),
+            "--nodeport-rounds" => a.nodeport_rounds = val.parse().expect("--nodeport-rounds"),
+            "--nodeport-services" => {
+                a.nodeport_services = val.parse().expect("--nodeport-services");
+            }
+            "--only-nodeport" => a.only_nodeport = val.parse().expect("--only-nodeport"),
             f => panic!("unknown flag {f}"),
         }
     }
@@ -225,12 +247,220 @@ fn api_latency(n: usize, loaded: usize) -> (f64, f64, f64, u64) {
     )
 }
 
+/// kube-proxy's iptables rules (iptables mode, v1.33 shapes) for Service `np`: ClusterIP
+/// 198.19.0.90:80 (TCP) / :53 (UDP), NodePorts 30090/30091, `NP_PODS` endpoints on node-2, ETP
+/// Cluster, plus `others` Services ahead of the NodePort jump in KUBE-SERVICES.
+fn kube_proxy_rules(others: usize) -> String {
+    let mut r = String::from(
+        "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n\
+         :KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n\
+         :KUBE-EXT-NPT - [0:0]\n:KUBE-SVC-NPT - [0:0]\n\
+         :KUBE-EXT-NPU - [0:0]\n:KUBE-SVC-NPU - [0:0]\n\
+         -A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+         -A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+         -A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n\
+         -A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000\n\
+         -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n\
+         -A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0\n\
+         -A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n",
+    );
+    for i in 0..others {
+        let _ = writeln!(
+            r,
+            ":KUBE-SVC-O{i} - [0:0]\n-A KUBE-SERVICES -d 198.19.{}.{}/32 -p tcp -m comment --comment \"bench/o{i}:http cluster IP\" -m tcp --dport 80 -j KUBE-SVC-O{i}\n\
+             -A KUBE-SVC-O{i} -j KUBE-MARK-MASQ",
+            1 + i / 250,
+            1 + i % 250
+        );
+    }
+    r.push_str(
+        "-A KUBE-SERVICES -d 198.19.0.90/32 -p tcp -m comment --comment \"bench/np:http cluster IP\" -m tcp --dport 80 -j KUBE-SVC-NPT\n\
+         -A KUBE-SERVICES -d 198.19.0.90/32 -p udp -m comment --comment \"bench/np:dns cluster IP\" -m udp --dport 53 -j KUBE-SVC-NPU\n\
+         -A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n\
+         -A KUBE-NODEPORTS -p tcp -m comment --comment \"bench/np:http\" -m tcp --dport 30090 -j KUBE-EXT-NPT\n\
+         -A KUBE-NODEPORTS -p udp -m comment --comment \"bench/np:dns\" -m udp --dport 30091 -j KUBE-EXT-NPU\n\
+         -A KUBE-EXT-NPT -m comment --comment \"masquerade traffic for bench/np:http external destinations\" -j KUBE-MARK-MASQ\n\
+         -A KUBE-EXT-NPT -j KUBE-SVC-NPT\n\
+         -A KUBE-EXT-NPU -j KUBE-MARK-MASQ\n\
+         -A KUBE-EXT-NPU -j KUBE-SVC-NPU\n",
+    );
+    // Endpoints: kube-proxy's random-probability cascade, one KUBE-SEP chain each.
+    for (svc, proto, port) in [("NPT", "tcp", 8080), ("NPU", "udp", 5353)] {
+        for i in 0..NP_PODS {
+            let pod = np_pod(i);
+            let _ = writeln!(r, ":KUBE-SEP-{svc}{i} - [0:0]");
+            let left = NP_PODS - i;
+            if left > 1 {
+                let _ = writeln!(
+                    r,
+                    "-A KUBE-SVC-{svc} -m comment --comment \"bench/np -> {pod}:{port}\" -m statistic --mode random --probability {:.11} -j KUBE-SEP-{svc}{i}",
+                    1.0 / left as f64
+                );
+            } else {
+                let _ = writeln!(
+                    r,
+                    "-A KUBE-SVC-{svc} -m comment --comment \"bench/np -> {pod}:{port}\" -j KUBE-SEP-{svc}{i}"
+                );
+            }
+            let _ = writeln!(
+                r,
+                "-A KUBE-SEP-{svc}{i} -s {pod}/32 -j KUBE-MARK-MASQ\n-A KUBE-SEP-{svc}{i} -p {proto} -m {proto} -j DNAT --to-destination {pod}:{port}"
+            );
+        }
+    }
+    r.push_str("COMMIT\n");
+    r
+}
+
+/// Backends of the NodePort bench, all on node-2: each (node address, backend) pair has its
+/// own SNAT port space (31,744 ports, held 60 s after close in lb, 64,512 for 120 s in
+/// kube-proxy), so several backends keep a long run clear of port exhaustion in both lanes.
+const NP_PODS: usize = 4;
+
+fn np_pod(i: usize) -> String {
+    format!("198.18.2.{}", 10 + i)
+}
+
+/// Manifests for the lb bed: the same Service `np` and `others` ClusterIP Services.
+fn nodeport_manifest(others: usize) -> String {
+    let mut m = String::from(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: np, namespace: default}\n\
+         spec: {type: NodePort, clusterIP: 198.19.0.90, ports: [{name: http, port: 80, nodePort: 30090}, {name: dns, port: 53, protocol: UDP, nodePort: 30091}]}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: np-1, namespace: default, labels: {kubernetes.io/service-name: np}}\n\
+         addressType: IPv4\nports: [{name: http, port: 8080, protocol: TCP}, {name: dns, port: 5353, protocol: UDP}]\n\
+         endpoints: [",
+    );
+    let eps: Vec<String> = (0..NP_PODS)
+        .map(|i| format!("{{addresses: [{}], nodeName: node-2}}", np_pod(i)))
+        .collect();
+    m.push_str(&eps.join(", "));
+    m.push_str("]\n");
+    for i in 0..others {
+        let _ = write!(
+            m,
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: o{i}, namespace: default}}\nspec: {{clusterIP: 198.19.{}.{}, ports: [{{name: http, port: 80}}]}}\n",
+            1 + i / 250,
+            1 + i % 250
+        );
+    }
+    m
+}
+
+/// One lane round on a bed's external client: (TCP conn/s, UDP req/resp per s).
+fn np_round(bed: &MultiNode, secs: f64) -> (f64, f64) {
+    let ms = ((secs * 1000.0) as u64).to_string();
+    let t = &bed.ext_client(&["loop", "198.18.100.11:30090", &ms])[0];
+    assert_eq!(
+        t["failed"],
+        0,
+        "TCP failures in a NodePort round: {t}\n{}",
+        if bed.nodes[0].agent.is_some() {
+            bed.inspect(0, "stats").to_string()
+        } else {
+            String::new()
+        }
+    );
+    let u = &bed.ext_client(&["uloop", "198.18.100.11:30091", &ms])[0];
+    assert_eq!(u["failed"], 0, "UDP losses in a NodePort round: {u}");
+    (
+        t["ok"].as_f64().expect("ok") / secs,
+        u["ok"].as_f64().expect("ok") / secs,
+    )
+}
+
+/// The NodePort comparison; returns its Markdown.
+fn nodeport_bench(a: &Args) -> String {
+    eprintln!(
+        "NodePort from outside: lb (tcx) vs kube-proxy iptables, {} other Services, {} rounds × {} s",
+        a.nodeport_services, a.nodeport_rounds, a.round_secs
+    );
+    let mut lb = MultiNode::new("bnp-lb", &[0, NP_PODS]);
+    lb.write_manifest("np.yaml", &nodeport_manifest(a.nodeport_services));
+    lb.start_agents();
+    let ipt = MultiNode::new("bnp-ipt", &[0, NP_PODS]);
+    let rules = lb_tests::TempDir::new(&format!("bnp-rules-{}", std::process::id()));
+    let file = rules.path.join("rules");
+    fs::write(&file, kube_proxy_rules(a.nodeport_services)).expect("write rules");
+    lb_tests::sh(&format!(
+        "ip netns exec {} iptables-restore < {}",
+        ipt.nodes[0].netns.name,
+        file.display()
+    ));
+    for bed in [&lb, &ipt] {
+        let ok = wait_for(Duration::from_secs(20), || {
+            (bed.ext_client(&["tcp", "198.18.100.11:30090", "1"])[0]["ok"] == true).then_some(())
+        });
+        assert!(ok.is_some(), "NodePort bed never answered\n{}", bed.logs());
+        np_round(bed, 0.2); // warm-up: ARP, conntrack, caches
+    }
+    let (mut lt, mut lu, mut it, mut iu, mut rt, mut ru) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
+    for i in 0..a.nodeport_rounds {
+        let (l, k) = if i % 2 == 0 {
+            let l = np_round(&lb, a.round_secs);
+            (l, np_round(&ipt, a.round_secs))
+        } else {
+            let k = np_round(&ipt, a.round_secs);
+            (np_round(&lb, a.round_secs), k)
+        };
+        eprintln!(
+            "  round {i}: lb {:.0} conn/s {:.0} udp/s; iptables {:.0} conn/s {:.0} udp/s",
+            l.0, l.1, k.0, k.1
+        );
+        lt.push(l.0);
+        lu.push(l.1);
+        it.push(k.0);
+        iu.push(k.1);
+        rt.push(l.0 / k.0);
+        ru.push(l.1 / k.1);
+    }
+    let xlated = lb.stat(0, "tc_xlated");
+    assert!(xlated > 0, "the lb lane never used the packet path");
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "| NodePort from outside, {NP_PODS} backends on another node ({} other Services) | lb (tcx) | kube-proxy iptables | lb ÷ iptables (median of rounds) |",
+        a.nodeport_services
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|");
+    let _ = writeln!(
+        md,
+        "| TCP connections/s (connect, request, response, close) | {:.0} | {:.0} | {:.3} |",
+        median(&mut lt),
+        median(&mut it),
+        median(&mut rt)
+    );
+    let _ = writeln!(
+        md,
+        "| UDP request/response pairs/s, one flow (2 packets each way through node-1) | {:.0} | {:.0} | {:.3} |",
+        median(&mut lu),
+        median(&mut iu),
+        median(&mut ru)
+    );
+    let _ = writeln!(
+        md,
+        "\nConditions: external client → node-1 NodePort → SNAT + DNAT → backend on node-2, both beds built alike (veth + bridges, netns), {} interleaved rounds of {} s per lane and protocol, one closed-loop client.",
+        a.nodeport_rounds, a.round_secs
+    );
+    md
+}
+
 #[expect(
     clippy::too_many_lines,
     reason = "a linear benchmark script reads best top to bottom"
 )]
 fn main() {
     let a = parse_args();
+    if a.only_nodeport {
+        println!("\n{}", nodeport_bench(&a));
+        return;
+    }
     let mut c = Cluster::new("bench", 1);
     c.write_manifest(
         "web.yaml",
@@ -363,6 +593,10 @@ fn main() {
             "\nChange = an EndpointSlice of the probe Service updated in the API double (1 ↔ 2 endpoints), timed until the pinned map shows the new count; {} changes each, 30 ms apart.",
             a.api_changes
         );
+    }
+    if a.nodeport_rounds > 0 {
+        let _ = writeln!(md);
+        md.push_str(&nodeport_bench(&a));
     }
     println!("\n{md}");
 }

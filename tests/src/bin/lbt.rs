@@ -6,6 +6,8 @@
 //! * `lbt udp ADDR N` — unconnected: N × (sendto ADDR, recvfrom); prints the source seen.
 //! * `lbt udpc ADDR N [SRCPORT]` — connected UDP (from SRCPORT when given): connect, then
 //!   N × (send, recv, getpeername).
+//! * `lbt uloop ADDR MILLIS` — connected UDP ping-pong as fast as possible for MILLIS ms (200 ms
+//!   reply timeout); prints `{"ok":n,"failed":m}`.
 //! * `lbt http ADDR PATH` — one HTTP/1.1 GET; prints the raw response (exit 1 on no answer).
 //! * `lbt loop ADDR MILLIS` — TCP connect+request+close as fast as possible for MILLIS ms;
 //!   prints `{"ok":n,"failed":m,"errors":{...}}`.
@@ -156,6 +158,26 @@ fn udp_connected(addr: SocketAddr, n: usize, from: u16) {
     }
 }
 
+fn udp_loop(addr: SocketAddr, millis: u64) {
+    let s = udp_client(addr);
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    if let Err(e) = s.connect(addr) {
+        println!("{}", json!({"ok": 0, "failed": 1, "error": errno(&e)}));
+        return;
+    }
+    let end = Instant::now() + Duration::from_millis(millis);
+    let (mut ok, mut failed) = (0u64, 0u64);
+    let mut buf = [0u8; 128];
+    while Instant::now() < end {
+        match s.send(b"hi").and_then(|_| s.recv(&mut buf)) {
+            Ok(_) => ok += 1,
+            Err(_) => failed += 1,
+        }
+    }
+    println!("{}", json!({"ok": ok, "failed": failed}));
+}
+
 fn run_loop(addr: SocketAddr, millis: u64) {
     let end = Instant::now() + Duration::from_millis(millis);
     let (mut ok, mut failed) = (0u64, 0u64);
@@ -197,6 +219,7 @@ fn main() {
             args.get(3).map_or(0, |p| p.parse().expect("source port")),
         ),
         Some("loop") => run_loop(addr(1), num(2) as u64),
+        Some("uloop") => udp_loop(addr(1), num(2) as u64),
         Some("http") => {
             let mut s = TcpStream::connect_timeout(&addr(1), TIMEOUT).unwrap_or_else(|e| {
                 eprintln!("{}", errno(&e));
