@@ -421,3 +421,60 @@ fn nodeport_session_affinity_pins_the_client() {
         bed.inspect(0, "stats")
     );
 }
+
+/// A burst of short connections through SNAT to one backend: every one succeeds. A NAT port
+/// is only handed out again after its previous flow's TIME_WAIT could have ended at the
+/// backend; reusing it sooner loses SYNs to the backend's PAWS check (TcpExt PAWSTimewait).
+#[test]
+fn snat_connection_burst_never_meets_the_backends_time_wait() {
+    let mut bed = MultiNode::new("np-burst", &[0, 1]);
+    bed.write_manifest(
+        "svc.yaml",
+        &[
+            service(
+                "burst",
+                "  clusterIP: 198.19.0.60\n",
+                "[{name: http, port: 80, nodePort: 30087}]",
+                "",
+            ),
+            two_node_slice(
+                "burst",
+                &[("http", 8080, "TCP")],
+                &[(pod_v4(2, 0), "node-2")],
+            ),
+        ]
+        .join("---\n"),
+    );
+    bed.start_agents();
+    let addr = format!("{}:30087", node_v4(1));
+    wait_served(&bed, &addr);
+    let r = &bed.ext_client(&["loop", &addr, "3000"])[0];
+    assert_eq!(r["failed"], 0, "{r}\n{}", bed.inspect(0, "stats"));
+    assert!(
+        r["ok"].as_u64().unwrap() > 1000,
+        "too few connections to mean anything: {r}"
+    );
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &bed.nodes[1].pods[0].name,
+            "cat",
+            "/proc/net/netstat",
+        ])
+        .output()
+        .expect("netstat");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    let paws = lines
+        .chunks(2)
+        .flat_map(|c| c[0].split_whitespace().zip(c[1].split_whitespace()))
+        .find(|(k, _)| *k == "PAWSTimewait")
+        .map(|(_, v)| v.to_owned());
+    assert_eq!(
+        paws.as_deref(),
+        Some("0"),
+        "backend refused SYNs in TIME_WAIT"
+    );
+    assert_eq!(bed.stat(0, "tc_nat_port_exhausted"), 0);
+}

@@ -554,6 +554,69 @@ fn ipv4_fixtures() {
         },
     ];
     run_table(&mut bed, table);
+
+    // ICMP errors about the SNATed flow of the first fixture, from its backend.
+    let nat_port = nat.get();
+    let quote = |src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16| {
+        let mut v = Vec::new();
+        PacketBuilder::ethernet2(NODE_MAC, NEXT_MAC)
+            .ipv4(src, dst, 63)
+            .tcp(sport, dport, 1000, 64240)
+            .syn()
+            .write(&mut v, b"")
+            .expect("build quote");
+        v[14..14 + 28].to_vec()
+    };
+    let icmp = |from: [u8; 4], to: [u8; 4], code: u8, quoted: &[u8]| {
+        let mut v = Vec::new();
+        PacketBuilder::ethernet2(NEXT_MAC, NODE_MAC)
+            .ipv4(from, to, 64)
+            .icmpv4_raw(3, code, [0; 4])
+            .write(&mut v, quoted)
+            .expect("build icmp");
+        v
+    };
+    let table = vec![
+        Fixture {
+            what: "port unreachable from the backend about the SNATed flow: back to the client, \
+                   outer and quoted headers translated",
+            prog: "tc_nodeport_ingress",
+            input: icmp(REMOTE_POD, NODE, 3, &quote(NODE, nat_port, REMOTE_POD, 8080)),
+            expect: Expect::Out(
+                TC_ACT_REDIRECT,
+                Box::new(|h, out| {
+                    assert_eq!(ip4(h), (NODE, CLIENT), "from the frontend to the client");
+                    assert_eq!(macs(out), (CLIENT_MAC, NODE_MAC));
+                    let q = &out[42..];
+                    assert_eq!(sum(&q[..20], 0), 0xffff, "quoted IPv4 header checksum");
+                    assert_eq!(&q[12..16], &CLIENT, "quoted source: the client");
+                    assert_eq!(&q[16..20], &NODE, "quoted destination: the NodePort");
+                    assert_eq!(&q[20..22], &40000u16.to_be_bytes());
+                    assert_eq!(&q[22..24], &30080u16.to_be_bytes());
+                }),
+            ),
+        },
+        Fixture {
+            what: "frag-needed from a router about the SNATed flow: translated likewise, router \
+                   source kept",
+            prog: "tc_nodeport_ingress",
+            input: icmp([198, 18, 100, 1], NODE, 4, &quote(NODE, nat_port, REMOTE_POD, 8080)),
+            expect: Expect::Out(
+                TC_ACT_REDIRECT,
+                Box::new(|h, out| {
+                    assert_eq!(ip4(h), ([198, 18, 100, 1], CLIENT));
+                    assert_eq!(&out[42 + 12..42 + 16], &CLIENT);
+                }),
+            ),
+        },
+        Fixture {
+            what: "ICMP about a flow nobody translated: passed on untouched",
+            prog: "tc_nodeport_ingress",
+            input: icmp(REMOTE_POD, NODE, 3, &quote(NODE, 9, REMOTE_POD, 8080)),
+            expect: Expect::Unchanged(TC_NEXT),
+        },
+    ];
+    run_table(&mut bed, table);
 }
 
 #[test]
