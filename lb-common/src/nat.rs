@@ -54,17 +54,44 @@ pub const NAT_PORT_MAX: u16 = 32_767;
 /// Random probes for a free NAT port before the packet is dropped (`tc_nat_port_exhausted`).
 pub const NAT_PORT_TRIES: u32 = 16;
 
+/// Conntrack timeouts in seconds, set by the agent at load time (load-time globals named in
+/// [`GLOBALS_CT_TIMEOUTS`], `--conntrack-*-timeout`); 0 in a global means the default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtTimeouts {
+    pub tcp_established_s: u64,
+    pub tcp_syn_s: u64,
+    pub tcp_closing_s: u64,
+    pub other_s: u64,
+}
+
+impl CtTimeouts {
+    pub const DEFAULT: Self = Self {
+        tcp_established_s: CT_TIMEOUT_TCP_ESTABLISHED_S,
+        tcp_syn_s: CT_TIMEOUT_TCP_SYN_S,
+        tcp_closing_s: CT_TIMEOUT_TCP_CLOSING_S,
+        other_s: CT_TIMEOUT_NON_TCP_S,
+    };
+}
+
+/// The load-time globals holding [`CtTimeouts`], in field order (u64 seconds each).
+pub const GLOBALS_CT_TIMEOUTS: [&str; 4] = [
+    "LB_CT_TCP_EST_S",
+    "LB_CT_TCP_SYN_S",
+    "LB_CT_TCP_CLOSE_S",
+    "LB_CT_OTHER_S",
+];
+
 /// How long an entry stays after its last packet.
 #[must_use]
-pub const fn ct_timeout_s(proto: u8, flags: u16) -> u64 {
+pub const fn ct_timeout_s(proto: u8, flags: u16, t: &CtTimeouts) -> u64 {
     if proto != crate::IPPROTO_TCP {
-        CT_TIMEOUT_NON_TCP_S
+        t.other_s
     } else if flags & CT_F_CLOSING != 0 {
-        CT_TIMEOUT_TCP_CLOSING_S
+        t.tcp_closing_s
     } else if flags & CT_F_SEEN_REPLY != 0 {
-        CT_TIMEOUT_TCP_ESTABLISHED_S
+        t.tcp_established_s
     } else {
-        CT_TIMEOUT_TCP_SYN_S
+        t.tcp_syn_s
     }
 }
 
@@ -235,13 +262,23 @@ mod tests {
     #[test]
     fn timeouts_follow_the_flow_state() {
         use crate::{IPPROTO_TCP, IPPROTO_UDP};
-        assert_eq!(ct_timeout_s(IPPROTO_TCP, 0), 60);
-        assert_eq!(ct_timeout_s(IPPROTO_TCP, CT_F_SEEN_REPLY), 21_600);
+        assert_eq!(ct_timeout_s(IPPROTO_TCP, 0, &CtTimeouts::DEFAULT), 60);
         assert_eq!(
-            ct_timeout_s(IPPROTO_TCP, CT_F_SEEN_REPLY | CT_F_CLOSING),
+            ct_timeout_s(IPPROTO_TCP, CT_F_SEEN_REPLY, &CtTimeouts::DEFAULT),
+            21_600
+        );
+        assert_eq!(
+            ct_timeout_s(
+                IPPROTO_TCP,
+                CT_F_SEEN_REPLY | CT_F_CLOSING,
+                &CtTimeouts::DEFAULT
+            ),
             60
         );
-        assert_eq!(ct_timeout_s(IPPROTO_UDP, CT_F_SEEN_REPLY), 60);
+        assert_eq!(
+            ct_timeout_s(IPPROTO_UDP, CT_F_SEEN_REPLY, &CtTimeouts::DEFAULT),
+            60
+        );
     }
 
     #[test]

@@ -32,10 +32,10 @@ use aya_ebpf::{
 };
 use lb_common::{
     AffMatchKey, AffValue, AffxKey, BE_FLAG_LOCAL, CT_DIR_FWD, CT_DIR_REPLY, CT_F_CLOSING,
-    CT_F_SEEN_REPLY, CT_F_SNAT, CT_REFRESH_NS, Ct4Key, Ct4Value, Ct6Key, Ct6Value, IPPROTO_TCP,
-    IPPROTO_UDP, NAT_PORT_TRIES, SCOPE_EXTERNAL, SRCR4_FRONTEND_BITS, SRCR6_FRONTEND_BITS,
-    SVC_FLAG_NO_LOCAL, SVC_FLAG_SRC_RANGES, SrcRange4, SrcRange6, Stat, Svc4Key, Svc6Key, SvcValue,
-    ct_timeout_s, nat_port, select_slot,
+    CT_F_SEEN_REPLY, CT_F_SNAT, CT_REFRESH_NS, Ct4Key, Ct4Value, Ct6Key, Ct6Value, CtTimeouts,
+    IPPROTO_TCP, IPPROTO_UDP, NAT_PORT_TRIES, SCOPE_EXTERNAL, SRCR4_FRONTEND_BITS,
+    SRCR6_FRONTEND_BITS, SVC_FLAG_NO_LOCAL, SVC_FLAG_SRC_RANGES, SrcRange4, SrcRange6, Stat,
+    Svc4Key, Svc6Key, SvcValue, ct_timeout_s, nat_port, select_slot,
 };
 
 use crate::maps::{
@@ -133,6 +133,35 @@ fn drop_verdict(d: Drop) -> i32 {
         Drop::BackendMissing => Stat::RejectBackendMissing,
     });
     TC_ACT_SHOT
+}
+
+/// Conntrack timeouts (seconds; 0 = default), set by the agent at load time
+/// (`lb_common::GLOBALS_CT_TIMEOUTS`).
+#[unsafe(no_mangle)]
+static LB_CT_TCP_EST_S: u64 = 0;
+#[unsafe(no_mangle)]
+static LB_CT_TCP_SYN_S: u64 = 0;
+#[unsafe(no_mangle)]
+static LB_CT_TCP_CLOSE_S: u64 = 0;
+#[unsafe(no_mangle)]
+static LB_CT_OTHER_S: u64 = 0;
+
+/// The conntrack timeouts in force.
+#[inline(always)]
+fn timeouts() -> CtTimeouts {
+    // SAFETY: reads of load-time constants; volatile so the compiler keeps the loads (the
+    // loader patches the values after compilation).
+    let g = |p: *const u64, d: u64| match unsafe { core::ptr::read_volatile(p) } {
+        0 => d,
+        v => v,
+    };
+    let d = CtTimeouts::DEFAULT;
+    CtTimeouts {
+        tcp_established_s: g(&raw const LB_CT_TCP_EST_S, d.tcp_established_s),
+        tcp_syn_s: g(&raw const LB_CT_TCP_SYN_S, d.tcp_syn_s),
+        tcp_closing_s: g(&raw const LB_CT_TCP_CLOSE_S, d.tcp_closing_s),
+        other_s: g(&raw const LB_CT_OTHER_S, d.other_s),
+    }
 }
 
 #[inline(always)]
@@ -287,7 +316,7 @@ fn refresh(
     if proto == IPPROTO_TCP && tcp_flags & 0x05 != 0 {
         f |= CT_F_CLOSING;
     }
-    let next = t + ct_timeout_s(proto, f) * 1_000_000_000;
+    let next = t + ct_timeout_s(proto, f, &timeouts()) * 1_000_000_000;
     if f != flags || next > expires + CT_REFRESH_NS || next < expires {
         Some((f, next))
     } else {
@@ -752,7 +781,7 @@ mod v4 {
             _pad: 0,
             frontend_id: fe.backend_id,
             backend_id: id,
-            expires_ns: t + ct_timeout_s(p.proto, 0) * 1_000_000_000,
+            expires_ns: t + ct_timeout_s(p.proto, 0, &timeouts()) * 1_000_000_000,
         };
         let rev = Ct4Value {
             addr: p.dst,
@@ -1425,7 +1454,7 @@ mod v6 {
         let sc = LB6_SCRATCH.get_ptr_mut(0).ok_or(Drop::CtFull)?;
         // SAFETY: this CPU's scratch slot; nothing else runs on it while we do.
         let sc = unsafe { &mut *sc };
-        let expires = now() + ct_timeout_s(p.proto, 0) * 1_000_000_000;
+        let expires = now() + ct_timeout_s(p.proto, 0, &timeouts()) * 1_000_000_000;
         sc.fwd = Ct6Value {
             addr: be.address,
             nat_addr: p.src,

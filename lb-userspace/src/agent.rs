@@ -53,6 +53,7 @@ pub struct Options {
     /// `--nodeport-interfaces`: `None` = detect, `["none"]` = no packet path.
     pub nodeport_interfaces: Option<Vec<String>>,
     pub conntrack_gc_interval: Duration,
+    pub conntrack_timeouts: lb_common::CtTimeouts,
     pub model: model::Config,
     /// Full resync even without file events (missed inotify events, clock-driven safety net).
     pub resync_every: Duration,
@@ -409,6 +410,25 @@ async fn serve_http(opts: &Options) -> anyhow::Result<(Arc<Metrics>, Arc<Mutex<H
     Ok((metrics, health))
 }
 
+/// Loads and attaches the datapath (socket hooks on the cgroup, tcx on `ifaces`).
+fn load(opts: &Options, host: u64, ifaces: &[String]) -> anyhow::Result<BpfMaps> {
+    if opts.conntrack_timeouts.tcp_closing_s < lb_common::CT_TIMEOUT_TCP_CLOSING_S {
+        warn!(
+            seconds = opts.conntrack_timeouts.tcp_closing_s,
+            "--conntrack-tcp-timeout-close is below Linux's TIME_WAIT (60s): backends may refuse new connections on reused SNAT ports"
+        );
+    }
+    loader::load_and_attach(
+        &opts.bpffs,
+        &opts.cgroup,
+        opts.sizes,
+        host,
+        ifaces,
+        &opts.conntrack_timeouts,
+    )
+    .map_err(|e| anyhow::anyhow!("cannot load or attach the datapath: {}", chain(&e)))
+}
+
 /// `--nodeport-interfaces`: as given, none, or detected from the node addresses.
 fn nodeport_interfaces(opts: &Options) -> Vec<String> {
     match &opts.nodeport_interfaces {
@@ -439,8 +459,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let host = loader::netns_cookie(&opts.host_netns)
         .map_err(|e| anyhow::anyhow!("cannot read the host netns cookie: {}", chain(&e)))?;
     let ifaces = nodeport_interfaces(&opts);
-    let maps = loader::load_and_attach(&opts.bpffs, &opts.cgroup, opts.sizes, host, &ifaces)
-        .map_err(|e| anyhow::anyhow!("cannot load or attach the datapath: {}", chain(&e)))?;
+    let maps = load(&opts, host, &ifaces)?;
     info!(interfaces = ?ifaces, "packet path attached");
     let shadow = maps
         .read_shadow()

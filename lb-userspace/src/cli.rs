@@ -67,6 +67,19 @@ pub struct RunArgs {
     /// `--node-address`, plus the IPv4 default route's. `none`: no packet path.
     #[arg(long, value_name = "IFACES", value_delimiter = ',')]
     pub nodeport_interfaces: Option<Vec<String>>,
+    /// Packet-path conntrack: an established TCP flow is forgotten after this long idle.
+    #[arg(long, value_name = "DURATION", default_value = "6h", value_parser = parse_timeout)]
+    pub conntrack_tcp_timeout_established: u64,
+    /// Packet-path conntrack: a TCP flow not yet answered.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_timeout)]
+    pub conntrack_tcp_timeout_syn: u64,
+    /// Packet-path conntrack: a TCP flow after FIN or RST; its SNAT port is free only after
+    /// this. Below 60s (Linux's TIME_WAIT) a backend may refuse a reused port's new SYN.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_timeout)]
+    pub conntrack_tcp_timeout_close: u64,
+    /// Packet-path conntrack: UDP (and other) flows.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_timeout)]
+    pub conntrack_udp_timeout: u64,
     /// How often expired packet-path conntrack entries are deleted.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub conntrack_gc_interval: std::time::Duration,
@@ -92,6 +105,23 @@ pub struct RunArgs {
     /// Full resync interval in seconds, in addition to file events.
     #[arg(long, default_value_t = 30)]
     pub resync_seconds: u64,
+}
+
+/// `30s`, `10m`, `6h` → whole seconds, at least 1.
+fn parse_timeout(s: &str) -> Result<u64, String> {
+    let (num, scale) = match s.char_indices().last() {
+        Some((i, 's')) => (&s[..i], 1),
+        Some((i, 'm')) => (&s[..i], 60),
+        Some((i, 'h')) => (&s[..i], 3600),
+        _ => return Err(format!("{s:?}: give a unit, e.g. 60s, 10m or 6h")),
+    };
+    let v: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a whole number of {num:?} units"))?;
+    match v.checked_mul(scale) {
+        Some(secs) if (1..=7 * 24 * 3600).contains(&secs) => Ok(secs),
+        _ => Err(format!("{s:?} is out of range (1s to 7 days)")),
+    }
 }
 
 /// `250ms`, `1s`, `1.5s`.
@@ -121,6 +151,8 @@ pub enum What {
     Backends,
     /// Datapath counters, summed over CPUs.
     Stats,
+    /// Packet-path connection tracking: every flow entry and its rewrite.
+    Conntrack,
 }
 
 #[derive(Debug, Clone, Copy, Default, ValueEnum)]
@@ -152,4 +184,33 @@ pub struct CleanupArgs {
     /// (say, its pins were deleted by hand) is detached too.
     #[arg(long, value_name = "DIR")]
     pub cgroup: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{parse_duration, parse_timeout};
+
+    #[test]
+    fn timeouts_take_units_and_stay_in_range() {
+        assert_eq!(parse_timeout("60s"), Ok(60));
+        assert_eq!(parse_timeout("10m"), Ok(600));
+        assert_eq!(parse_timeout("6h"), Ok(21_600));
+        assert!(parse_timeout("0s").is_err());
+        assert!(parse_timeout("60").is_err());
+        assert!(parse_timeout("1.5h").is_err());
+        assert!(parse_timeout("200h").is_err());
+    }
+
+    #[test]
+    fn durations_take_ms_and_s() {
+        assert_eq!(
+            parse_duration("250ms"),
+            Ok(std::time::Duration::from_millis(250))
+        );
+        assert_eq!(
+            parse_duration("1.5s"),
+            Ok(std::time::Duration::from_millis(1500))
+        );
+        assert!(parse_duration("1").is_err());
+    }
 }

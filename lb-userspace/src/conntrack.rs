@@ -136,20 +136,10 @@ fn collect<V: Entry + aya::Pod>(
     now: u64,
 ) -> Result<(usize, usize), Error> {
     let err = |op| move |source| Error { name, op, source };
+    let entries: HashMap<V::Key, V> = read::<V>(dir, name)?.into_iter().collect();
     let md = MapData::from_pin(dir.join(name)).map_err(err("open pin"))?;
     let mut map: BpfHash<MapData, V::Key, V> =
         BpfHash::try_from(aya::maps::Map::LruHashMap(md)).map_err(err("open"))?;
-    let mut entries = HashMap::new();
-    for kv in &map {
-        match kv {
-            Ok((k, v)) => {
-                entries.insert(k, v);
-            }
-            // An entry deleted by the LRU while we walk: skip it.
-            Err(MapError::KeyNotFound) => {}
-            Err(e) => return Err(err("iterate")(e)),
-        }
-    }
     let doomed = plan(&entries, now);
     let mut deleted = 0;
     for k in &doomed {
@@ -162,6 +152,99 @@ fn collect<V: Entry + aya::Pod>(
         }
     }
     Ok((entries.len(), deleted))
+}
+
+/// One conntrack entry as `inspect conntrack` shows it: the packet it matches and what that
+/// packet is rewritten to.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Flow {
+    /// `forward` (client → frontend) or `reply` (backend → client or NAT port).
+    pub dir: &'static str,
+    pub proto: String,
+    pub from: std::net::SocketAddr,
+    pub to: std::net::SocketAddr,
+    pub new_from: std::net::SocketAddr,
+    pub new_to: std::net::SocketAddr,
+    pub snat: bool,
+    pub closing: bool,
+    pub seen_reply: bool,
+    /// Seconds until the entry may be collected (negative: expired, not yet collected).
+    pub expires_in_s: f64,
+}
+
+/// Every entry of both families' pinned tables.
+pub fn list(dir: &Path) -> Result<Vec<Flow>, Error> {
+    use std::net::{IpAddr, SocketAddr};
+    let now = monotonic_ns();
+    let mut out = Vec::new();
+    let flow = |d: u8,
+                p: u8,
+                from: SocketAddr,
+                to: SocketAddr,
+                a: SocketAddr,
+                n: SocketAddr,
+                flags: u16,
+                exp: u64| {
+        let fwd = d == CT_DIR_FWD;
+        let snat = flags & lb_common::CT_F_SNAT != 0;
+        Flow {
+            dir: if fwd { "forward" } else { "reply" },
+            proto: crate::model::Proto::from_number(p)
+                .map_or_else(|| p.to_string(), |p| p.to_string()),
+            from,
+            to,
+            new_from: if fwd { if snat { n } else { from } } else { a },
+            new_to: if fwd { a } else { n },
+            snat,
+            closing: flags & lb_common::CT_F_CLOSING != 0,
+            seen_reply: flags & lb_common::CT_F_SEEN_REPLY != 0,
+            expires_in_s: (i128::from(exp) - i128::from(now)) as f64 / 1e9,
+        }
+    };
+    for (k, v) in read::<Ct4Value>(dir, MAP_CT4)? {
+        let sa = |a: [u8; 4], p| SocketAddr::new(IpAddr::from(a), p);
+        out.push(flow(
+            k.dir,
+            k.proto,
+            sa(k.src, k.sport),
+            sa(k.dst, k.dport),
+            sa(v.addr, v.port),
+            sa(v.nat_addr, v.nat_port),
+            v.flags,
+            v.expires_ns,
+        ));
+    }
+    for (k, v) in read::<Ct6Value>(dir, MAP_CT6)? {
+        let sa = |a: [u8; 16], p| SocketAddr::new(IpAddr::from(a), p);
+        out.push(flow(
+            k.dir,
+            k.proto,
+            sa(k.src, k.sport),
+            sa(k.dst, k.dport),
+            sa(v.addr, v.port),
+            sa(v.nat_addr, v.nat_port),
+            v.flags,
+            v.expires_ns,
+        ));
+    }
+    Ok(out)
+}
+
+/// The entries of one pinned table.
+fn read<V: Entry + aya::Pod>(dir: &Path, name: &'static str) -> Result<Vec<(V::Key, V)>, Error> {
+    let err = |op| move |source| Error { name, op, source };
+    let md = MapData::from_pin(dir.join(name)).map_err(err("open pin"))?;
+    let map: BpfHash<MapData, V::Key, V> =
+        BpfHash::try_from(aya::maps::Map::LruHashMap(md)).map_err(err("open"))?;
+    let mut out = Vec::new();
+    for kv in &map {
+        match kv {
+            Ok(e) => out.push(e),
+            Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(err("iterate")(e)),
+        }
+    }
+    Ok(out)
 }
 
 /// One collection over both families' pinned tables.

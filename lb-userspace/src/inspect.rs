@@ -159,6 +159,39 @@ pub fn backends_table(r: &Report) -> String {
     s
 }
 
+/// `inspect conntrack` as a table.
+#[must_use]
+pub fn conntrack_table(flows: &[crate::conntrack::Flow]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:<8} {:<5} {:<46} {:<46} {:>9}  FLAGS",
+        "DIR", "PROTO", "PACKET", "REWRITTEN TO", "EXPIRES"
+    );
+    for f in flows {
+        let flags: Vec<&str> = [
+            (f.snat, "snat"),
+            (f.seen_reply, "replied"),
+            (f.closing, "closing"),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, n)| *n)
+        .collect();
+        let _ = writeln!(
+            s,
+            "{:<8} {:<5} {:<46} {:<46} {:>8.0}s  {}",
+            f.dir,
+            f.proto,
+            format!("{} → {}", f.from, f.to),
+            format!("{} → {}", f.new_from, f.new_to),
+            f.expires_in_s,
+            flags.join(",")
+        );
+    }
+    s
+}
+
 /// `inspect stats` as a table.
 #[must_use]
 pub fn stats_table(r: &Report) -> String {

@@ -251,6 +251,7 @@ pub fn load_and_attach(
     sizes: Sizes,
     host_netns_cookie: u64,
     nodeport_ifaces: &[String],
+    timeouts: &lb_common::CtTimeouts,
 ) -> Result<BpfMaps> {
     if OBJECT.is_empty() {
         return Err(Error::NotBuilt);
@@ -265,6 +266,15 @@ pub fn load_and_attach(
     let pins: Vec<(&str, PathBuf)> = ALL_MAPS.iter().map(|n| (*n, bpffs.join(n))).collect();
     let mut loader = EbpfLoader::new();
     loader.override_global(lb_common::GLOBAL_HOST_NETNS, &host_netns_cookie, true);
+    let t = [
+        timeouts.tcp_established_s,
+        timeouts.tcp_syn_s,
+        timeouts.tcp_closing_s,
+        timeouts.other_s,
+    ];
+    for (name, v) in lb_common::GLOBALS_CT_TIMEOUTS.iter().zip(&t) {
+        loader.override_global(name, v, true);
+    }
     for (name, path) in &pins {
         loader.map_pin_path(name, path.as_path());
     }

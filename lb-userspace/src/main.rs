@@ -28,50 +28,20 @@ fn main() -> ExitCode {
 fn real_main(cli: cli::Cli) -> anyhow::Result<()> {
     match cli.command {
         cli::Command::Run(a) => {
-            let cgroup = match a.cgroup {
-                Some(c) => c,
-                None => loader::cgroup2_mount().map_err(|e| anyhow::anyhow!(agent::chain(&e)))?,
-            };
-            let node_name = a.node_name.clone().unwrap_or_else(hostname);
-            let opts = agent::Options {
-                source: match a.manifests {
-                    Some(dir) => agent::SourceOpt::Manifests(dir),
-                    None => agent::SourceOpt::Api {
-                        kubeconfig: a.kubeconfig,
-                    },
-                },
-                node_name: node_name.clone(),
-                cgroup,
-                bpffs: a.bpffs,
-                sizes: loader::Sizes {
-                    services: a.max_service_entries,
-                    backends: a.max_backend_entries,
-                    revnat: a.max_revnat_entries,
-                    conntrack: a.max_conntrack_entries,
-                },
-                nodeport_interfaces: a.nodeport_interfaces.clone(),
-                conntrack_gc_interval: a.conntrack_gc_interval,
-                model: model::Config {
-                    ipv4: true,
-                    ipv6: std::path::Path::new("/proc/net/if_inet6").exists(),
-                    proxy_name: a.proxy_name,
-                    node_name: node_name.clone(),
-                    zone: None, // from the Node object, per sync
-                    node_addresses: a.node_addresses.clone(),
-                },
-                resync_every: Duration::from_secs(a.resync_seconds.max(1)),
-                debounce: Duration::from_millis(5),
-                min_sync_interval: a.min_sync_interval,
-                host_netns: a.host_netns.clone(),
-                metrics_addr: a.metrics_addr,
-                healthz_addr: a.healthz_addr,
-                healthcheck_bind: a.healthcheck_bind_address,
-                health_timeout: a.health_timeout,
-            };
+            let opts = run_options(*a)?;
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
                 .block_on(agent::run(opts))
+        }
+        cli::Command::Inspect(a) if matches!(a.what, cli::What::Conntrack) => {
+            let flows = lb_userspace::conntrack::list(&a.bpffs)
+                .map_err(|e| anyhow::anyhow!(agent::chain(&e)))?;
+            match a.output {
+                cli::Output::Json => println!("{}", serde_json::to_string_pretty(&flows)?),
+                cli::Output::Table => print!("{}", inspect::conntrack_table(&flows)),
+            }
+            Ok(())
         }
         cli::Command::Inspect(a) => {
             let r = inspect::report(&a.bpffs).map_err(|e| anyhow::anyhow!(agent::chain(&e)))?;
@@ -92,6 +62,7 @@ fn real_main(cli: cli::Cli) -> anyhow::Result<()> {
                     print!("{}", inspect::backends_table(&r));
                 }
                 (cli::Output::Table, cli::What::Stats) => print!("{}", inspect::stats_table(&r)),
+                (_, cli::What::Conntrack) => unreachable!("handled above"),
             }
             Ok(())
         }
@@ -112,4 +83,55 @@ fn real_main(cli: cli::Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `run`'s flags → the agent's options.
+fn run_options(a: cli::RunArgs) -> anyhow::Result<agent::Options> {
+    let cgroup = match a.cgroup {
+        Some(c) => c,
+        None => loader::cgroup2_mount().map_err(|e| anyhow::anyhow!(agent::chain(&e)))?,
+    };
+    let node_name = a.node_name.clone().unwrap_or_else(hostname);
+    let opts = agent::Options {
+        source: match a.manifests {
+            Some(dir) => agent::SourceOpt::Manifests(dir),
+            None => agent::SourceOpt::Api {
+                kubeconfig: a.kubeconfig,
+            },
+        },
+        node_name: node_name.clone(),
+        cgroup,
+        bpffs: a.bpffs,
+        sizes: loader::Sizes {
+            services: a.max_service_entries,
+            backends: a.max_backend_entries,
+            revnat: a.max_revnat_entries,
+            conntrack: a.max_conntrack_entries,
+        },
+        nodeport_interfaces: a.nodeport_interfaces.clone(),
+        conntrack_gc_interval: a.conntrack_gc_interval,
+        conntrack_timeouts: lb_common::CtTimeouts {
+            tcp_established_s: a.conntrack_tcp_timeout_established,
+            tcp_syn_s: a.conntrack_tcp_timeout_syn,
+            tcp_closing_s: a.conntrack_tcp_timeout_close,
+            other_s: a.conntrack_udp_timeout,
+        },
+        model: model::Config {
+            ipv4: true,
+            ipv6: std::path::Path::new("/proc/net/if_inet6").exists(),
+            proxy_name: a.proxy_name,
+            node_name: node_name.clone(),
+            zone: None, // from the Node object, per sync
+            node_addresses: a.node_addresses.clone(),
+        },
+        resync_every: Duration::from_secs(a.resync_seconds.max(1)),
+        debounce: Duration::from_millis(5),
+        min_sync_interval: a.min_sync_interval,
+        host_netns: a.host_netns.clone(),
+        metrics_addr: a.metrics_addr,
+        healthz_addr: a.healthz_addr,
+        healthcheck_bind: a.healthcheck_bind_address,
+        health_timeout: a.health_timeout,
+    };
+    Ok(opts)
 }

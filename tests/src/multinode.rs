@@ -212,12 +212,17 @@ impl MultiNode {
 
     /// Starts every node's agent (packet path on `eth0`) and waits until each is ready.
     pub fn start_agents(&mut self) {
+        self.start_agents_with(&[]);
+    }
+
+    /// [`MultiNode::start_agents`] with extra `run` flags.
+    pub fn start_agents_with(&mut self, extra: &[&str]) {
         for n in 0..self.nodes.len() {
-            self.start_agent(n);
+            self.start_agent(n, extra);
         }
     }
 
-    fn start_agent(&mut self, n: usize) {
+    fn start_agent(&mut self, n: usize, extra: &[&str]) {
         let node = &self.nodes[n];
         let log = File::create(&node.log).expect("agent log");
         // The agent runs in the node's network namespace (its interfaces, its host netns for
@@ -241,6 +246,7 @@ impl MultiNode {
                 "127.0.0.1:0",
             ])
             .args(["--conntrack-gc-interval", "1s"])
+            .args(extra)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(log.try_clone().expect("dup log"))

@@ -478,3 +478,62 @@ fn snat_connection_burst_never_meets_the_backends_time_wait() {
     );
     assert_eq!(bed.stat(0, "tc_nat_port_exhausted"), 0);
 }
+
+/// Conntrack entries of a packet-path flow live while packets flow (the flow keeps its NAT
+/// port), and are collected once the flow has been idle past its timeout.
+#[test]
+fn conntrack_entries_live_while_used_and_are_collected_after() {
+    let mut bed = MultiNode::new("np-ct", &[0, 1]);
+    bed.write_manifest(
+        "svc.yaml",
+        &[
+            service(
+                "ct",
+                "  clusterIP: 198.19.0.70\n",
+                "[{name: dns, port: 53, protocol: UDP, nodePort: 30088}]",
+                "",
+            ),
+            two_node_slice("ct", &[("dns", 5353, "UDP")], &[(pod_v4(2, 0), "node-2")]),
+        ]
+        .join("---\n"),
+    );
+    bed.start_agents_with(&["--conntrack-udp-timeout", "3s"]);
+    let addr = format!("{}:30088", node_v4(1));
+    let served = wait_for(Duration::from_secs(10), || {
+        (bed.ext_client(&["udpc", &addr, "1", "41000"])[0]["ok"] == true).then_some(())
+    });
+    assert!(
+        served.is_some(),
+        "UDP NodePort never answered\n{}",
+        bed.logs()
+    );
+    let flows = || -> Vec<Value> {
+        bed.inspect(0, "conntrack")
+            .as_array()
+            .expect("flows")
+            .iter()
+            .filter(|f| f["proto"] == "UDP")
+            .cloned()
+            .collect()
+    };
+    let nat_of = |fs: &[Value]| -> String {
+        fs.iter().find(|f| f["dir"] == "forward").map_or_else(
+            || panic!("no forward entry: {fs:?}"),
+            |f| f["new_from"].as_str().unwrap().to_owned(),
+        )
+    };
+    let first = flows();
+    assert_eq!(first.len(), 2, "a forward and a reply entry: {first:?}");
+    assert!(first.iter().all(|f| f["snat"] == true));
+    let nat = nat_of(&first);
+    // Busy for twice the timeout: the same flow throughout.
+    for _ in 0..6 {
+        std::thread::sleep(Duration::from_secs(1));
+        let r = bed.ext_client(&["udpc", &addr, "1", "41000"]);
+        assert_eq!(r[0]["ok"], true, "{r:?}");
+        assert_eq!(nat_of(&flows()), nat, "the flow kept its NAT port");
+    }
+    // Idle: collected after the 3 s timeout (and a 1 s collection interval).
+    let gone = wait_for(Duration::from_secs(10), || flows().is_empty().then_some(()));
+    assert!(gone.is_some(), "entries not collected: {:?}", flows());
+}

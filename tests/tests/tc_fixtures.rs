@@ -581,7 +581,12 @@ fn ipv4_fixtures() {
             what: "port unreachable from the backend about the SNATed flow: back to the client, \
                    outer and quoted headers translated",
             prog: "tc_nodeport_ingress",
-            input: icmp(REMOTE_POD, NODE, 3, &quote(NODE, nat_port, REMOTE_POD, 8080)),
+            input: icmp(
+                REMOTE_POD,
+                NODE,
+                3,
+                &quote(NODE, nat_port, REMOTE_POD, 8080),
+            ),
             expect: Expect::Out(
                 TC_ACT_REDIRECT,
                 Box::new(|h, out| {
@@ -600,7 +605,12 @@ fn ipv4_fixtures() {
             what: "frag-needed from a router about the SNATed flow: translated likewise, router \
                    source kept",
             prog: "tc_nodeport_ingress",
-            input: icmp([198, 18, 100, 1], NODE, 4, &quote(NODE, nat_port, REMOTE_POD, 8080)),
+            input: icmp(
+                [198, 18, 100, 1],
+                NODE,
+                4,
+                &quote(NODE, nat_port, REMOTE_POD, 8080),
+            ),
             expect: Expect::Out(
                 TC_ACT_REDIRECT,
                 Box::new(|h, out| {
