@@ -537,3 +537,64 @@ fn conntrack_entries_live_while_used_and_are_collected_after() {
     let gone = wait_for(Duration::from_secs(10), || flows().is_empty().then_some(()));
     assert!(gone.is_some(), "entries not collected: {:?}", flows());
 }
+
+/// IPv6 from outside: externalTrafficPolicy Local keeps the client's address on the node with
+/// the endpoint and drops on the other; the LoadBalancer IP honours its IPv6 source ranges.
+#[test]
+fn ipv6_local_policy_and_source_ranges() {
+    let mut bed = MultiNode::new("np-v6", &[1, 1]);
+    let manifest = |range: &str| {
+        [
+            service(
+                "v6",
+                &format!(
+                    "  clusterIPs: [198.19.0.80, \"2001:db8:19::80\"]\n  ipFamilies: [IPv4, IPv6]\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32002\n  loadBalancerSourceRanges: [\"{range}\"]\n"
+                ),
+                "[{name: http, port: 80, nodePort: 30089}]",
+                "status:\n  loadBalancer:\n    ingress: [{ip: \"2001:db8:200::10\"}]\n",
+            ),
+            slice_on_nodes(
+                "v6",
+                "v6-v6",
+                "IPv6",
+                &[("http", 8080, "TCP")],
+                &[(&pod_v6(1, 0), "node-1")],
+            ),
+        ]
+        .join("---\n")
+    };
+    bed.write_manifest("svc.yaml", &manifest("2001:db8:100::/64"));
+    bed.start_agents();
+    let on1 = format!("[{}]:30089", node_v6(1));
+    wait_served(&bed, &on1);
+    assert_eq!(
+        seen(&bed.ext_client(&["tcp", &on1, "5"])),
+        vec![("n1p0".to_owned(), EXT_V6.to_owned()); 5],
+        "Local: client address kept"
+    );
+    let on2 = format!("[{}]:30089", node_v6(2));
+    let rs = bed.ext_client(&["tcp", &on2, "1"]);
+    assert_eq!(
+        errors(&rs),
+        BTreeSet::from(["ETIMEDOUT".to_owned()]),
+        "{rs:?}"
+    );
+    let lb = "[2001:db8:200::10]:80";
+    wait_served(&bed, lb);
+    assert_eq!(
+        seen(&bed.ext_client(&["tcp", lb, "5"])),
+        vec![("n1p0".to_owned(), EXT_V6.to_owned()); 5]
+    );
+    bed.write_manifest("svc.yaml", &manifest("2001:db8:ff::/64"));
+    let denied = wait_for(Duration::from_secs(10), || {
+        let rs = bed.ext_client(&["tcp", lb, "1"]);
+        (errors(&rs) == BTreeSet::from(["ETIMEDOUT".to_owned()])).then_some(())
+    });
+    assert!(
+        denied.is_some(),
+        "IPv6 source range not enforced\n{}",
+        bed.logs()
+    );
+    // The NodePort is not an LB IP: no source ranges there.
+    assert_eq!(seen(&bed.ext_client(&["tcp", &on1, "1"])).len(), 1);
+}
