@@ -26,6 +26,8 @@ use std::{
 pub use serde_json::Value;
 
 pub mod apiserver;
+pub mod kpbench;
+pub mod kubeproxy;
 pub mod multinode;
 
 /// Runs a shell command; panics with its output when it fails.

@@ -54,6 +54,19 @@ enum Cmd {
         /// Run only the NodePort comparison.
         #[arg(long)]
         only_nodeport: bool,
+        /// At most ~5 minutes: the kube-proxy-shapes comparison only, at 100, 1,000 and 10,000
+        /// Services, 2 rounds × 1 s.
+        #[arg(long)]
+        quick: bool,
+        /// Service counts of the kube-proxy-shapes comparison.
+        #[arg(long, value_delimiter = ',', default_value = "100,1000,10000,50000")]
+        scales: Vec<usize>,
+        /// Rounds of the kube-proxy-shapes comparison.
+        #[arg(long, default_value_t = 3)]
+        kp_rounds: usize,
+        /// Client threads of the kube-proxy-shapes comparison.
+        #[arg(long, default_value_t = 2)]
+        kp_threads: usize,
     },
 }
 
@@ -243,24 +256,63 @@ fn main() -> Result<()> {
             nodeport_rounds,
             nodeport_services,
             only_nodeport,
+            quick,
+            scales,
+            kp_rounds,
+            kp_threads,
         } => {
             release_bins()?;
-            run(Command::new(root().join("target/release/lb-bench")).args([
-                "--services",
-                &services.to_string(),
-                "--round-secs",
-                &round_secs.to_string(),
-                "--rounds",
-                &rounds.to_string(),
-                "--api-changes",
-                &api_changes.to_string(),
-                "--nodeport-rounds",
-                &nodeport_rounds.to_string(),
-                "--nodeport-services",
-                &nodeport_services.to_string(),
-                "--only-nodeport",
-                &only_nodeport.to_string(),
-            ]))
+            let out = root().join("target/bench");
+            let md = root().join("BENCHMARKS.md");
+            if quick {
+                return run(Command::new(root().join("target/release/lb-bench"))
+                    .args([
+                        "--only-kube-proxy",
+                        "true",
+                        "--kp-scales",
+                        "100,1000,10000",
+                        "--kp-rounds",
+                        "2",
+                        "--round-secs",
+                        "1",
+                        "--kp-threads",
+                        &kp_threads.to_string(),
+                        "--out-dir",
+                    ])
+                    .arg(&out)
+                    .arg("--benchmarks-md")
+                    .arg(&md));
+            }
+            let scales: Vec<String> = scales.iter().map(ToString::to_string).collect();
+            run(Command::new(root().join("target/release/lb-bench"))
+                .args([
+                    "--kp-scales",
+                    &scales.join(","),
+                    "--kp-rounds",
+                    &kp_rounds.to_string(),
+                    "--kp-threads",
+                    &kp_threads.to_string(),
+                    "--out-dir",
+                ])
+                .arg(&out)
+                .arg("--benchmarks-md")
+                .arg(&md)
+                .args([
+                    "--services",
+                    &services.to_string(),
+                    "--round-secs",
+                    &round_secs.to_string(),
+                    "--rounds",
+                    &rounds.to_string(),
+                    "--api-changes",
+                    &api_changes.to_string(),
+                    "--nodeport-rounds",
+                    &nodeport_rounds.to_string(),
+                    "--nodeport-services",
+                    &nodeport_services.to_string(),
+                    "--only-nodeport",
+                    &only_nodeport.to_string(),
+                ]))
         }
     }
 }

@@ -34,6 +34,20 @@ struct Args {
     nodeport_services: usize,
     /// Only the NodePort comparison.
     only_nodeport: bool,
+    /// The kube-proxy-shapes comparison at these Service counts (empty = skip).
+    kp_scales: Vec<usize>,
+    /// Client threads of the kube-proxy-shapes comparison.
+    kp_threads: usize,
+    /// Rounds of the kube-proxy-shapes comparison.
+    kp_rounds: usize,
+    /// Only the kube-proxy-shapes comparison.
+    only_kube_proxy: bool,
+    /// Largest Service count for the nftables lane.
+    kp_nft_max: usize,
+    /// Where the results (JSON, Markdown) go.
+    out_dir: Option<String>,
+    /// Where the whole Markdown report is written (e.g. BENCHMARKS.md).
+    benchmarks_md: Option<String>,
 }
 
 fn parse_args() -> Args {
@@ -45,6 +59,13 @@ fn parse_args() -> Args {
         nodeport_rounds: 0,
         nodeport_services: 1000,
         only_nodeport: false,
+        kp_scales: Vec::new(),
+        kp_threads: 2,
+        kp_rounds: 3,
+        only_kube_proxy: false,
+        kp_nft_max: 10_000,
+        out_dir: None,
+        benchmarks_md: None,
     };
     let v: Vec<String> = std::env::args().skip(1).collect();
     for pair in v.chunks(2) {
@@ -59,6 +80,19 @@ fn parse_args() -> Args {
                 a.nodeport_services = val.parse().expect("--nodeport-services");
             }
             "--only-nodeport" => a.only_nodeport = val.parse().expect("--only-nodeport"),
+            "--kp-scales" => {
+                a.kp_scales = val
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(|s| s.parse().expect("--kp-scales"))
+                    .collect();
+            }
+            "--kp-threads" => a.kp_threads = val.parse().expect("--kp-threads"),
+            "--kp-rounds" => a.kp_rounds = val.parse().expect("--kp-rounds"),
+            "--only-kube-proxy" => a.only_kube_proxy = val.parse().expect("--only-kube-proxy"),
+            "--kp-nft-max" => a.kp_nft_max = val.parse().expect("--kp-nft-max"),
+            "--out-dir" => a.out_dir = Some(val.clone()),
+            "--benchmarks-md" => a.benchmarks_md = Some(val.clone()),
             f => panic!("unknown flag {f}"),
         }
     }
@@ -451,12 +485,47 @@ fn nodeport_bench(a: &Args) -> String {
     md
 }
 
+/// The kube-proxy-shapes comparison; its Markdown, with JSON and Markdown written to
+/// `--out-dir` when given.
+fn kube_proxy_bench(a: &Args) -> String {
+    let o = lb_tests::kpbench::Opts {
+        scales: a.kp_scales.clone(),
+        rounds: a.kp_rounds,
+        round_secs: a.round_secs,
+        threads: a.kp_threads,
+        nft_max: a.kp_nft_max,
+    };
+    let r = lb_tests::kpbench::run(&o);
+    let md = lb_tests::kpbench::markdown(&r);
+    if let Some(dir) = &a.out_dir {
+        fs::create_dir_all(dir).expect("out dir");
+        fs::write(
+            format!("{dir}/kube-proxy-shapes.json"),
+            serde_json::to_string_pretty(&r).expect("json"),
+        )
+        .expect("write json");
+        fs::write(format!("{dir}/kube-proxy-shapes.md"), &md).expect("write md");
+    }
+    md
+}
+
 #[expect(
     clippy::too_many_lines,
     reason = "a linear benchmark script reads best top to bottom"
 )]
 fn main() {
     let a = parse_args();
+    if a.only_kube_proxy {
+        let md = kube_proxy_bench(&a);
+        println!("\n{md}");
+        write_report(&a, &md);
+        return;
+    }
+    let kp = if a.kp_scales.is_empty() {
+        String::new()
+    } else {
+        kube_proxy_bench(&a)
+    };
     if a.only_nodeport {
         println!("\n{}", nodeport_bench(&a));
         return;
@@ -598,5 +667,42 @@ fn main() {
         let _ = writeln!(md);
         md.push_str(&nodeport_bench(&a));
     }
+    let md = if kp.is_empty() {
+        md
+    } else {
+        format!("{kp}\n{md}")
+    };
     println!("\n{md}");
+    write_report(&a, &md);
+}
+
+/// `--benchmarks-md`: the report with its date and machine.
+fn write_report(a: &Args, md: &str) {
+    let Some(path) = &a.benchmarks_md else {
+        return;
+    };
+    let date = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default();
+    let report = format!(
+        "# Benchmarks\n\nWritten by `cargo xtask bench` on {date}: {} CPUs ({cpu}), kernel {}. \
+         Ratios measured side by side in this one run are the claims; absolute rates are context \
+         (a shared machine: single rounds vary by ±10 %). Raw samples: `target/bench/*.json`.\n\n{md}",
+        std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
+        fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+    );
+    fs::write(path, report).expect("write the benchmarks report");
+    eprintln!("wrote {path}");
 }

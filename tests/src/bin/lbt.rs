@@ -8,6 +8,9 @@
 //!   N × (send, recv, getpeername).
 //! * `lbt uloop ADDR MILLIS` — connected UDP ping-pong as fast as possible for MILLIS ms (200 ms
 //!   reply timeout); prints `{"ok":n,"failed":m}`.
+//! * `lbt load ADDR MILLIS THREADS` — THREADS closed-loop TCP clients (connect, request,
+//!   response, abortive close) for MILLIS ms; prints `{"ok","failed","p50_us","p99_us",
+//!   "errors"}`, the percentiles over every connection's connect time.
 //! * `lbt http ADDR PATH` — one HTTP/1.1 GET; prints the raw response (exit 1 on no answer).
 //! * `lbt loop ADDR MILLIS` — TCP connect+request+close as fast as possible for MILLIS ms;
 //!   prints `{"ok":n,"failed":m,"errors":{...}}`.
@@ -178,6 +181,84 @@ fn udp_loop(addr: SocketAddr, millis: u64) {
     println!("{}", json!({"ok": ok, "failed": failed}));
 }
 
+/// SO_LINGER 0: closing sends an RST instead of a FIN.
+fn abort(s: &TcpStream) {
+    use std::os::fd::AsRawFd as _;
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on a socket we own with a properly sized option value.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const l).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
+fn load(addr: SocketAddr, millis: u64, threads: usize) {
+    let end = Instant::now() + Duration::from_millis(millis);
+    let workers: Vec<_> = (0..threads.max(1))
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut lat: Vec<u32> = Vec::with_capacity(1 << 16);
+                let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+                let mut buf = [0u8; 64];
+                while Instant::now() < end {
+                    let t = Instant::now();
+                    let r = TcpStream::connect_timeout(&addr, TIMEOUT).and_then(|mut s| {
+                        let connected = t.elapsed();
+                        s.set_read_timeout(Some(TIMEOUT))?;
+                        s.write_all(b"hi")?;
+                        // Until the reply's end of line, then an abortive close (RST): no
+                        // TIME_WAIT on either end, so source-port reuse never meets an old
+                        // connection's state and rounds measure the path alone.
+                        loop {
+                            let n = s.read(&mut buf)?;
+                            if n == 0 || buf[..n].contains(&b'\n') {
+                                break;
+                            }
+                        }
+                        abort(&s);
+                        Ok(connected)
+                    });
+                    match r {
+                        Ok(d) => lat.push(u32::try_from(d.as_micros()).unwrap_or(u32::MAX)),
+                        Err(e) => *errors.entry(errno(&e)).or_default() += 1,
+                    }
+                }
+                (lat, errors)
+            })
+        })
+        .collect();
+    let mut lat = Vec::new();
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    for w in workers {
+        let (l, e) = w.join().expect("load thread");
+        lat.extend(l);
+        for (k, v) in e {
+            *errors.entry(k).or_default() += v;
+        }
+    }
+    lat.sort_unstable();
+    let pct = |p: f64| -> u32 {
+        if lat.is_empty() {
+            0
+        } else {
+            lat[((lat.len() - 1) as f64 * p).round() as usize]
+        }
+    };
+    let failed: u64 = errors.values().sum();
+    println!(
+        "{}",
+        json!({"ok": lat.len(), "failed": failed, "p50_us": pct(0.5), "p99_us": pct(0.99), "errors": errors})
+    );
+}
+
 fn run_loop(addr: SocketAddr, millis: u64) {
     let end = Instant::now() + Duration::from_millis(millis);
     let (mut ok, mut failed) = (0u64, 0u64);
@@ -220,6 +301,7 @@ fn main() {
         ),
         Some("loop") => run_loop(addr(1), num(2) as u64),
         Some("uloop") => udp_loop(addr(1), num(2) as u64),
+        Some("load") => load(addr(1), num(2) as u64, num(3)),
         Some("http") => {
             let mut s = TcpStream::connect_timeout(&addr(1), TIMEOUT).unwrap_or_else(|e| {
                 eprintln!("{}", errno(&e));
