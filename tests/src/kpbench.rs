@@ -547,9 +547,19 @@ pub fn run(o: &Opts) -> Results {
         // Rounds: direct, then every lane × position; order alternates between rounds.
         let mut rows: Vec<(Lane, &'static str, Vec<Sample>, Vec<f64>)> = Vec::new();
         let mut direct_samples = Vec::new();
+        let per_round = 1 + POSITIONS.len() * (1 + active.len());
+        let bar = indicatif::ProgressBar::new((o.rounds * per_round) as u64).with_style(
+            indicatif::ProgressStyle::with_template(
+                "  {prefix:>14} [{bar:30}] {pos}/{len} {msg} (eta {eta})",
+            )
+            .expect("progress template")
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(format!("{n} Services"));
         for r in 0..o.rounds {
-            eprintln!("  scale {n}, round {}/{}", r + 1, o.rounds);
+            bar.set_message(format!("round {}/{}: direct", r + 1, o.rounds));
             let d = measure(&plain.client, None, direct, o);
+            bar.inc(1);
             direct_samples.push(d);
             let mut jobs: Vec<(Lane, &'static str)> = Vec::new();
             for pos in POSITIONS {
@@ -562,6 +572,13 @@ pub fn run(o: &Opts) -> Results {
                 jobs.reverse();
             }
             for (lane, pos) in jobs {
+                bar.set_message(format!(
+                    "round {}/{}: {} {pos}",
+                    r + 1,
+                    o.rounds,
+                    lane.label()
+                ));
+                bar.inc(1);
                 let t = vip(probe_index(pos, n));
                 let s = if lane == Lane::SocketLb {
                     measure(&plain.client, Some(&agent.cgroup), &t, o)
@@ -580,6 +597,7 @@ pub fn run(o: &Opts) -> Results {
                 rows[i].3.push(s.conn_per_s / d.conn_per_s);
             }
         }
+        bar.finish_and_clear();
         let summary = |lane, pos, s: &[Sample], ratios: Vec<f64>| LaneResult {
             scale: n,
             lane,
@@ -662,4 +680,80 @@ pub fn markdown(r: &Results) -> String {
     }
     let _ = writeln!(md, "\nConditions: {}.", r.conditions);
     md
+}
+
+/// SVG charts of connections/s and connect p99 against the Service count, one line per lane
+/// (probe placed last in rule order: the worst case of a linear rule walk). Returns the files.
+pub fn charts(r: &Results, dir: &Path) -> Vec<PathBuf> {
+    use plotters::prelude::*;
+    let lanes = [
+        Lane::Direct,
+        Lane::SocketLb,
+        Lane::IptablesNft,
+        Lane::IptablesLegacy,
+        Lane::Nftables,
+    ];
+    let colors = [BLACK, BLUE, RED, MAGENTA, GREEN];
+    let series = |lane: Lane, f: &dyn Fn(&LaneResult) -> f64| -> Vec<(f64, f64)> {
+        r.lanes
+            .iter()
+            .filter(|l| l.lane == lane && (l.position == "last" || l.position == "-"))
+            .map(|l| (l.scale as f64, f(l)))
+            .collect()
+    };
+    let max_scale = r.lanes.iter().map(|l| l.scale).max().unwrap_or(100) as f64;
+    let mut out = Vec::new();
+    for (file, title, f) in [
+        (
+            "conn-per-s.svg",
+            "connections/s (probe Service last in rule order)",
+            &(|l: &LaneResult| l.conn_per_s) as &dyn Fn(&LaneResult) -> f64,
+        ),
+        (
+            "p99-connect-us.svg",
+            "connect p99 µs (probe Service last in rule order)",
+            &(|l: &LaneResult| l.p99_us) as &dyn Fn(&LaneResult) -> f64,
+        ),
+    ] {
+        let path = dir.join(file);
+        let ymax = r.lanes.iter().map(f).fold(1.0_f64, f64::max) * 1.1;
+        let root = SVGBackend::new(&path, (900, 540)).into_drawing_area();
+        let drawn = (|| -> Result<(), Box<dyn std::error::Error>> {
+            root.fill(&WHITE)?;
+            let mut chart = ChartBuilder::on(&root)
+                .caption(title, ("sans-serif", 22))
+                .margin(14)
+                .x_label_area_size(40)
+                .y_label_area_size(70)
+                .build_cartesian_2d((50.0..max_scale * 1.5).log_scale(), 0.0..ymax)?;
+            chart
+                .configure_mesh()
+                .x_desc("Services × 4 endpoints")
+                .draw()?;
+            for (lane, color) in lanes.iter().zip(colors) {
+                let pts = series(*lane, f);
+                if pts.is_empty() {
+                    continue;
+                }
+                chart
+                    .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
+                    .label(lane.label())
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
+                chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()?;
+            root.present()?;
+            Ok(())
+        })();
+        drop(root);
+        match drawn {
+            Ok(()) => out.push(path),
+            Err(e) => eprintln!("chart {file}: {e}"),
+        }
+    }
+    out
 }

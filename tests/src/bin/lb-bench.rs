@@ -17,6 +17,7 @@
 use std::{
     fmt::Write as _,
     fs,
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -505,6 +506,9 @@ fn kube_proxy_bench(a: &Args) -> String {
         )
         .expect("write json");
         fs::write(format!("{dir}/kube-proxy-shapes.md"), &md).expect("write md");
+        for c in lb_tests::kpbench::charts(&r, Path::new(dir)) {
+            eprintln!("wrote {}", c.display());
+        }
     }
     md
 }
