@@ -262,7 +262,8 @@ fn main() -> Result<()> {
             kp_threads,
         } => {
             release_bins()?;
-            let out = root().join("target/bench");
+            // Results are committed beside BENCHMARKS.md: JSON samples and the SVG charts.
+            let out = root().join("docs/benchmarks");
             let md = root().join("BENCHMARKS.md");
             if quick {
                 return run(Command::new(root().join("target/release/lb-bench"))

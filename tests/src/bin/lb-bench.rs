@@ -698,14 +698,21 @@ fn write_report(a: &Args, md: &str) {
                 .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
         })
         .unwrap_or_default();
+    let out = a.out_dir.as_deref().unwrap_or("target/bench");
+    // Charts are linked relative to the report.
+    let rel = Path::new(out)
+        .strip_prefix(Path::new(path).parent().unwrap_or(Path::new("")))
+        .map_or_else(|_| out.to_owned(), |p| p.display().to_string());
+    let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let kernel = kernel.trim();
     let report = format!(
-        "# Benchmarks\n\nWritten by `cargo xtask bench` on {date}: {} CPUs ({cpu}), kernel {}. \
+        "# Benchmarks\n\nWritten by `cargo xtask bench` on {date}: {cpus} CPUs ({cpu}), kernel {kernel}. \
          Ratios measured side by side in this one run are the claims; absolute rates are context \
-         (a shared machine: single rounds vary by ±10 %). Raw samples: `target/bench/*.json`.\n\n{md}",
-        std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
-        fs::read_to_string("/proc/sys/kernel/osrelease")
-            .unwrap_or_default()
-            .trim()
+         (a shared machine: single rounds vary by ±10 %). Raw samples and charts: `{rel}/` \
+         (`kube-proxy-shapes.json`, `conn-per-s.svg`, `p99-connect-us.svg`).\n\n\
+         ![connections/s vs Services]({rel}/conn-per-s.svg)\n\n\
+         ![connect p99 vs Services]({rel}/p99-connect-us.svg)\n\n{md}"
     );
     fs::write(path, report).expect("write the benchmarks report");
     eprintln!("wrote {path}");
