@@ -112,6 +112,8 @@ struct State {
     bpffs: PathBuf,
     capacity: sync::Capacity,
     shadow: Shadow,
+    /// How long the last source snapshot took (read + parse), for the sync log line.
+    t_source: Duration,
     /// Problems already reported, so a resync does not repeat them.
     reported: BTreeSet<String>,
     metrics: Arc<Metrics>,
@@ -172,6 +174,7 @@ impl State {
     fn sync(&mut self, full: bool) -> bool {
         let started = Instant::now();
         let (objs, source_errors) = self.src.snapshot();
+        self.t_source = started.elapsed();
         let ok = self.sync_snapshot(&objs, source_errors, started, full);
         self.metrics
             .sync_duration
@@ -311,7 +314,11 @@ impl State {
                     frontends = desired.frontends.len(),
                     services = objs.services.len(),
                     elapsed_us = started.elapsed().as_micros() as u64,
-                    model_us = t_model.as_micros() as u64,
+                    source_us = self.t_source.as_micros() as u64,
+                    model_us = t_model
+                        .checked_sub(self.t_source)
+                        .unwrap_or_default()
+                        .as_micros() as u64,
                     fit_us = t_fit.checked_sub(t_model).unwrap().as_micros() as u64,
                     diff_us = t_diff.checked_sub(t_fit).unwrap().as_micros() as u64,
                     scoped = dirty.as_ref().map(BTreeSet::len),
@@ -516,6 +523,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         bpffs: opts.bpffs.clone(),
         capacity,
         shadow,
+        t_source: Duration::ZERO,
         reported: BTreeSet::new(),
         metrics,
         health: health.clone(),

@@ -1046,28 +1046,34 @@ fn services_phase(
     let mut next_services = HashMap::with_capacity(services.len());
     let mut resolved: Vec<Arc<SvcRes>> = Vec::new();
     let empty = Vec::new();
-    for svc in services {
-        let mine = ns_name(&svc.metadata)
-            .and_then(|id| by_service.get(&id))
-            .unwrap_or(&empty);
-        let slice_arcs: Vec<Arc<EndpointSlice>> = mine.iter().map(|(a, _)| a.clone()).collect();
-        let cached = ns_name(&svc.metadata)
-            .and_then(|id| cache.services.get(&id))
-            .filter(|(a, sl, _)| {
-                Arc::ptr_eq(a, svc)
-                    && sl.len() == slice_arcs.len()
-                    && sl.iter().zip(&slice_arcs).all(|(x, y)| Arc::ptr_eq(x, y))
-            });
-        let res = if let Some((_, _, r)) = cached {
-            r.clone()
-        } else {
-            let mut errs = Vec::new();
-            let Some(s) = resolve_service(svc, cfg, &mut errs) else {
+    // Each Service with its slices, and its cached result when the objects are the same.
+    let work: Vec<Work<'_>> = services
+        .iter()
+        .map(|svc| {
+            let mine = ns_name(&svc.metadata)
+                .and_then(|id| by_service.get(&id))
+                .unwrap_or(&empty);
+            let cached = ns_name(&svc.metadata)
+                .and_then(|id| cache.services.get(&id))
+                .filter(|(a, sl, _)| {
+                    Arc::ptr_eq(a, svc)
+                        && sl.len() == mine.len()
+                        && sl.iter().zip(mine).all(|(x, (y, _))| Arc::ptr_eq(x, y))
+                })
+                .map(|(_, _, r)| r.clone());
+            (svc, mine, cached)
+        })
+        .collect();
+    // The rest resolved in parallel (pure per object), one chunk per CPU; merged in order.
+    let fresh = resolve_parallel(&work, cfg);
+    for ((svc, mine, cached), fresh) in work.iter().zip(fresh) {
+        let res = match (cached, fresh) {
+            (Some(r), _) => r.clone(),
+            (None, Ok(r)) => r,
+            (None, Err(errs)) => {
                 errors.extend(errs);
                 continue;
-            };
-            let valid: Vec<&Slice> = mine.iter().filter_map(|(_, r)| r.slice.as_ref()).collect();
-            Arc::new(resolve_frontends(s, &valid, cfg, errs))
+            }
         };
         errors.extend(res.errors.iter().cloned());
         if next_services.contains_key(&res.svc.id) {
@@ -1079,10 +1085,53 @@ fn services_phase(
             });
             continue;
         }
-        next_services.insert(res.svc.id.clone(), (svc.clone(), slice_arcs, res.clone()));
+        let slice_arcs: Vec<Arc<EndpointSlice>> = mine.iter().map(|(a, _)| a.clone()).collect();
+        next_services.insert(
+            res.svc.id.clone(),
+            ((*svc).clone(), slice_arcs, res.clone()),
+        );
         resolved.push(res);
     }
     (next_services, resolved)
+}
+
+/// Resolution of the entries of `work` without a cached result (`Ok` for cached ones is never
+/// read): `Err` carries the errors of a Service that resolved to nothing.
+type Resolved = Result<Arc<SvcRes>, Vec<Error>>;
+
+/// A Service to resolve: the object, its slices, and its cached result when still valid.
+type Work<'a> = (&'a Arc<Service>, &'a Vec<SliceEntry>, Option<Arc<SvcRes>>);
+
+fn resolve_parallel(work: &[Work<'_>], cfg: &Config) -> Vec<Resolved> {
+    let one = |(svc, mine, cached): &Work<'_>| {
+        if cached.is_some() {
+            return Err(Vec::new());
+        }
+        let mut errs = Vec::new();
+        let Some(s) = resolve_service(svc, cfg, &mut errs) else {
+            return Err(errs);
+        };
+        let valid: Vec<&Slice> = mine.iter().filter_map(|(_, r)| r.slice.as_ref()).collect();
+        Ok(Arc::new(resolve_frontends(s, &valid, cfg, errs)))
+    };
+    let todo = work.iter().filter(|w| w.2.is_none()).count();
+    let threads = std::thread::available_parallelism()
+        .map_or(1, std::num::NonZero::get)
+        .min(todo.div_ceil(1024).max(1));
+    if threads <= 1 {
+        return work.iter().map(one).collect();
+    }
+    let per = work.len().div_ceil(threads);
+    std::thread::scope(|sc| {
+        let handles: Vec<_> = work
+            .chunks(per)
+            .map(|chunk| sc.spawn(move || chunk.iter().map(one).collect::<Vec<_>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("model thread"))
+            .collect()
+    })
 }
 
 /// Frontends of the resolved Services, oldest Service first; later claimants of a frontend are

@@ -495,6 +495,18 @@ pub fn fit(
             .collect(),
         None => desired.frontends.keys().copied().collect(),
     };
+    // Fast path: even if every candidate's entries were all new (marker, frontend, one slot
+    // and one backend per endpoint), would everything fit? Then nothing is refused, and the
+    // exact accounting below (set lookups per entry: 0.1 s at 50,000 Services) is skipped.
+    let mut bound = usage;
+    for fe in &candidates {
+        let n = desired.frontends[fe].backends.len();
+        bound[fam(&fe.addr)] += 2 + n;
+        bound[2 + fam(&fe.addr)] += n;
+    }
+    if !exceeds(&bound, cap) {
+        return Vec::new();
+    }
     let (mut added_keys, mut added_bes) = (BTreeSet::new(), BTreeSet::new());
     let mut refused = Vec::new();
     for fe in candidates {

@@ -768,3 +768,36 @@ fn cidr_parsing_is_strict() {
     assert!(Cidr::parse("010.0.0.0/8").is_err());
     assert!(Cidr::parse("10.0.0.0").is_err());
 }
+
+/// Above 1,024 Services the resolution runs on several threads: same result, same order
+/// (the first of two same-named Services wins, the second is reported).
+#[test]
+fn many_services_resolve_in_parallel_in_order() {
+    use std::fmt::Write as _;
+    let mut yaml = String::new();
+    for i in 0..3000 {
+        let _ = write!(
+            yaml,
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: ns}}\nspec: {{clusterIP: 198.19.{}.{}, ports: [{{port: 80}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{i}-1, namespace: ns, labels: {{kubernetes.io/service-name: s{i}}}}}\naddressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{{addresses: [198.18.0.{}]}}]\n",
+            i / 250,
+            1 + i % 250,
+            1 + i % 200
+        );
+    }
+    yaml.push_str("---\napiVersion: v1\nkind: Service\nmetadata: {name: s7, namespace: ns}\nspec: {clusterIP: 198.19.250.1, ports: [{port: 80}]}\n");
+    let (s, e) = objs(&yaml);
+    let (d, errors) = build(&s, &e, &Config::default(), &mut Cache::default());
+    assert_eq!(d.frontends.len(), 3000);
+    assert!(d.frontends.values().all(|st| st.backends.len() == 1));
+    let msgs: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        msgs,
+        vec!["Service ns/s7: defined more than once; the first definition is used"]
+    );
+    assert!(d.frontends.contains_key(&fe("198.19.0.8:80", Proto::Tcp)));
+    assert!(!d.frontends.contains_key(&fe("198.19.250.1:80", Proto::Tcp)));
+    // The cache gives the same result on the next build.
+    let mut cache = Cache::default();
+    let first = build(&s, &e, &Config::default(), &mut cache);
+    assert_eq!(build(&s, &e, &Config::default(), &mut cache), first);
+}
