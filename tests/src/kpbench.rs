@@ -16,7 +16,7 @@ use std::{
     fmt::Write as _,
     fs::{self, File},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -110,23 +110,12 @@ impl Bed {
             c = client.name,
             b = backend.name,
         ));
-        let mut child = command_in(&backend, None, &lbt())
-            .args(["serve", "b", "tcp", "0.0.0.0:8080"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn backend");
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.as_mut().expect("stdout")),
-            &mut line,
-        )
-        .expect("backend ready");
-        assert_eq!(line.trim(), "ready");
+        let server = crate::serve(&backend, "b", "tcp", "0.0.0.0:8080");
         Self {
             client,
             node,
             _backend: backend,
-            _server: Proc { child },
+            _server: server,
         }
     }
 

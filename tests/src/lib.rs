@@ -244,6 +244,55 @@ pub fn command_in(netns: &Netns, cgroup: Option<&Cgroup>, program: &Path) -> Com
     cmd
 }
 
+/// Starts `lbt serve NAME PROTO ADDR` in `netns` and waits for its `ready` line.
+#[must_use]
+pub fn serve(netns: &Netns, name: &str, proto: &str, addr: &str) -> Proc {
+    let mut child = command_in(netns, None, &lbt())
+        .args(["serve", name, proto, addr])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn backend");
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().expect("stdout"))
+        .read_line(&mut line)
+        .expect("backend ready line");
+    assert_eq!(line.trim(), "ready", "backend {name} {proto} did not start");
+    Proc { child }
+}
+
+/// Runs an `lbt` command to completion; one JSON value per output line. Panics (with its
+/// stderr) when it fails.
+#[must_use]
+pub fn lbt_json(cmd: &mut Command, what: &str) -> Vec<Value> {
+    let out = cmd.output().expect("run lbt");
+    assert!(
+        out.status.success(),
+        "lbt {what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("utf8")
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON from lbt: {l}: {e}")))
+        .collect()
+}
+
+/// `lb-agent inspect WHAT -o json` against the pins in `bpffs`.
+#[must_use]
+pub fn inspect(bpffs: &Path, what: &str) -> Value {
+    let out = Command::new(lb_agent())
+        .args(["inspect", what, "-o", "json", "--bpffs"])
+        .arg(bpffs)
+        .output()
+        .expect("inspect");
+    assert!(
+        out.status.success(),
+        "inspect failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("inspect JSON")
+}
+
 /// A private directory on bpffs; on drop, `lb-agent cleanup` detaches and unpins everything.
 pub struct Bpffs {
     pub path: PathBuf,
@@ -404,22 +453,8 @@ impl Cluster {
     }
 
     fn start_server(&mut self, i: usize, proto: &str, addr: &str) {
-        let mut child = command_in(&self.backends[i], None, &lbt())
-            .args(["serve", &format!("b{}", i + 1), proto, addr])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn backend");
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().expect("stdout"))
-            .read_line(&mut line)
-            .expect("backend ready line");
-        assert_eq!(
-            line.trim(),
-            "ready",
-            "backend b{} {proto} did not start",
-            i + 1
-        );
-        self.servers.push(Proc { child });
+        let p = serve(&self.backends[i], &format!("b{}", i + 1), proto, addr);
+        self.servers.push(p);
     }
 
     fn source_args(&self) -> Vec<std::ffi::OsString> {
@@ -558,22 +593,10 @@ impl Cluster {
 
     /// Runs `lbt ARGS…` in `netns` and the test cgroup; one JSON value per line.
     fn lbt_in(&self, netns: &Netns, args: &[&str]) -> Vec<Value> {
-        let out = command_in(netns, Some(&self.cgroup), &lbt())
-            .args(args)
-            .output()
-            .expect("run lbt");
-        assert!(
-            out.status.success(),
-            "lbt {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout)
-            .expect("utf8")
-            .lines()
-            .map(|l| {
-                serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON from lbt: {l}: {e}"))
-            })
-            .collect()
+        lbt_json(
+            command_in(netns, Some(&self.cgroup), &lbt()).args(args),
+            &format!("{args:?}"),
+        )
     }
 
     /// Runs `lbt ARGS…` as a pod: in the client namespace and the test cgroup.
@@ -623,17 +646,7 @@ impl Cluster {
     /// `lb-agent inspect <what> -o json`.
     #[must_use]
     pub fn inspect(&self, what: &str) -> Value {
-        let out = Command::new(lb_agent())
-            .args(["inspect", what, "-o", "json", "--bpffs"])
-            .arg(&self.bpffs.path)
-            .output()
-            .expect("inspect");
-        assert!(
-            out.status.success(),
-            "inspect failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("inspect JSON")
+        inspect(&self.bpffs.path, what)
     }
 
     /// Backends of `frontend` (e.g. `198.19.0.10:80/TCP`) as `inspect` shows them, sorted.

@@ -20,7 +20,6 @@ use std::{
     fmt::Write as _,
     fs::{self, File},
     path::PathBuf,
-    process::{Command, Stdio},
     time::Duration,
 };
 
@@ -188,19 +187,8 @@ impl MultiNode {
     /// Starts a server in pod `i` of node index `n` (0-based).
     pub fn start_server(&mut self, n: usize, i: usize, proto: &str, addr: &str) {
         let name = format!("n{}p{i}", n + 1);
-        let mut child = command_in(&self.nodes[n].pods[i], None, &lbt())
-            .args(["serve", &name, proto, addr])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn backend");
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.as_mut().expect("stdout")),
-            &mut line,
-        )
-        .expect("backend ready line");
-        assert_eq!(line.trim(), "ready", "backend {name} {proto} did not start");
-        self.servers.push(Proc { child });
+        let p = crate::serve(&self.nodes[n].pods[i], &name, proto, addr);
+        self.servers.push(p);
     }
 
     /// Writes (or replaces) a manifest all agents read.
@@ -296,20 +284,10 @@ impl MultiNode {
     /// Runs `lbt ARGS…` on the external client; one JSON value per line.
     #[must_use]
     pub fn ext_client(&self, args: &[&str]) -> Vec<Value> {
-        let out = command_in(&self.ext, None, &lbt())
-            .args(args)
-            .output()
-            .expect("run lbt");
-        assert!(
-            out.status.success(),
-            "lbt {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout)
-            .expect("utf8")
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON {l}: {e}")))
-            .collect()
+        crate::lbt_json(
+            command_in(&self.ext, None, &lbt()).args(args),
+            &format!("{args:?}"),
+        )
     }
 
     /// `GET path` from the external client (HTTP/1.1, raw response), `None` on no answer.
@@ -327,17 +305,7 @@ impl MultiNode {
     /// `lb-agent inspect WHAT -o json` against node `n`'s (0-based) pins.
     #[must_use]
     pub fn inspect(&self, n: usize, what: &str) -> Value {
-        let out = Command::new(lb_agent())
-            .args(["inspect", what, "-o", "json", "--bpffs"])
-            .arg(&self.nodes[n].bpffs.path)
-            .output()
-            .expect("run inspect");
-        assert!(
-            out.status.success(),
-            "inspect failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("inspect JSON")
+        crate::inspect(&self.nodes[n].bpffs.path, what)
     }
 
     /// Datapath counter `name` on node `n` (0-based).
