@@ -22,68 +22,36 @@ pub trait Entry: Copy {
     fn expires_ns(&self) -> u64;
 }
 
-impl Entry for Ct4Value {
-    type Key = Ct4Key;
-    fn partner(k: &Ct4Key, v: &Self) -> Ct4Key {
-        // Forward value: backend (addr:port) and the source sent to it (nat_addr:nat_port);
-        // its reply comes from the backend to that source. Reply value: frontend (addr:port)
-        // and client (nat_addr:nat_port); the forward key is client → frontend.
-        if k.dir == CT_DIR_FWD {
-            Ct4Key {
-                src: v.addr,
-                dst: v.nat_addr,
-                sport: v.port,
-                dport: v.nat_port,
-                proto: k.proto,
-                dir: CT_DIR_REPLY,
-                _pad: [0; 2],
+/// Both families' entries have the same fields; only the address width differs.
+macro_rules! impl_entry {
+    ($value:ty, $key:ident) => {
+        impl Entry for $value {
+            type Key = $key;
+            fn partner(k: &$key, v: &Self) -> $key {
+                // Forward value: backend (addr:port) and the source sent to it
+                // (nat_addr:nat_port); its reply comes from the backend to that source. Reply
+                // value: frontend (addr:port) and client (nat_addr:nat_port); the forward key is
+                // client → frontend.
+                let fwd = k.dir == CT_DIR_FWD;
+                $key {
+                    src: if fwd { v.addr } else { v.nat_addr },
+                    dst: if fwd { v.nat_addr } else { v.addr },
+                    sport: if fwd { v.port } else { v.nat_port },
+                    dport: if fwd { v.nat_port } else { v.port },
+                    proto: k.proto,
+                    dir: if fwd { CT_DIR_REPLY } else { CT_DIR_FWD },
+                    _pad: [0; 2],
+                }
             }
-        } else {
-            Ct4Key {
-                src: v.nat_addr,
-                dst: v.addr,
-                sport: v.nat_port,
-                dport: v.port,
-                proto: k.proto,
-                dir: CT_DIR_FWD,
-                _pad: [0; 2],
+            fn expires_ns(&self) -> u64 {
+                self.expires_ns
             }
         }
-    }
-    fn expires_ns(&self) -> u64 {
-        self.expires_ns
-    }
+    };
 }
 
-impl Entry for Ct6Value {
-    type Key = Ct6Key;
-    fn partner(k: &Ct6Key, v: &Self) -> Ct6Key {
-        if k.dir == CT_DIR_FWD {
-            Ct6Key {
-                src: v.addr,
-                dst: v.nat_addr,
-                sport: v.port,
-                dport: v.nat_port,
-                proto: k.proto,
-                dir: CT_DIR_REPLY,
-                _pad: [0; 2],
-            }
-        } else {
-            Ct6Key {
-                src: v.nat_addr,
-                dst: v.addr,
-                sport: v.nat_port,
-                dport: v.port,
-                proto: k.proto,
-                dir: CT_DIR_FWD,
-                _pad: [0; 2],
-            }
-        }
-    }
-    fn expires_ns(&self) -> u64 {
-        self.expires_ns
-    }
-}
+impl_entry!(Ct4Value, Ct4Key);
+impl_entry!(Ct6Value, Ct6Key);
 
 /// The keys to delete at `now`: entries expired whose partner is expired or absent.
 #[must_use]
