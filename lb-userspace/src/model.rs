@@ -836,8 +836,7 @@ fn resolve_frontends(svc: Svc, slices: &[&Slice], cfg: &Config, mut errors: Vec<
     };
     // The packet path: externalTrafficPolicy Local keeps this node's endpoints only (DROP
     // when they are all elsewhere), Cluster uses all (SEMANTICS.md).
-    let external = |sp: &SvcPort, ip: IpAddr, port: u16, lb: bool| {
-        let sel = select(slices, ip.is_ipv6(), sp, svc.ext_local, cfg);
+    let external = |sp: &SvcPort, ip: IpAddr, port: u16, lb: bool, sel: Selected| {
         let fe = Frontend {
             addr: ip,
             port,
@@ -858,17 +857,19 @@ fn resolve_frontends(svc: Svc, slices: &[&Slice], cfg: &Config, mut errors: Vec<
         (fe, st)
     };
     for sp in &svc.ports {
+        // A port's selection depends only on the family and the policy, not on the address:
+        // computed once each and shared by every frontend of the port.
+        let mut memo: HashMap<(bool, bool), Selected> = HashMap::new();
+        let mut sel_of = |v6: bool, local_only: bool| {
+            memo.entry((v6, local_only))
+                .or_insert_with(|| select(slices, v6, sp, local_only, cfg))
+                .clone()
+        };
         for addr in &svc.addrs {
             let ip = addr.ip;
             // internalTrafficPolicy governs ClusterIP traffic only: in-cluster clients going to
             // an externalIP or LoadBalancer IP may use all endpoints (SEMANTICS.md).
-            let sel = select(
-                slices,
-                ip.is_ipv6(),
-                sp,
-                svc.local_only && !addr.external,
-                cfg,
-            );
+            let sel = sel_of(ip.is_ipv6(), svc.local_only && !addr.external);
             if sel.backends.len() > MAX_BACKENDS {
                 errors.push(Error::TooManyBackends {
                     object: object.clone(),
@@ -887,7 +888,8 @@ fn resolve_frontends(svc: Svc, slices: &[&Slice], cfg: &Config, mut errors: Vec<
             let st = state(sp, sel, addr.external, false);
             frontends.push((fe, st, addr.field.clone(), sp.index));
             if addr.external {
-                let (fe, st) = external(sp, ip, sp.port, addr.lb);
+                let sel = sel_of(ip.is_ipv6(), svc.ext_local);
+                let (fe, st) = external(sp, ip, sp.port, addr.lb, sel);
                 frontends.push((fe, st, addr.field.clone(), sp.index));
             }
         }
@@ -905,7 +907,7 @@ fn resolve_frontends(svc: Svc, slices: &[&Slice], cfg: &Config, mut errors: Vec<
             // From inside the node, a NodePort leads to all usable endpoints, whatever the
             // external traffic policy (kube-proxy sends locally-originated traffic to the
             // cluster-wide endpoints too).
-            let sel = select(slices, ip.is_ipv6(), sp, false, cfg);
+            let sel = sel_of(ip.is_ipv6(), false);
             if sel.backends.len() > MAX_BACKENDS {
                 continue; // reported for the ClusterIP frontend of the same port
             }
@@ -919,7 +921,8 @@ fn resolve_frontends(svc: Svc, slices: &[&Slice], cfg: &Config, mut errors: Vec<
             let field = format!("spec.ports[{}].nodePort", sp.index);
             frontends.push((fe, st, field.clone(), sp.index));
             if !host_only {
-                let (fe, st) = external(sp, ip, np, false);
+                let sel = sel_of(ip.is_ipv6(), svc.ext_local);
+                let (fe, st) = external(sp, ip, np, false, sel);
                 frontends.push((fe, st, field, sp.index));
             }
         }
@@ -1183,6 +1186,7 @@ fn assemble(resolved: &[Arc<SvcRes>], errors: &mut Vec<Error>) -> Desired {
 }
 
 /// The backends a frontend uses.
+#[derive(Clone)]
 struct Selected {
     backends: BTreeSet<SocketAddr>,
     /// Those of `backends` on this node.
@@ -1245,17 +1249,7 @@ fn select(slices: &[&Slice], v6: bool, sp: &SvcPort, local_only: bool, cfg: &Con
             eps.extend(s.endpoints.iter().map(|e| (e, p.port)));
         }
     }
-    let here_addrs: BTreeSet<IpAddr> = eps
-        .iter()
-        .filter(|(e, _)| e.node.as_deref() == Some(cfg.node_name.as_str()))
-        .map(|(e, _)| e.addr)
-        .collect();
-    let local_of = |b: &BTreeSet<SocketAddr>| -> BTreeSet<SocketAddr> {
-        b.iter()
-            .filter(|a| here_addrs.contains(&a.ip()))
-            .copied()
-            .collect()
-    };
+    let here = |e: &Ep| e.node.as_deref() == Some(cfg.node_name.as_str());
     let pick = |f: &dyn Fn(&Ep) -> bool| -> BTreeSet<SocketAddr> {
         eps.iter()
             .filter(|(e, _)| f(e))
@@ -1263,7 +1257,6 @@ fn select(slices: &[&Slice], v6: bool, sp: &SvcPort, local_only: bool, cfg: &Con
             .collect()
     };
     if local_only {
-        let here = |e: &Ep| e.node.as_deref() == Some(cfg.node_name.as_str());
         let mut backends = pick(&|e| e.ready && here(e));
         if backends.is_empty() {
             backends = pick(&|e| e.serving_terminating && here(e));
@@ -1282,8 +1275,16 @@ fn select(slices: &[&Slice], v6: bool, sp: &SvcPort, local_only: bool, cfg: &Con
     if backends.is_empty() {
         backends = pick(&|e| e.serving_terminating && allowed(e, t, cfg));
     }
+    // An address can only be an endpoint on one node: those of `backends` whose endpoint is
+    // here.
+    let local = eps
+        .iter()
+        .filter(|(e, _)| here(e))
+        .map(|(e, port)| SocketAddr::new(e.addr, *port))
+        .filter(|a| backends.contains(a))
+        .collect();
     Selected {
-        local: local_of(&backends),
+        local,
         backends,
         no_local: false,
     }
