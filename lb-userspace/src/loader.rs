@@ -292,24 +292,7 @@ pub fn load_and_attach(
     // Attach everything first; only when all hooks are attached replace the old pins.
     let mut links: Vec<(String, FdLink)> = Vec::new();
     for name in PROGRAMS {
-        let prog: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or(Error::Program {
-                name,
-                what: "find",
-                source: aya::programs::ProgramError::NotLoaded,
-            })?
-            .try_into()
-            .map_err(|source| Error::Program {
-                name,
-                what: "type check",
-                source,
-            })?;
-        prog.load().map_err(|source| Error::Program {
-            name,
-            what: "load (verifier)",
-            source,
-        })?;
+        let prog: &mut CgroupSockAddr = loaded(&mut ebpf, name, CgroupSockAddr::load)?;
         // `Single` = flags 0: BPF_LINK_CREATE for cgroups rejects any flag and always attaches
         // with multi-program semantics (kernel/bpf/cgroup.c, cgroup_bpf_link_attach), so we
         // coexist with other programs on the cgroup and with our predecessor during handover.
@@ -358,6 +341,36 @@ pub fn load_and_attach(
     Ok(BpfMaps::from_pins(bpffs)?)
 }
 
+/// Program `name` of the object, as type `T`, loaded into the kernel (verified).
+fn loaded<'a, T>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+    load: impl FnOnce(&mut T) -> std::result::Result<(), aya::programs::ProgramError>,
+) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog: &mut T = ebpf
+        .program_mut(name)
+        .ok_or(Error::Program {
+            name,
+            what: "find",
+            source: aya::programs::ProgramError::NotLoaded,
+        })?
+        .try_into()
+        .map_err(|source| Error::Program {
+            name,
+            what: "type check",
+            source,
+        })?;
+    load(prog).map_err(|source| Error::Program {
+        name,
+        what: "load (verifier)",
+        source,
+    })?;
+    Ok(prog)
+}
+
 /// Loads the packet-path programs and attaches them with tcx to each interface, first in the
 /// chain (so a CNI's programs after ours see translated packets). Returns (pin name, link).
 fn attach_tc(ebpf: &mut Ebpf, ifaces: &[String]) -> Result<Vec<(String, FdLink)>> {
@@ -366,24 +379,7 @@ fn attach_tc(ebpf: &mut Ebpf, ifaces: &[String]) -> Result<Vec<(String, FdLink)>
         return Ok(out);
     }
     for (name, attach_type, prefix) in TC_PROGRAMS {
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .ok_or(Error::Program {
-                name,
-                what: "find",
-                source: aya::programs::ProgramError::NotLoaded,
-            })?
-            .try_into()
-            .map_err(|source| Error::Program {
-                name,
-                what: "type check",
-                source,
-            })?;
-        prog.load().map_err(|source| Error::Program {
-            name,
-            what: "load (verifier)",
-            source,
-        })?;
+        let prog: &mut SchedClassifier = loaded(ebpf, name, SchedClassifier::load)?;
         for iface in ifaces {
             let id = prog
                 .attach_with_options(
