@@ -4,21 +4,25 @@
 //! pkg/proxy/iptables/proxier.go (`KUBE-SVC-`/`KUBE-SEP-` + base32(sha256(…))[:16]) and
 //! pkg/proxy/nftables/proxier.go (`service-`/`endpoint-` + base32(sha256(…))[:8] + name) do.
 //!
-//! Only the ClusterIP path is generated (no NodePorts, no external IPs): that is what the
-//! socket-LB lanes are compared with.
+//! ClusterIPs in both shapes; NodePorts (externalTrafficPolicy Cluster) in the iptables shape.
 use std::{fmt::Write as _, net::Ipv4Addr};
 
 use data_encoding::BASE32;
 use sha2::{Digest as _, Sha256};
 
-/// One ClusterIP Service port with its endpoints (TCP).
+/// One Service port with its endpoints.
 #[derive(Clone, Debug)]
 pub struct SvcSpec {
     pub namespace: String,
     pub name: String,
     pub port_name: String,
+    /// `tcp` or `udp`, as kube-proxy writes it.
+    pub proto: &'static str,
     pub vip: Ipv4Addr,
     pub port: u16,
+    /// NodePort (iptables shape only: KUBE-NODEPORTS → KUBE-EXT → KUBE-SVC, externalTrafficPolicy
+    /// Cluster).
+    pub node_port: Option<u16>,
     pub endpoints: Vec<(Ipv4Addr, u16)>,
 }
 
@@ -39,6 +43,15 @@ fn b32_sha256(s: &str) -> String {
 pub fn svc_chain(port_name: &str, proto: &str) -> String {
     format!(
         "KUBE-SVC-{}",
+        &b32_sha256(&format!("{port_name}{proto}"))[..16]
+    )
+}
+
+/// `KUBE-EXT-…` for a Service port's traffic from outside (NodePorts, external IPs).
+#[must_use]
+pub fn ext_chain(port_name: &str, proto: &str) -> String {
+    format!(
+        "KUBE-EXT-{}",
         &b32_sha256(&format!("{port_name}{proto}"))[..16]
     )
 }
@@ -67,7 +80,10 @@ fn nft_hashed(base: &str) -> String {
 pub fn nft_service_chain(s: &SvcSpec) -> String {
     format!(
         "service-{}",
-        nft_hashed(&format!("{}/{}/tcp/{}", s.namespace, s.name, s.port_name))
+        nft_hashed(&format!(
+            "{}/{}/{}/{}",
+            s.namespace, s.name, s.proto, s.port_name
+        ))
     )
 }
 
@@ -77,8 +93,8 @@ pub fn nft_endpoint_chain(s: &SvcSpec, ep: (Ipv4Addr, u16)) -> String {
     format!(
         "endpoint-{}",
         nft_hashed(&format!(
-            "{}/{}/tcp/{}__{}/{}",
-            s.namespace, s.name, s.port_name, ep.0, ep.1
+            "{}/{}/{}/{}__{}/{}",
+            s.namespace, s.name, s.proto, s.port_name, ep.0, ep.1
         ))
     )
 }
@@ -111,12 +127,15 @@ pub fn iptables_restore(svcs: &[SvcSpec], cluster_cidr: &str) -> String {
             let seps = s
                 .endpoints
                 .iter()
-                .map(|(ip, port)| sep_chain(&pn, "tcp", &format!("{ip}:{port}")))
+                .map(|(ip, port)| sep_chain(&pn, s.proto, &format!("{ip}:{port}")))
                 .collect();
-            (svc_chain(&pn, "tcp"), seps)
+            (svc_chain(&pn, s.proto), seps)
         })
         .collect();
-    for (svc, seps) in &chains {
+    for (s, (svc, seps)) in svcs.iter().zip(&chains) {
+        if s.node_port.is_some() {
+            let _ = writeln!(r, ":{} - [0:0]", ext_chain(&s.port_name_string(), s.proto));
+        }
         let _ = writeln!(r, ":{svc} - [0:0]");
         for sep in seps {
             let _ = writeln!(r, ":{sep} - [0:0]");
@@ -134,10 +153,11 @@ pub fn iptables_restore(svcs: &[SvcSpec], cluster_cidr: &str) -> String {
     for (s, (svc, _)) in svcs.iter().zip(&chains) {
         let _ = writeln!(
             r,
-            "-A KUBE-SERVICES -m comment --comment \"{} cluster IP\" -m tcp -p tcp -d {} --dport {} -j {svc}",
+            "-A KUBE-SERVICES -m comment --comment \"{} cluster IP\" -m {p} -p {p} -d {} --dport {} -j {svc}",
             s.port_name_string(),
             s.vip,
-            s.port
+            s.port,
+            p = s.proto
         );
     }
     r.push_str(
@@ -145,9 +165,19 @@ pub fn iptables_restore(svcs: &[SvcSpec], cluster_cidr: &str) -> String {
     );
     for (s, (svc, seps)) in svcs.iter().zip(&chains) {
         let pn = s.port_name_string();
+        let p = s.proto;
+        if let Some(np) = s.node_port {
+            let ext = ext_chain(&pn, p);
+            let _ = writeln!(
+                r,
+                "-A KUBE-NODEPORTS -m comment --comment {pn} -m {p} -p {p} --dport {np} -j {ext}\n\
+                 -A {ext} -m comment --comment \"masquerade traffic for {pn} external destinations\" -j KUBE-MARK-MASQ\n\
+                 -A {ext} -j {svc}"
+            );
+        }
         let _ = writeln!(
             r,
-            "-A {svc} -m comment --comment \"{pn} cluster IP\" -m tcp -p tcp -d {} --dport {} ! -s {cluster_cidr} -j KUBE-MARK-MASQ",
+            "-A {svc} -m comment --comment \"{pn} cluster IP\" -m {p} -p {p} -d {} --dport {} ! -s {cluster_cidr} -j KUBE-MARK-MASQ",
             s.vip, s.port
         );
         let n = seps.len();
@@ -169,7 +199,7 @@ pub fn iptables_restore(svcs: &[SvcSpec], cluster_cidr: &str) -> String {
             let _ = writeln!(
                 r,
                 "-A {sep} -m comment --comment {pn} -s {ip}/32 -j KUBE-MARK-MASQ\n\
-                 -A {sep} -m comment --comment {pn} -m tcp -p tcp -j DNAT --to-destination {ip}:{port}"
+                 -A {sep} -m comment --comment {pn} -m {p} -p {p} -j DNAT --to-destination {ip}:{port}"
             );
         }
     }
@@ -210,8 +240,8 @@ pub fn nft_script(svcs: &[SvcSpec], cluster_cidr: &str) -> String {
         let _ = writeln!(r, "add chain ip kube-proxy {chain}");
         let _ = writeln!(
             r,
-            "add rule ip kube-proxy {chain} ip daddr {} tcp dport {} ip saddr != {cluster_cidr} jump mark-for-masquerade",
-            s.vip, s.port
+            "add rule ip kube-proxy {chain} ip daddr {} {} dport {} ip saddr != {cluster_cidr} jump mark-for-masquerade",
+            s.vip, s.proto, s.port
         );
         let eps: Vec<String> = s
             .endpoints
@@ -223,7 +253,8 @@ pub fn nft_script(svcs: &[SvcSpec], cluster_cidr: &str) -> String {
                 r,
                 "add chain ip kube-proxy {ep_chain}\n\
                  add rule ip kube-proxy {ep_chain} ip saddr {ip} jump mark-for-masquerade\n\
-                 add rule ip kube-proxy {ep_chain} meta l4proto tcp dnat to {ip}:{port}"
+                 add rule ip kube-proxy {ep_chain} meta l4proto {p} dnat to {ip}:{port}",
+                p = s.proto
             );
         }
         let vmap: Vec<String> = eps
@@ -239,8 +270,8 @@ pub fn nft_script(svcs: &[SvcSpec], cluster_cidr: &str) -> String {
         );
         let _ = writeln!(
             r,
-            "add element ip kube-proxy service-ips {{ {} . tcp . {} : goto {chain} }}",
-            s.vip, s.port
+            "add element ip kube-proxy service-ips {{ {} . {} . {} : goto {chain} }}",
+            s.vip, s.proto, s.port
         );
     }
     r
@@ -254,8 +285,10 @@ pub fn bench_services(n: usize) -> Vec<SvcSpec> {
             namespace: "bench".into(),
             name: format!("s{i}"),
             port_name: "http".into(),
+            proto: "tcp",
             vip: Ipv4Addr::new(198, 19, (i / 250) as u8, (1 + i % 250) as u8),
             port: 80,
+            node_port: None,
             endpoints: (0..4)
                 .map(|e| (Ipv4Addr::new(198, 18, 20, 10 + e), 8080))
                 .collect(),
@@ -286,8 +319,10 @@ mod tests {
             namespace: "ns1".into(),
             name: "svc1".into(),
             port_name: "p80".into(),
+            proto: "tcp",
             vip: Ipv4Addr::new(198, 19, 0, 1),
             port: 80,
+            node_port: None,
             endpoints: (0..4)
                 .map(|i| (Ipv4Addr::new(198, 18, 20, 10 + i), 8080))
                 .collect(),
@@ -309,6 +344,23 @@ mod tests {
         // The NodePorts jump stays last in KUBE-SERVICES.
         let nodeports = r.find("-j KUBE-NODEPORTS").unwrap();
         assert!(r.rfind("-A KUBE-SERVICES").unwrap() <= nodeports);
+    }
+
+    #[test]
+    fn node_ports_go_through_kube_ext() {
+        let s = SvcSpec {
+            proto: "udp",
+            port: 53,
+            node_port: Some(30053),
+            ..spec()
+        };
+        let r = iptables_restore(&[s], "198.18.0.0/15");
+        let ext = ext_chain("ns1/svc1:p80", "udp");
+        assert!(r.contains(&format!(
+            "-A KUBE-NODEPORTS -m comment --comment ns1/svc1:p80 -m udp -p udp --dport 30053 -j {ext}"
+        )));
+        assert!(r.contains(&format!("-A {ext} -j {}", svc_chain("ns1/svc1:p80", "udp"))));
+        assert_eq!(r.matches("-m udp -p udp -j DNAT").count(), 4);
     }
 
     #[test]

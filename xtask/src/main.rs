@@ -105,13 +105,14 @@ fn cargo() -> Command {
     c
 }
 
-/// Debian packages providing the commands the tests, the demo and the bench use (iptables:
-/// the bench's kube-proxy lane).
-const APT: [(&str, &str); 4] = [
+/// Debian packages providing the commands the tests, the demo and the bench use (iptables,
+/// nftables: the bench's kube-proxy lanes).
+const APT: [(&str, &str); 5] = [
     ("ip", "iproute2"),
     ("bpftool", "bpftool"),
     ("nsenter", "util-linux"),
     ("iptables-restore", "iptables"),
+    ("nft", "nftables"),
 ];
 
 fn setup() -> Result<()> {

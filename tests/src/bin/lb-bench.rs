@@ -282,69 +282,52 @@ fn api_latency(n: usize, loaded: usize) -> (f64, f64, f64, u64) {
     )
 }
 
-/// kube-proxy's iptables rules (iptables mode, v1.33 shapes) for Service `np`: ClusterIP
-/// 198.19.0.90:80 (TCP) / :53 (UDP), NodePorts 30090/30091, `NP_PODS` endpoints on node-2, ETP
-/// Cluster, plus `others` Services ahead of the NodePort jump in KUBE-SERVICES.
+/// kube-proxy's iptables rules (iptables mode, `lb_tests::kubeproxy`) for Service `np`:
+/// ClusterIP 198.19.0.90:80 (TCP) / :53 (UDP), NodePorts 30090/30091, `NP_PODS` endpoints on
+/// node-2, ETP Cluster, plus `others` Services ahead of it in KUBE-SERVICES.
 fn kube_proxy_rules(others: usize) -> String {
-    let mut r = String::from(
-        "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n\
-         :KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n\
-         :KUBE-EXT-NPT - [0:0]\n:KUBE-SVC-NPT - [0:0]\n\
-         :KUBE-EXT-NPU - [0:0]\n:KUBE-SVC-NPU - [0:0]\n\
-         -A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
-         -A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
-         -A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n\
-         -A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000\n\
-         -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n\
-         -A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0\n\
-         -A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n",
-    );
-    for i in 0..others {
-        let _ = writeln!(
-            r,
-            ":KUBE-SVC-O{i} - [0:0]\n-A KUBE-SERVICES -d 198.19.{}.{}/32 -p tcp -m comment --comment \"bench/o{i}:http cluster IP\" -m tcp --dport 80 -j KUBE-SVC-O{i}\n\
-             -A KUBE-SVC-O{i} -j KUBE-MARK-MASQ",
-            1 + i / 250,
-            1 + i % 250
-        );
-    }
-    r.push_str(
-        "-A KUBE-SERVICES -d 198.19.0.90/32 -p tcp -m comment --comment \"bench/np:http cluster IP\" -m tcp --dport 80 -j KUBE-SVC-NPT\n\
-         -A KUBE-SERVICES -d 198.19.0.90/32 -p udp -m comment --comment \"bench/np:dns cluster IP\" -m udp --dport 53 -j KUBE-SVC-NPU\n\
-         -A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n\
-         -A KUBE-NODEPORTS -p tcp -m comment --comment \"bench/np:http\" -m tcp --dport 30090 -j KUBE-EXT-NPT\n\
-         -A KUBE-NODEPORTS -p udp -m comment --comment \"bench/np:dns\" -m udp --dport 30091 -j KUBE-EXT-NPU\n\
-         -A KUBE-EXT-NPT -m comment --comment \"masquerade traffic for bench/np:http external destinations\" -j KUBE-MARK-MASQ\n\
-         -A KUBE-EXT-NPT -j KUBE-SVC-NPT\n\
-         -A KUBE-EXT-NPU -j KUBE-MARK-MASQ\n\
-         -A KUBE-EXT-NPU -j KUBE-SVC-NPU\n",
-    );
-    // Endpoints: kube-proxy's random-probability cascade, one KUBE-SEP chain each.
-    for (svc, proto, port) in [("NPT", "tcp", 8080), ("NPU", "udp", 5353)] {
-        for i in 0..NP_PODS {
-            let pod = np_pod(i);
-            let _ = writeln!(r, ":KUBE-SEP-{svc}{i} - [0:0]");
-            let left = NP_PODS - i;
-            if left > 1 {
-                let _ = writeln!(
-                    r,
-                    "-A KUBE-SVC-{svc} -m comment --comment \"bench/np -> {pod}:{port}\" -m statistic --mode random --probability {:.11} -j KUBE-SEP-{svc}{i}",
-                    1.0 / left as f64
-                );
-            } else {
-                let _ = writeln!(
-                    r,
-                    "-A KUBE-SVC-{svc} -m comment --comment \"bench/np -> {pod}:{port}\" -j KUBE-SEP-{svc}{i}"
-                );
-            }
-            let _ = writeln!(
-                r,
-                "-A KUBE-SEP-{svc}{i} -s {pod}/32 -j KUBE-MARK-MASQ\n-A KUBE-SEP-{svc}{i} -p {proto} -m {proto} -j DNAT --to-destination {pod}:{port}"
-            );
-        }
-    }
-    r.push_str("COMMIT\n");
-    r
+    use lb_tests::kubeproxy::SvcSpec;
+    let ep = |port| -> Vec<(std::net::Ipv4Addr, u16)> {
+        (0..NP_PODS)
+            .map(|i| (np_pod(i).parse().expect("pod address"), port))
+            .collect()
+    };
+    let spec = |name: String, port_name: &str, proto, vip: [u8; 4], port, node_port, eps| SvcSpec {
+        namespace: "bench".into(),
+        name,
+        port_name: port_name.into(),
+        proto,
+        vip: vip.into(),
+        port,
+        node_port,
+        endpoints: eps,
+    };
+    let mut svcs: Vec<SvcSpec> = (0..others)
+        .map(|i| {
+            let vip = [198, 19, (1 + i / 250) as u8, (1 + i % 250) as u8];
+            spec(format!("o{i}"), "http", "tcp", vip, 80, None, ep(8080))
+        })
+        .collect();
+    let vip = [198, 19, 0, 90];
+    svcs.push(spec(
+        "np".into(),
+        "http",
+        "tcp",
+        vip,
+        80,
+        Some(30090),
+        ep(8080),
+    ));
+    svcs.push(spec(
+        "np".into(),
+        "dns",
+        "udp",
+        vip,
+        53,
+        Some(30091),
+        ep(5353),
+    ));
+    lb_tests::kubeproxy::iptables_restore(&svcs, "10.0.0.0/8")
 }
 
 /// Backends of the NodePort bench, all on node-2: each (node address, backend) pair has its
