@@ -1,14 +1,19 @@
 //! The pinned BPF maps, seen from the agent: a [`MapWriter`] for `sync`, and readers that turn
 //! the maps back into a [`Shadow`] (adoption on start, `inspect`) and sum the counters.
 use std::{
+    io,
     mem::size_of,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
     path::{Path, PathBuf},
 };
 
-use aya::maps::{
-    HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap,
-    lpm_trie::{Key as LpmKey, LpmTrie},
+use aya::{
+    maps::{
+        HashMap, IterableMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap,
+        lpm_trie::{Key as LpmKey, LpmTrie},
+    },
+    sys::SyscallError,
 };
 use lb_common::{
     ALL_MAPS, AffMatchKey, BE_FLAG_LOCAL, Backend4, Backend6, MAP_AFF_MATCH, MAP_BE4, MAP_BE6,
@@ -78,6 +83,7 @@ pub fn expected_sizes(name: &str) -> Option<(u32, u32)> {
             size_of::<lb_common::Ct6Key>(),
             size_of::<lb_common::Ct6Value>(),
         ),
+        n if n == lb_common::MAP_RNAT_SKS => s(4, size_of::<lb_common::RevNatSk>()),
         n if n == MAP_SRCR4 => s(4 + size_of::<SrcRange4>(), 1),
         n if n == MAP_SRCR6 => s(4 + size_of::<SrcRange6>(), 1),
         n if n == lb_common::MAP_AFFX => s(
@@ -131,6 +137,9 @@ pub struct BpfMaps {
     srcr4: LpmTrie<MapData, SrcRange4, u8>,
     srcr6: LpmTrie<MapData, SrcRange6, u8>,
     capacity: crate::sync::Capacity,
+    /// Whether `BPF_MAP_UPDATE_BATCH` works here (hash maps, Linux 5.6+); off after the first
+    /// refusal, and writes go one by one.
+    batch: bool,
 }
 
 fn lpm<K: aya::Pod>(map: Map, name: &'static str) -> Result<LpmTrie<MapData, K, u8>> {
@@ -224,6 +233,7 @@ impl BpfMaps {
                 be4: c_be4,
                 be6: c_be6,
             },
+            batch: true,
         })
     }
 
@@ -391,6 +401,51 @@ fn svc6_key(k: &SvcKey, a: Ipv6Addr) -> Svc6Key {
 impl MapWriter for BpfMaps {
     type Error = Error;
 
+    /// Runs of [`MIN_BATCH`] or more puts to one map go as `BPF_MAP_UPDATE_BATCH` calls, in
+    /// order (the kernel writes a batch's elements in order too, so the phase order holds);
+    /// everything else, and everything on a kernel without batches, one by one.
+    fn write_all(&mut self, ops: &[MapOp]) -> std::result::Result<(), (usize, Error)> {
+        let mut i = 0;
+        while i < ops.len() {
+            let kind = batch_kind(&ops[i]);
+            let end = kind.map_or(i + 1, |k| {
+                i + ops[i..]
+                    .iter()
+                    .take_while(|op| batch_kind(op) == Some(k))
+                    .count()
+            });
+            match kind {
+                Some(k) if self.batch && end - i >= MIN_BATCH => {
+                    match self.put_batch(k, &ops[i..end]) {
+                        Ok(()) => i = end,
+                        Err((0, _, io_error)) if batch_unsupported(&io_error) => {
+                            tracing::info!(error = %io_error, "no batched map updates here; writing one by one");
+                            self.batch = false;
+                        }
+                        Err((n, name, io_error)) => {
+                            return Err((
+                                i + n,
+                                Error::Map {
+                                    name,
+                                    op: "batch update",
+                                    source: MapError::SyscallError(SyscallError {
+                                        call: "bpf_map_update_batch",
+                                        io_error,
+                                    }),
+                                },
+                            ));
+                        }
+                    }
+                }
+                _ => {
+                    self.write(&ops[i]).map_err(|err| (i, err))?;
+                    i += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn write(&mut self, op: &MapOp) -> Result<()> {
         let e = |name, op| move |source| Error::Map { name, op, source };
         match *op {
@@ -410,26 +465,13 @@ impl MapWriter for BpfMaps {
                 IpAddr::V6(a) => ignore_missing(self.svc6.remove(&svc6_key(&key, a)))
                     .map_err(e(MAP_SVC6, "delete")),
             },
-            MapOp::PutBackend { id, backend } => match backend.addr.ip() {
-                IpAddr::V4(a) => {
-                    let v = Backend4 {
-                        address: a.octets(),
-                        port: backend.addr.port(),
-                        proto: backend.proto,
-                        flags: if backend.local { BE_FLAG_LOCAL } else { 0 },
-                    };
-                    self.be4.insert(id, v, 0).map_err(e(MAP_BE4, "update"))
+            MapOp::PutBackend { id, ref backend } => {
+                if backend.addr.is_ipv4() {
+                    (self.be4.insert(id, backend4(backend), 0)).map_err(e(MAP_BE4, "update"))
+                } else {
+                    (self.be6.insert(id, backend6(backend), 0)).map_err(e(MAP_BE6, "update"))
                 }
-                IpAddr::V6(a) => {
-                    let v = Backend6 {
-                        address: a.octets(),
-                        port: backend.addr.port(),
-                        proto: backend.proto,
-                        flags: if backend.local { BE_FLAG_LOCAL } else { 0 },
-                    };
-                    self.be6.insert(id, v, 0).map_err(e(MAP_BE6, "update"))
-                }
-            },
+            }
             MapOp::PutAffMatch(m) => {
                 let k = AffMatchKey {
                     backend_id: m.backend_id,
@@ -478,6 +520,202 @@ impl MapWriter for BpfMaps {
                 }
             },
         }
+    }
+}
+
+/// Ops of one kind that go to one map and may be written as one batch.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum BatchKind {
+    Svc4,
+    Svc6,
+    Be4,
+    Be6,
+}
+
+fn batch_kind(op: &MapOp) -> Option<BatchKind> {
+    match op {
+        MapOp::PutSvc { key, .. } => Some(if key.addr.is_ipv4() {
+            BatchKind::Svc4
+        } else {
+            BatchKind::Svc6
+        }),
+        MapOp::PutBackend { backend, .. } => Some(if backend.addr.is_ipv4() {
+            BatchKind::Be4
+        } else {
+            BatchKind::Be6
+        }),
+        _ => None,
+    }
+}
+
+/// Runs shorter than this go one by one: a batch saves nothing on a handful.
+const MIN_BATCH: usize = 16;
+/// Elements per `BPF_MAP_UPDATE_BATCH` call (the kernel reschedules inside a call, but a
+/// bounded call keeps the key and value buffers small).
+const MAX_BATCH: usize = 16_384;
+
+/// `BPF_MAP_UPDATE_BATCH` (aya 0.14 has no batch API): writes `keys[i] → values[i]` in order,
+/// one system call per [`MAX_BATCH`] elements. On failure, how many were written and why.
+fn update_batch<K: aya::Pod, V: aya::Pod>(
+    fd: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> std::result::Result<(), (usize, io::Error)> {
+    /// The `batch` member of `union bpf_attr` (include/uapi/linux/bpf.h).
+    #[repr(C)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    assert_eq!(keys.len(), values.len());
+    let mut done = 0;
+    while done < keys.len() {
+        let n = (keys.len() - done).min(MAX_BATCH);
+        let mut attr = BatchAttr {
+            in_batch: 0,
+            out_batch: 0,
+            keys: keys[done..].as_ptr() as u64,
+            values: values[done..].as_ptr() as u64,
+            count: n as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            elem_flags: 0, // BPF_ANY
+            flags: 0,
+        };
+        // SAFETY: `attr` points at `n` keys and `n` values of the map's own sizes (the layouts
+        // were checked when the maps were opened); the kernel reads them and writes back only
+        // `attr.count`, which lives as long as the call.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_BATCH,
+                &raw mut attr,
+                size_of::<BatchAttr>() as u32,
+            )
+        };
+        if r < 0 {
+            let err = io::Error::last_os_error();
+            return Err((done + (attr.count as usize).min(n), err));
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+/// A batch refused as a whole because the kernel or the map type has no batch update.
+fn batch_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::EOPNOTSUPP | 524 /* ENOTSUPP */)
+    )
+}
+
+impl BpfMaps {
+    /// Writes one run of same-kind puts as batches; on failure, how many were written, the
+    /// map and the error.
+    fn put_batch(
+        &mut self,
+        kind: BatchKind,
+        ops: &[MapOp],
+    ) -> std::result::Result<(), (usize, &'static str, io::Error)> {
+        fn svc(op: &MapOp) -> (&SvcKey, SvcValue) {
+            match op {
+                MapOp::PutSvc { key, value } => (key, *value),
+                _ => unreachable!("a Svc batch holds only PutSvc"),
+            }
+        }
+        fn be(op: &MapOp) -> (u32, &Backend) {
+            match op {
+                MapOp::PutBackend { id, backend } => (*id, backend),
+                _ => unreachable!("a Be batch holds only PutBackend"),
+            }
+        }
+        let v4 = |a: IpAddr| match a {
+            IpAddr::V4(a) => a,
+            IpAddr::V6(_) => unreachable!("a v4 batch"),
+        };
+        let v6 = |a: IpAddr| match a {
+            IpAddr::V6(a) => a,
+            IpAddr::V4(_) => unreachable!("a v6 batch"),
+        };
+        let values: Vec<SvcValue>;
+        let (name, r) = match kind {
+            BatchKind::Svc4 => {
+                let keys: Vec<Svc4Key> = ops
+                    .iter()
+                    .map(|op| {
+                        let (k, _) = svc(op);
+                        svc4_key(k, v4(k.addr))
+                    })
+                    .collect();
+                values = ops.iter().map(|op| svc(op).1).collect();
+                (
+                    MAP_SVC4,
+                    update_batch(self.svc4.map().fd().as_fd(), &keys, &values),
+                )
+            }
+            BatchKind::Svc6 => {
+                let keys: Vec<Svc6Key> = ops
+                    .iter()
+                    .map(|op| {
+                        let (k, _) = svc(op);
+                        svc6_key(k, v6(k.addr))
+                    })
+                    .collect();
+                values = ops.iter().map(|op| svc(op).1).collect();
+                (
+                    MAP_SVC6,
+                    update_batch(self.svc6.map().fd().as_fd(), &keys, &values),
+                )
+            }
+            BatchKind::Be4 => {
+                let keys: Vec<u32> = ops.iter().map(|op| be(op).0).collect();
+                let vals: Vec<Backend4> = ops.iter().map(|op| backend4(be(op).1)).collect();
+                (
+                    MAP_BE4,
+                    update_batch(self.be4.map().fd().as_fd(), &keys, &vals),
+                )
+            }
+            BatchKind::Be6 => {
+                let keys: Vec<u32> = ops.iter().map(|op| be(op).0).collect();
+                let vals: Vec<Backend6> = ops.iter().map(|op| backend6(be(op).1)).collect();
+                (
+                    MAP_BE6,
+                    update_batch(self.be6.map().fd().as_fd(), &keys, &vals),
+                )
+            }
+        };
+        r.map_err(|(n, e)| (n, name, e))
+    }
+}
+
+fn backend4(b: &Backend) -> Backend4 {
+    let IpAddr::V4(a) = b.addr.ip() else {
+        unreachable!("a v4 backend")
+    };
+    Backend4 {
+        address: a.octets(),
+        port: b.addr.port(),
+        proto: b.proto,
+        flags: if b.local { BE_FLAG_LOCAL } else { 0 },
+    }
+}
+
+fn backend6(b: &Backend) -> Backend6 {
+    let IpAddr::V6(a) = b.addr.ip() else {
+        unreachable!("a v6 backend")
+    };
+    Backend6 {
+        address: a.octets(),
+        port: b.addr.port(),
+        proto: b.proto,
+        flags: if b.local { BE_FLAG_LOCAL } else { 0 },
     }
 }
 

@@ -751,6 +751,15 @@ fn unreferenced(
 pub trait MapWriter {
     type Error;
     fn write(&mut self, op: &MapOp) -> Result<(), Self::Error>;
+
+    /// Runs `ops` in order, stopping at the first failure: how many were written and the
+    /// error. A writer may group operations (batches) as long as the order holds.
+    fn write_all(&mut self, ops: &[MapOp]) -> Result<(), (usize, Self::Error)> {
+        for (i, op) in ops.iter().enumerate() {
+            self.write(op).map_err(|e| (i, e))?;
+        }
+        Ok(())
+    }
 }
 
 /// Runs `ops` in order; the shadow follows every successful write. On the first failure the
@@ -761,11 +770,12 @@ pub fn apply<W: MapWriter>(
     writer: &mut W,
     shadow: &mut Shadow,
 ) -> Result<usize, (usize, W::Error)> {
-    for (i, op) in ops.iter().enumerate() {
-        writer.write(op).map_err(|e| (i, e))?;
+    let r = writer.write_all(ops);
+    let n = r.as_ref().map_or_else(|(n, _)| *n, |()| ops.len());
+    for op in &ops[..n] {
         shadow.apply(op);
     }
-    Ok(ops.len())
+    r.map(|()| n)
 }
 
 #[cfg(test)]
