@@ -39,6 +39,9 @@ pub struct Opts {
     /// grows superlinearly with the ruleset (measured: 2,500 Services 1.1 s, 5,000 5.1 s,
     /// 10,000 45 s), so 50,000 would take the better part of an hour.
     pub nft_max: usize,
+    /// The rule lanes to run (direct and lb always run): all of them by default. Without the
+    /// rule lanes, many rounds of lb against direct fit in a few minutes.
+    pub rule_lanes: Vec<Lane>,
 }
 
 /// A lane: one way of reaching the Service.
@@ -52,7 +55,18 @@ pub enum Lane {
 }
 
 impl Lane {
-    const RULES: [Self; 3] = [Self::IptablesNft, Self::IptablesLegacy, Self::Nftables];
+    pub const RULES: [Self; 3] = [Self::IptablesNft, Self::IptablesLegacy, Self::Nftables];
+
+    /// The rule lane named on the command line: `iptables-nft`, `iptables-legacy`, `nftables`.
+    #[must_use]
+    pub fn rule_lane(name: &str) -> Option<Self> {
+        match name {
+            "iptables-nft" => Some(Self::IptablesNft),
+            "iptables-legacy" => Some(Self::IptablesLegacy),
+            "nftables" => Some(Self::Nftables),
+            _ => None,
+        }
+    }
 
     #[must_use]
     pub const fn label(self) -> &'static str {
@@ -466,6 +480,7 @@ pub fn run(o: &Opts) -> Results {
     let plain = Bed::new(&format!("{tag}-plain"));
     let rule_beds: Vec<(Lane, Bed)> = Lane::RULES
         .iter()
+        .filter(|l| o.rule_lanes.contains(l))
         .map(|&l| {
             let short = match l {
                 Lane::IptablesNft => "ipn",
@@ -500,7 +515,7 @@ pub fn run(o: &Opts) -> Results {
             .iter()
             .filter(|(l, _)| *l != Lane::Nftables || n <= o.nft_max)
             .collect();
-        if n > o.nft_max {
+        if n > o.nft_max && o.rule_lanes.contains(&Lane::Nftables) {
             res.unavailable.push((
                 format!("kube-proxy nftables at {n} Services"),
                 format!(

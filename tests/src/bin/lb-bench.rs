@@ -45,6 +45,7 @@ struct Args {
     only_kube_proxy: bool,
     /// Largest Service count for the nftables lane.
     kp_nft_max: usize,
+    kp_lanes: Vec<lb_tests::kpbench::Lane>,
     /// Where the results (JSON, Markdown) go.
     out_dir: Option<String>,
     /// Where the whole Markdown report is written (e.g. BENCHMARKS.md).
@@ -65,6 +66,7 @@ fn parse_args() -> Args {
         kp_rounds: 3,
         only_kube_proxy: false,
         kp_nft_max: 10_000,
+        kp_lanes: lb_tests::kpbench::Lane::RULES.to_vec(),
         out_dir: None,
         benchmarks_md: None,
     };
@@ -92,6 +94,17 @@ fn parse_args() -> Args {
             "--kp-rounds" => a.kp_rounds = val.parse().expect("--kp-rounds"),
             "--only-kube-proxy" => a.only_kube_proxy = val.parse().expect("--only-kube-proxy"),
             "--kp-nft-max" => a.kp_nft_max = val.parse().expect("--kp-nft-max"),
+            "--kp-lanes" => {
+                a.kp_lanes = val
+                    .split(',')
+                    .filter(|s| !s.is_empty() && *s != "none")
+                    .map(|s| {
+                        lb_tests::kpbench::Lane::rule_lane(s).unwrap_or_else(|| {
+                            panic!("--kp-lanes: unknown lane {s:?} (iptables-nft, iptables-legacy, nftables, none)")
+                        })
+                    })
+                    .collect();
+            }
             "--out-dir" => a.out_dir = Some(val.clone()),
             "--benchmarks-md" => a.benchmarks_md = Some(val.clone()),
             f => panic!("unknown flag {f}"),
@@ -478,6 +491,7 @@ fn kube_proxy_bench(a: &Args) -> String {
         round_secs: a.round_secs,
         threads: a.kp_threads,
         nft_max: a.kp_nft_max,
+        rule_lanes: a.kp_lanes.clone(),
     };
     let r = lb_tests::kpbench::run(&o);
     let md = lb_tests::kpbench::markdown(&r);
