@@ -87,6 +87,8 @@ pub const MAP_BE6: &str = "LB6_BE_V1";
 pub const MAP_RNAT4: &str = "LB4_RNAT_SK_V1";
 /// IPv6 per-socket reverse NAT: [`RevNat6Key`] → [`RevNat6Value`].
 pub const MAP_RNAT6: &str = "LB6_RNAT_SK_V1";
+/// Reverse NAT of connected sockets, in socket storage: → [`RevNatSk`].
+pub const MAP_RNAT_SKS: &str = "LB_RNAT_SKS_V1";
 /// Per-CPU datapath counters: [`Stat`] index (`u32`) → `u64`.
 pub const MAP_STATS: &str = "LB_STATS_V2";
 
@@ -112,7 +114,7 @@ pub const MAP_SRCR6: &str = "LB6_SRCR_V1";
 pub const MAP_AFFX: &str = "LB_AFFX_V1";
 
 /// Every map the datapath object must define.
-pub const ALL_MAPS: [&str; 15] = [
+pub const ALL_MAPS: [&str; 16] = [
     MAP_SVC4,
     MAP_BE4,
     MAP_SVC6,
@@ -128,6 +130,7 @@ pub const ALL_MAPS: [&str; 15] = [
     MAP_SRCR4,
     MAP_SRCR6,
     MAP_AFFX,
+    MAP_RNAT_SKS,
 ];
 
 /// Default `max_entries` of the per-frontend connection counters.
@@ -250,9 +253,12 @@ pub struct Backend6 {
 // Per-socket reverse NAT. Written by the datapath (connect/sendmsg), read by the datapath
 // (getpeername/recvmsg); the agent only reads it for `inspect` and clears it on `cleanup`.
 //
-// An LRU hash keyed by socket cookie rather than `SkStorage`: an unconnected UDP socket talks to
-// several backends at once, and socket storage holds a single value per socket. Cookies are
-// never reused within a boot, so an entry outliving its socket is harmless and ages out.
+// connect() (TCP, connected UDP): socket storage (`LB_RNAT_SKS_V1`), one value per socket,
+// freed with the socket. sendmsg() of unconnected UDP: an LRU hash keyed by socket cookie
+// (`LB4/6_RNAT_SK_V1`), since such a socket talks to several backends at once. Cookies are
+// never reused within a boot, so an LRU entry outliving its socket is harmless and ages out.
+// Measured (kernel 6.18, 2 vCPUs): the connect hook cost 2.4–2.9 µs per call with the LRU
+// insert (common LRU lists), 1.4–1.9 µs with per-CPU LRU lists, 0.95 µs with no insert.
 // ---------------------------------------------------------------------------------------------
 
 /// Key of `LB4_RNAT_SK_V1`.
@@ -293,6 +299,22 @@ pub struct RevNat6Key {
     /// byte loop whose stack pointer arithmetic the verifier refuses without CAP_PERFMON.
     pub _pad: u16,
     pub _pad2: u32,
+}
+
+/// Value of `LB_RNAT_SKS_V1`, the socket storage of a socket whose `connect()` was translated:
+/// the backend it was sent to and the frontend the application addressed. IPv4 addresses are
+/// stored IPv4-mapped. 8-byte aligned: the datapath copies it as five `u64` words (a struct
+/// copy compiles to a byte loop the verifier refuses without `CAP_PERFMON`).
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct RevNatSk {
+    pub backend: [u8; 16],
+    pub vip: [u8; 16],
+    /// Host order.
+    pub backend_port: u16,
+    /// Host order.
+    pub vip_port: u16,
+    pub _pad: u32,
 }
 
 /// Value of `LB6_RNAT_SK_V1`.

@@ -5,7 +5,7 @@
 //! Service and backend maps are `BPF_F_NO_PREALLOC`: kernel memory follows the entries in use,
 //! so a generous `max_entries` (room for 50,000 Services × 4 endpoints) costs nothing on a small
 //! cluster; lookups are as fast as in a preallocated map. LRU maps must preallocate.
-use aya_ebpf::btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap};
+use aya_ebpf::btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, SkStorage};
 use aya_ebpf::{bindings::BPF_F_NO_PREALLOC, macros::btf_map};
 /// `FLAGS` of the agent-written hash maps.
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -14,8 +14,8 @@ use lb_common::{
     AffKey, AffMatchKey, AffValue, AffxKey, Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key, Ct6Value,
     DEFAULT_AFF_ENTRIES, DEFAULT_AFF_MATCH_ENTRIES, DEFAULT_AFFX_ENTRIES, DEFAULT_BE_ENTRIES,
     DEFAULT_CT_ENTRIES, DEFAULT_RNAT_ENTRIES, DEFAULT_SRCR_ENTRIES, DEFAULT_SVC_CNT_ENTRIES,
-    DEFAULT_SVC_ENTRIES, RevNat4Key, RevNat4Value, RevNat6Key, RevNat6Value, SrcRange4, SrcRange6,
-    Stat, Svc4Key, Svc6Key, SvcValue,
+    DEFAULT_SVC_ENTRIES, RevNat4Key, RevNat4Value, RevNat6Key, RevNat6Value, RevNatSk, SrcRange4,
+    SrcRange6, Stat, Svc4Key, Svc6Key, SvcValue,
 };
 
 #[btf_map]
@@ -42,11 +42,19 @@ pub(crate) static LB4_BE_V1: HashMap<u32, Backend4, { DEFAULT_BE_ENTRIES as usiz
 pub(crate) static LB6_BE_V1: HashMap<u32, Backend6, { DEFAULT_BE_ENTRIES as usize }, NO_PREALLOC> =
     HashMap::new();
 
+/// Reverse NAT of sockets whose `connect()` was translated (freed with the socket).
+#[btf_map]
+pub(crate) static LB_RNAT_SKS_V1: SkStorage<RevNatSk> = SkStorage::new();
+
+/// `BPF_F_NO_COMMON_LRU`: per-CPU LRU lists (no global lock on insert and eviction).
+const NO_COMMON_LRU: usize = 2;
+
 #[btf_map]
 pub(crate) static LB4_RNAT_SK_V1: LruHashMap<
     RevNat4Key,
     RevNat4Value,
     { DEFAULT_RNAT_ENTRIES as usize },
+    NO_COMMON_LRU,
 > = LruHashMap::new();
 
 #[btf_map]
@@ -54,6 +62,7 @@ pub(crate) static LB6_RNAT_SK_V1: LruHashMap<
     RevNat6Key,
     RevNat6Value,
     { DEFAULT_RNAT_ENTRIES as usize },
+    NO_COMMON_LRU,
 > = LruHashMap::new();
 
 #[btf_map]

@@ -7,7 +7,8 @@
 //!    miss = not a service → the syscall proceeds untouched;
 //! 3. hit with count 0 → REJECT (no usable endpoint);
 //! 4. uniform random slot in 1..=count → backend id → backend address;
-//! 5. remember {socket cookie, backend} → VIP for the reverse path; rewrite the address.
+//! 5. remember backend → VIP for the reverse path (connect: in the socket's storage; sendmsg:
+//!    {socket cookie, backend} in an LRU map); rewrite the address.
 use aya_ebpf::{
     EbpfContext,
     helpers::{
@@ -18,8 +19,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     AffKey, AffMatchKey, AffValue, Backend4, Backend6, RevNat4Key, RevNat4Value, RevNat6Key,
-    RevNat6Value, SCOPE_ALL, SVC_FLAG_HOST_ONLY, SVC_FLAG_NO_LOCAL, SVC_FLAG_VIP_MARKER, Stat,
-    Svc4Key, Svc6Key, SvcValue, select_slot,
+    RevNat6Value, RevNatSk, SCOPE_ALL, SVC_FLAG_HOST_ONLY, SVC_FLAG_NO_LOCAL, SVC_FLAG_VIP_MARKER,
+    Stat, Svc4Key, Svc6Key, SvcValue, select_slot,
 };
 
 /// The host's netns cookie, set by the agent at load time (`lb_common::GLOBAL_HOST_NETNS`).
@@ -37,8 +38,8 @@ fn from_host(ctx: &SockAddrContext) -> bool {
 }
 
 use crate::maps::{
-    LB_AFF_MATCH_V1, LB_AFF_V1, LB4_BE_V1, LB4_RNAT_SK_V1, LB4_SVC_V1, LB6_BE_V1, LB6_RNAT_SK_V1,
-    LB6_SVC_V1, count, count_frontend,
+    LB_AFF_MATCH_V1, LB_AFF_V1, LB_RNAT_SKS_V1, LB4_BE_V1, LB4_RNAT_SK_V1, LB4_SVC_V1, LB6_BE_V1,
+    LB6_RNAT_SK_V1, LB6_SVC_V1, count, count_frontend,
 };
 
 const ECONNREFUSED: i32 = 111;
@@ -226,8 +227,61 @@ fn select4(
     Ok(Some(be))
 }
 
+/// `RevNatSk` as `u64` words, for word-by-word copies.
+const SK_WORDS: usize = core::mem::size_of::<RevNatSk>() / 8;
+
+/// Connect: the socket's own storage, one value, freed with the socket. `false` when the
+/// kernel could not allocate it (the caller falls back to the LRU map).
 #[inline(always)]
-fn remember4(ctx: &SockAddrContext, be: &Backend4, vip: [u8; 4], vport: u16) {
+fn remember_sk(ctx: &SockAddrContext, v: &RevNatSk) -> bool {
+    // SAFETY: `ctx` is a sock_addr context, whose socket the helper takes; F_CREATE returns
+    // this socket's value (zeroed when new) or null.
+    let p = unsafe { LB_RNAT_SKS_V1.get_or_insert_ptr_mut(ctx, None) };
+    if p.is_null() {
+        return false;
+    }
+    let (src, dst) = (core::ptr::from_ref(v).cast::<u64>(), p.cast::<u64>());
+    for i in 0..SK_WORDS {
+        // SAFETY: both point at an 8-byte-aligned `RevNatSk` (the map value is this socket's,
+        // valid while the program runs); volatile keeps these word stores.
+        unsafe { core::ptr::write_volatile(dst.add(i), core::ptr::read_volatile(src.add(i))) };
+    }
+    true
+}
+
+/// The socket's storage, when its `connect()` went to `backend:port`.
+#[inline(always)]
+fn recall_sk(ctx: &SockAddrContext, backend: &[u8; 16], port: u16) -> Option<([u8; 16], u16)> {
+    // SAFETY: lookup without create; null when this socket has none.
+    let p = unsafe { LB_RNAT_SKS_V1.get_ptr_mut(ctx) };
+    if p.is_null() {
+        return None;
+    }
+    let mut v = RevNatSk::default();
+    let (src, dst) = (p.cast::<u64>(), core::ptr::from_mut(&mut v).cast::<u64>());
+    for i in 0..SK_WORDS {
+        // SAFETY: as in `remember_sk`, in the other direction.
+        unsafe { core::ptr::write_volatile(dst.add(i), core::ptr::read_volatile(src.add(i))) };
+    }
+    (v.backend == *backend && v.backend_port == port).then_some((v.vip, v.vip_port))
+}
+
+#[inline(always)]
+fn remember4(ctx: &SockAddrContext, hook: Hook, be: &Backend4, vip: [u8; 4], vport: u16) {
+    if matches!(hook, Hook::Connect)
+        && remember_sk(
+            ctx,
+            &RevNatSk {
+                backend: map_v4(be.address),
+                vip: map_v4(vip),
+                backend_port: be.port,
+                vip_port: vport,
+                _pad: 0,
+            },
+        )
+    {
+        return;
+    }
     let key = RevNat4Key {
         cookie: cookie(ctx),
         address: be.address,
@@ -261,7 +315,7 @@ pub(crate) fn xlate4_fwd(ctx: &SockAddrContext, hook: Hook) -> Result<(), Reject
     let Some(be) = select4(ctx, vip, vport, proto as u8)? else {
         return Ok(());
     };
-    remember4(ctx, &be, vip, vport);
+    remember4(ctx, hook, &be, vip, vport);
     // SAFETY: user_ip4/user_port are writable (4-byte stores) in connect4/sendmsg4.
     unsafe {
         (*sa).user_ip4 = u32::from_ne_bytes(be.address);
@@ -274,6 +328,15 @@ pub(crate) fn xlate4_fwd(ctx: &SockAddrContext, hook: Hook) -> Result<(), Reject
 /// The VIP a socket addressed, given the backend it talks to.
 #[inline(always)]
 fn recall4(ctx: &SockAddrContext, address: [u8; 4], port: u16) -> Option<RevNat4Value> {
+    if let Some((vip, vport)) = recall_sk(ctx, &map_v4(address), port) {
+        let mut v4 = [0u8; 4];
+        v4.copy_from_slice(&vip[12..]);
+        return Some(RevNat4Value {
+            address: v4,
+            port: vport,
+            _pad: [0; 2],
+        });
+    }
     let key = RevNat4Key {
         cookie: cookie(ctx),
         address,
@@ -412,7 +475,7 @@ pub(crate) fn xlate6_fwd(ctx: &SockAddrContext, hook: Hook) -> Result<(), Reject
         let Some(be) = select4(ctx, vip4, vport, proto)? else {
             return Ok(());
         };
-        remember4(ctx, &be, vip4, vport);
+        remember4(ctx, hook, &be, vip4, vport);
         write_ip6(ctx, &map_v4(be.address));
         write_port(ctx, be.port);
         count_fwd(hook);
@@ -422,22 +485,35 @@ pub(crate) fn xlate6_fwd(ctx: &SockAddrContext, hook: Hook) -> Result<(), Reject
     let Some(be) = select6(ctx, vip, vport, proto)? else {
         return Ok(());
     };
-    let key = RevNat6Key {
-        cookie: cookie(ctx),
-        address: be.address,
-        port: be.port,
-        _pad: 0,
-        _pad2: 0,
-    };
-    let val = RevNat6Value {
-        address: vip,
-        port: vport,
-        _pad: [0; 2],
-    };
-    // SAFETY: read-only copy of an LRU entry.
-    let same = unsafe { LB6_RNAT_SK_V1.get(&key) }.is_some_and(|old| *old == val);
-    if !same && LB6_RNAT_SK_V1.insert(&key, &val, 0).is_err() {
-        count(Stat::RevNatUpdateFailed);
+    let in_sk = matches!(hook, Hook::Connect)
+        && remember_sk(
+            ctx,
+            &RevNatSk {
+                backend: be.address,
+                vip,
+                backend_port: be.port,
+                vip_port: vport,
+                _pad: 0,
+            },
+        );
+    if !in_sk {
+        let key = RevNat6Key {
+            cookie: cookie(ctx),
+            address: be.address,
+            port: be.port,
+            _pad: 0,
+            _pad2: 0,
+        };
+        let val = RevNat6Value {
+            address: vip,
+            port: vport,
+            _pad: [0; 2],
+        };
+        // SAFETY: read-only copy of an LRU entry.
+        let same = unsafe { LB6_RNAT_SK_V1.get(&key) }.is_some_and(|old| *old == val);
+        if !same && LB6_RNAT_SK_V1.insert(&key, &val, 0).is_err() {
+            count(Stat::RevNatUpdateFailed);
+        }
     }
     write_ip6(ctx, &be.address);
     write_port(ctx, be.port);
@@ -456,6 +532,12 @@ pub(crate) fn xlate6_rev(ctx: &SockAddrContext) {
             write_port(ctx, v.port);
             count(Stat::RevNatHit);
         }
+        return;
+    }
+    if let Some((vip, vport)) = recall_sk(ctx, &addr, port) {
+        write_ip6(ctx, &vip);
+        write_port(ctx, vport);
+        count(Stat::RevNatHit);
         return;
     }
     let key = RevNat6Key {

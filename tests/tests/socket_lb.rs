@@ -112,6 +112,17 @@ fn tcp_v4_v6_and_v4_mapped_reach_a_backend_and_getpeername_shows_the_vip() {
         s["revnat_hit"] >= 15,
         "getpeername went through reverse NAT: {s:?}"
     );
+    // connect() keeps its reverse NAT in the socket's storage: the cookie-keyed LRU maps (for
+    // unconnected UDP) stay empty.
+    for map in ["LB4_RNAT_SK_V1", "LB6_RNAT_SK_V1"] {
+        let out = Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(c.bpffs.path.join(map))
+            .output()
+            .expect("bpftool");
+        let v: Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+        assert_eq!(v.as_array().map(Vec::len), Some(0), "{map}: {v}");
+    }
 }
 
 #[test]
@@ -895,4 +906,94 @@ fn node_ports_serve_pods_and_host_processes_and_localhost_only_the_host() {
         after["reject_no_port"], before["reject_no_port"],
         "nothing refused by the datapath"
     );
+}
+
+/// 300 dual-stack Services: runs of hundreds of puts per map, which the agent writes with
+/// `BPF_MAP_UPDATE_BATCH`. Every entry must land where one-by-one writes would put it: the
+/// Services answer, `inspect` reads them back, and a restarted agent adopts them with nothing
+/// to rewrite.
+#[test]
+fn hundreds_of_services_written_in_batches_read_back_and_adopt_exactly() {
+    const N: usize = 300;
+    let mut c = Cluster::new("batch", 2);
+    let vip4 = |i: usize| format!("198.19.{}.{}", 1 + i / 250, 1 + i % 250);
+    let vip6 = |i: usize| format!("2001:db8:f::1:{i:x}");
+    let manifests = |backends: usize| {
+        let v4: Vec<(String, bool, bool, bool)> = (1..=backends)
+            .map(|b| (pod_v4(b), true, true, false))
+            .collect();
+        let v6: Vec<(String, bool, bool, bool)> = (1..=backends)
+            .map(|b| (pod_v6(b), true, true, false))
+            .collect();
+        let ports = [("http", 8080, "TCP")];
+        (0..N)
+            .flat_map(|i| {
+                let name = format!("s{i}");
+                let (a4, a6) = (vip4(i), vip6(i));
+                [
+                    service(&name, &[&a4, &a6], &[("http", 80, "TCP")]),
+                    slice(&format!("{name}-4"), &name, "IPv4", &ports, &eps(&v4)),
+                    slice(&format!("{name}-6"), &name, "IPv6", &ports, &eps(&v6)),
+                ]
+            })
+            .collect::<Vec<_>>()
+            .join("---\n")
+    };
+    c.write_manifest("many.yaml", &manifests(2));
+    c.start_agent();
+    let log = c.agent_log();
+    assert!(
+        log.contains(&format!("frontends={} ", 2 * N)),
+        "one sync for all:\n{log}"
+    );
+    assert!(
+        !log.contains("one by one"),
+        "this kernel has batched updates:\n{log}"
+    );
+    let services = c.inspect("services");
+    let listed = services.as_array().expect("services array");
+    assert_eq!(listed.len(), 2 * N, "every frontend reads back");
+    let mut two = vec![format!("{}:8080", pod_v4(1)), format!("{}:8080", pod_v4(2))];
+    two.sort();
+    assert_eq!(c.backends_of(&format!("{}:80/TCP", vip4(N - 1))), Some(two));
+    assert_eq!(
+        c.backends_of(&format!("[{}]:80/TCP", vip6(N - 1)))
+            .map(|b| b.len()),
+        Some(2)
+    );
+    for target in [
+        format!("{}:80", vip4(0)),
+        format!("{}:80", vip4(N - 1)),
+        format!("[{}]:80", vip6(0)),
+        format!("[{}]:80", vip6(N - 1)),
+    ] {
+        let t = tally(&c.client(&["tcp", &target, "6"]));
+        assert_eq!(t.values().sum::<usize>(), 6, "{target}: {t:?}");
+    }
+
+    // Adoption reads every batched entry back: nothing to rewrite.
+    c.kill_agent();
+    c.start_agent();
+    assert_eq!(c.inspect("services"), services);
+    let log = c.agent_log();
+    assert_eq!(
+        log.matches("programmed datapath").count(),
+        1,
+        "the restarted agent found the maps exactly as wanted:\n{log}"
+    );
+
+    // One endpoint fewer everywhere: a batch of rewritten slots, deletes one by one.
+    c.write_manifest("many.yaml", &manifests(1));
+    let took = time_until(
+        &c,
+        &format!("{}:80/TCP", vip4(N - 1)),
+        &[format!("{}:8080", pod_v4(1))],
+    );
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    assert_eq!(
+        c.backends_of(&format!("[{}]:80/TCP", vip6(0))),
+        Some(vec![format!("[{}]:8080", pod_v6(1))])
+    );
+    let t = tally(&c.client(&["tcp", &format!("{}:80", vip4(N / 2)), "4"]));
+    assert_eq!(t.get("b1"), Some(&4), "{t:?}");
 }
