@@ -19,6 +19,7 @@
     reason = "explicit, named padding in kernel ABI types"
 )]
 
+pub mod maglev;
 pub mod nat;
 pub mod stats;
 
@@ -60,6 +61,10 @@ pub const SVC_FLAG_HOST_ONLY: u16 = 1 << 2;
 /// `SvcValue::flags` (external scope): the frontend has `loadBalancerSourceRanges`; only
 /// clients matching its entries in `LB4_SRCR_V1`/`LB6_SRCR_V1` pass, others are dropped.
 pub const SVC_FLAG_SRC_RANGES: u16 = 1 << 3;
+
+/// `SvcValue::flags` (external scope): new flows choose their backend from the frontend's
+/// Maglev table in `LB_MAGLEV_V1` ([`maglev`]) instead of a random slot.
+pub const SVC_FLAG_MAGLEV: u16 = 1 << 4;
 
 /// `Backend4::flags`/`Backend6::flags`: the endpoint is on this node. The packet path SNATs
 /// only flows to backends without it. (The byte was reserved as 0 = "not known to be local",
@@ -114,7 +119,7 @@ pub const MAP_SRCR6: &str = "LB6_SRCR_V1";
 pub const MAP_AFFX: &str = "LB_AFFX_V1";
 
 /// Every map the datapath object must define.
-pub const ALL_MAPS: [&str; 16] = [
+pub const ALL_MAPS: [&str; 17] = [
     MAP_SVC4,
     MAP_BE4,
     MAP_SVC6,
@@ -131,6 +136,7 @@ pub const ALL_MAPS: [&str; 16] = [
     MAP_SRCR6,
     MAP_AFFX,
     MAP_RNAT_SKS,
+    maglev::MAP_MAGLEV,
 ];
 
 /// Default `max_entries` of the per-frontend connection counters.
@@ -390,6 +396,8 @@ const _: () = {
     assert!(size_of::<AffValue>() == 16);
     assert!(offset_of!(AffValue, last_used_ns) == 8);
     assert!(size_of::<AffMatchKey>() == 8);
+    assert!(size_of::<maglev::MaglevKey>() == 8);
+    assert!(size_of::<maglev::MaglevChunk>() == 4 * maglev::MAGLEV_CHUNK as usize);
 };
 
 #[cfg(feature = "user")]
@@ -419,6 +427,10 @@ mod pod {
     unsafe impl aya::Pod for super::AffValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::AffMatchKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::maglev::MaglevKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::maglev::MaglevChunk {}
 }
 
 /// Picks a backend slot in `1..=count` from a 32-bit random number, uniformly.

@@ -10,6 +10,9 @@ use aya_ebpf::{bindings::BPF_F_NO_PREALLOC, macros::btf_map};
 /// `FLAGS` of the agent-written hash maps.
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
 
+use lb_common::maglev::{
+    DEFAULT_MAGLEV_FRONTENDS, DEFAULT_MAGLEV_M, MaglevChunk, MaglevKey, chunks,
+};
 use lb_common::{
     AffKey, AffMatchKey, AffValue, AffxKey, Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key, Ct6Value,
     DEFAULT_AFF_ENTRIES, DEFAULT_AFF_MATCH_ENTRIES, DEFAULT_AFFX_ENTRIES, DEFAULT_BE_ENTRIES,
@@ -41,6 +44,15 @@ pub(crate) static LB4_BE_V1: HashMap<u32, Backend4, { DEFAULT_BE_ENTRIES as usiz
 #[btf_map]
 pub(crate) static LB6_BE_V1: HashMap<u32, Backend6, { DEFAULT_BE_ENTRIES as usize }, NO_PREALLOC> =
     HashMap::new();
+
+/// Maglev lookup tables of external frontends (`lb_common::maglev`). Sized by the agent.
+#[btf_map]
+pub(crate) static LB_MAGLEV_V1: HashMap<
+    MaglevKey,
+    MaglevChunk,
+    { (DEFAULT_MAGLEV_FRONTENDS * chunks(DEFAULT_MAGLEV_M)) as usize },
+    NO_PREALLOC,
+> = HashMap::new();
 
 /// Reverse NAT of sockets whose `connect()` was translated (freed with the socket).
 #[btf_map]

@@ -34,13 +34,15 @@ use lb_common::{
     AffMatchKey, AffValue, AffxKey, BE_FLAG_LOCAL, CT_DIR_FWD, CT_DIR_REPLY, CT_F_CLOSING,
     CT_F_SEEN_REPLY, CT_F_SNAT, CT_REFRESH_NS, Ct4Key, Ct4Value, Ct6Key, Ct6Value, CtTimeouts,
     IPPROTO_TCP, IPPROTO_UDP, NAT_PORT_TRIES, SCOPE_EXTERNAL, SRCR4_FRONTEND_BITS,
-    SRCR6_FRONTEND_BITS, SVC_FLAG_NO_LOCAL, SVC_FLAG_SRC_RANGES, SrcRange4, SrcRange6, Stat,
-    Svc4Key, Svc6Key, SvcValue, ct_timeout_s, nat_port, select_slot,
+    SRCR6_FRONTEND_BITS, SVC_FLAG_MAGLEV, SVC_FLAG_NO_LOCAL, SVC_FLAG_SRC_RANGES, SrcRange4,
+    SrcRange6, Stat, Svc4Key, Svc6Key, SvcValue, ct_timeout_s,
+    maglev::{MAGLEV_CHUNK, MaglevKey, flow_hash4, flow_hash6},
+    nat_port, select_slot,
 };
 
 use crate::maps::{
-    LB_AFF_MATCH_V1, LB_AFFX_V1, LB4_BE_V1, LB4_CT_V1, LB4_SRCR_V1, LB4_SVC_V1, LB6_BE_V1,
-    LB6_CT_V1, LB6_SRCR_V1, LB6_SVC_V1, count, count_frontend,
+    LB_AFF_MATCH_V1, LB_AFFX_V1, LB_MAGLEV_V1, LB4_BE_V1, LB4_CT_V1, LB4_SRCR_V1, LB4_SVC_V1,
+    LB6_BE_V1, LB6_CT_V1, LB6_SRCR_V1, LB6_SVC_V1, count, count_frontend,
 };
 
 /// `TCX_NEXT` (= `TC_ACT_UNSPEC`): not ours, or translated for the stack — the next program
@@ -162,6 +164,47 @@ fn timeouts() -> CtTimeouts {
         tcp_closing_s: g(&raw const LB_CT_TCP_CLOSE_S, d.tcp_closing_s),
         other_s: g(&raw const LB_CT_OTHER_S, d.other_s),
     }
+}
+
+/// Maglev table size M, set by the agent at load time (`lb_common::maglev::GLOBAL_MAGLEV_M`);
+/// 0 = no Maglev.
+#[unsafe(no_mangle)]
+static LB_MAGLEV_M: u32 = 0;
+
+/// The backend id in entry `hash % M` of frontend `fe_id`'s Maglev table; 0 when there is no
+/// Maglev or the table is not (yet) there (the caller then picks a random slot). A plain `u32`
+/// rather than an `Option`: the verifier refuses the partly undefined values LLVM makes of
+/// `Option`s flowing through the closures of `choose`.
+#[inline(always)]
+fn maglev(fe_id: u32, hash: u32) -> u32 {
+    // SAFETY: read of a load-time constant (volatile: patched after compilation).
+    let m = unsafe { core::ptr::read_volatile(&raw const LB_MAGLEV_M) };
+    if m == 0 {
+        return 0;
+    }
+    let idx = hash % m;
+    let key = MaglevKey {
+        frontend_id: fe_id,
+        chunk: idx / MAGLEV_CHUNK,
+    };
+    // SAFETY: a read of one u32 of the value; the agent replaces values whole.
+    match unsafe { LB_MAGLEV_V1.get(&key) } {
+        Some(c) => c.backend_ids[(idx & (MAGLEV_CHUNK - 1)) as usize],
+        None => 0,
+    }
+}
+
+/// The backend id for a new flow without (valid) affinity: the Maglev entry, else a random
+/// slot's; 0 when the slot is missing.
+#[inline(always)]
+fn pick(fe: &SvcValue, hash: u32, slot_id: &impl Fn(u16) -> Option<u32>) -> u32 {
+    if fe.flags & SVC_FLAG_MAGLEV != 0 {
+        let id = maglev(fe.backend_id, hash);
+        if id != 0 {
+            return id;
+        }
+    }
+    slot_id(select_slot(random(), fe.count)).unwrap_or(0)
 }
 
 #[inline(always)]
@@ -340,16 +383,13 @@ fn nat_port_reusable(expires: u64, t: u64) -> bool {
     expires < t
 }
 
-/// Client-IP session affinity for a new external flow, else a random slot. Returns the
-/// backend id.
+/// The backend of a new external flow: client-IP session affinity while it holds, else the
+/// frontend's Maglev table entry for the flow's hash (`SVC_FLAG_MAGLEV`), else a random slot.
+/// Returns the backend id, 0 when a slot is missing (a `u32`, not a `Result`: see [`maglev`]).
 #[inline(always)]
-fn choose(
-    fe: &SvcValue,
-    client: [u8; 16],
-    slot_id: impl Fn(u16) -> Option<u32>,
-) -> Result<u32, Drop> {
+fn choose(fe: &SvcValue, client: [u8; 16], hash: u32, slot_id: impl Fn(u16) -> Option<u32>) -> u32 {
     if fe.affinity_timeout == 0 {
-        return slot_id(select_slot(random(), fe.count)).ok_or(Drop::BackendMissing);
+        return pick(fe, hash, &slot_id);
     }
     let t = now();
     let key = AffxKey {
@@ -374,10 +414,13 @@ fn choose(
                 0,
             );
             count(Stat::TcAffinityHit);
-            return Ok(a.backend_id);
+            return a.backend_id;
         }
     }
-    let id = slot_id(select_slot(random(), fe.count)).ok_or(Drop::BackendMissing)?;
+    let id = pick(fe, hash, &slot_id);
+    if id == 0 {
+        return 0;
+    }
     let _ = LB_AFFX_V1.insert(
         &key,
         &AffValue {
@@ -387,7 +430,7 @@ fn choose(
         },
         0,
     );
-    Ok(id)
+    id
 }
 
 /// Partial one's-complement sum of `buf` (length a multiple of 4) added to `seed`, by
@@ -754,7 +797,8 @@ mod v4 {
         client[10] = 0xff;
         client[11] = 0xff;
         client[12..].copy_from_slice(&p.src);
-        let id = choose(&fe, client, |slot| {
+        let hash = flow_hash4(p.src, p.dst, p.sport, p.dport, p.proto);
+        let id = choose(&fe, client, hash, |slot| {
             // SAFETY: copied out at once.
             unsafe {
                 LB4_SVC_V1.get(&Svc4Key {
@@ -763,7 +807,10 @@ mod v4 {
                 })
             }
             .map(|v| v.backend_id)
-        })?;
+        });
+        if id == 0 {
+            return Err(Drop::BackendMissing);
+        }
         // SAFETY: copied out at once.
         let be = unsafe { LB4_BE_V1.get(&id) }
             .copied()
@@ -1431,7 +1478,8 @@ mod v6 {
             }
             return Ok(REJECT);
         }
-        let id = choose(&fe, p.src, |slot| {
+        let hash = flow_hash6(&p.src, &p.dst, p.sport, p.dport, p.proto);
+        let id = choose(&fe, p.src, hash, |slot| {
             // SAFETY: copied out at once.
             unsafe {
                 LB6_SVC_V1.get(&Svc6Key {
@@ -1440,7 +1488,10 @@ mod v6 {
                 })
             }
             .map(|v| v.backend_id)
-        })?;
+        });
+        if id == 0 {
+            return Err(Drop::BackendMissing);
+        }
         // SAFETY: copied out at once.
         let be = unsafe { LB6_BE_V1.get(&id) }
             .copied()

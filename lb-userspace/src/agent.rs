@@ -267,6 +267,7 @@ impl State {
             &self.cfg,
             &mut self.model_cache,
         );
+        let no_maglev = sync::limit_maglev(&mut desired, self.maps.maglev_chunks());
         let t_model = started.elapsed();
         // The frontends that changed since the maps were last synced (None: look at all).
         let dirty = match (&self.applied, full) {
@@ -286,6 +287,7 @@ impl State {
             .into_iter()
             .chain(model_errors.iter().map(ToString::to_string))
             .chain(capacity_errors)
+            .chain(no_maglev)
             .collect();
         for e in now.difference(&self.reported) {
             warn!(error = %e, "invalid input skipped");

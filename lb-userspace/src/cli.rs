@@ -62,6 +62,16 @@ pub struct RunArgs {
     /// `max_entries` of each packet-path conntrack/NAT LRU map (two entries per flow).
     #[arg(long, default_value_t = lb_common::DEFAULT_CT_ENTRIES)]
     pub max_conntrack_entries: u32,
+    /// Maglev lookup-table size M for NodePort / LoadBalancer / externalIP traffic from outside:
+    /// every node picks the same backend for a flow (ECMP in front of the nodes), and removing
+    /// one of N backends moves about 1/N of flows. A prime from 251 to 131071; 0 = random
+    /// backend selection. Each table costs 4 × M bytes of kernel memory.
+    #[arg(long, default_value_t = lb_common::maglev::DEFAULT_MAGLEV_M, value_parser = parse_maglev_size)]
+    pub maglev_table_size: u32,
+    /// External frontends (address, port, protocol) that may have a Maglev table; beyond it,
+    /// frontends choose random backends (and a warning names them).
+    #[arg(long, default_value_t = lb_common::maglev::DEFAULT_MAGLEV_FRONTENDS)]
+    pub max_maglev_frontends: u32,
     /// Interfaces that receive NodePort / externalIP / LoadBalancer traffic from outside
     /// (tcx ingress + egress), comma-separated. Default: the interfaces holding a
     /// `--node-address`, plus the IPv4 default route's. `none`: no packet path.
@@ -184,6 +194,11 @@ pub struct CleanupArgs {
     /// (say, its pins were deleted by hand) is detached too.
     #[arg(long, value_name = "DIR")]
     pub cgroup: Option<PathBuf>,
+}
+
+fn parse_maglev_size(s: &str) -> Result<u32, String> {
+    let m: u32 = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    crate::maglev::check_size(m)
 }
 
 #[cfg(test)]

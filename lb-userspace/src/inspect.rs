@@ -23,6 +23,8 @@ pub struct ServiceRow {
     pub backends: Vec<Option<SocketAddr>>,
     /// `loadBalancerSourceRanges` (external LB IP frontends); empty = every client.
     pub source_ranges: Vec<String>,
+    /// New flows choose by Maglev: the table's entries (M); `null` = a random slot.
+    pub maglev_entries: Option<usize>,
 }
 
 #[derive(Debug, Serialize)]
@@ -64,8 +66,19 @@ fn build(shadow: &Shadow, stats: std::collections::BTreeMap<&'static str, u64>) 
     let services = shadow
         .frontends()
         .into_iter()
-        .map(|(k, (_, bes))| {
+        .map(|(k, (v, bes))| {
             let external = k.scope == lb_common::SCOPE_EXTERNAL;
+            let maglev_entries = (v.flags & lb_common::SVC_FLAG_MAGLEV != 0).then(|| {
+                let key = |chunk| lb_common::maglev::MaglevKey {
+                    frontend_id: v.backend_id,
+                    chunk,
+                };
+                shadow
+                    .maglev
+                    .range(key(0)..=key(u32::MAX))
+                    .map(|(_, ids)| ids.iter().filter(|id| **id != 0).count())
+                    .sum()
+            });
             ServiceRow {
                 frontend: format!(
                     "{}/{}{}",
@@ -84,6 +97,7 @@ fn build(shadow: &Shadow, stats: std::collections::BTreeMap<&'static str, u64>) 
                     .filter(|r| r.frontend == k)
                     .map(|r| r.cidr.to_string())
                     .collect(),
+                maglev_entries,
             }
         })
         .collect();

@@ -12,6 +12,7 @@ pub mod healthcheck;
 pub mod http;
 pub mod inspect;
 pub mod loader;
+pub mod maglev;
 pub mod maps;
 pub mod metrics;
 pub mod model;

@@ -124,6 +124,10 @@ pub struct Sizes {
     pub revnat: u32,
     /// Conntrack entries per family (packet path).
     pub conntrack: u32,
+    /// Maglev table size M (a prime; 0 = no Maglev): a load-time global of the packet path.
+    pub maglev_m: u32,
+    /// External frontends that may have a Maglev table.
+    pub maglev_frontends: u32,
 }
 
 /// Finds the cgroup2 mount point in /proc/self/mountinfo (field 5 of the line whose filesystem
@@ -275,6 +279,10 @@ pub fn load_and_attach(
     for (name, v) in lb_common::GLOBALS_CT_TIMEOUTS.iter().zip(&t) {
         loader.override_global(name, v, true);
     }
+    loader.override_global(lb_common::maglev::GLOBAL_MAGLEV_M, &sizes.maglev_m, true);
+    // Twice the room the tables need: a sync writes new chunks before deleting old ones.
+    let maglev_entries =
+        2 * sizes.maglev_frontends.max(1) * lb_common::maglev::chunks(sizes.maglev_m.max(1));
     for (name, path) in &pins {
         loader.map_pin_path(name, path.as_path());
     }
@@ -286,7 +294,8 @@ pub fn load_and_attach(
         .map_max_entries(MAP_RNAT4, sizes.revnat)
         .map_max_entries(MAP_RNAT6, sizes.revnat)
         .map_max_entries(lb_common::MAP_CT4, sizes.conntrack)
-        .map_max_entries(lb_common::MAP_CT6, sizes.conntrack);
+        .map_max_entries(lb_common::MAP_CT6, sizes.conntrack)
+        .map_max_entries(lb_common::maglev::MAP_MAGLEV, maglev_entries);
     let mut ebpf: Ebpf = loader.load(OBJECT).map_err(|e| Error::Load(Box::new(e)))?;
 
     // Attach everything first; only when all hooks are attached replace the old pins.

@@ -107,6 +107,8 @@ fn run_options(a: cli::RunArgs) -> anyhow::Result<agent::Options> {
             backends: a.max_backend_entries,
             revnat: a.max_revnat_entries,
             conntrack: a.max_conntrack_entries,
+            maglev_m: a.maglev_table_size,
+            maglev_frontends: a.max_maglev_frontends,
         },
         nodeport_interfaces: a.nodeport_interfaces.clone(),
         conntrack_gc_interval: a.conntrack_gc_interval,
@@ -123,6 +125,7 @@ fn run_options(a: cli::RunArgs) -> anyhow::Result<agent::Options> {
             node_name: node_name.clone(),
             zone: None, // from the Node object, per sync
             node_addresses: a.node_addresses.clone(),
+            maglev: a.maglev_table_size,
         },
         resync_every: Duration::from_secs(a.resync_seconds.max(1)),
         debounce: Duration::from_millis(5),

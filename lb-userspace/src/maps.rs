@@ -19,6 +19,7 @@ use lb_common::{
     ALL_MAPS, AffMatchKey, BE_FLAG_LOCAL, Backend4, Backend6, MAP_AFF_MATCH, MAP_BE4, MAP_BE6,
     MAP_SRCR4, MAP_SRCR6, MAP_STATS, MAP_SVC4, MAP_SVC6, SRCR4_FRONTEND_BITS, SRCR6_FRONTEND_BITS,
     SrcRange4, SrcRange6, Stat, Svc4Key, Svc6Key, SvcValue,
+    maglev::{MAGLEV_CHUNK, MAP_MAGLEV, MaglevChunk, MaglevKey},
 };
 
 use crate::{
@@ -83,6 +84,7 @@ pub fn expected_sizes(name: &str) -> Option<(u32, u32)> {
             size_of::<lb_common::Ct6Key>(),
             size_of::<lb_common::Ct6Value>(),
         ),
+        n if n == MAP_MAGLEV => s(size_of::<MaglevKey>(), size_of::<MaglevChunk>()),
         n if n == lb_common::MAP_RNAT_SKS => s(4, size_of::<lb_common::RevNatSk>()),
         n if n == MAP_SRCR4 => s(4 + size_of::<SrcRange4>(), 1),
         n if n == MAP_SRCR6 => s(4 + size_of::<SrcRange6>(), 1),
@@ -136,6 +138,9 @@ pub struct BpfMaps {
     aff_match: HashMap<MapData, AffMatchKey, u32>,
     srcr4: LpmTrie<MapData, SrcRange4, u8>,
     srcr6: LpmTrie<MapData, SrcRange6, u8>,
+    maglev: HashMap<MapData, MaglevKey, MaglevChunk>,
+    /// Table chunks the desired state may use: half the map (see `sync::limit_maglev`).
+    maglev_chunks: usize,
     capacity: crate::sync::Capacity,
     /// Whether `BPF_MAP_UPDATE_BATCH` works here (hash maps, Linux 5.6+); off after the first
     /// refusal, and writes go one by one.
@@ -219,6 +224,7 @@ impl BpfMaps {
         let (svc6, c_svc6) = open_sized(dir, MAP_SVC6)?;
         let (be4, c_be4) = open_sized(dir, MAP_BE4)?;
         let (be6, c_be6) = open_sized(dir, MAP_BE6)?;
+        let (maglev, c_maglev) = open_sized(dir, MAP_MAGLEV)?;
         Ok(Self {
             svc4: hash(svc4, MAP_SVC4)?,
             svc6: hash(svc6, MAP_SVC6)?,
@@ -227,6 +233,8 @@ impl BpfMaps {
             aff_match: hash(open_pinned(dir, MAP_AFF_MATCH)?, MAP_AFF_MATCH)?,
             srcr4: lpm(open_pinned(dir, MAP_SRCR4)?, MAP_SRCR4)?,
             srcr6: lpm(open_pinned(dir, MAP_SRCR6)?, MAP_SRCR6)?,
+            maglev: hash(maglev, MAP_MAGLEV)?,
+            maglev_chunks: c_maglev / 2,
             capacity: crate::sync::Capacity {
                 svc4: c_svc4,
                 svc6: c_svc6,
@@ -235,6 +243,12 @@ impl BpfMaps {
             },
             batch: true,
         })
+    }
+
+    /// Maglev table chunks the desired state may use (`sync::limit_maglev`).
+    #[must_use]
+    pub const fn maglev_chunks(&self) -> usize {
+        self.maglev_chunks
     }
 
     /// `max_entries` of each map, as the kernel has them (an adopted map keeps its own size).
@@ -357,6 +371,11 @@ impl BpfMaps {
                 backend_id: k.backend_id,
                 frontend_id: k.frontend_id,
             });
+        }
+        for kv in entries(&self.maglev, MAP_MAGLEV) {
+            let (k, c) = kv?;
+            s.maglev
+                .insert(k, crate::sync::MaglevIds::from(&c.backend_ids[..]));
         }
         Ok(s)
     }
@@ -510,6 +529,18 @@ impl MapWriter for BpfMaps {
                     // The model filters ranges by the frontend's family.
                     _ => Ok(()),
                 }
+            }
+            MapOp::PutMaglev { key, ref ids } => {
+                let mut c = MaglevChunk {
+                    backend_ids: [0; MAGLEV_CHUNK as usize],
+                };
+                c.backend_ids[..ids.len()].copy_from_slice(ids);
+                self.maglev
+                    .insert(key, c, 0)
+                    .map_err(e(MAP_MAGLEV, "update"))
+            }
+            MapOp::DelMaglev { key } => {
+                ignore_missing(self.maglev.remove(&key)).map_err(e(MAP_MAGLEV, "delete"))
             }
             MapOp::DelBackend { id, backend } => match backend.addr {
                 SocketAddr::V4(_) => {

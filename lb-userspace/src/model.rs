@@ -215,6 +215,9 @@ pub struct FrontendState {
     /// External scope, LoadBalancer IPs: `loadBalancerSourceRanges` of this family; empty =
     /// every client.
     pub source_ranges: BTreeSet<Cidr>,
+    /// External scope: the size M of the Maglev table new flows choose their backend from
+    /// (`--maglev-table-size`); 0 = a random slot.
+    pub maglev: u32,
 }
 
 /// The whole desired datapath state.
@@ -248,6 +251,8 @@ pub struct Config {
     /// Addresses NodePorts are served on to in-node clients (plus `127.0.0.1` for host
     /// processes). Empty: only `127.0.0.1`.
     pub node_addresses: Vec<IpAddr>,
+    /// Maglev table size for external-scope frontends (0 = random selection).
+    pub maglev: u32,
 }
 
 impl Default for Config {
@@ -259,6 +264,7 @@ impl Default for Config {
             node_name: String::new(),
             zone: None,
             node_addresses: Vec::new(),
+            maglev: 0,
         }
     }
 }
@@ -833,6 +839,7 @@ fn resolve_frontends(svc: Svc, slices: &[&Slice], cfg: &Config, mut errors: Vec<
         host_only,
         local: sel.local,
         source_ranges: BTreeSet::new(),
+        maglev: 0,
     };
     // The packet path: externalTrafficPolicy Local keeps this node's endpoints only (DROP
     // when they are all elsewhere), Cluster uses all (SEMANTICS.md).
@@ -844,6 +851,7 @@ fn resolve_frontends(svc: Svc, slices: &[&Slice], cfg: &Config, mut errors: Vec<
             scope: Scope::External,
         };
         let mut st = state(sp, sel, true, false);
+        st.maglev = cfg.maglev;
         if lb {
             // kube-proxy applies each family's ranges to that family's LB IPs; a family
             // without ranges is open.

@@ -8,18 +8,21 @@
 //!
 //! 1. new backends;
 //! 2. new VIP markers;
-//! 3. changed or new backend slots;
+//! 3. changed or new backend slots; changed or new Maglev table chunks;
 //! 4. changed or new frontends (counts), removed frontends;
-//! 5. slots beyond the new counts and of removed frontends;
+//! 5. slots beyond the new counts and of removed frontends; table chunks no longer wanted;
 //! 6. backends no longer referenced;
 //! 7. VIP markers no longer needed.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
+    sync::Arc,
 };
 
 use lb_common::{
-    SVC_FLAG_HOST_ONLY, SVC_FLAG_NO_LOCAL, SVC_FLAG_SRC_RANGES, SVC_FLAG_VIP_MARKER, SvcValue,
+    SVC_FLAG_HOST_ONLY, SVC_FLAG_MAGLEV, SVC_FLAG_NO_LOCAL, SVC_FLAG_SRC_RANGES,
+    SVC_FLAG_VIP_MARKER, SvcValue,
+    maglev::{MAGLEV_CHUNK, MaglevKey},
 };
 
 use crate::model::{Cidr, Desired, Frontend, FrontendState, Scope};
@@ -100,8 +103,11 @@ pub struct SrcRange {
     pub cidr: Cidr,
 }
 
+/// One chunk of a Maglev table: [`MAGLEV_CHUNK`] backend ids (0 past the table's end).
+pub type MaglevIds = Arc<[u32]>;
+
 /// One map write.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MapOp {
     PutBackend {
         id: u32,
@@ -124,6 +130,14 @@ pub enum MapOp {
     /// A source range a frontend with `SVC_FLAG_SRC_RANGES` lets through.
     PutSrcRange(SrcRange),
     DelSrcRange(SrcRange),
+    /// A chunk of the Maglev table of a frontend with `SVC_FLAG_MAGLEV`.
+    PutMaglev {
+        key: MaglevKey,
+        ids: MaglevIds,
+    },
+    DelMaglev {
+        key: MaglevKey,
+    },
 }
 
 /// An entry of the affinity match map.
@@ -141,12 +155,20 @@ pub struct Shadow {
     pub backends: BTreeMap<u32, Backend>,
     pub aff_match: BTreeSet<AffMatch>,
     pub src_ranges: BTreeSet<SrcRange>,
+    /// Maglev table chunks by {frontend id, chunk}.
+    pub maglev: BTreeMap<MaglevKey, MaglevIds>,
 }
 
 impl Shadow {
     /// Applies one operation to the mirror.
     pub fn apply(&mut self, op: &MapOp) {
         match *op {
+            MapOp::PutMaglev { key, ref ids } => {
+                self.maglev.insert(key, Arc::clone(ids));
+            }
+            MapOp::DelMaglev { key } => {
+                self.maglev.remove(&key);
+            }
             MapOp::PutBackend { id, backend } => {
                 self.backends.insert(id, backend);
             }
@@ -210,6 +232,10 @@ const MARKER: SvcValue = SvcValue {
     affinity_timeout: 0,
 };
 
+/// Maglev tables by (M, backends with their ids), as chunks: built once per sync for all the
+/// frontends that share them.
+type TableMemo = HashMap<(u32, Vec<(SocketAddr, u32)>), Vec<MaglevIds>>;
+
 /// The complete contents the maps should have, with backend ids reused from `current`.
 fn image(desired: &Desired, current: &Shadow) -> Shadow {
     image_of(desired.frontends.iter(), current)
@@ -241,6 +267,8 @@ fn image_of<'a>(
         .collect();
     let mut used_fe_ids: BTreeSet<u32> = BTreeSet::new();
     let mut next_fe_id = 1u32;
+    // Frontends of one Service port share their endpoints (node addresses, LB IPs): one table.
+    let mut tables: TableMemo = HashMap::new();
 
     for (fe, st) in frontends {
         let key = SvcKey::frontend(fe);
@@ -327,13 +355,48 @@ fn image_of<'a>(
                 frontend: key,
                 cidr,
             }));
+        let maglev = st.maglev > 0 && count > 0;
+        if maglev {
+            let bes: Vec<(SocketAddr, u32)> = st
+                .backends
+                .iter()
+                .map(|a| {
+                    let be = Backend {
+                        addr: *a,
+                        proto: key.proto,
+                        local: st.local.contains(a),
+                    };
+                    (*a, ids[&be])
+                })
+                .collect();
+            let chunks = tables
+                .entry((st.maglev, bes))
+                .or_insert_with_key(|(m, bes)| {
+                    crate::maglev::table(bes, *m)
+                        .chunks(MAGLEV_CHUNK as usize)
+                        .map(|c| {
+                            let mut v = c.to_vec();
+                            v.resize(MAGLEV_CHUNK as usize, 0);
+                            MaglevIds::from(v)
+                        })
+                        .collect()
+                });
+            for (i, c) in chunks.iter().enumerate() {
+                let key = MaglevKey {
+                    frontend_id: fe_id,
+                    chunk: u32::try_from(i).expect("≤ 128 chunks"),
+                };
+                want.maglev.insert(key, Arc::clone(c));
+            }
+        }
         let flags = if st.no_local { SVC_FLAG_NO_LOCAL } else { 0 }
             | if st.host_only { SVC_FLAG_HOST_ONLY } else { 0 }
             | if st.source_ranges.is_empty() {
                 0
             } else {
                 SVC_FLAG_SRC_RANGES
-            };
+            }
+            | if maglev { SVC_FLAG_MAGLEV } else { 0 };
         want.svc.insert(
             key,
             SvcValue {
@@ -383,13 +446,21 @@ pub fn diff(desired: &Desired, current: &Shadow) -> Vec<MapOp> {
             ops.push(MapOp::DelSvc { key: *k });
         }
     };
-    // 2. markers, 3. slots, 4. frontends (puts, then removals)
+    // 2. markers, 3. slots and table chunks, 4. frontends (puts, then removals)
     puts(&SvcKey::is_marker, &mut ops);
     puts(&|k| k.slot > 0, &mut ops);
+    maglev_puts(&want, current, &mut ops);
     puts(&|k| k.slot == 0 && !k.is_marker(), &mut ops);
     dels(&|k| k.slot == 0 && !k.is_marker(), &mut ops);
-    // 5. slots beyond counts / of removed frontends
+    // 5. slots beyond counts / of removed frontends, table chunks no longer wanted
     dels(&|k| k.slot > 0, &mut ops);
+    ops.extend(
+        current
+            .maglev
+            .keys()
+            .filter(|k| !want.maglev.contains_key(k))
+            .map(|&key| MapOp::DelMaglev { key }),
+    );
     // 6. memberships that ended (a pinned client re-pins), then unreferenced backends
     for m in current.aff_match.difference(&want.aff_match) {
         ops.push(MapOp::DelAffMatch(*m));
@@ -407,6 +478,19 @@ pub fn diff(desired: &Desired, current: &Shadow) -> Vec<MapOp> {
     ops
 }
 
+/// Phase 3: table chunks that differ from what the maps hold (only those are written, as
+/// Katran does: a changed backend set rewrites the chunks whose entries moved).
+fn maglev_puts(want: &Shadow, current: &Shadow, ops: &mut Vec<MapOp>) {
+    for (k, ids) in &want.maglev {
+        if current.maglev.get(k) != Some(ids) {
+            ops.push(MapOp::PutMaglev {
+                key: *k,
+                ids: Arc::clone(ids),
+            });
+        }
+    }
+}
+
 /// `max_entries` of the maps the agent writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capacity {
@@ -414,6 +498,32 @@ pub struct Capacity {
     pub svc6: usize,
     pub be4: usize,
     pub be6: usize,
+}
+
+/// Keeps Maglev ([`FrontendState::maglev`]) on the external frontends, in frontend order, whose
+/// tables fit in `chunks` entries of the table map; the rest choose random slots. Returns one
+/// message per such frontend, naming its Service. (The map itself has twice the room: a sync
+/// writes new chunks before it deletes old ones.)
+pub fn limit_maglev(desired: &mut Desired, chunks: usize) -> Vec<String> {
+    let mut used = 0usize;
+    let mut off = Vec::new();
+    for (fe, st) in &mut desired.frontends {
+        if st.maglev == 0 || st.backends.is_empty() {
+            continue;
+        }
+        let need = lb_common::maglev::chunks(st.maglev) as usize;
+        if used + need > chunks {
+            st.maglev = 0;
+            off.push(format!(
+                "Service {}: {fe}: random backend selection instead of Maglev, the table map is full \
+                 (--max-maglev-frontends)",
+                st.service
+            ));
+        } else {
+            used += need;
+        }
+    }
+    off
 }
 
 /// Entries per map: `[svc4, svc6, be4, be6]`.
@@ -674,6 +784,7 @@ pub fn diff_scoped(desired: &Desired, current: &Shadow, dirty: &BTreeSet<Fronten
         }
     };
     changed_puts(&|k| k.slot > 0, &mut ops);
+    maglev_puts(&want, current, &mut ops);
     changed_puts(&|k| k.slot == 0, &mut ops);
     let removed = |slots: bool, ops: &mut Vec<MapOp>| {
         let gone = old
@@ -682,8 +793,25 @@ pub fn diff_scoped(desired: &Desired, current: &Shadow, dirty: &BTreeSet<Fronten
         ops.extend(gone.map(|(k, _)| MapOp::DelSvc { key: *k }));
     };
     removed(false, &mut ops);
-    // 5. slots beyond the new counts / of removed frontends
+    // 5. slots beyond the new counts / of removed frontends, their unwanted table chunks
     removed(true, &mut ops);
+    for &id in &old_fe_ids {
+        let lo = MaglevKey {
+            frontend_id: id,
+            chunk: 0,
+        };
+        let hi = MaglevKey {
+            frontend_id: id,
+            chunk: u32::MAX,
+        };
+        ops.extend(
+            current
+                .maglev
+                .range(lo..=hi)
+                .filter(|(k, _)| !want.maglev.contains_key(k))
+                .map(|(&key, _)| MapOp::DelMaglev { key }),
+        );
+    }
     // 6. memberships that ended, then backends no slot refers to any more
     for m in &old_aff {
         if !want.aff_match.contains(m) {

@@ -281,6 +281,17 @@ impl MultiNode {
             .join("\n")
     }
 
+    /// Routes the LoadBalancer range from the external client via node `n` (1-based), as an
+    /// ECMP router in front of the nodes might for any flow.
+    pub fn route_lb_via(&self, n: usize) {
+        sh(&format!(
+            "ip -n {ext} route replace {LB_RANGE_V4} via {v4} && ip -n {ext} -6 route replace {LB_RANGE_V6} via {v6}",
+            ext = self.ext.name,
+            v4 = node_v4(n),
+            v6 = node_v6(n),
+        ));
+    }
+
     /// Runs `lbt ARGS…` on the external client; one JSON value per line.
     #[must_use]
     pub fn ext_client(&self, args: &[&str]) -> Vec<Value> {

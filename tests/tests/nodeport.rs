@@ -381,6 +381,8 @@ fn udp_nodeport_follows_a_backend_replacement_and_translates_icmp() {
 
 /// sessionAffinity ClientIP on a NodePort: every connection of the external client goes to
 /// the same backend.
+/// (New flows choose by Maglev here, so without affinity 30 connections from 30 source ports
+/// would spread over the three backends.)
 #[test]
 fn nodeport_session_affinity_pins_the_client() {
     let mut bed = MultiNode::new("np-aff", &[2, 1]);
@@ -597,4 +599,146 @@ fn ipv6_local_policy_and_source_ranges() {
     );
     // The NodePort is not an LB IP: no source ranges there.
     assert_eq!(seen(&bed.ext_client(&["tcp", &on1, "1"])).len(), 1);
+}
+
+/// What the agents' Maglev tables and the packet path's flow hash predict for a UDP flow from
+/// the external client to `vip:53` from `sport`: the backend's name.
+fn maglev_prediction(backends: &[(String, &str)], vip: [u8; 4], sport: u16) -> String {
+    use lb_common::maglev::{DEFAULT_MAGLEV_M, flow_hash4};
+    let bes: Vec<(std::net::SocketAddr, u32)> = backends
+        .iter()
+        .enumerate()
+        .map(|(i, (a, _))| (format!("{a}:5353").parse().unwrap(), i as u32 + 1))
+        .collect();
+    let table = lb_userspace::maglev::table(&bes, DEFAULT_MAGLEV_M);
+    let ext: std::net::Ipv4Addr = EXT_V4.parse().unwrap();
+    let h = flow_hash4(ext.octets(), vip, sport, 53, 17);
+    let id = table[(h % DEFAULT_MAGLEV_M) as usize];
+    let addr = bes.iter().find(|b| b.1 == id).unwrap().0.ip().to_string();
+    backends
+        .iter()
+        .find(|(a, _)| *a == addr)
+        .map(|(_, name)| (*name).to_owned())
+        .unwrap()
+}
+
+/// LoadBalancer IP 198.18.200.60, UDP 53 → 5353 on `bes` (name `n1…` on node-1, else node-2).
+fn maglev_manifest(bes: &[(String, &str)]) -> String {
+    let eps: Vec<(String, &str)> = bes
+        .iter()
+        .map(|(a, n)| {
+            let node = if n.starts_with("n1") {
+                "node-1"
+            } else {
+                "node-2"
+            };
+            (a.clone(), node)
+        })
+        .collect();
+    [
+        service(
+            "mg",
+            "  clusterIP: 198.19.0.60\n",
+            "[{name: dns, port: 53, protocol: UDP, nodePort: 30060}]",
+            "status:\n  loadBalancer:\n    ingress: [{ip: 198.18.200.60}]\n",
+        ),
+        two_node_slice("mg", &[("dns", 5353, "UDP")], &eps),
+    ]
+    .join("---\n")
+}
+
+/// Maglev on the packet path: a LoadBalancer IP with two backends on each node. The same UDP
+/// 5-tuple sent through node-1 and then through node-2 (the client's route switched, as an
+/// ECMP router might) reaches the same backend, and exactly the one the agent's table and the
+/// shared flow hash predict. Removing one of the four backends moves only the flows that were
+/// on it (node-2 keeps the others' conntrack entries; the moved ones follow the new table).
+#[test]
+fn maglev_sends_a_flow_to_the_same_backend_through_either_node() {
+    let mut bed = MultiNode::new("np-maglev", &[2, 2]);
+    let all = [
+        (pod_v4(1, 0), "n1p0"),
+        (pod_v4(1, 1), "n1p1"),
+        (pod_v4(2, 0), "n2p0"),
+        (pod_v4(2, 1), "n2p1"),
+    ];
+    bed.write_manifest("svc.yaml", &maglev_manifest(&all));
+    bed.start_agents();
+    let vip = "198.18.200.60:53";
+    let ok = wait_for(Duration::from_secs(10), || {
+        let r = bed.ext_client(&["udpc", vip, "1", "39999"]);
+        (r[0]["ok"] == true).then_some(())
+    });
+    assert!(ok.is_some(), "LB IP never answered\n{}", bed.logs());
+    let ports: Vec<u16> = (40_000..40_032).collect();
+    let via = |n: usize| -> Vec<String> {
+        bed.route_lb_via(n);
+        ports
+            .iter()
+            .map(|p| {
+                let rs = bed.ext_client(&["udpc", vip, "1", &p.to_string()]);
+                seen(&rs)
+                    .first()
+                    .unwrap_or_else(|| panic!("port {p} via node-{n}: {rs:?}\n{}", bed.logs()))
+                    .0
+                    .clone()
+            })
+            .collect()
+    };
+    let through1 = via(1);
+    let through2 = via(2);
+    assert_eq!(
+        through1, through2,
+        "same 5-tuple, same backend, either node"
+    );
+    let predicted: Vec<String> = ports
+        .iter()
+        .map(|p| maglev_prediction(&all, [198, 18, 200, 60], *p))
+        .collect();
+    assert_eq!(through1, predicted, "the agent's table and the flow hash");
+    let used: BTreeSet<&String> = through1.iter().collect();
+    assert!(used.len() >= 3, "32 flows over 4 backends: {through1:?}");
+    assert!(
+        bed.stat(0, "tc_xlated") >= 32 && bed.stat(1, "tc_xlated") >= 32,
+        "both nodes translated"
+    );
+    let svcs = bed.inspect(0, "services");
+    let fe = svcs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["frontend"] == "198.18.200.60:53/UDP (external)")
+        .unwrap_or_else(|| panic!("{svcs}"));
+    assert_eq!(fe["maglev_entries"], 16381, "{fe}");
+
+    // One of four backends goes: node-2 still has every flow in conntrack; only the flows of
+    // the removed backend move, each to what the new table says.
+    let rest: Vec<(String, &str)> = all.iter().filter(|(_, n)| *n != "n2p1").cloned().collect();
+    bed.write_manifest("svc.yaml", &maglev_manifest(&rest));
+    let gone = wait_for(Duration::from_secs(10), || {
+        let s = bed.inspect(1, "services");
+        s.as_array()?
+            .iter()
+            .find(|f| f["frontend"] == "198.18.200.60:53/UDP (external)")
+            .filter(|f| f["backends"].as_array().is_some_and(|b| b.len() == 3))
+            .map(|_| ())
+    });
+    assert!(gone.is_some(), "removal never programmed\n{}", bed.logs());
+    let after = via(2);
+    let mut moved = 0;
+    for ((p, before), now) in ports.iter().zip(&through2).zip(&after) {
+        if before == "n2p1" {
+            moved += 1;
+            assert_eq!(
+                *now,
+                maglev_prediction(&rest, [198, 18, 200, 60], *p),
+                "port {p}: a moved flow follows the new table"
+            );
+        } else {
+            assert_eq!(now, before, "port {p}: a flow on a remaining backend stays");
+        }
+    }
+    assert!(
+        moved > 0,
+        "some flows were on the removed backend: {through2:?}"
+    );
 }

@@ -28,6 +28,29 @@ fn note_external(ds: &[&Desired]) {
 }
 
 fn check_consistent(s: &Shadow) -> Result<(), String> {
+    // Every table entry names an existing backend (the datapath may read any chunk any time).
+    for (k, ids) in &s.maglev {
+        if let Some(id) = ids
+            .iter()
+            .find(|id| **id != 0 && !s.backends.contains_key(id))
+        {
+            return Err(format!("maglev {k:?}: backend {id} missing"));
+        }
+    }
+    for (k, v) in &s.svc {
+        if v.flags & lb_common::SVC_FLAG_MAGLEV != 0 && k.slot == 0 {
+            let chunks = lb_common::maglev::chunks(251);
+            for chunk in 0..chunks {
+                let key = lb_common::maglev::MaglevKey {
+                    frontend_id: v.backend_id,
+                    chunk,
+                };
+                if !s.maglev.contains_key(&key) {
+                    return Err(format!("{k:?}: Maglev flag but chunk {chunk} missing"));
+                }
+            }
+        }
+    }
     for (k, v) in &s.svc {
         if k.slot != 0 || k.is_marker() {
             continue;
@@ -179,6 +202,7 @@ fn arb_desired() -> impl Strategy<Value = Desired> {
                             host_only: false,
                             local,
                             source_ranges,
+                            maglev: if external_scope { 251 } else { 0 },
                         },
                     )
                 },
