@@ -95,7 +95,7 @@ pub const MAP_RNAT6: &str = "LB6_RNAT_SK_V1";
 /// Reverse NAT of connected sockets, in socket storage: → [`RevNatSk`].
 pub const MAP_RNAT_SKS: &str = "LB_RNAT_SKS_V1";
 /// Per-CPU datapath counters: [`Stat`] index (`u32`) → `u64`.
-pub const MAP_STATS: &str = "LB_STATS_V2";
+pub const MAP_STATS: &str = "LB_STATS_V3";
 
 /// sessionAffinity ClientIP state: [`AffKey`] → [`AffValue`] (LRU, written by the datapath).
 pub const MAP_AFF: &str = "LB_AFF_V1";

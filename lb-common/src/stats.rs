@@ -50,11 +50,20 @@ pub enum Stat {
     TcIcmpXlated = 18,
     /// Packet path: a new flow followed the client's affinity entry.
     TcAffinityHit = 19,
+    /// XDP: a packet of a new or established flow translated and sent on (XDP_TX/REDIRECT).
+    XdpXlated = 20,
+    /// XDP: a reply translated back and sent on.
+    XdpRevXlated = 21,
+    /// XDP: a frontend's packet handed to the tc path (local backend, REJECT, no neighbour,
+    /// IP options, fragments...).
+    XdpPassed = 22,
+    /// XDP: dropped (source range, Local policy without local endpoint, no route).
+    XdpDropped = 23,
 }
 
 impl Stat {
     /// Number of counters (`max_entries` of `LB_STATS_V1`).
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 24;
 
     /// Every counter in index order.
     pub const ALL: [Self; Self::COUNT as usize] = [
@@ -78,6 +87,10 @@ impl Stat {
         Self::TcCtFull,
         Self::TcIcmpXlated,
         Self::TcAffinityHit,
+        Self::XdpXlated,
+        Self::XdpRevXlated,
+        Self::XdpPassed,
+        Self::XdpDropped,
     ];
 
     /// Stable `snake_case` name used in metrics and `inspect` output.
@@ -104,6 +117,10 @@ impl Stat {
             Self::TcCtFull => "tc_ct_update_failed",
             Self::TcIcmpXlated => "tc_icmp_xlated",
             Self::TcAffinityHit => "tc_affinity_hit",
+            Self::XdpXlated => "xdp_xlated",
+            Self::XdpRevXlated => "xdp_rev_xlated",
+            Self::XdpPassed => "xdp_passed_to_tc",
+            Self::XdpDropped => "xdp_dropped",
         }
     }
 }

@@ -6,10 +6,11 @@
 mod maps;
 mod nodeport;
 mod sock;
+mod xdp;
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, classifier},
-    programs::{SockAddrContext, TcContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 
 /// cgroup sock_addr: let the syscall go on (with whatever address the program wrote).
@@ -82,6 +83,11 @@ pub fn sock6_getpeername(ctx: SockAddrContext) -> i32 {
 
 /// tcx ingress on node interfaces: NodePort / externalIPs / LoadBalancer IPs from outside,
 /// and replies of SNATed flows. Returns a TC action (`TC_ACT_OK`, `_SHOT`, `_REDIRECT`).
+#[xdp]
+pub fn xdp_nodeport(ctx: XdpContext) -> u32 {
+    xdp::handle(&ctx)
+}
+
 #[classifier]
 pub fn tc_nodeport_ingress(ctx: TcContext) -> i32 {
     nodeport::handle(&ctx, nodeport::Dir::Ingress)

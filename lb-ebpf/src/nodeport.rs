@@ -31,9 +31,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    AffMatchKey, AffValue, AffxKey, BE_FLAG_LOCAL, CT_DIR_FWD, CT_DIR_REPLY, CT_F_CLOSING,
-    CT_F_SEEN_REPLY, CT_F_SNAT, CT_REFRESH_NS, Ct4Key, Ct4Value, Ct6Key, Ct6Value, CtTimeouts,
-    IPPROTO_TCP, IPPROTO_UDP, NAT_PORT_TRIES, SCOPE_EXTERNAL, SRCR4_FRONTEND_BITS,
+    AffMatchKey, AffValue, AffxKey, BE_FLAG_LOCAL, Backend4, CT_DIR_FWD, CT_DIR_REPLY,
+    CT_F_CLOSING, CT_F_SEEN_REPLY, CT_F_SNAT, CT_REFRESH_NS, Ct4Key, Ct4Value, Ct6Key, Ct6Value,
+    CtTimeouts, IPPROTO_TCP, IPPROTO_UDP, NAT_PORT_TRIES, SCOPE_EXTERNAL, SRCR4_FRONTEND_BITS,
     SRCR6_FRONTEND_BITS, SVC_FLAG_MAGLEV, SVC_FLAG_NO_LOCAL, SVC_FLAG_SRC_RANGES, SrcRange4,
     SrcRange6, Stat, Svc4Key, Svc6Key, SvcValue, ct_timeout_s,
     maglev::{MAGLEV_CHUNK, MaglevKey, flow_hash4, flow_hash6},
@@ -115,7 +115,7 @@ impl Route {
 
 /// Why a packet was consumed instead of passed.
 #[derive(Clone, Copy)]
-enum Drop {
+pub(crate) enum Drop {
     NoLocal,
     SourceRange,
     NoRoute,
@@ -126,6 +126,13 @@ enum Drop {
 
 #[inline(always)]
 fn drop_verdict(d: Drop) -> i32 {
+    count_drop(d);
+    TC_ACT_SHOT
+}
+
+/// Counts a packet-path drop by its reason (tc and XDP alike).
+#[inline(always)]
+pub(crate) fn count_drop(d: Drop) {
     count(match d {
         Drop::NoLocal => Stat::TcDropNoLocal,
         Drop::SourceRange => Stat::TcDropSourceRange,
@@ -134,7 +141,6 @@ fn drop_verdict(d: Drop) -> i32 {
         Drop::CtFull => Stat::TcCtFull,
         Drop::BackendMissing => Stat::RejectBackendMissing,
     });
-    TC_ACT_SHOT
 }
 
 /// Conntrack timeouts (seconds; 0 = default), set by the agent at load time
@@ -294,7 +300,7 @@ static LB_FIB_SCRATCH: aya_ebpf::btf_maps::PerCpuArray<FibParams, 1> =
 
 /// This CPU's zeroed fib-lookup parameters.
 #[inline(always)]
-fn fib_params() -> Option<&'static mut FibParams> {
+pub(crate) fn fib_params() -> Option<&'static mut FibParams> {
     let p = LB_FIB_SCRATCH.get_ptr_mut(0)?;
     // SAFETY: this CPU's slot; a TC program runs to completion on one CPU without re-entry.
     let p = unsafe { &mut *p };
@@ -387,7 +393,12 @@ fn nat_port_reusable(expires: u64, t: u64) -> bool {
 /// frontend's Maglev table entry for the flow's hash (`SVC_FLAG_MAGLEV`), else a random slot.
 /// Returns the backend id, 0 when a slot is missing (a `u32`, not a `Result`: see [`maglev`]).
 #[inline(always)]
-fn choose(fe: &SvcValue, client: [u8; 16], hash: u32, slot_id: impl Fn(u16) -> Option<u32>) -> u32 {
+pub(crate) fn choose(
+    fe: &SvcValue,
+    client: [u8; 16],
+    hash: u32,
+    slot_id: impl Fn(u16) -> Option<u32>,
+) -> u32 {
     if fe.affinity_timeout == 0 {
         return pick(fe, hash, &slot_id);
     }
@@ -503,7 +514,7 @@ macro_rules! ct_touch {
 // ---------------------------------------------------------------------------------------------
 // IPv4
 // ---------------------------------------------------------------------------------------------
-mod v4 {
+pub(crate) mod v4 {
     use super::*;
 
     const IP_OFF: usize = ETH_HLEN;
@@ -527,14 +538,14 @@ mod v4 {
     }
 
     /// A parsed TCP/UDP packet.
-    struct Pkt {
-        src: [u8; 4],
-        dst: [u8; 4],
-        sport: u16,
-        dport: u16,
-        proto: u8,
-        tcp_flags: u8,
-        l4: usize,
+    pub(crate) struct Pkt {
+        pub(crate) src: [u8; 4],
+        pub(crate) dst: [u8; 4],
+        pub(crate) sport: u16,
+        pub(crate) dport: u16,
+        pub(crate) proto: u8,
+        pub(crate) tcp_flags: u8,
+        pub(crate) l4: usize,
     }
 
     pub(super) fn handle(ctx: &TcContext, dir: Dir) -> i32 {
@@ -621,7 +632,7 @@ mod v4 {
     }
 
     #[inline(always)]
-    fn reply(p: &Pkt) -> Option<Ct4Value> {
+    pub(crate) fn reply(p: &Pkt) -> Option<Ct4Value> {
         let k = key(p, CT_DIR_REPLY);
         // SAFETY: copied out at once.
         let v = unsafe { LB4_CT_V1.get(&k) }.copied()?;
@@ -713,7 +724,7 @@ mod v4 {
 
     /// The backend of a live forward entry, if it still exists as recorded.
     #[inline(always)]
-    fn established(p: &Pkt) -> Option<Ct4Value> {
+    pub(crate) fn established(p: &Pkt) -> Option<Ct4Value> {
         let k = key(p, CT_DIR_FWD);
         // SAFETY: copied out at once.
         let v = unsafe { LB4_CT_V1.get(&k) }.copied()?;
@@ -818,6 +829,27 @@ mod v4 {
         let (r, route_src) = route(ctx, p.src, be.address, p);
         let r = r?;
         let snat = be.flags & BE_FLAG_LOCAL == 0 && !r.is_local();
+        let fwd = commit(p, fe.backend_id, id, &be, snat, route_src)?;
+        if !rewrite(ctx, p, fwd.nat_addr, fwd.nat_port, be.address, be.port) {
+            return Ok(TC_ACT_SHOT);
+        }
+        count(Stat::TcXlated);
+        count_frontend(fe.backend_id);
+        Ok(forward(ctx, r))
+    }
+
+    /// The conntrack state of a new flow to backend `id`: the reply entry (with a NAT port when
+    /// `snat`, source `route_src`), then the forward entry, which it returns. Shared by the tc
+    /// and XDP paths, so either can carry any packet of the flow.
+    #[inline(always)]
+    pub(crate) fn commit(
+        p: &Pkt,
+        fe_id: u32,
+        id: u32,
+        be: &Backend4,
+        snat: bool,
+        route_src: [u8; 4],
+    ) -> Result<Ct4Value, Drop> {
         let t = now();
         let mut fwd = Ct4Value {
             addr: be.address,
@@ -826,7 +858,7 @@ mod v4 {
             nat_port: p.sport,
             flags: 0,
             _pad: 0,
-            frontend_id: fe.backend_id,
+            frontend_id: fe_id,
             backend_id: id,
             expires_ns: t + ct_timeout_s(p.proto, 0, &timeouts()) * 1_000_000_000,
         };
@@ -877,12 +909,7 @@ mod v4 {
             let _ = LB4_CT_V1.remove(&rkey);
             return Err(Drop::CtFull);
         }
-        if !rewrite(ctx, p, fwd.nat_addr, fwd.nat_port, be.address, be.port) {
-            return Ok(TC_ACT_SHOT);
-        }
-        count(Stat::TcXlated);
-        count_frontend(fe.backend_id);
-        Ok(forward(ctx, r))
+        Ok(fwd)
     }
 
     /// Is the NAT port of reply key `rkey` (taken) free for a new flow? See

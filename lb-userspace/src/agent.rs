@@ -52,6 +52,8 @@ pub struct Options {
     pub sizes: Sizes,
     /// `--nodeport-interfaces`: `None` = detect, `["none"]` = no packet path.
     pub nodeport_interfaces: Option<Vec<String>>,
+    /// `--xdp`: the XDP fast path on the nodeport interfaces.
+    pub xdp: loader::XdpMode,
     pub conntrack_gc_interval: Duration,
     pub conntrack_timeouts: lb_common::CtTimeouts,
     pub model: model::Config,
@@ -433,6 +435,7 @@ fn load(opts: &Options, host: u64, ifaces: &[String]) -> anyhow::Result<BpfMaps>
         opts.sizes,
         host,
         ifaces,
+        opts.xdp,
         &opts.conntrack_timeouts,
     )
     .map_err(|e| anyhow::anyhow!("cannot load or attach the datapath: {}", chain(&e)))

@@ -68,6 +68,13 @@ pub struct RunArgs {
     /// backend selection. Each table costs 4 × M bytes of kernel memory.
     #[arg(long, default_value_t = lb_common::maglev::DEFAULT_MAGLEV_M, value_parser = parse_maglev_size)]
     pub maglev_table_size: u32,
+    /// XDP fast path on the --nodeport-interfaces, in front of the tc path: IPv4 TCP/UDP flows
+    /// to backends on other nodes that leave by the interface they came in on are translated
+    /// and sent back out (XDP_TX) before the kernel allocates anything; source-range and
+    /// Local-policy drops happen there too. Everything else goes on to tc unchanged.
+    /// `generic` works everywhere but is no faster than tc; `native` needs driver support.
+    #[arg(long, value_enum, default_value = "off")]
+    pub xdp: crate::loader::XdpMode,
     /// External frontends (address, port, protocol) that may have a Maglev table; beyond it,
     /// frontends choose random backends (and a warning names them).
     #[arg(long, default_value_t = lb_common::maglev::DEFAULT_MAGLEV_FRONTENDS)]

@@ -21,7 +21,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp,
         links::{FdLink, LinkOrder, PinnedLink},
         tc::TcAttachOptions,
     },
@@ -57,6 +57,20 @@ pub const TC_PROGRAMS: [(&str, TcAttachType, &str); 2] = [
     ("tc_nodeport_ingress", TcAttachType::Ingress, "tc_in_"),
     ("tc_nodeport_egress", TcAttachType::Egress, "tc_eg_"),
 ];
+
+/// The XDP program and its link pin prefix.
+pub const XDP_PROGRAM: (&str, &str) = ("xdp_nodeport", "xdp_");
+
+/// `--xdp`: the XDP fast path in front of the tc packet path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpMode {
+    /// In the driver (`XDP_FLAGS_DRV_MODE`): fastest; the interface's driver must support it.
+    Native,
+    /// On the skb (`XDP_FLAGS_SKB_MODE`): works on every interface, no faster than tc.
+    Generic,
+    /// No XDP program: the tc path handles everything.
+    Off,
+}
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const LINKS_DIR: &str = "links";
@@ -255,6 +269,7 @@ pub fn load_and_attach(
     sizes: Sizes,
     host_netns_cookie: u64,
     nodeport_ifaces: &[String],
+    xdp: XdpMode,
     timeouts: &lb_common::CtTimeouts,
 ) -> Result<BpfMaps> {
     if OBJECT.is_empty() {
@@ -321,10 +336,14 @@ pub fn load_and_attach(
         links.push((name.to_owned(), link));
     }
     links.extend(attach_tc(&mut ebpf, nodeport_ifaces)?);
-    // Packet-path links on interfaces no longer configured: unpinning detaches them.
+    links.extend(attach_xdp(&mut ebpf, bpffs, nodeport_ifaces, xdp)?);
+    // Packet-path links on interfaces no longer configured (or XDP turned off): unpinning
+    // detaches them.
     let wanted: Vec<&String> = links.iter().map(|(n, _)| n).collect();
     for old in pinned_links(bpffs) {
-        if old.starts_with("tc_") && !wanted.iter().any(|w| **w == old) {
+        if (old.starts_with("tc_") || old.starts_with(XDP_PROGRAM.1))
+            && !wanted.iter().any(|w| **w == old)
+        {
             let p = bpffs.join(LINKS_DIR).join(&old);
             fs::remove_file(&p).map_err(|source| Error::Io { path: p, source })?;
         }
@@ -409,6 +428,51 @@ fn attach_tc(ebpf: &mut Ebpf, ifaces: &[String]) -> Result<Vec<(String, FdLink)>
             let link = FdLink::try_from(link).map_err(|source| Error::Link { name, source })?;
             out.push((format!("{prefix}{}", iface.replace('.', "_")), link));
         }
+    }
+    Ok(out)
+}
+
+/// Loads the XDP program and attaches it to each interface in `mode` (none when off).
+///
+/// An interface takes one XDP link: a predecessor's is detached first (its pin removed), then
+/// ours attached. In between, packets simply take the tc path, which handles all of them.
+fn attach_xdp(
+    ebpf: &mut Ebpf,
+    bpffs: &Path,
+    ifaces: &[String],
+    mode: XdpMode,
+) -> Result<Vec<(String, FdLink)>> {
+    let mut out = Vec::new();
+    let flags = match mode {
+        XdpMode::Off => return Ok(out),
+        XdpMode::Native => aya::programs::xdp::XdpMode::Driver,
+        XdpMode::Generic => aya::programs::xdp::XdpMode::Skb,
+    };
+    if ifaces.is_empty() {
+        return Ok(out);
+    }
+    let (name, prefix) = XDP_PROGRAM;
+    let prog: &mut Xdp = loaded(ebpf, name, Xdp::load)?;
+    for iface in ifaces {
+        let pin_name = format!("{prefix}{}", iface.replace('.', "_"));
+        let old = bpffs.join(LINKS_DIR).join(&pin_name);
+        if old.exists() {
+            fs::remove_file(&old).map_err(|source| Error::Io { path: old, source })?;
+        }
+        let id = prog
+            .attach(iface, flags)
+            .map_err(|source| Error::Interface {
+                name,
+                iface: iface.clone(),
+                source,
+            })?;
+        let link = prog.take_link(id).map_err(|source| Error::Program {
+            name,
+            what: "take link",
+            source,
+        })?;
+        let link = FdLink::try_from(link).map_err(|source| Error::Link { name, source })?;
+        out.push((pin_name, link));
     }
     Ok(out)
 }

@@ -111,6 +111,7 @@ fn run_options(a: cli::RunArgs) -> anyhow::Result<agent::Options> {
             maglev_frontends: a.max_maglev_frontends,
         },
         nodeport_interfaces: a.nodeport_interfaces.clone(),
+        xdp: a.xdp,
         conntrack_gc_interval: a.conntrack_gc_interval,
         conntrack_timeouts: lb_common::CtTimeouts {
             tcp_established_s: a.conntrack_tcp_timeout_established,

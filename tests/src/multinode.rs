@@ -210,6 +210,15 @@ impl MultiNode {
         }
     }
 
+    /// Kills node `n`'s (0-based) agent with SIGKILL and starts a new one, which adopts the
+    /// pinned maps and hands the links over.
+    pub fn restart_agent(&mut self, n: usize, extra: &[&str]) {
+        if let Some(mut p) = self.nodes[n].agent.take() {
+            p.kill9();
+        }
+        self.start_agent(n, extra);
+    }
+
     fn start_agent(&mut self, n: usize, extra: &[&str]) {
         let node = &self.nodes[n];
         let log = File::create(&node.log).expect("agent log");
@@ -227,6 +236,16 @@ impl MultiNode {
             .args(["--node-address", &node_v4(n + 1)])
             .args(["--node-address", &node_v6(n + 1)])
             .args(["--nodeport-interfaces", "eth0"])
+            // `LB_TEST_XDP=generic|native`: every scenario again with the XDP path in front
+            // (unless the test sets `--xdp` itself).
+            .args(if extra.contains(&"--xdp") {
+                Vec::new()
+            } else {
+                vec![
+                    "--xdp".to_owned(),
+                    std::env::var("LB_TEST_XDP").unwrap_or_else(|_| "off".into()),
+                ]
+            })
             .args([
                 "--metrics-addr",
                 "127.0.0.1:0",

@@ -697,9 +697,13 @@ fn maglev_sends_a_flow_to_the_same_backend_through_either_node() {
     assert_eq!(through1, predicted, "the agent's table and the flow hash");
     let used: BTreeSet<&String> = through1.iter().collect();
     assert!(used.len() >= 3, "32 flows over 4 backends: {through1:?}");
+    // By tc, or by XDP when the suite runs with LB_TEST_XDP.
+    let xlated = |n| bed.stat(n, "tc_xlated") + bed.stat(n, "xdp_xlated");
     assert!(
-        bed.stat(0, "tc_xlated") >= 32 && bed.stat(1, "tc_xlated") >= 32,
-        "both nodes translated"
+        xlated(0) >= 32 && xlated(1) >= 32,
+        "both nodes translated: {} {}",
+        bed.inspect(0, "stats"),
+        bed.inspect(1, "stats")
     );
     let svcs = bed.inspect(0, "services");
     let fe = svcs
@@ -741,4 +745,97 @@ fn maglev_sends_a_flow_to_the_same_backend_through_either_node() {
         moved > 0,
         "some flows were on the removed backend: {through2:?}"
     );
+}
+
+/// The XDP path (`--xdp generic`) in front of tc: flows to the backend on the other node are
+/// translated and sent back out by XDP in both directions (XDP counters; tc never sees them),
+/// flows to the local backend are handed to tc, a denied source range is dropped in XDP, and
+/// an agent restart (the XDP link handed over) keeps everything working.
+#[test]
+fn xdp_carries_remote_flows_and_hands_the_rest_to_tc() {
+    let mut bed = MultiNode::new("np-xdp", &[1, 1]);
+    let manifest = |ranges: &str| {
+        [
+            service(
+                "web",
+                &format!("  clusterIP: 198.19.0.70\n  loadBalancerSourceRanges: [{ranges}]\n"),
+                "[{name: http, port: 80, nodePort: 30070}, {name: dns, port: 53, protocol: UDP, nodePort: 30071}]",
+                "status:\n  loadBalancer:\n    ingress: [{ip: 198.18.200.70}]\n",
+            ),
+            two_node_slice(
+                "web",
+                &[("http", 8080, "TCP"), ("dns", 5353, "UDP")],
+                &[(pod_v4(1, 0), "node-1"), (pod_v4(2, 0), "node-2")],
+            ),
+        ]
+        .join("---\n")
+    };
+    bed.write_manifest("svc.yaml", &manifest("198.18.100.0/24"));
+    bed.start_agents_with(&["--xdp", "generic"]);
+    let np = format!("{}:30070", node_v4(1));
+    wait_served(&bed, &np);
+    let before_tc = bed.stat(0, "tc_xlated");
+    let rs = bed.ext_client(&["tcp", &np, "40"]);
+    assert!(errors(&rs).is_empty(), "{rs:?}\n{}", bed.logs());
+    let s = seen(&rs);
+    let remote = s.iter().filter(|(n, _)| n == "n2p0").count() as u64;
+    let local = s.iter().filter(|(n, _)| n == "n1p0").count() as u64;
+    assert!(remote > 0 && local > 0, "both backends: {s:?}");
+    for (name, peer) in &s {
+        let want = if name == "n2p0" {
+            node_v4(1)
+        } else {
+            EXT_V4.to_owned()
+        };
+        assert_eq!(peer, &want, "{name}: SNAT for the remote backend only");
+    }
+    // Each remote connection: SYN, ACK, request, FIN, ACK at least 3 packets forward through
+    // XDP, and its replies back through XDP.
+    assert!(
+        bed.stat(0, "xdp_xlated") >= 3 * remote,
+        "{}",
+        bed.inspect(0, "stats")
+    );
+    assert!(bed.stat(0, "xdp_rev_xlated") >= 2 * remote);
+    assert!(
+        bed.stat(0, "xdp_passed_to_tc") >= local,
+        "local flows go to tc"
+    );
+    // tc translated the local flows' packets only: fewer than a remote flow's worth each.
+    let tc = bed.stat(0, "tc_xlated") - before_tc;
+    assert!(tc >= local && tc < 8 * local + 8, "tc_xlated grew by {tc}");
+
+    // UDP through XDP from a fixed client port, to whichever backend the table says; the
+    // reply comes back translated.
+    let lb_udp = "198.18.200.70:53";
+    let rs = bed.ext_client(&["udpc", lb_udp, "4", "41000"]);
+    assert_eq!(seen(&rs).len(), 4, "{rs:?}");
+
+    // A range that excludes the client: dropped in XDP.
+    bed.write_manifest("svc.yaml", &manifest("198.51.100.0/24"));
+    let denied = wait_for(Duration::from_secs(10), || {
+        let rs = bed.ext_client(&["tcp", "198.18.200.70:80", "1"]);
+        (errors(&rs) == BTreeSet::from(["ETIMEDOUT".to_owned()])).then_some(())
+    });
+    assert!(
+        denied.is_some(),
+        "source range not enforced\n{}",
+        bed.logs()
+    );
+    assert!(
+        bed.stat(0, "xdp_dropped") >= 1,
+        "{}",
+        bed.inspect(0, "stats")
+    );
+
+    // The agent on node-1 restarts: its XDP link is handed over, and XDP keeps translating.
+    bed.restart_agent(0, &["--xdp", "generic"]);
+    let before = bed.stat(0, "xdp_xlated");
+    let rs = bed.ext_client(&["tcp", &np, "20"]);
+    assert!(
+        errors(&rs).is_empty(),
+        "after restart: {rs:?}\n{}",
+        bed.logs()
+    );
+    assert!(bed.stat(0, "xdp_xlated") > before, "XDP attached again");
 }

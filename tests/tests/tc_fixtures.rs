@@ -1,4 +1,5 @@
-//! Packet fixtures for the packet path (`tc_nodeport_ingress` / `tc_nodeport_egress`) through
+//! Packet fixtures for the packet path (`tc_nodeport_ingress` / `tc_nodeport_egress`, and the
+//! XDP fast path `xdp_nodeport`) through
 //! `BPF_PROG_TEST_RUN`: a table of {description, input packet, expected verdict, expected
 //! output}, as Katran's fixture tables. Packets are built with etherparse; every output's
 //! checksums are recomputed independently and must match.
@@ -18,7 +19,7 @@ use aya::{
         HashMap,
         lpm_trie::{Key as LpmKey, LpmTrie},
     },
-    programs::{SchedClassifier, TestRun as _, TestRunOptions},
+    programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp},
 };
 use etherparse::{NetHeaders, PacketBuilder, PacketHeaders, TransportHeader};
 use lb_common::{
@@ -31,6 +32,9 @@ use lb_tests::{Netns, require_privileges, sh};
 const TC_NEXT: u32 = u32::MAX; // -1
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
 
 const NODE_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x11];
 const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x02];
@@ -101,6 +105,13 @@ impl Bed {
             p.load()
                 .unwrap_or_else(|e| panic!("verifier refused {name}: {e:?}"));
         }
+        let x: &mut Xdp = ebpf
+            .program_mut("xdp_nodeport")
+            .expect("program")
+            .try_into()
+            .expect("xdp");
+        x.load()
+            .unwrap_or_else(|e| panic!("verifier refused xdp_nodeport: {e:?}"));
         Self {
             ebpf,
             ifindex,
@@ -198,21 +209,41 @@ impl Bed {
 
     /// Runs `prog` on `pkt` as received on fx0; (verdict, output packet).
     fn run(&mut self, prog: &str, pkt: &[u8]) -> (u32, Vec<u8>) {
-        let p: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(prog)
-            .expect("program")
-            .try_into()
-            .expect("classifier");
-        // struct __sk_buff: ifindex at 40 (192 bytes in all); the kernel takes the device from it.
-        let mut ctx = [0u8; 192];
-        ctx[40..44].copy_from_slice(&self.ifindex.to_ne_bytes());
         let mut out = vec![0u8; pkt.len() + 256];
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(pkt);
-        opts.data_out = Some(&mut out);
-        opts.ctx_in = Some(&ctx);
-        let r = p.test_run(opts).expect("BPF_PROG_TEST_RUN");
+        let r = if prog.starts_with("xdp") {
+            let p: &mut Xdp = self
+                .ebpf
+                .program_mut(prog)
+                .expect("program")
+                .try_into()
+                .expect("xdp");
+            // struct xdp_md: data_end at 4 (must be the packet's length), ingress_ifindex at
+            // 12 (24 bytes in all).
+            let mut ctx = [0u8; 24];
+            ctx[4..8].copy_from_slice(&(pkt.len() as u32).to_ne_bytes());
+            ctx[12..16].copy_from_slice(&self.ifindex.to_ne_bytes());
+            let mut opts = TestRunOptions::new();
+            opts.data_in = Some(pkt);
+            opts.data_out = Some(&mut out);
+            opts.ctx_in = Some(&ctx);
+            p.test_run(opts).expect("BPF_PROG_TEST_RUN")
+        } else {
+            let p: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(prog)
+                .expect("program")
+                .try_into()
+                .expect("classifier");
+            // struct __sk_buff: ifindex at 40 (192 bytes in all); the kernel takes the device
+            // from it.
+            let mut ctx = [0u8; 192];
+            ctx[40..44].copy_from_slice(&self.ifindex.to_ne_bytes());
+            let mut opts = TestRunOptions::new();
+            opts.data_in = Some(pkt);
+            opts.data_out = Some(&mut out);
+            opts.ctx_in = Some(&ctx);
+            p.test_run(opts).expect("BPF_PROG_TEST_RUN")
+        };
         out.truncate(r.data_size_out as usize);
         (r.return_value, out)
     }
@@ -693,4 +724,181 @@ fn ipv6_fixtures() {
     ];
     run_table(&mut bed, table);
     let _ = Ipv4Addr::LOCALHOST;
+}
+
+/// The XDP fast path: flows to a backend on another node are translated and sent back out
+/// (`XDP_TX`) in both directions, with the conntrack entries the tc path reads (a tc fixture
+/// continues an XDP flow); certain drops happen in XDP; everything else passes on untouched.
+#[test]
+#[expect(clippy::too_many_lines, reason = "the fixture table is the test")]
+fn xdp_fixtures() {
+    let mut bed = Bed::new("xdp");
+    let remote = Backend4 {
+        address: REMOTE_POD,
+        port: 8080,
+        proto: IPPROTO_TCP,
+        flags: 0,
+    };
+    let remote_udp = Backend4 {
+        proto: IPPROTO_UDP,
+        port: 5353,
+        ..remote
+    };
+    let local = Backend4 {
+        address: [198, 18, 100, 50],
+        port: 8080,
+        proto: IPPROTO_TCP,
+        flags: BE_FLAG_LOCAL,
+    };
+    bed.svc4(NODE, 30080, IPPROTO_TCP, 0, &[(1, remote)]);
+    bed.svc4(NODE, 30081, IPPROTO_TCP, 0, &[(2, local)]);
+    bed.svc4(NODE, 30082, IPPROTO_UDP, 0, &[]);
+    bed.svc4(NODE, 30083, IPPROTO_TCP, SVC_FLAG_NO_LOCAL, &[]);
+    bed.svc4(NODE, 30084, IPPROTO_UDP, 0, &[(3, remote_udp)]);
+    bed.svc4(
+        [198, 18, 200, 10],
+        80,
+        IPPROTO_TCP,
+        SVC_FLAG_SRC_RANGES,
+        &[(1, remote)],
+    );
+    bed.allow4([198, 18, 200, 10], 80, IPPROTO_TCP, [203, 0, 113, 0], 24);
+
+    // New flow: SNAT + DNAT, back out of fx0 to the next hop.
+    let (v, out) = bed.run("xdp_nodeport", &tcp4(CLIENT, 40000, NODE, 30080, true));
+    assert_eq!(v, XDP_TX, "SYN to a remote backend");
+    assert_checksums(&out, "xdp SYN");
+    let h = PacketHeaders::from_ethernet_slice(&out).expect("parse");
+    assert_eq!(ip4(&h), (NODE, REMOTE_POD));
+    let (nat_port, dport) = ports(&h);
+    assert!((lb_common::NAT_PORT_MIN..=lb_common::NAT_PORT_MAX).contains(&nat_port));
+    assert_eq!(dport, 8080);
+    assert_eq!(macs(&out), (NEXT_MAC, NODE_MAC));
+    // The next packet, by XDP and by tc: the same NAT port (shared conntrack).
+    for prog in ["xdp_nodeport", "tc_nodeport_ingress"] {
+        let (v, out) = bed.run(prog, &tcp4(CLIENT, 40000, NODE, 30080, false));
+        assert!(v == XDP_TX || v == TC_ACT_REDIRECT, "{prog}: verdict {v}");
+        assert_checksums(&out, prog);
+        let h = PacketHeaders::from_ethernet_slice(&out).expect("parse");
+        assert_eq!(
+            (ip4(&h), ports(&h)),
+            ((NODE, REMOTE_POD), (nat_port, 8080)),
+            "{prog}"
+        );
+    }
+    // The backend's reply to the NAT port: back to the client from the NodePort.
+    let (v, out) = bed.run(
+        "xdp_nodeport",
+        &tcp4(REMOTE_POD, 8080, NODE, nat_port, false),
+    );
+    assert_eq!(v, XDP_TX, "reply");
+    assert_checksums(&out, "xdp reply");
+    let h = PacketHeaders::from_ethernet_slice(&out).expect("parse");
+    assert_eq!((ip4(&h), ports(&h)), ((NODE, CLIENT), (30080, 40000)));
+    assert_eq!(macs(&out), (CLIENT_MAC, NODE_MAC));
+
+    // UDP, with and without a checksum (IPv4 UDP may carry none: it stays none).
+    let (v, out) = bed.run("xdp_nodeport", &udp4(CLIENT, 40010, NODE, 30084));
+    assert_eq!(v, XDP_TX, "UDP to a remote backend");
+    assert_checksums(&out, "xdp UDP");
+    let mut no_csum = udp4(CLIENT, 40011, NODE, 30084);
+    no_csum[40..42].copy_from_slice(&[0, 0]);
+    let (v, out) = bed.run("xdp_nodeport", &no_csum);
+    assert_eq!(v, XDP_TX, "UDP without checksum");
+    assert_eq!(&out[40..42], &[0, 0], "no checksum stays none");
+    let h = PacketHeaders::from_ethernet_slice(&out).expect("parse");
+    assert_eq!(ip4(&h), (NODE, REMOTE_POD));
+    assert_checksums(&out, "xdp UDP without checksum");
+
+    let syn = tcp4(CLIENT, 40020, NODE, 30080, true);
+    let mut truncated = syn.clone();
+    truncated.truncate(14 + 20 + 2);
+    let mut options = syn.clone();
+    options[14] = 0x46;
+    let mut fragment = udp4(CLIENT, 40021, NODE, 30084);
+    fragment[20] = 0x20;
+    let icmp = {
+        let b = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+            .ipv4(CLIENT, NODE, 64)
+            .icmpv4_echo_request(1, 1);
+        let mut v = Vec::new();
+        b.write(&mut v, b"ping").expect("build");
+        v
+    };
+    let x = "xdp_nodeport";
+    let table = vec![
+        Fixture {
+            what: "XDP: local backend: to tc untouched",
+            prog: x,
+            input: tcp4(CLIENT, 40030, NODE, 30081, true),
+            expect: Expect::Unchanged(XDP_PASS),
+        },
+        Fixture {
+            what: "XDP: no endpoints: to tc (which sends the ICMP unreachable)",
+            prog: x,
+            input: udp4(CLIENT, 40031, NODE, 30082),
+            expect: Expect::Unchanged(XDP_PASS),
+        },
+        Fixture {
+            what: "XDP: Local policy without a local endpoint: dropped",
+            prog: x,
+            input: tcp4(CLIENT, 40032, NODE, 30083, true),
+            expect: Expect::Unchanged(XDP_DROP),
+        },
+        Fixture {
+            what: "XDP: client outside loadBalancerSourceRanges: dropped",
+            prog: x,
+            input: tcp4(CLIENT, 40033, [198, 18, 200, 10], 80, true),
+            expect: Expect::Unchanged(XDP_DROP),
+        },
+        Fixture {
+            what: "XDP: not a frontend: untouched",
+            prog: x,
+            input: tcp4(CLIENT, 40034, NODE, 9999, true),
+            expect: Expect::Unchanged(XDP_PASS),
+        },
+        Fixture {
+            what: "XDP: IP options: to tc untouched",
+            prog: x,
+            input: options,
+            expect: Expect::Unchanged(XDP_PASS),
+        },
+        Fixture {
+            what: "XDP: fragment: to tc untouched",
+            prog: x,
+            input: fragment,
+            expect: Expect::Unchanged(XDP_PASS),
+        },
+        Fixture {
+            what: "XDP: truncated TCP header: untouched",
+            prog: x,
+            input: truncated,
+            expect: Expect::Unchanged(XDP_PASS),
+        },
+        Fixture {
+            what: "XDP: ICMP: to tc (error translation) untouched",
+            prog: x,
+            input: icmp,
+            expect: Expect::Unchanged(XDP_PASS),
+        },
+        Fixture {
+            what: "XDP: IPv6: to tc untouched",
+            prog: x,
+            input: tcp6(CLIENT6, 40035, NODE6, 30080),
+            expect: Expect::Unchanged(XDP_PASS),
+        },
+        Fixture {
+            what: "XDP: ARP: untouched",
+            prog: x,
+            input: {
+                let mut a = vec![0xff; 6];
+                a.extend_from_slice(&CLIENT_MAC);
+                a.extend_from_slice(&[0x08, 0x06]);
+                a.extend_from_slice(&[0u8; 28]);
+                a
+            },
+            expect: Expect::Unchanged(XDP_PASS),
+        },
+    ];
+    run_table(&mut bed, table);
 }

@@ -214,6 +214,19 @@ fn test(extra: &[String]) -> Result<()> {
     ]))?;
     // Kernel-level: netns + child cgroup + real sockets. Fails (never skips) without root.
     // `--tests` (no doctests): the last summary line CI reads is this suite's own.
+    // The packet-path scenarios again with the XDP fast path in front of tc (generic mode:
+    // the veth test beds), so every NodePort behaviour holds with XDP on.
+    run(cargo()
+        .args([
+            "test",
+            "-p",
+            "lb-tests",
+            "--test",
+            "nodeport",
+            "--",
+            "--test-threads=2",
+        ])
+        .env("LB_TEST_XDP", "generic"))?;
     run(cargo()
         .args([
             "test",
