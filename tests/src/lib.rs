@@ -734,3 +734,53 @@ pub fn peer_ip(s: &str) -> std::net::IpAddr {
         .ip()
         .to_canonical()
 }
+
+/// Turns transmit checksum offload off on `ifname` in `netns` (`ETHTOOL_STXCSUM` through the
+/// `SIOCETHTOOL` ioctl; there is no ethtool binary here). A veth otherwise hands its peer frames
+/// whose TCP/UDP checksum is only partial (`CHECKSUM_PARTIAL`), which native XDP cannot tell:
+/// real NICs never deliver such frames.
+pub fn tx_checksum_off(netns: &Netns, ifname: &str) {
+    use std::os::fd::AsRawFd as _;
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    /// `struct ifreq` (40 bytes): the name, then the `ifr_data` member of its union.
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        data: *mut libc::c_void,
+        _pad: [u8; 16],
+    }
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_STXCSUM: u32 = 0x17;
+    let path = netns.path();
+    let name = ifname.to_owned();
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(&path).expect("open netns");
+        // SAFETY: setns on this short-lived thread with a valid namespace fd.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
+        // SAFETY: plain socket(2).
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+        assert!(fd >= 0, "socket");
+        let mut v = EthtoolValue {
+            cmd: ETHTOOL_STXCSUM,
+            data: 0,
+        };
+        let mut r = IfReq {
+            name: [0; 16],
+            data: (&raw mut v).cast(),
+            _pad: [0; 16],
+        };
+        r.name[..name.len()].copy_from_slice(name.as_bytes());
+        // SAFETY: `r` is a valid ifreq whose data points at a live ethtool_value.
+        let rc = unsafe { libc::ioctl(fd, SIOCETHTOOL, &raw mut r) };
+        let err = std::io::Error::last_os_error();
+        // SAFETY: our own socket.
+        unsafe { libc::close(fd) };
+        assert_eq!(rc, 0, "ETHTOOL_STXCSUM off on {name}: {err}");
+    })
+    .join()
+    .expect("ethtool thread");
+}
