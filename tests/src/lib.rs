@@ -760,7 +760,11 @@ pub fn tx_checksum_off(netns: &Netns, ifname: &str) {
     std::thread::spawn(move || {
         let f = std::fs::File::open(&path).expect("open netns");
         // SAFETY: setns on this short-lived thread with a valid namespace fd.
-        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
+        assert_eq!(
+            unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) },
+            0,
+            "setns"
+        );
         // SAFETY: plain socket(2).
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
         assert!(fd >= 0, "socket");

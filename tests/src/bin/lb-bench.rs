@@ -428,7 +428,11 @@ fn xdp_pass_on_peer(bed: &MultiNode) -> aya::Ebpf {
     std::thread::spawn(move || {
         let f = fs::File::open(&lan).expect("open lan netns");
         // SAFETY: setns on this (short-lived) thread with a valid namespace fd.
-        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
+        assert_eq!(
+            unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) },
+            0,
+            "setns"
+        );
         let mut e = aya::EbpfLoader::new()
             .load(lb_userspace::loader::object())
             .expect("load object");
