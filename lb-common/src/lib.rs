@@ -139,6 +139,10 @@ pub const ALL_MAPS: [&str; 17] = [
     maglev::MAP_MAGLEV,
 ];
 
+/// Maps of earlier layouts that this build replaced (a new name per layout): their pins are
+/// removed once this build's programs are attached, so an upgrade leaves nothing behind.
+pub const SUPERSEDED_MAPS: [&str; 2] = ["LB_STATS_V1", "LB_STATS_V2"];
+
 /// Default `max_entries` of the per-frontend connection counters.
 pub const DEFAULT_SVC_CNT_ENTRIES: u32 = 1 << 16;
 

@@ -1,10 +1,10 @@
-//! Datapath counters: indices into the per-CPU array `LB_STATS_V1`.
+//! Datapath counters: indices into the per-CPU array `LB_STATS_V3`.
 //!
 //! One counter per outcome of a hook, so that every verdict the datapath computes is visible to
 //! operators (`lb-agent inspect stats`, and the agent's metrics). The datapath only ever adds
 //! one to its own CPU's slot; userspace sums over CPUs.
 
-/// A datapath outcome. `repr(u32)` is only the index into `LB_STATS_V1`; no map stores the enum.
+/// A datapath outcome. `repr(u32)` is only the index into `LB_STATS_V3`; no map stores the enum.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stat {
@@ -62,7 +62,7 @@ pub enum Stat {
 }
 
 impl Stat {
-    /// Number of counters (`max_entries` of `LB_STATS_V1`).
+    /// Number of counters (`max_entries` of `LB_STATS_V3`).
     pub const COUNT: u32 = 24;
 
     /// Every counter in index order.

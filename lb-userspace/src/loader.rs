@@ -2,9 +2,10 @@
 //!
 //! Layout under `--bpffs` (default `/sys/fs/bpf/lb`):
 //! ```text
-//! LB4_SVC_V1 LB4_BE_V1 LB6_SVC_V1 LB6_BE_V1 LB4_RNAT_SK_V1 LB6_RNAT_SK_V1 LB_STATS_V1   maps
+//! LB4_SVC_V1 LB4_BE_V1 LB6_SVC_V1 … LB_STATS_V3 LB_MAGLEV_V1 (lb_common::ALL_MAPS)   maps
 //! links/sock4_connect links/sock4_sendmsg …                                          bpf_links
 //! links/tc_in_<ifname> links/tc_eg_<ifname>              tcx links on --nodeport-interfaces
+//! links/xdp_<ifname>                                     XDP links (--xdp)
 //! ```
 //! Maps are pinned by name and reused by the next agent (adoption: the datapath keeps its state
 //! and the new agent reads it into its shadow). Links are pinned so that programs stay attached
@@ -364,6 +365,14 @@ pub fn load_and_attach(
             source,
         })?;
         drop(pinned); // the pin keeps it attached
+    }
+    // Our programs replaced the ones that used maps of older layouts: unpin those maps (the
+    // kernel frees them with their last reference).
+    for name in lb_common::SUPERSEDED_MAPS {
+        let p = bpffs.join(name);
+        if p.exists() {
+            fs::remove_file(&p).map_err(|source| Error::Io { path: p, source })?;
+        }
     }
     drop(ebpf); // programs live on in their pinned links, maps in their pins
     Ok(BpfMaps::from_pins(bpffs)?)

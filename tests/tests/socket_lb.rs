@@ -404,7 +404,28 @@ fn agent_kill9_and_restart_under_a_connect_loop_loses_no_connection() {
 fn maps_are_pinned_with_btf_and_cleanup_removes_everything() {
     let mut c = Cluster::new("pins", 1);
     write_web(&c, &ready(1));
+    // The counters map of an older build, as an upgrade finds it: unpinned by the new agent.
+    std::fs::create_dir_all(&c.bpffs.path).expect("bpffs dir");
+    let old = c.bpffs.path.join("LB_STATS_V2");
+    let made = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&old)
+        .args([
+            "type",
+            "percpu_array",
+            "key",
+            "4",
+            "value",
+            "8",
+            "entries",
+            "20",
+        ])
+        .args(["name", "LB_STATS_V2"])
+        .output()
+        .expect("bpftool");
+    assert!(made.status.success(), "{made:?}");
     c.start_agent();
+    assert!(!old.exists(), "superseded map still pinned");
     for name in lb_common::ALL_MAPS {
         assert!(c.bpffs.path.join(name).exists(), "map {name} not pinned");
     }
