@@ -771,6 +771,70 @@ pub(crate) mod v4 {
             count(Stat::TcXlated);
             return Ok(forward(ctx, r));
         }
+        let c = select(p);
+        let (fe_id, id, be) = match c.kind {
+            Selected::NotOurs => return Ok(TC_NEXT),
+            Selected::Reject => return Ok(REJECT),
+            Selected::Drop => return Err(c.drop),
+            Selected::Backend => (c.fe_id, c.id, c.be),
+        };
+        let (r, route_src) = route(ctx, p.src, be.address, p);
+        let r = r?;
+        let snat = be.flags & BE_FLAG_LOCAL == 0 && !r.is_local();
+        let fwd = commit(p, fe_id, id, &be, snat, route_src)?;
+        if !rewrite(ctx, p, fwd.nat_addr, fwd.nat_port, be.address, be.port) {
+            return Ok(TC_ACT_SHOT);
+        }
+        count(Stat::TcXlated);
+        count_frontend(fe_id);
+        Ok(forward(ctx, r))
+    }
+
+    /// What the first packet of a flow meets at an external frontend. A plain struct with every
+    /// field always written (see [`Route`]): `drop` matters for `Selected::Drop`, the rest for
+    /// `Selected::Backend`.
+    pub(crate) struct Chosen {
+        pub(crate) kind: Selected,
+        pub(crate) drop: Drop,
+        pub(crate) fe_id: u32,
+        pub(crate) id: u32,
+        pub(crate) be: Backend4,
+    }
+
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    #[repr(u8)]
+    pub(crate) enum Selected {
+        /// Not an external frontend: not ours.
+        NotOurs,
+        /// No endpoint: REJECT (an ICMP unreachable).
+        Reject,
+        /// Dropped, for `Chosen::drop`.
+        Drop,
+        /// A backend was chosen.
+        Backend,
+    }
+
+    impl Chosen {
+        const fn verdict(kind: Selected, drop: Drop) -> Self {
+            Self {
+                kind,
+                drop,
+                fe_id: 0,
+                id: 0,
+                be: Backend4 {
+                    address: [0; 4],
+                    port: 0,
+                    proto: 0,
+                    flags: 0,
+                },
+            }
+        }
+    }
+
+    /// The new-flow decision at an external frontend, shared by tc and XDP: frontend lookup,
+    /// source ranges, no-endpoint verdicts, then the backend (affinity, Maglev, random slot).
+    #[inline(always)]
+    pub(crate) fn select(p: &Pkt) -> Chosen {
         let skey = Svc4Key {
             address: p.dst,
             dport: p.dport,
@@ -781,7 +845,7 @@ pub(crate) mod v4 {
         };
         // SAFETY: copied out at once.
         let Some(fe) = unsafe { LB4_SVC_V1.get(&skey) }.copied() else {
-            return Ok(TC_NEXT);
+            return Chosen::verdict(Selected::NotOurs, Drop::BackendMissing);
         };
         if fe.flags & SVC_FLAG_SRC_RANGES != 0 {
             let k = LpmKey::new(
@@ -795,14 +859,14 @@ pub(crate) mod v4 {
                 },
             );
             if LB4_SRCR_V1.get(&k).is_none() {
-                return Err(Drop::SourceRange);
+                return Chosen::verdict(Selected::Drop, Drop::SourceRange);
             }
         }
         if fe.count == 0 {
             if fe.flags & SVC_FLAG_NO_LOCAL != 0 {
-                return Err(Drop::NoLocal);
+                return Chosen::verdict(Selected::Drop, Drop::NoLocal);
             }
-            return Ok(REJECT);
+            return Chosen::verdict(Selected::Reject, Drop::BackendMissing);
         }
         let mut client = [0u8; 16];
         client[10] = 0xff;
@@ -819,23 +883,17 @@ pub(crate) mod v4 {
             }
             .map(|v| v.backend_id)
         });
-        if id == 0 {
-            return Err(Drop::BackendMissing);
-        }
         // SAFETY: copied out at once.
-        let be = unsafe { LB4_BE_V1.get(&id) }
-            .copied()
-            .ok_or(Drop::BackendMissing)?;
-        let (r, route_src) = route(ctx, p.src, be.address, p);
-        let r = r?;
-        let snat = be.flags & BE_FLAG_LOCAL == 0 && !r.is_local();
-        let fwd = commit(p, fe.backend_id, id, &be, snat, route_src)?;
-        if !rewrite(ctx, p, fwd.nat_addr, fwd.nat_port, be.address, be.port) {
-            return Ok(TC_ACT_SHOT);
+        match (id, unsafe { LB4_BE_V1.get(&id) }.copied()) {
+            (0, _) | (_, None) => Chosen::verdict(Selected::Drop, Drop::BackendMissing),
+            (id, Some(be)) => Chosen {
+                kind: Selected::Backend,
+                drop: Drop::BackendMissing,
+                fe_id: fe.backend_id,
+                id,
+                be,
+            },
         }
-        count(Stat::TcXlated);
-        count_frontend(fe.backend_id);
-        Ok(forward(ctx, r))
     }
 
     /// The conntrack state of a new flow to backend `id`: the reply entry (with a NAT port when

@@ -11,8 +11,9 @@
 //!
 //! XDP drops what is certain to be dropped: source ranges, Local policy without a local
 //! endpoint. XDP and tc share the conntrack/NAT maps and the same new-flow code
-//! ([`v4::commit`]), so either can carry any packet of a flow: a flow XDP started is continued
-//! by tc when, say, its next packet carries IP options, and the other way round.
+//! ([`v4::select`] decides, [`v4::commit`] records), so either can carry any packet of a flow:
+//! a flow XDP started is continued by tc when, say, its next packet carries IP options, and the
+//! other way round.
 use core::mem::size_of;
 
 use aya_ebpf::{
@@ -20,15 +21,11 @@ use aya_ebpf::{
     helpers::bpf_fib_lookup,
     programs::XdpContext,
 };
-use lb_common::{
-    BE_FLAG_LOCAL, CT_F_SNAT, Ct4Value, IPPROTO_TCP, IPPROTO_UDP, SCOPE_EXTERNAL,
-    SRCR4_FRONTEND_BITS, SVC_FLAG_NO_LOCAL, SVC_FLAG_SRC_RANGES, SrcRange4, Stat, Svc4Key,
-    maglev::flow_hash4,
-};
+use lb_common::{BE_FLAG_LOCAL, CT_F_SNAT, IPPROTO_TCP, IPPROTO_UDP, Stat};
 
 use crate::{
-    maps::{LB4_BE_V1, LB4_SRCR_V1, LB4_SVC_V1, count, count_frontend},
-    nodeport::{Drop, choose, count_drop, fib_params, v4},
+    maps::{count, count_frontend},
+    nodeport::{Drop, count_drop, fib_params, v4},
 };
 
 const ETH_HLEN: usize = 14;
@@ -123,91 +120,32 @@ fn path(ctx: &XdpContext, p: &v4::Pkt) -> Result<u32, Drop> {
         if v.flags & CT_F_SNAT == 0 {
             return Ok(passed());
         }
-        return Ok(send(
-            ctx,
-            p,
-            v.addr,
-            v.port,
-            v.nat_addr,
-            v.nat_port,
-            Stat::XdpRevXlated,
-        ));
+        let (frontend, client) = ((v.addr, v.port), (v.nat_addr, v.nat_port));
+        return Ok(send(ctx, p, frontend, client, Stat::XdpRevXlated));
     }
     // A packet of a flow already going to a backend on another node.
     if let Some(v) = v4::established(p) {
         if v.flags & CT_F_SNAT == 0 {
             return Ok(passed());
         }
-        return Ok(send(
-            ctx,
-            p,
-            v.nat_addr,
-            v.nat_port,
-            v.addr,
-            v.port,
-            Stat::XdpXlated,
-        ));
+        let (nat, backend) = ((v.nat_addr, v.nat_port), (v.addr, v.port));
+        return Ok(send(ctx, p, nat, backend, Stat::XdpXlated));
     }
     new_flow(ctx, p)
 }
 
-/// The first packet of a flow to an external frontend.
+/// The first packet of a flow to an external frontend: the decision is tc's own
+/// ([`v4::select`]); XDP carries it out when the backend is on another node.
 #[inline(always)]
 fn new_flow(ctx: &XdpContext, p: &v4::Pkt) -> Result<u32, Drop> {
-    let skey = Svc4Key {
-        address: p.dst,
-        dport: p.dport,
-        backend_slot: 0,
-        proto: p.proto,
-        scope: SCOPE_EXTERNAL,
-        _pad: [0; 2],
-    };
-    // SAFETY: copied out at once.
-    let Some(fe) = (unsafe { LB4_SVC_V1.get(&skey) }).copied() else {
-        return Ok(XDP_PASS); // not ours
-    };
-    if fe.flags & SVC_FLAG_SRC_RANGES != 0 {
-        let k = aya_ebpf::maps::lpm_trie::Key::new(
-            SRCR4_FRONTEND_BITS + 32,
-            SrcRange4 {
-                frontend: p.dst,
-                port_be: p.dport.to_be_bytes(),
-                proto: p.proto,
-                _pad: 0,
-                client: p.src,
-            },
-        );
-        if LB4_SRCR_V1.get(&k).is_none() {
-            return Err(Drop::SourceRange);
-        }
-    }
-    if fe.count == 0 {
-        if fe.flags & SVC_FLAG_NO_LOCAL != 0 {
-            return Err(Drop::NoLocal);
-        }
-        return Ok(passed()); // REJECT: tc builds the ICMP unreachable
-    }
-    let mut client = [0u8; 16];
-    client[10] = 0xff;
-    client[11] = 0xff;
-    client[12..].copy_from_slice(&p.src);
-    let hash = flow_hash4(p.src, p.dst, p.sport, p.dport, p.proto);
-    let id = choose(&fe, client, hash, |slot| {
-        // SAFETY: copied out at once.
-        unsafe {
-            LB4_SVC_V1.get(&Svc4Key {
-                backend_slot: slot,
-                ..skey
-            })
-        }
-        .map(|v| v.backend_id)
-    });
-    if id == 0 {
-        return Ok(passed());
-    }
-    // SAFETY: copied out at once.
-    let Some(be) = (unsafe { LB4_BE_V1.get(&id) }).copied() else {
-        return Ok(passed());
+    let c = v4::select(p);
+    let (fe_id, id, be) = match c.kind {
+        v4::Selected::NotOurs => return Ok(XDP_PASS),
+        // No endpoint: tc builds the ICMP unreachable. A missing backend: tc decides too.
+        v4::Selected::Reject => return Ok(passed()),
+        v4::Selected::Drop if matches!(c.drop, Drop::BackendMissing) => return Ok(passed()),
+        v4::Selected::Drop => return Err(c.drop),
+        v4::Selected::Backend => (c.fe_id, c.id, c.be),
     };
     if be.flags & BE_FLAG_LOCAL != 0 {
         return Ok(passed()); // leaves by the pod bridge: tc
@@ -215,9 +153,16 @@ fn new_flow(ctx: &XdpContext, p: &v4::Pkt) -> Result<u32, Drop> {
     let Some(r) = route(ctx, p.src, be.address, p.proto) else {
         return Ok(passed());
     };
-    let fwd = v4::commit(p, fe.backend_id, id, &be, true, r.src)?;
-    count_frontend(fe.backend_id);
-    Ok(emit(ctx, p, &r, &fwd, Stat::XdpXlated))
+    let fwd = v4::commit(p, fe_id, id, &be, true, r.src)?;
+    count_frontend(fe_id);
+    Ok(emit(
+        ctx,
+        p,
+        &r,
+        (fwd.nat_addr, fwd.nat_port),
+        (be.address, be.port),
+        Stat::XdpXlated,
+    ))
 }
 
 /// Where a rewritten packet goes: back out of the interface it came in on, to `dmac`.
@@ -260,36 +205,34 @@ fn route(ctx: &XdpContext, src: [u8; 4], dst: [u8; 4], proto: u8) -> Option<Tx> 
     })
 }
 
-/// Routes and rewrites a packet of a known flow to `dst:dport` from `src:sport`; tc takes it
-/// when the route is not an `XDP_TX` one.
+/// Routes and rewrites a packet of a known flow to `dst` from `src` (address, port); tc takes
+/// it when the route is not an `XDP_TX` one.
 #[inline(always)]
 fn send(
     ctx: &XdpContext,
     p: &v4::Pkt,
-    src: [u8; 4],
-    sport: u16,
-    dst: [u8; 4],
-    dport: u16,
+    src: ([u8; 4], u16),
+    dst: ([u8; 4], u16),
     stat: Stat,
 ) -> u32 {
-    let Some(r) = route(ctx, src, dst, p.proto) else {
-        return passed();
-    };
-    let v = Ct4Value {
-        addr: dst,
-        port: dport,
-        nat_addr: src,
-        nat_port: sport,
-        ..Ct4Value::default()
-    };
-    emit(ctx, p, &r, &v, stat)
+    match route(ctx, src.0, dst.0, p.proto) {
+        Some(r) => emit(ctx, p, &r, src, dst, stat),
+        None => passed(),
+    }
 }
 
-/// Rewrites the packet to `v.nat_addr:v.nat_port → v.addr:v.port` with checksums fixed, sets
-/// the MAC addresses, and sends it back out (`XDP_TX`).
+/// Rewrites the packet to `src → dst` (address, port) with checksums fixed, sets the MAC
+/// addresses, and sends it back out (`XDP_TX`).
 #[inline(always)]
-fn emit(ctx: &XdpContext, p: &v4::Pkt, r: &Tx, v: &Ct4Value, stat: Stat) -> u32 {
-    if !rewrite(ctx, p, v.nat_addr, v.nat_port, v.addr, v.port) {
+fn emit(
+    ctx: &XdpContext,
+    p: &v4::Pkt,
+    r: &Tx,
+    src: ([u8; 4], u16),
+    dst: ([u8; 4], u16),
+    stat: Stat,
+) -> u32 {
+    if !rewrite(ctx, p, src.0, src.1, dst.0, dst.1) {
         return XDP_DROP;
     }
     let Some(eth) = at::<[u8; 12]>(ctx, 0) else {
