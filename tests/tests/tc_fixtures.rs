@@ -209,41 +209,35 @@ impl Bed {
 
     /// Runs `prog` on `pkt` as received on fx0; (verdict, output packet).
     fn run(&mut self, prog: &str, pkt: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; pkt.len() + 256];
-        let r = if prog.starts_with("xdp") {
-            let p: &mut Xdp = self
-                .ebpf
-                .program_mut(prog)
-                .expect("program")
-                .try_into()
-                .expect("xdp");
+        let xdp = prog.starts_with("xdp");
+        let ctx = if xdp {
             // struct xdp_md: data_end at 4 (must be the packet's length), ingress_ifindex at
             // 12 (24 bytes in all).
-            let mut ctx = [0u8; 24];
+            let mut ctx = vec![0u8; 24];
             ctx[4..8].copy_from_slice(&(pkt.len() as u32).to_ne_bytes());
             ctx[12..16].copy_from_slice(&self.ifindex.to_ne_bytes());
-            let mut opts = TestRunOptions::new();
-            opts.data_in = Some(pkt);
-            opts.data_out = Some(&mut out);
-            opts.ctx_in = Some(&ctx);
-            p.test_run(opts).expect("BPF_PROG_TEST_RUN")
+            ctx
         } else {
-            let p: &mut SchedClassifier = self
-                .ebpf
-                .program_mut(prog)
-                .expect("program")
-                .try_into()
-                .expect("classifier");
             // struct __sk_buff: ifindex at 40 (192 bytes in all); the kernel takes the device
             // from it.
-            let mut ctx = [0u8; 192];
+            let mut ctx = vec![0u8; 192];
             ctx[40..44].copy_from_slice(&self.ifindex.to_ne_bytes());
-            let mut opts = TestRunOptions::new();
-            opts.data_in = Some(pkt);
-            opts.data_out = Some(&mut out);
-            opts.ctx_in = Some(&ctx);
-            p.test_run(opts).expect("BPF_PROG_TEST_RUN")
+            ctx
         };
+        let mut out = vec![0u8; pkt.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(pkt);
+        opts.data_out = Some(&mut out);
+        opts.ctx_in = Some(&ctx);
+        let p = self.ebpf.program_mut(prog).expect("program");
+        let r = if xdp {
+            <&mut Xdp>::try_from(p).expect("xdp").test_run(opts)
+        } else {
+            <&mut SchedClassifier>::try_from(p)
+                .expect("classifier")
+                .test_run(opts)
+        }
+        .expect("BPF_PROG_TEST_RUN");
         out.truncate(r.data_size_out as usize);
         (r.return_value, out)
     }
