@@ -1,7 +1,7 @@
 //! Maglev consistent hashing for north-south frontends (shared by the packet path and the agent).
 //!
 //! Every node builds the same lookup table for a frontend from the same endpoints (the agent,
-//! `lb-userspace/src/maglev.rs`), and the packet path indexes it with a hash of the flow's
+//! `lb-model/src/maglev.rs`), and the packet path indexes it with a hash of the flow's
 //! 5-tuple that is the same on every node ([`flow_hash4`], [`flow_hash6`]). So whichever node an
 //! ECMP router in front of the cluster picks, a flow's first packet chooses the same backend, and
 //! removing one of N backends moves only the flows that were on it (plus a small fraction).

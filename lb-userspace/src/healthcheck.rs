@@ -1,5 +1,5 @@
 //! healthCheckNodePort servers: one HTTP listener per LoadBalancer Service with
-//! externalTrafficPolicy Local, answering any path as kube-proxy does (../shared/SEMANTICS.md,
+//! externalTrafficPolicy Local, answering any path as kube-proxy does (docs/semantics.md,
 //! Health): 200 when this node has ≥ 1 ready local endpoint, else 503, with
 //! `X-Load-Balancing-Endpoint-Weight` and a JSON body. Listeners follow the Services: opened when
 //! a port is wanted, updated in place, closed when no longer wanted.

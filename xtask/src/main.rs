@@ -208,6 +208,8 @@ fn test(extra: &[String]) -> Result<()> {
         "-p",
         "lb-common",
         "-p",
+        "lb-model",
+        "-p",
         "lb-userspace",
         "-p",
         "xtask",

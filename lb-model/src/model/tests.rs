@@ -1,4 +1,10 @@
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 use super::*;
 
@@ -9,8 +15,8 @@ fn objs(
     Vec<std::sync::Arc<EndpointSlice>>,
 ) {
     let mut errors = Vec::new();
-    let o =
-        crate::source::parse_str(std::path::Path::new("t.yaml"), yaml, &mut errors).expect("yaml");
+    let o = crate::manifest::parse_str(std::path::Path::new("t.yaml"), yaml, &mut errors)
+        .expect("yaml");
     assert!(errors.is_empty(), "{errors:?}");
     (o.services, o.slices)
 }

@@ -14,7 +14,7 @@ use std::{
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
-pub use super::Objects;
+pub use crate::Objects;
 use serde::Deserialize as _;
 
 /// Errors reading manifests. Each names the file (and document) it is about.
@@ -454,7 +454,7 @@ fn collect(
             errors.push(fail(format!("unsupported apiVersion {api:?}")));
         }
         // Other kinds (Deployments, ConfigMaps, …) may share the directory; they are not ours.
-        _ => tracing::debug!(path = %path.display(), doc, kind, "ignoring object of another kind"),
+        _ => {}
     }
 }
 
