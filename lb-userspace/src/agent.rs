@@ -3,7 +3,6 @@
 //! complete snapshot of the source, rebuilds the desired state and diffs it against the shadow.
 use std::{
     collections::BTreeSet,
-    error::Error as StdError,
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -23,6 +22,7 @@ use std::{
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
+pub use crate::error::{Error, Result, chain};
 use crate::{
     http,
     loader::{self, Sizes},
@@ -93,18 +93,6 @@ impl Source {
             Self::Api(a) => (a.snapshot(), Vec::new()),
         }
     }
-}
-
-/// Formats an error with its whole `source()` chain.
-pub fn chain(e: &dyn StdError) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 struct State {
@@ -388,9 +376,9 @@ fn trim_heap() {
 }
 
 /// Starts the metrics and health listeners (failing at once when an address is taken).
-async fn serve_http(opts: &Options) -> anyhow::Result<(Arc<Metrics>, Arc<Mutex<Health>>)> {
-    let metrics = Arc::new(Metrics::new(opts.bpffs.clone()));
+async fn serve_http(opts: &Options) -> Result<(Arc<Metrics>, Arc<Mutex<Health>>)> {
     let health = Arc::new(Mutex::new(Health::new(opts.health_timeout)));
+    let metrics = Arc::new(Metrics::new(opts.bpffs.clone(), health.clone()));
     let m = metrics.clone();
     http::serve(
         "metrics",
@@ -401,7 +389,11 @@ async fn serve_http(opts: &Options) -> anyhow::Result<(Arc<Metrics>, Arc<Mutex<H
         }),
     )
     .await
-    .map_err(|e| anyhow::anyhow!("cannot listen on --metrics-addr {}: {e}", opts.metrics_addr))?;
+    .map_err(|source| Error::Listen {
+        flag: "--metrics-addr",
+        addr: opts.metrics_addr,
+        source,
+    })?;
     let h = health.clone();
     http::serve(
         "healthz",
@@ -416,13 +408,17 @@ async fn serve_http(opts: &Options) -> anyhow::Result<(Arc<Metrics>, Arc<Mutex<H
         }),
     )
     .await
-    .map_err(|e| anyhow::anyhow!("cannot listen on --healthz-addr {}: {e}", opts.healthz_addr))?;
+    .map_err(|source| Error::Listen {
+        flag: "--healthz-addr",
+        addr: opts.healthz_addr,
+        source,
+    })?;
 
     Ok((metrics, health))
 }
 
 /// Loads and attaches the datapath (socket hooks on the cgroup, tcx on `ifaces`).
-fn load(opts: &Options, host: u64, ifaces: &[String]) -> anyhow::Result<BpfMaps> {
+fn load(opts: &Options, host: u64, ifaces: &[String]) -> Result<BpfMaps> {
     if opts.conntrack_timeouts.tcp_closing_s < lb_common::CT_TIMEOUT_TCP_CLOSING_S {
         warn!(
             seconds = opts.conntrack_timeouts.tcp_closing_s,
@@ -438,7 +434,7 @@ fn load(opts: &Options, host: u64, ifaces: &[String]) -> anyhow::Result<BpfMaps>
         opts.xdp,
         &opts.conntrack_timeouts,
     )
-    .map_err(|e| anyhow::anyhow!("cannot load or attach the datapath: {}", chain(&e)))
+    .map_err(|e| Error::Load(Box::new(e)))
 }
 
 /// `--nodeport-interfaces`: as given, none, or detected from the node addresses.
@@ -465,17 +461,83 @@ async fn collect_conntrack(bpffs: &std::path::Path, metrics: &Metrics) {
     }
 }
 
+/// Runs one sync off the async runtime, on a blocking thread: a cold sync of 50,000 Services
+/// takes seconds, during which probes, health checks, watchers and signals must stay answered.
+/// The state moves to that thread and back; a sync that panics ends the agent (the datapath
+/// keeps what was written: every prefix of a sync is consistent).
+async fn sync_off_runtime(mut state: State, full: bool) -> Result<State> {
+    tokio::task::spawn_blocking(move || {
+        state.sync(full);
+        state
+    })
+    .await
+    .map_err(|_| Error::SyncPanicked)
+}
+
+/// Installs a signal handler.
+fn handler(kind: SignalKind, signal_name: &'static str) -> Result<tokio::signal::unix::Signal> {
+    signal(kind).map_err(|source| Error::Signal {
+        signal: signal_name,
+        source,
+    })
+}
+
+/// Starts the source: the manifest directory with its inotify watch (kept alive by the caller),
+/// or the API watchers, waiting for their first complete lists. `None`: a signal came first.
+async fn start_source(
+    opts: &Options,
+    tx: &mpsc::Sender<()>,
+    health: &Arc<Mutex<Health>>,
+    term: &mut tokio::signal::unix::Signal,
+    int: &mut tokio::signal::unix::Signal,
+) -> Result<Option<(Source, Option<notify::RecommendedWatcher>)>> {
+    match &opts.source {
+        SourceOpt::Manifests(dir) => {
+            let tx = tx.clone();
+            let h = health.clone();
+            let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+                // An inotify error (say, a queue overflow) may have lost events: report it, and
+                // wake the loop anyway so a complete re-read repairs whatever was missed.
+                let problem = res.err().map(|e| e.to_string());
+                h.lock()
+                    .expect("health lock")
+                    .fault("manifest inotify", problem);
+                let _ = tx.try_send(());
+            })
+            .map_err(Error::Inotify)?;
+            w.watch(dir, RecursiveMode::NonRecursive)
+                .map_err(|source| Error::Watch {
+                    dir: dir.clone(),
+                    source,
+                })?;
+            Ok(Some((Source::Manifests(ManifestDir::new(dir)), Some(w))))
+        }
+        SourceOpt::Api { kubeconfig } => {
+            let client = crate::source::api::client(kubeconfig.as_deref()).await?;
+            let api = ApiSource::start(&client, &opts.node_name, tx, health);
+            info!("waiting for the first list of Services, EndpointSlices and this Node");
+            // Until every store is complete the adopted maps stay exactly as they are.
+            tokio::select! {
+                r = api.ready() => r?,
+                _ = term.recv() => return Ok(None),
+                _ = int.recv() => return Ok(None),
+            }
+            Ok(Some((Source::Api(api), None)))
+        }
+    }
+}
+
 /// Runs the agent until SIGTERM/SIGINT. The datapath stays attached after exit (pinned), so
-/// traffic keeps flowing across restarts; `lb-agent cleanup` removes it.
-pub async fn run(opts: Options) -> anyhow::Result<()> {
-    let host = loader::netns_cookie(&opts.host_netns)
-        .map_err(|e| anyhow::anyhow!("cannot read the host netns cookie: {}", chain(&e)))?;
+/// traffic keeps flowing across restarts; `lb-agent cleanup` removes it. A signal that arrives
+/// during a sync is handled when that sync has finished, so nothing is left half-written.
+pub async fn run(opts: Options) -> Result<()> {
+    let host = loader::netns_cookie(&opts.host_netns).map_err(|e| Error::HostNetns(Box::new(e)))?;
     let ifaces = nodeport_interfaces(&opts);
     let maps = load(&opts, host, &ifaces)?;
     info!(interfaces = ?ifaces, "packet path attached");
     let shadow = maps
         .read_shadow()
-        .map_err(|e| anyhow::anyhow!("cannot read pinned maps: {}", chain(&e)))?;
+        .map_err(|e| Error::ReadPins(Box::new(e)))?;
     info!(
         node = %opts.node_name,
         cgroup = %opts.cgroup.display(),
@@ -490,36 +552,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 
     // Every source wakes the loop through a 1-slot channel: a burst leaves one pending wake-up.
     let (tx, mut rx) = mpsc::channel::<()>(1);
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut _inotify = None;
-    let src = match &opts.source {
-        SourceOpt::Manifests(dir) => {
-            let tx = tx.clone();
-            let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-                if res.is_ok() {
-                    let _ = tx.try_send(());
-                }
-            })?;
-            w.watch(dir, RecursiveMode::NonRecursive)
-                .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", dir.display()))?;
-            _inotify = Some(w);
-            Source::Manifests(ManifestDir::new(dir))
-        }
-        SourceOpt::Api { kubeconfig } => {
-            let client = crate::source::api::client(kubeconfig.as_deref())
-                .await
-                .map_err(|e| anyhow::anyhow!(chain(&e)))?;
-            let api = ApiSource::start(&client, &opts.node_name, &tx);
-            info!("waiting for the first list of Services, EndpointSlices and this Node");
-            // Until every store is complete the adopted maps stay exactly as they are.
-            tokio::select! {
-                r = api.ready() => r.map_err(|e| anyhow::anyhow!(chain(&e)))?,
-                _ = term.recv() => return Ok(()),
-                _ = int.recv() => return Ok(()),
-            }
-            Source::Api(api)
-        }
+    let mut term = handler(SignalKind::terminate(), "SIGTERM")?;
+    let mut int = handler(SignalKind::interrupt(), "SIGINT")?;
+    let Some((src, _inotify)) = start_source(&opts, &tx, &health, &mut term, &mut int).await?
+    else {
+        return Ok(()); // a signal came before the first list
     };
     let mut state = State {
         src,
@@ -540,7 +577,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         node_addresses_flag: opts.model.node_addresses.clone(),
         health_checks: crate::healthcheck::HealthChecks::new(opts.healthcheck_bind, health.clone()),
     };
-    state.sync(true);
+    let metrics = state.metrics.clone();
+    state = sync_off_runtime(state, true).await?;
     let mut last_sync = Instant::now();
     info!(source = ?opts.source, "agent ready");
 
@@ -557,13 +595,13 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 tokio::time::sleep_until(at.into()).await;
                 while rx.try_recv().is_ok() {}
                 last_sync = Instant::now();
-                state.sync(false);
+                state = sync_off_runtime(state, false).await?;
             }
             _ = resync.tick() => {
                 last_sync = Instant::now();
-                state.sync(true);
+                state = sync_off_runtime(state, true).await?;
             }
-            _ = ct_gc.tick() => collect_conntrack(&opts.bpffs, &state.metrics).await,
+            _ = ct_gc.tick() => collect_conntrack(&opts.bpffs, &metrics).await,
             _ = term.recv() => break,
             _ = int.recv() => break,
         }

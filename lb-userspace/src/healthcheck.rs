@@ -29,6 +29,8 @@ pub struct HealthChecks {
     bind: IpAddr,
     proxy: Arc<Mutex<Health>>,
     servers: BTreeMap<u16, Server>,
+    /// Ports that could not be bound, with the error last reported (each reported once).
+    failed: BTreeMap<u16, String>,
 }
 
 /// The response for one Service.
@@ -59,12 +61,14 @@ impl HealthChecks {
             bind,
             proxy,
             servers: BTreeMap::new(),
+            failed: BTreeMap::new(),
         }
     }
 
-    /// Makes the listeners match `wanted`. A port that cannot be bound is reported and tried
-    /// again on the next sync.
+    /// Makes the listeners match `wanted`. A port that cannot be bound is tried again on every
+    /// sync and reported once (again only if its error changes).
     pub fn sync(&mut self, wanted: &BTreeMap<u16, HealthCheck>) {
+        self.failed.retain(|port, _| wanted.contains_key(port));
         self.servers.retain(|port, s| {
             let keep = wanted.contains_key(port);
             if !keep {
@@ -93,9 +97,14 @@ impl HealthChecks {
                     let abort = http::serve_listener("healthcheck", l, handler);
                     info!(port, service = %hc.service, "serving health check");
                     self.servers.insert(port, Server { state, abort });
+                    self.failed.remove(&port);
                 }
                 Err(e) => {
-                    warn!(port, service = %hc.service, error = %e, "cannot open health check port; retrying on the next sync");
+                    let e = e.to_string();
+                    if self.failed.get(&port) != Some(&e) {
+                        warn!(port, service = %hc.service, error = %e, "cannot open health check port; retrying on every sync");
+                        self.failed.insert(port, e);
+                    }
                 }
             }
         }
@@ -143,5 +152,29 @@ mod tests {
         let stalled = respond(&hc(3), false);
         assert_eq!(stalled.status, 503);
         assert!(stalled.body.contains(r#""serviceProxyHealthy":false"#));
+    }
+
+    #[test]
+    fn an_unbindable_port_is_remembered_once_and_forgotten_when_unwanted() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = taken.local_addr().expect("addr").port();
+        let health = Arc::new(Mutex::new(Health::new(std::time::Duration::from_secs(1))));
+        let mut hcs = HealthChecks::new("127.0.0.1".parse().unwrap(), health);
+        let hc = HealthCheck {
+            service: NsName {
+                namespace: "ns".into(),
+                name: "lb".into(),
+            },
+            local_endpoints: 1,
+        };
+        let wanted = BTreeMap::from([(port, hc)]);
+        hcs.sync(&wanted);
+        let first = hcs.failed.clone();
+        hcs.sync(&wanted);
+        assert_eq!(first.len(), 1, "{first:?}");
+        assert_eq!(hcs.failed, first, "the same failure is not reported again");
+        assert!(hcs.servers.is_empty());
+        hcs.sync(&BTreeMap::new());
+        assert!(hcs.failed.is_empty(), "an unwanted port is forgotten");
     }
 }

@@ -1,13 +1,34 @@
-//! The agent's HTTP endpoints: Prometheus metrics (`--metrics-addr`) and kube-proxy-style
-//! health (`--healthz-addr`). GET only, one response per connection: this is for scrapers and
-//! kubelet probes, not browsers.
-use std::{fmt::Write as _, net::SocketAddr, sync::Arc, time::Duration};
+//! The agent's HTTP endpoints: Prometheus metrics (`--metrics-addr`), kube-proxy-style health
+//! (`--healthz-addr`) and the healthCheckNodePort listeners. Served by hyper (HTTP/1.1), one
+//! response per connection (scrapers and probes, not browsers), GET and HEAD only.
+//!
+//! Bounded: at most [`MAX_CONNECTIONS`] connections per listener are served at once (beyond
+//! that, new ones wait in the kernel's backlog), a request head must arrive within
+//! [`HEAD_TIMEOUT`], and a connection lives at most [`CONNECTION_TIMEOUT`]. A failing `accept()`
+//! (EMFILE: out of file descriptors) is logged once per outage and retried after a pause,
+//! never in a busy loop.
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpListener,
+use http_body_util::Full;
+use hyper::{
+    Method, Request,
+    body::{Bytes, Incoming},
+    header::{CONNECTION, CONTENT_TYPE, HeaderName, HeaderValue},
+    server::conn::http1,
+    service::service_fn,
 };
-use tracing::{info, warn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::{net::TcpListener, sync::Semaphore};
+use tracing::{debug, info, warn};
+
+/// Connections served at once per listener.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Time for a client to send its request head.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a connection is kept.
+pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause after a failed `accept()`.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
 /// A response.
 pub struct Response {
@@ -29,26 +50,7 @@ impl Response {
     }
 }
 
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        503 => "Service Unavailable",
-        _ => "Error",
-    }
-}
-
-/// The path of a `GET` request head, `Err(status)` for anything else.
-fn parse_head(head: &str) -> Result<&str, u16> {
-    let mut parts = head.split_whitespace();
-    match (parts.next(), parts.next()) {
-        (Some("GET"), Some(target)) => Ok(target.split('?').next().unwrap_or("/")),
-        (Some(_), Some(_)) => Err(405),
-        _ => Err(400),
-    }
-}
-
+/// Answers a request path.
 pub type Handler = Arc<dyn Fn(&str) -> Response + Send + Sync>;
 
 /// Binds `addr` (failing at once, so a misconfigured port stops the agent with a clear error)
@@ -65,6 +67,34 @@ pub async fn serve(
     Ok(bound)
 }
 
+/// The hyper response for `req`.
+fn respond(handler: &Handler, req: &Request<Incoming>) -> hyper::Response<Full<Bytes>> {
+    let r = match *req.method() {
+        Method::GET | Method::HEAD => handler(req.uri().path()),
+        _ => Response::new(405, "text/plain", "method not allowed\n".into()),
+    };
+    let head = *req.method() == Method::HEAD;
+    let mut out = hyper::Response::new(Full::new(if head {
+        Bytes::new()
+    } else {
+        Bytes::from(r.body)
+    }));
+    *out.status_mut() =
+        hyper::StatusCode::from_u16(r.status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    let h = out.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static(r.content_type));
+    h.insert(CONNECTION, HeaderValue::from_static("close"));
+    for (k, v) in r.headers {
+        if let (Ok(k), Ok(v)) = (
+            HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(&v),
+        ) {
+            h.insert(k, v);
+        }
+    }
+    out
+}
+
 /// Serves `handler` on an already bound listener; aborting the returned handle closes it.
 pub fn serve_listener(
     what: &'static str,
@@ -72,53 +102,49 @@ pub fn serve_listener(
     handler: Handler,
 ) -> tokio::task::AbortHandle {
     tokio::spawn(async move {
+        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let mut failing = false;
         loop {
-            let Ok((mut conn, _)) = listener.accept().await else {
-                continue;
+            let permit = slots
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("the semaphore is never closed");
+            let conn = match listener.accept().await {
+                Ok((conn, _)) => {
+                    if failing {
+                        info!(what, "accepting connections again");
+                        failing = false;
+                    }
+                    conn
+                }
+                Err(e) => {
+                    if !failing {
+                        warn!(what, error = %e, "accept failed; pausing before retrying");
+                        failing = true;
+                    }
+                    tokio::time::sleep(ACCEPT_PAUSE).await;
+                    continue;
+                }
             };
             let handler = handler.clone();
             tokio::spawn(async move {
-                let mut buf = vec![0u8; 8192];
-                let mut len = 0;
-                // Read the request head (bounded in size and time).
-                let read = tokio::time::timeout(Duration::from_secs(5), async {
-                    while len < buf.len() {
-                        let n = conn.read(&mut buf[len..]).await?;
-                        if n == 0 {
-                            break;
-                        }
-                        len += n;
-                        if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                            break;
-                        }
-                    }
-                    Ok::<_, std::io::Error>(())
-                })
-                .await;
-                if !matches!(read, Ok(Ok(()))) {
-                    return;
-                }
-                let head = String::from_utf8_lossy(&buf[..len]);
-                let resp = match parse_head(head.lines().next().unwrap_or("")) {
-                    Ok(path) => handler(path),
-                    Err(status) => {
-                        Response::new(status, "text/plain", format!("{}\n", reason(status)))
-                    }
-                };
-                let mut out = format!(
-                    "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n",
-                    resp.status,
-                    reason(resp.status),
-                    resp.content_type,
-                    resp.body.len()
-                );
-                for (k, v) in &resp.headers {
-                    let _ = write!(out, "{k}: {v}\r\n");
-                }
-                out.push_str("\r\n");
-                out.push_str(&resp.body);
-                if let Err(e) = conn.write_all(out.as_bytes()).await {
-                    warn!(what, error = %e, "HTTP write failed");
+                let _permit = permit;
+                let service = service_fn(move |req: Request<Incoming>| {
+                    let resp = respond(&handler, &req);
+                    async move { Ok::<_, Infallible>(resp) }
+                });
+                let served = http1::Builder::new()
+                    .keep_alive(false)
+                    // As Go's net/http writes them (kube-proxy): `Content-Type`, not `content-type`.
+                    .title_case_headers(true)
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEAD_TIMEOUT)
+                    .serve_connection(TokioIo::new(conn), service);
+                match tokio::time::timeout(CONNECTION_TIMEOUT, served).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => debug!(what, error = %e, "HTTP connection failed"),
+                    Err(_) => debug!(what, "HTTP connection timed out"),
                 }
             });
         }
@@ -128,13 +154,52 @@ pub fn serve_listener(
 
 #[cfg(test)]
 mod tests {
-    use super::parse_head;
+    use std::io::{Read as _, Write as _};
 
-    #[test]
-    fn request_heads() {
-        assert_eq!(parse_head("GET /healthz HTTP/1.1"), Ok("/healthz"));
-        assert_eq!(parse_head("GET /metrics?x=1 HTTP/1.1"), Ok("/metrics"));
-        assert_eq!(parse_head("POST /healthz HTTP/1.1"), Err(405));
-        assert_eq!(parse_head(""), Err(400));
+    use super::*;
+
+    /// Sends `request` and reads until the server closes the connection.
+    fn exchange(addr: SocketAddr, request: &str) -> String {
+        let mut s = std::net::TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        s.write_all(request.as_bytes()).expect("write");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("read until close");
+        out
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_response_per_connection_get_and_head_only() {
+        let handler: Handler = Arc::new(|path| {
+            let mut r = Response::new(200, "application/json", format!("{{\"path\":\"{path}\"}}"));
+            r.headers.push(("X-Content-Type-Options", "nosniff".into()));
+            r
+        });
+        let addr = serve("test", "127.0.0.1:0".parse().unwrap(), handler)
+            .await
+            .expect("bind");
+        let (get, head, post) = tokio::task::spawn_blocking(move || {
+            (
+                exchange(addr, "GET /healthz?x=1 HTTP/1.1\r\nHost: x\r\n\r\n"),
+                exchange(addr, "HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n"),
+                exchange(
+                    addr,
+                    "POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+                ),
+            )
+        })
+        .await
+        .expect("client");
+        assert!(get.starts_with("HTTP/1.1 200 OK\r\n"), "{get}");
+        assert!(get.contains("Content-Type: application/json\r\n"), "{get}");
+        assert!(get.contains("X-Content-Type-Options: nosniff\r\n"), "{get}");
+        assert!(get.contains("Connection: close\r\n"), "{get}");
+        assert!(get.ends_with("{\"path\":\"/healthz\"}"), "{get}");
+        assert!(
+            head.starts_with("HTTP/1.1 200 OK\r\n") && head.ends_with("\r\n\r\n"),
+            "{head}"
+        );
+        assert!(post.starts_with("HTTP/1.1 405 "), "{post}");
     }
 }

@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod cli;
 pub mod conntrack;
+pub mod error;
 pub mod healthcheck;
 pub mod http;
 pub mod inspect;

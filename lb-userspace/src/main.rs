@@ -29,14 +29,19 @@ fn real_main(cli: cli::Cli) -> anyhow::Result<()> {
     match cli.command {
         cli::Command::Run(a) => {
             let opts = run_options(*a)?;
-            tokio::runtime::Builder::new_current_thread()
+            // Two workers: probes, health checks, watchers and signals stay answered while the
+            // sync (its own blocking thread) programs the maps.
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("lb-agent")
                 .enable_all()
                 .build()?
                 .block_on(agent::run(opts))
+                .map_err(|e| anyhow::anyhow!(lb_userspace::error::chain(&e)))
         }
         cli::Command::Inspect(a) if matches!(a.what, cli::What::Conntrack) => {
             let flows = lb_userspace::conntrack::list(&a.bpffs)
-                .map_err(|e| anyhow::anyhow!(agent::chain(&e)))?;
+                .map_err(|e| anyhow::anyhow!(lb_userspace::error::chain(&e)))?;
             match a.output {
                 cli::Output::Json => println!("{}", serde_json::to_string_pretty(&flows)?),
                 cli::Output::Table => print!("{}", inspect::conntrack_table(&flows)),
@@ -44,7 +49,8 @@ fn real_main(cli: cli::Cli) -> anyhow::Result<()> {
             Ok(())
         }
         cli::Command::Inspect(a) => {
-            let r = inspect::report(&a.bpffs).map_err(|e| anyhow::anyhow!(agent::chain(&e)))?;
+            let r = inspect::report(&a.bpffs)
+                .map_err(|e| anyhow::anyhow!(lb_userspace::error::chain(&e)))?;
             match (a.output, a.what) {
                 (cli::Output::Json, cli::What::Services) => {
                     println!("{}", serde_json::to_string_pretty(&r.services)?);
@@ -67,12 +73,11 @@ fn real_main(cli: cli::Cli) -> anyhow::Result<()> {
             Ok(())
         }
         cli::Command::Cleanup(a) => {
-            let removed =
-                loader::cleanup(&a.bpffs).map_err(|e| anyhow::anyhow!(agent::chain(&e)))?;
+            let removed = loader::cleanup(&a.bpffs)
+                .map_err(|e| anyhow::anyhow!(lb_userspace::error::chain(&e)))?;
             let detached = match &a.cgroup {
-                Some(cg) => {
-                    loader::detach_leftovers(cg).map_err(|e| anyhow::anyhow!(agent::chain(&e)))?
-                }
+                Some(cg) => loader::detach_leftovers(cg)
+                    .map_err(|e| anyhow::anyhow!(lb_userspace::error::chain(&e)))?,
                 None => 0,
             };
             println!(
@@ -89,7 +94,9 @@ fn real_main(cli: cli::Cli) -> anyhow::Result<()> {
 fn run_options(a: cli::RunArgs) -> anyhow::Result<agent::Options> {
     let cgroup = match a.cgroup {
         Some(c) => c,
-        None => loader::cgroup2_mount().map_err(|e| anyhow::anyhow!(agent::chain(&e)))?,
+        None => {
+            loader::cgroup2_mount().map_err(|e| anyhow::anyhow!(lb_userspace::error::chain(&e)))?
+        }
     };
     let node_name = a.node_name.clone().unwrap_or_else(hostname);
     let opts = agent::Options {

@@ -13,7 +13,7 @@
 use std::{
     collections::BTreeMap,
     path::PathBuf,
-    sync::{Arc, RwLock, atomic::AtomicU64},
+    sync::{Arc, Mutex, RwLock, atomic::AtomicU64},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -61,13 +61,27 @@ pub struct Metrics {
 struct Datapath {
     bpffs: PathBuf,
     frontends: Arc<RwLock<BTreeMap<u32, FrontendLabel>>>,
+    health: Arc<Mutex<Health>>,
 }
 
 impl Collector for Datapath {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         // A map that cannot be read (the agent's own pins: should not happen) yields no sample
-        // rather than a failed scrape.
-        if let Ok(stats) = maps::read_stats(&self.bpffs) {
+        // rather than a failed scrape, and a fault in /healthz (logged once) until it reads again.
+        let stats = maps::read_stats(&self.bpffs);
+        let counts = maps::read_frontend_counts(&self.bpffs);
+        {
+            let mut h = self.health.lock().expect("health lock");
+            h.fault(
+                "datapath counters",
+                stats.as_ref().err().map(|e| crate::error::chain(e)),
+            );
+            h.fault(
+                "frontend counters",
+                counts.as_ref().err().map(|e| crate::error::chain(e)),
+            );
+        }
+        if let Ok(stats) = stats {
             let mut fam = encoder.encode_descriptor(
                 "lb_datapath_events",
                 "Socket-LB datapath outcomes by reason (summed over CPUs).",
@@ -79,7 +93,7 @@ impl Collector for Datapath {
                 ConstCounter::new(v).encode(fam.encode_family(&labels)?)?;
             }
         }
-        if let Ok(counts) = maps::read_frontend_counts(&self.bpffs) {
+        if let Ok(counts) = counts {
             let labels = self.frontends.read().expect("labels lock");
             let mut fam = encoder.encode_descriptor(
                 "lb_service_connections",
@@ -104,7 +118,7 @@ impl Collector for Datapath {
 
 impl Metrics {
     #[must_use]
-    pub fn new(bpffs: PathBuf) -> Self {
+    pub fn new(bpffs: PathBuf, health: Arc<Mutex<Health>>) -> Self {
         let mut registry = Registry::default();
         let kp = registry.sub_registry_with_prefix("kubeproxy");
         // kube-proxy's buckets start at 1 ms; socket-LB syncs are often faster, so the same
@@ -155,6 +169,7 @@ impl Metrics {
         registry.register_collector(Box::new(Datapath {
             bpffs,
             frontends: frontends.clone(),
+            health,
         }));
         Self {
             registry,
@@ -208,6 +223,9 @@ pub struct Health {
     pub node_eligible: bool,
     /// How long a change may wait before the agent counts as stalled.
     pub timeout: Duration,
+    /// Standing failures (a watch task that died, inotify errors, unreadable maps) by what
+    /// failed: while any stands, `/healthz` answers 503 and names them.
+    pub faults: BTreeMap<&'static str, String>,
 }
 
 /// Taint the cluster autoscaler puts on nodes it is about to delete.
@@ -221,6 +239,25 @@ impl Health {
             pending_since: None,
             node_eligible: true,
             timeout,
+            faults: BTreeMap::new(),
+        }
+    }
+
+    /// Records (`Some`) or clears (`None`) the failure of `what`; logs only changes, so a
+    /// failure that repeats on every scrape or event is logged once.
+    pub fn fault(&mut self, what: &'static str, problem: Option<String>) {
+        match problem {
+            Some(p) => {
+                if self.faults.get(what) != Some(&p) {
+                    tracing::error!(what, error = %p, "failing; /healthz reports it until it recovers");
+                    self.faults.insert(what, p);
+                }
+            }
+            None => {
+                if self.faults.remove(what).is_some() {
+                    tracing::info!(what, "recovered");
+                }
+            }
         }
     }
 
@@ -234,7 +271,8 @@ impl Health {
     /// `/healthz` (`livez = false`) or `/livez` (`livez = true`): `/livez` ignores the node.
     #[must_use]
     pub fn respond(&self, livez: bool, now: Instant, wall: SystemTime) -> Response {
-        let healthy = self.syncing(now) && (livez || self.node_eligible);
+        let healthy =
+            self.syncing(now) && (livez || (self.node_eligible && self.faults.is_empty()));
         let ts = |t: SystemTime| {
             let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
             k8s_openapi::jiff::Timestamp::from_nanosecond(d.as_nanos() as i128)
@@ -248,8 +286,18 @@ impl Health {
                 ts(wall)
             )
         } else {
+            let faults = if self.faults.is_empty() {
+                String::new()
+            } else {
+                let list: BTreeMap<&str, &str> =
+                    self.faults.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                format!(
+                    ",\"faults\":{}",
+                    serde_json::to_string(&list).unwrap_or_default()
+                )
+            };
             format!(
-                "{{\"lastUpdated\":\"{}\",\"currentTime\":\"{}\",\"nodeEligible\":{}}}",
+                "{{\"lastUpdated\":\"{}\",\"currentTime\":\"{}\",\"nodeEligible\":{}{faults}}}",
                 ts(self.last_updated),
                 ts(wall),
                 self.node_eligible
@@ -335,7 +383,10 @@ mod tests {
 
     #[test]
     fn metrics_use_kube_proxy_names() {
-        let m = Metrics::new(PathBuf::from("/nonexistent"));
+        let m = Metrics::new(
+            PathBuf::from("/nonexistent"),
+            Arc::new(Mutex::new(Health::new(Duration::from_secs(1)))),
+        );
         m.sync_duration.observe(0.002);
         m.service_changes.inc();
         let body = m.render().body;

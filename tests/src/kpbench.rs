@@ -234,7 +234,9 @@ impl Agent {
 }
 
 /// `n` Services × 4 endpoints as manifests, from index `from`.
-fn manifests(from: usize, n: usize) -> String {
+/// Services `from..from + n` (VIPs from 198.19.0.1, named `s<i>` in namespace `bench`), each
+/// with one slice of 4 endpoints, as one multi-document manifest.
+pub fn manifests(from: usize, n: usize) -> String {
     let mut s = String::with_capacity(n * 520);
     for i in from..from + n {
         let ip = vip(i);

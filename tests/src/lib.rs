@@ -494,6 +494,30 @@ impl Cluster {
 
     /// [`Cluster::start_agent`] with extra `run` flags.
     pub fn start_agent_with(&mut self, extra: &[&str]) {
+        let log_path = self.spawn_agent_with(extra);
+        let p = self.agent.as_mut().expect("just spawned");
+        let ready = wait_for(Duration::from_secs(20), || {
+            if let Ok(Some(st)) = p.child.try_wait() {
+                panic!(
+                    "lb-agent exited with {st}:\n{}",
+                    fs::read_to_string(&log_path).unwrap_or_default()
+                );
+            }
+            fs::read_to_string(&log_path)
+                .ok()
+                .filter(|l| l.contains("agent ready"))
+                .map(|_| ())
+        });
+        assert!(
+            ready.is_some(),
+            "lb-agent not ready in 20 s:\n{}",
+            fs::read_to_string(&log_path).unwrap_or_default()
+        );
+    }
+
+    /// Starts `lb-agent run` with extra flags and returns its log's path at once, without waiting
+    /// for it to be ready.
+    pub fn spawn_agent_with(&mut self, extra: &[&str]) -> PathBuf {
         self.agent_starts += 1;
         let log_path = self
             .logs
@@ -532,25 +556,8 @@ impl Cluster {
             .stderr(log)
             .spawn()
             .expect("spawn lb-agent");
-        let mut p = Proc { child };
-        let ready = wait_for(Duration::from_secs(20), || {
-            if let Ok(Some(st)) = p.child.try_wait() {
-                panic!(
-                    "lb-agent exited with {st}:\n{}",
-                    fs::read_to_string(&log_path).unwrap_or_default()
-                );
-            }
-            fs::read_to_string(&log_path)
-                .ok()
-                .filter(|l| l.contains("agent ready"))
-                .map(|_| ())
-        });
-        assert!(
-            ready.is_some(),
-            "lb-agent not ready in 20 s:\n{}",
-            fs::read_to_string(&log_path).unwrap_or_default()
-        );
-        self.agent = Some(p);
+        self.agent = Some(Proc { child });
+        log_path
     }
 
     /// Kills the agent with SIGKILL (the datapath stays attached: pinned links).

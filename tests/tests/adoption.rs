@@ -106,7 +106,11 @@ fn write_then_adopt(bpffs: &Path, seq: &[Desired]) -> Result<(), TestCaseError> 
         .expect("reopen pinned maps")
         .read_shadow()
         .expect("read pinned maps back");
-    prop_assert_eq!(&adopted, &shadow, "the pins hold something else than was written");
+    prop_assert_eq!(
+        &adopted,
+        &shadow,
+        "the pins hold something else than was written"
+    );
     let last = seq.last().expect("non-empty sequence");
     let rest = diff(last, &adopted);
     prop_assert!(rest.is_empty(), "a restarted agent would write {rest:?}");
@@ -147,13 +151,10 @@ fn pinned_maps_read_back_exactly_what_was_written_and_adoption_writes_nothing() 
     });
     let cases = std::cell::Cell::new(0u32);
     runner
-        .run(
-            &proptest::collection::vec(arb_desired(), 1..5),
-            |seq| {
-                cases.set(cases.get() + 1);
-                write_then_adopt(&bpffs.path, &seq)
-            },
-        )
+        .run(&proptest::collection::vec(arb_desired(), 1..5), |seq| {
+            cases.set(cases.get() + 1);
+            write_then_adopt(&bpffs.path, &seq)
+        })
         .expect("adoption property");
     // Every case started from what the previous one left: end empty, and read that back too.
     write_then_adopt(&bpffs.path, &[Desired::default()]).expect("emptied maps adopt");
@@ -161,6 +162,10 @@ fn pinned_maps_read_back_exactly_what_was_written_and_adoption_writes_nothing() 
         .expect("open pinned maps")
         .read_shadow()
         .expect("read");
-    assert_eq!(empty, Shadow::default(), "deleting everything empties the maps");
+    assert_eq!(
+        empty,
+        Shadow::default(),
+        "deleting everything empties the maps"
+    );
     assert!(cases.get() >= 96, "only {} cases ran", cases.get());
 }

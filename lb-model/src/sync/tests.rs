@@ -611,5 +611,8 @@ fn a_missing_marker_is_caught_after_any_number_of_cases() {
             }
         }
     });
-    assert!(caught.is_err(), "the writer lets a frontend without marker through");
+    assert!(
+        caught.is_err(),
+        "the writer lets a frontend without marker through"
+    );
 }

@@ -5,7 +5,10 @@
 //! Delete events are never acted on by themselves: after a disconnect, a `410 Gone` or a relist,
 //! the reflector swaps in the complete new list on `InitDone` and the next snapshot simply no
 //! longer contains what was deleted meanwhile.
-use std::path::Path;
+use std::{
+    path::Path,
+    sync::{Arc, Mutex, RwLock},
+};
 
 use futures::StreamExt as _;
 use k8s_openapi::api::{
@@ -26,6 +29,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::Objects;
+use crate::metrics::Health;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -56,9 +60,9 @@ pub const WATCHES: [(&str, &str); 3] = [
 /// The three reflector stores. Cloning is cheap (they are shared handles).
 #[derive(Clone)]
 pub struct ApiSource {
-    services: Store<Service>,
-    slices: Store<EndpointSlice>,
-    node: Store<Node>,
+    services: Shared<Service>,
+    slices: Shared<EndpointSlice>,
+    node: Shared<Node>,
 }
 
 /// Builds the client: `--kubeconfig` when given, else the in-cluster service account.
@@ -81,63 +85,145 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, Error> {
     Client::try_from(config).map_err(Error::Client)
 }
 
+/// A reflector store that a restarted watch task replaces (see [`spawn_reflector`]).
+type Shared<K> = Arc<RwLock<Store<K>>>;
+
 /// Runs one watcher into a reflector store; every change wakes the agent through `wake`.
+///
+/// The watch task is supervised: kube-rs's backoff retries failed requests, but should the task
+/// itself end or panic, its store would freeze while everything looked healthy. The supervisor
+/// then reports a fault in `/healthz` (logged once), starts a new watcher with a new store after
+/// a pause, and swaps the new store in only once its first list is complete — until then the
+/// agent keeps syncing from the last complete list, never from an empty one.
 fn spawn_reflector<K>(
     api: Api<K>,
     cfg: watcher::Config,
     kind: &'static str,
     wake: mpsc::Sender<()>,
-) -> Store<K>
+    health: Arc<Mutex<Health>>,
+) -> Shared<K>
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
     let (reader, writer) = reflector::store::<K>();
-    let stream = watcher(api, cfg).default_backoff().reflect(writer);
+    let shared = Arc::new(RwLock::new(reader));
+    let slot = shared.clone();
+    let what = FAULTS
+        .iter()
+        .find(|(k, _)| *k == kind)
+        .map_or("watch", |(_, w)| *w);
     tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        while let Some(ev) = stream.next().await {
-            match ev {
-                // The store is only swapped on InitDone: waking on Init/InitApply would show the
-                // old list again, harmless but useless.
-                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
-                Ok(watcher::Event::InitDone) => {
-                    debug!(kind, "list complete");
-                    let _ = wake.try_send(());
-                }
-                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
-                    let _ = wake.try_send(());
-                }
-                // The backoff retries; the stores keep their last complete state meanwhile.
-                Err(e) => {
-                    warn!(kind, error = %crate::agent::chain(&e), "watch failed; retrying with backoff");
-                }
-            }
+        let mut writer = Some(writer);
+        loop {
+            let w = writer.take().unwrap_or_else(|| {
+                // A replacement: its store goes live once complete.
+                let (reader, w) = reflector::store::<K>();
+                let live = slot.clone();
+                let (health, wake) = (health.clone(), wake.clone());
+                tokio::spawn(async move {
+                    if reader.wait_until_ready().await.is_ok() {
+                        *live.write().expect("store lock") = reader;
+                        health.lock().expect("health lock").fault(what, None);
+                        let _ = wake.try_send(());
+                    }
+                });
+                w
+            });
+            let task = tokio::spawn(watch(api.clone(), cfg.clone(), w, kind, wake.clone()));
+            let why = match task.await {
+                Ok(()) => "the watch stream ended".to_owned(),
+                Err(e) if e.is_panic() => "the watch task panicked".to_owned(),
+                Err(e) => format!("the watch task stopped: {e}"),
+            };
+            health
+                .lock()
+                .expect("health lock")
+                .fault(what, Some(format!("{kind}: {why}; restarting the watch")));
+            tokio::time::sleep(RESTART_PAUSE).await;
         }
     });
-    reader
+    shared
+}
+
+/// Pause before a dead watch task is replaced.
+const RESTART_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The `/healthz` fault name of each watched kind.
+const FAULTS: [(&str, &str); 3] = [
+    ("Service", "Service watch"),
+    ("EndpointSlice", "EndpointSlice watch"),
+    ("Node", "Node watch"),
+];
+
+/// One watch stream into `writer`, until the stream ends.
+async fn watch<K>(
+    api: Api<K>,
+    cfg: watcher::Config,
+    writer: reflector::store::Writer<K>,
+    kind: &'static str,
+    wake: mpsc::Sender<()>,
+) where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let stream = watcher(api, cfg).default_backoff().reflect(writer);
+    let mut stream = std::pin::pin!(stream);
+    let mut failing = false;
+    while let Some(ev) = stream.next().await {
+        match ev {
+            // The store is only swapped on InitDone: waking on Init/InitApply would show the
+            // old list again, harmless but useless.
+            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
+            Ok(watcher::Event::InitDone) => {
+                debug!(kind, "list complete");
+                failing = false;
+                let _ = wake.try_send(());
+            }
+            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
+                failing = false;
+                let _ = wake.try_send(());
+            }
+            // The backoff retries; the stores keep their last complete state meanwhile. One
+            // warning per outage, not one per retry.
+            Err(e) => {
+                if !failing {
+                    warn!(kind, error = %crate::error::chain(&e), "watch failed; retrying with backoff");
+                }
+                failing = true;
+            }
+        }
+    }
 }
 
 impl ApiSource {
     /// Starts the three watchers. `wake` gets a message (coalesced) on every change.
-    pub fn start(client: &Client, node_name: &str, wake: &mpsc::Sender<()>) -> Self {
+    pub fn start(
+        client: &Client,
+        node_name: &str,
+        wake: &mpsc::Sender<()>,
+        health: &Arc<Mutex<Health>>,
+    ) -> Self {
         let services = spawn_reflector(
             Api::<Service>::all(client.clone()),
             watcher::Config::default(),
             "Service",
             wake.clone(),
+            health.clone(),
         );
         let slices = spawn_reflector(
             Api::<EndpointSlice>::all(client.clone()),
             watcher::Config::default(),
             "EndpointSlice",
             wake.clone(),
+            health.clone(),
         );
         let node = spawn_reflector(
             Api::<Node>::all(client.clone()),
             watcher::Config::default().fields(&format!("metadata.name={node_name}")),
             "Node",
             wake.clone(),
+            health.clone(),
         );
         Self {
             services,
@@ -149,18 +235,20 @@ impl ApiSource {
     /// Waits until every store holds a complete first list. Syncing before that would withdraw
     /// every Service the maps hold.
     pub async fn ready(&self) -> Result<(), Error> {
-        self.services
+        let services = self.services.read().expect("store lock").clone();
+        services
             .wait_until_ready()
             .await
             .map_err(|_| Error::NotReady { kind: "Service" })?;
-        self.slices
+        let slices = self.slices.read().expect("store lock").clone();
+        slices
             .wait_until_ready()
             .await
             .map_err(|_| Error::NotReady {
                 kind: "EndpointSlice",
             })?;
-        self.node
-            .wait_until_ready()
+        let node = self.node.read().expect("store lock").clone();
+        node.wait_until_ready()
             .await
             .map_err(|_| Error::NotReady { kind: "Node" })?;
         Ok(())
@@ -170,9 +258,15 @@ impl ApiSource {
     #[must_use]
     pub fn snapshot(&self) -> Objects {
         Objects {
-            services: self.services.state(),
-            slices: self.slices.state(),
-            node: self.node.state().into_iter().next(),
+            services: self.services.read().expect("store lock").state(),
+            slices: self.slices.read().expect("store lock").state(),
+            node: self
+                .node
+                .read()
+                .expect("store lock")
+                .state()
+                .into_iter()
+                .next(),
         }
     }
 }

@@ -1,0 +1,63 @@
+//! The agent's run loop: what must keep answering while it programs the maps.
+use std::{
+    fs,
+    time::{Duration, Instant},
+};
+
+use lb_tests::{Cluster, kpbench, wait_for};
+
+/// kubelet's probe of `/healthz` has a 1 s timeout. A cold sync of 50,000 Services takes seconds,
+/// so it runs off the async runtime: `/healthz` must answer within 100 ms all the while.
+#[test]
+fn healthz_answers_within_100_ms_during_a_50000_service_sync() {
+    const SERVICES: usize = 50_000;
+    let mut c = Cluster::new("hzsync", 0);
+    c.write_manifest("many.yaml", &kpbench::manifests(0, SERVICES));
+    let log = c.spawn_agent_with(&["--resync-seconds", "3600"]);
+    let read_log = || fs::read_to_string(&log).unwrap_or_default();
+    // The health listener is up before the first sync starts.
+    wait_for(Duration::from_secs(30), || {
+        read_log().contains("what=healthz addr=").then_some(())
+    })
+    .unwrap_or_else(|| panic!("no healthz listener:\n{}", read_log()));
+
+    let started = Instant::now();
+    let mut probes = Vec::new();
+    while !read_log().contains("agent ready") {
+        assert!(
+            started.elapsed() < Duration::from_mins(10),
+            "no sync in 10 minutes:\n{}",
+            read_log()
+        );
+        let t = Instant::now();
+        let r = c.http_get("healthz", "/healthz");
+        let took = t.elapsed();
+        assert!(r.starts_with("HTTP/1.1 "), "not an HTTP answer: {r}");
+        probes.push(took);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sync_took = started.elapsed();
+    let text = read_log();
+    assert!(
+        text.contains(&format!("services={SERVICES}")),
+        "the sync did not program all Services:\n{text}"
+    );
+    let worst = probes.iter().max().copied().unwrap_or_default();
+    eprintln!(
+        "{} /healthz probes during a {:.2} s cold sync of {SERVICES} Services: worst {:.1} ms",
+        probes.len(),
+        sync_took.as_secs_f64(),
+        worst.as_secs_f64() * 1e3
+    );
+    // The probes really overlapped the sync: many of them, over a sync that took a while.
+    assert!(
+        sync_took > Duration::from_millis(500) && probes.len() >= 10,
+        "only {} probes in {sync_took:?}: the test did not overlap the sync",
+        probes.len()
+    );
+    assert!(
+        worst < Duration::from_millis(100),
+        "/healthz took {worst:?} while the sync ran ({} probes)",
+        probes.len()
+    );
+}
