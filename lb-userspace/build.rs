@@ -1,5 +1,8 @@
-//! Builds the eBPF object (crate lb-ebpf) with the nightly toolchain and bpf-linker, and puts it
-//! in `OUT_DIR/lb` where `loader` embeds it. `cargo xtask setup` installs what this needs.
+//! Builds the eBPF object (crate lb-ebpf) with the pinned nightly toolchain and bpf-linker, and
+//! puts it in `OUT_DIR/lb` where `loader` embeds it. `cargo xtask setup` installs what this needs.
+//!
+//! The nightly is pinned by date in one place, `lb-ebpf/NIGHTLY`; `cargo xtask setup` makes it
+//! available to rustup as `lb-nightly-<date>`.
 use std::{env, fs, path::PathBuf};
 
 use anyhow::Context as _;
@@ -13,6 +16,13 @@ fn main() -> anyhow::Result<()> {
         manifest.parent().unwrap().join("lb-common").display()
     );
     let out = PathBuf::from(env::var("OUT_DIR")?).join("lb");
+    let pin = manifest
+        .parent()
+        .context("workspace root")?
+        .join("lb-ebpf/NIGHTLY");
+    println!("cargo:rerun-if-changed={}", pin.display());
+    let date = fs::read_to_string(&pin).with_context(|| format!("read {}", pin.display()))?;
+    let toolchain = format!("lb-nightly-{}", date.trim());
     let skip = env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skip {
         // Host-only checks (clippy, docs) without nightly: embed an empty object. The agent
@@ -28,6 +38,6 @@ fn main() -> anyhow::Result<()> {
             root_dir: ebpf_dir,
             ..Default::default()
         }],
-        aya_build::Toolchain::Nightly,
+        aya_build::Toolchain::Custom(&toolchain),
     )
 }

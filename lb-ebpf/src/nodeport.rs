@@ -308,6 +308,10 @@ pub(crate) fn fib_params() -> Option<&'static mut FibParams> {
     // that the verifier refuses. Outputs (MACs, ifindex, source) are written by the helper.
     // SAFETY: writes of plain integers into our own map value.
     unsafe {
+        #[expect(
+            clippy::cast_ptr_alignment,
+            reason = "a map value: the kernel aligns it to 8 bytes"
+        )]
         let b = core::ptr::from_mut(p).cast::<u64>();
         for i in 0..(core::mem::size_of::<FibParams>() / 8) {
             core::ptr::write_volatile(b.add(i), 0);
@@ -515,6 +519,10 @@ macro_rules! ct_touch {
 // IPv4
 // ---------------------------------------------------------------------------------------------
 pub(crate) mod v4 {
+    #[expect(
+        clippy::wildcard_imports,
+        reason = "the family module is the parent's packet path for IPv4"
+    )]
     use super::*;
 
     const IP_OFF: usize = ETH_HLEN;
@@ -1065,6 +1073,10 @@ pub(crate) mod v4 {
     /// (which is a packet *we* sent, so its reverse is a reply key... or a forward key for
     /// errors coming from the client side) and translate outer and inner headers back.
     #[inline(never)]
+    #[expect(
+        clippy::too_many_lines,
+        reason = "outer and quoted headers of an ICMP error, checked and rewritten in one pass"
+    )]
     fn icmp_error(ctx: &TcContext, ip: &Hdr, l4: usize, dir: Dir) -> i32 {
         let Ok(icmp) = ctx.load::<[u8; 4]>(l4) else {
             return TC_NEXT;
@@ -1201,6 +1213,10 @@ pub(crate) mod v4 {
 // IPv6 (no extension headers: a packet whose next header is not TCP/UDP/ICMPv6 passes)
 // ---------------------------------------------------------------------------------------------
 mod v6 {
+    #[expect(
+        clippy::wildcard_imports,
+        reason = "the family module is the parent's packet path for IPv6"
+    )]
     use super::*;
 
     const IP_OFF: usize = ETH_HLEN;
@@ -1529,6 +1545,10 @@ mod v6 {
     }
 
     #[inline(always)]
+    #[expect(
+        clippy::too_many_lines,
+        reason = "the IPv6 new-flow decision and commit in one piece, as the verifier sees it"
+    )]
     fn new_flow(ctx: &TcContext, p: &Pkt) -> Result<i32, Drop> {
         let skey = Svc6Key {
             address: p.dst,

@@ -21,8 +21,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Install what building and testing need, when missing: Debian tools (iproute2, bpftool,
-    /// nsenter), rust-src for nightly, bpf-linker built against the nightly's own libLLVM.
+    /// nsenter), the pinned nightly (`lb-ebpf/NIGHTLY`) with rust-src, bpf-linker built against
+    /// that nightly's own libLLVM.
     Setup,
+    /// rustfmt check and clippy (pedantic, warnings are errors) over every crate, the eBPF one
+    /// included (with the pinned nightly, for the BPF target).
+    Lint,
     /// Everything CI runs: host unit/property tests, then the privileged netns tests (root).
     Test {
         /// Extra arguments for the privileged test binary (e.g. a test name filter).
@@ -129,39 +133,90 @@ fn setup() -> Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
 
-    if !ok(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
-        bail!(
-            "the nightly toolchain is not installed (`rustup toolchain list`); the eBPF crate needs it"
-        );
-    }
-    let installed = Command::new("rustup")
-        .args(["component", "list", "--toolchain", "nightly", "--installed"])
-        .output()?;
-    if !String::from_utf8_lossy(&installed.stdout)
-        .lines()
-        .any(|l| l.starts_with("rust-src"))
-    {
-        run(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            "nightly",
-        ]))?;
-    }
-
+    let toolchain = pinned_nightly()?;
     // bpf-linker must link against the same LLVM as the nightly rustc that emits the bitcode.
     // rustup puts the nightly's lib/ on the library path for `rustup run`, as it does when
     // rustc invokes the linker.
-    if !ok(Command::new("rustup").args(["run", "nightly", "bpf-linker", "--version"])) {
-        install_bpf_linker()?;
+    if !ok(Command::new("rustup").args(["run", &toolchain, "bpf-linker", "--version"])) {
+        install_bpf_linker(&toolchain)?;
     }
     Ok(())
 }
 
-fn install_bpf_linker() -> Result<()> {
+/// The eBPF crate's nightly, pinned by date in `lb-ebpf/NIGHTLY` (the one place), as the rustup
+/// toolchain `lb-nightly-<date>`.
+fn pinned_name() -> String {
+    format!(
+        "lb-nightly-{}",
+        include_str!("../../lb-ebpf/NIGHTLY").trim()
+    )
+}
+
+/// Makes the pinned nightly available as [`pinned_name`], with rust-src: an installed nightly
+/// whose commit date is the pinned one is linked under that name; failing that, rustup installs
+/// `nightly-<date>` (where rustup's servers are reachable). Returns the name.
+fn pinned_nightly() -> Result<String> {
+    let date = include_str!("../../lb-ebpf/NIGHTLY").trim();
+    let name = pinned_name();
+    if ok(Command::new("rustup").args(["run", &name, "rustc", "--version"])) {
+        return Ok(name);
+    }
+    let commit_date = |tc: &str| -> Option<String> {
+        let out = Command::new("rustup")
+            .args(["run", tc, "rustc", "-vV"])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("commit-date: ").map(str::to_owned))
+    };
+    let list = Command::new("rustup")
+        .args(["toolchain", "list"])
+        .output()
+        .context("rustup toolchain list")?;
+    let installed: Vec<String> = String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|t| t.starts_with("nightly"))
+        .map(str::to_owned)
+        .collect();
+    let found = installed
+        .iter()
+        .find(|t| commit_date(t).is_some_and(|d| d == date) || t.contains(date))
+        .cloned();
+    let source = if let Some(t) = found {
+        t
+    } else {
+        let dated = format!("nightly-{date}");
+        run(Command::new("rustup").args(["toolchain", "install", &dated, "--profile", "minimal"]))
+            .with_context(|| {
+                format!(
+                    "no installed nightly is from {date} (installed: {installed:?}) and rustup cannot install {dated}; \
+                     install it, or change lb-ebpf/NIGHTLY to an installed nightly's commit date"
+                )
+            })?;
+        dated
+    };
+    let components = Command::new("rustup")
+        .args(["component", "list", "--toolchain", &source, "--installed"])
+        .output()?;
+    if !String::from_utf8_lossy(&components.stdout)
+        .lines()
+        .any(|l| l.starts_with("rust-src"))
+    {
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", &source]))?;
+    }
     let sysroot = Command::new("rustup")
-        .args(["run", "nightly", "rustc", "--print", "sysroot"])
+        .args(["run", &source, "rustc", "--print", "sysroot"])
+        .output()?;
+    let sysroot = String::from_utf8(sysroot.stdout)?.trim().to_owned();
+    run(Command::new("rustup").args(["toolchain", "link", &name, &sysroot]))?;
+    Ok(name)
+}
+
+fn install_bpf_linker(toolchain: &str) -> Result<()> {
+    let sysroot = Command::new("rustup")
+        .args(["run", toolchain, "rustc", "--print", "sysroot"])
         .output()?;
     let sysroot = PathBuf::from(String::from_utf8(sysroot.stdout)?.trim());
     let lib = fs::read_dir(sysroot.join("lib"))?
@@ -196,6 +251,42 @@ fn install_bpf_linker() -> Result<()> {
             ])
             .env("LLVM_PREFIX", &prefix),
     )
+}
+
+/// `cargo fmt --check` and clippy with warnings as errors: the host crates with stable, then
+/// lb-ebpf with the pinned nightly for the BPF target (as aya-build compiles it).
+fn lint() -> Result<()> {
+    setup()?;
+    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "lb-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    let target = root().join("target/lint-ebpf");
+    run(Command::new("rustup")
+        .args([
+            "run",
+            &pinned_name(),
+            "cargo",
+            "clippy",
+            "-p",
+            "lb-ebpf",
+            "--release",
+        ])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .args(["--", "-D", "warnings"])
+        .current_dir(root())
+        .env("CARGO_TARGET_DIR", &target)
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            format!("--cfg=bpf_target_arch=\"{}\"", env::consts::ARCH),
+        ))
 }
 
 fn test(extra: &[String]) -> Result<()> {
@@ -258,6 +349,7 @@ fn release_bins() -> Result<()> {
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Setup => setup(),
+        Cmd::Lint => lint(),
         Cmd::Test { args } => test(&args),
         Cmd::Demo => {
             release_bins()?;
