@@ -365,6 +365,38 @@ mod tests {
     }
 
     #[test]
+    fn standing_faults_fail_healthz_until_they_clear() {
+        let (t0, wall) = (Instant::now(), SystemTime::now());
+        let mut h = Health::new(Duration::from_secs(2));
+        h.fault(
+            "Service watch",
+            Some("Service: the watch task panicked".into()),
+        );
+        h.fault(
+            "Service watch",
+            Some("Service: the watch task panicked".into()),
+        );
+        assert_eq!(h.faults.len(), 1, "the same fault is recorded once");
+        let r = h.respond(false, t0, wall);
+        assert_eq!(r.status, 503);
+        assert!(
+            r.body
+                .contains(r#""faults":{"Service watch":"Service: the watch task panicked"}"#),
+            "{}",
+            r.body
+        );
+        assert_eq!(
+            h.respond(true, t0, wall).status,
+            200,
+            "livez ignores faults"
+        );
+        h.fault("Service watch", None);
+        let r = h.respond(false, t0, wall);
+        assert_eq!(r.status, 200);
+        assert!(!r.body.contains("faults"), "{}", r.body);
+    }
+
+    #[test]
     fn node_eligibility() {
         use k8s_openapi::api::core::v1::{Node, NodeSpec, Taint};
         assert!(node_eligible(None));
