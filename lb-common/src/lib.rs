@@ -95,7 +95,7 @@ pub const MAP_RNAT6: &str = "LB6_RNAT_SK_V1";
 /// Reverse NAT of connected sockets, in socket storage: → [`RevNatSk`].
 pub const MAP_RNAT_SKS: &str = "LB_RNAT_SKS_V1";
 /// Per-CPU datapath counters: [`Stat`] index (`u32`) → `u64`.
-pub const MAP_STATS: &str = "LB_STATS_V3";
+pub const MAP_STATS: &str = "LB_STATS_V4";
 
 /// sessionAffinity ClientIP state: [`AffKey`] → [`AffValue`] (LRU, written by the datapath).
 pub const MAP_AFF: &str = "LB_AFF_V1";
@@ -141,7 +141,7 @@ pub const ALL_MAPS: [&str; 17] = [
 
 /// Maps of earlier layouts that this build replaced (a new name per layout): their pins are
 /// removed once this build's programs are attached, so an upgrade leaves nothing behind.
-pub const SUPERSEDED_MAPS: [&str; 2] = ["LB_STATS_V1", "LB_STATS_V2"];
+pub const SUPERSEDED_MAPS: [&str; 3] = ["LB_STATS_V1", "LB_STATS_V2", "LB_STATS_V3"];
 
 /// Default `max_entries` of the per-frontend connection counters.
 pub const DEFAULT_SVC_CNT_ENTRIES: u32 = 1 << 16;

@@ -1,10 +1,11 @@
-//! Datapath counters: indices into the per-CPU array `LB_STATS_V3`.
+//! Datapath counters: indices into the per-CPU array `LB_STATS_V4`.
 //!
 //! One counter per outcome of a hook, so that every verdict the datapath computes is visible to
-//! operators (`lb-agent inspect stats`, and the agent's metrics). The datapath only ever adds
+//! operators, and each packet or call is counted once, under its program and reason (the XDP
+//! and tc paths have counters of their own) (`lb-agent inspect stats`, and the agent's metrics). The datapath only ever adds
 //! one to its own CPU's slot; userspace sums over CPUs.
 
-/// A datapath outcome. `repr(u32)` is only the index into `LB_STATS_V3`; no map stores the enum.
+/// A datapath outcome. `repr(u32)` is only the index into `LB_STATS_V4`; no map stores the enum.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stat {
@@ -50,20 +51,37 @@ pub enum Stat {
     TcIcmpXlated = 18,
     /// Packet path: a new flow followed the client's affinity entry.
     TcAffinityHit = 19,
-    /// XDP: a packet of a new or established flow translated and sent on (XDP_TX/REDIRECT).
+    /// XDP: a packet of a new or established flow translated and sent on (XDP_TX).
     XdpXlated = 20,
     /// XDP: a reply translated back and sent on.
     XdpRevXlated = 21,
     /// XDP: a frontend's packet handed to the tc path (local backend, REJECT, no neighbour,
     /// IP options, fragments...).
     XdpPassed = 22,
-    /// XDP: dropped (source range, Local policy without local endpoint, no route).
-    XdpDropped = 23,
+    /// XDP: externalTrafficPolicy Local with no endpoint on this node: dropped.
+    XdpDropNoLocal = 23,
+    /// XDP: client not in loadBalancerSourceRanges: dropped.
+    XdpDropSourceRange = 24,
+    /// XDP: no free SNAT port for the flow: dropped.
+    XdpNatPortExhausted = 25,
+    /// XDP: a conntrack entry could not be written: dropped.
+    XdpCtFull = 26,
+    /// XDP: the packet could not be rewritten (shorter than parsed): dropped.
+    XdpRewriteFailed = 27,
+    /// Packet path: a slot or backend id the frontend points at is missing (should never
+    /// happen, see `RejectBackendMissing`): dropped.
+    TcBackendMissing = 28,
+    /// Packet path: a translated packet could not be rewritten or redirected (a helper
+    /// failed): dropped.
+    TcRewriteFailed = 29,
+    /// Packet path: no endpoint at all, but the ICMP unreachable could not be built (IPv4
+    /// options, IPv6 extension headers, a failing helper): dropped instead.
+    TcRejectDropped = 30,
 }
 
 impl Stat {
-    /// Number of counters (`max_entries` of `LB_STATS_V3`).
-    pub const COUNT: u32 = 24;
+    /// Number of counters (`max_entries` of `LB_STATS_V4`).
+    pub const COUNT: u32 = 31;
 
     /// Every counter in index order.
     pub const ALL: [Self; Self::COUNT as usize] = [
@@ -90,7 +108,14 @@ impl Stat {
         Self::XdpXlated,
         Self::XdpRevXlated,
         Self::XdpPassed,
-        Self::XdpDropped,
+        Self::XdpDropNoLocal,
+        Self::XdpDropSourceRange,
+        Self::XdpNatPortExhausted,
+        Self::XdpCtFull,
+        Self::XdpRewriteFailed,
+        Self::TcBackendMissing,
+        Self::TcRewriteFailed,
+        Self::TcRejectDropped,
     ];
 
     /// Stable `snake_case` name used in metrics and `inspect` output.
@@ -120,7 +145,14 @@ impl Stat {
             Self::XdpXlated => "xdp_xlated",
             Self::XdpRevXlated => "xdp_rev_xlated",
             Self::XdpPassed => "xdp_passed_to_tc",
-            Self::XdpDropped => "xdp_dropped",
+            Self::XdpDropNoLocal => "xdp_drop_no_local",
+            Self::XdpDropSourceRange => "xdp_drop_source_range",
+            Self::XdpNatPortExhausted => "xdp_nat_port_exhausted",
+            Self::XdpCtFull => "xdp_ct_update_failed",
+            Self::XdpRewriteFailed => "xdp_rewrite_failed",
+            Self::TcBackendMissing => "tc_backend_missing",
+            Self::TcRewriteFailed => "tc_rewrite_failed",
+            Self::TcRejectDropped => "tc_reject_dropped",
         }
     }
 }

@@ -78,7 +78,7 @@ pub(crate) static LB6_RNAT_SK_V1: LruHashMap<
 > = LruHashMap::new();
 
 #[btf_map]
-pub(crate) static LB_STATS_V3: PerCpuArray<u64, { Stat::COUNT as usize }> = PerCpuArray::new();
+pub(crate) static LB_STATS_V4: PerCpuArray<u64, { Stat::COUNT as usize }> = PerCpuArray::new();
 
 #[btf_map]
 pub(crate) static LB_AFF_V1: LruHashMap<AffKey, AffValue, { DEFAULT_AFF_ENTRIES as usize }> =
@@ -140,7 +140,7 @@ pub(crate) fn count_frontend(id: u32) {
 /// Adds one to this CPU's counter for `stat`.
 #[inline(always)]
 pub(crate) fn count(stat: Stat) {
-    if let Some(c) = LB_STATS_V3.get_ptr_mut(stat as u32) {
+    if let Some(c) = LB_STATS_V4.get_ptr_mut(stat as u32) {
         // SAFETY: per-CPU slot of a preallocated array; only this CPU writes it, and the program
         // cannot be preempted by itself on the same CPU in this hook type.
         unsafe { *c += 1 };

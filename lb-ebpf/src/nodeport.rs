@@ -115,7 +115,7 @@ impl Route {
 
 /// Why a packet was consumed instead of passed.
 #[derive(Clone, Copy)]
-pub(crate) enum Drop {
+pub(crate) enum Reason {
     NoLocal,
     SourceRange,
     NoRoute,
@@ -125,22 +125,29 @@ pub(crate) enum Drop {
 }
 
 #[inline(always)]
-fn drop_verdict(d: Drop) -> i32 {
+fn drop_verdict(d: Reason) -> i32 {
     count_drop(d);
     TC_ACT_SHOT
 }
 
-/// Counts a packet-path drop by its reason (tc and XDP alike).
+/// Counts a tc drop by its reason.
 #[inline(always)]
-pub(crate) fn count_drop(d: Drop) {
+fn count_drop(d: Reason) {
     count(match d {
-        Drop::NoLocal => Stat::TcDropNoLocal,
-        Drop::SourceRange => Stat::TcDropSourceRange,
-        Drop::NoRoute => Stat::TcNoRoute,
-        Drop::PortExhausted => Stat::TcNatPortExhausted,
-        Drop::CtFull => Stat::TcCtFull,
-        Drop::BackendMissing => Stat::RejectBackendMissing,
+        Reason::NoLocal => Stat::TcDropNoLocal,
+        Reason::SourceRange => Stat::TcDropSourceRange,
+        Reason::NoRoute => Stat::TcNoRoute,
+        Reason::PortExhausted => Stat::TcNatPortExhausted,
+        Reason::CtFull => Stat::TcCtFull,
+        Reason::BackendMissing => Stat::TcBackendMissing,
     });
+}
+
+/// Drops a packet, counted under `stat` (every drop has its reason).
+#[inline(always)]
+fn shot(stat: Stat) -> i32 {
+    count(stat);
+    TC_ACT_SHOT
 }
 
 /// Conntrack timeouts (seconds; 0 = default), set by the agent at load time
@@ -277,7 +284,7 @@ fn forward(ctx: &TcContext, route: Route) -> i32 {
             eth[..6].copy_from_slice(&route.dmac);
             eth[6..].copy_from_slice(&route.smac);
             if ctx.store(0, &eth, 0).is_err() {
-                return TC_ACT_SHOT;
+                return shot(Stat::TcRewriteFailed);
             }
             // SAFETY: plain integers; the verdict is the helper's return value.
             unsafe { bpf_redirect(route.ifindex, 0) as i32 }
@@ -323,7 +330,7 @@ pub(crate) fn fib_params() -> Option<&'static mut FibParams> {
 /// Runs `bpf_fib_lookup` and turns the answer into a [`Route`]; `params` keeps the source
 /// address the route uses (for SNAT).
 #[inline(always)]
-fn fib(ctx: &TcContext, params: &mut FibParams) -> Result<Route, Drop> {
+fn fib(ctx: &TcContext, params: &mut FibParams) -> Result<Route, Reason> {
     // SAFETY: `params` is a valid, fully initialised struct of the size passed.
     let rc = unsafe {
         bpf_fib_lookup(
@@ -346,7 +353,7 @@ fn fib(ctx: &TcContext, params: &mut FibParams) -> Result<Route, Drop> {
         }
         .with_ifindex(params.ifindex)),
         FIB_NOT_FWDED => Ok(Route::LOCAL),
-        _ => Err(Drop::NoRoute),
+        _ => Err(Reason::NoRoute),
     }
 }
 
@@ -700,9 +707,9 @@ pub(crate) mod v4 {
         src: [u8; 4],
         dst: [u8; 4],
         p: &Pkt,
-    ) -> (Result<Route, Drop>, [u8; 4]) {
+    ) -> (Result<Route, Reason>, [u8; 4]) {
         let Some(params) = fib_params() else {
-            return (Err(Drop::NoRoute), src);
+            return (Err(Reason::NoRoute), src);
         };
         params.family = AF_INET;
         params.l4_protocol = p.proto;
@@ -718,7 +725,7 @@ pub(crate) mod v4 {
     #[inline(always)]
     fn rev_xlate(ctx: &TcContext, p: &Pkt, v: &Ct4Value, dir: Dir) -> i32 {
         if !rewrite(ctx, p, v.addr, v.port, v.nat_addr, v.nat_port) {
-            return TC_ACT_SHOT;
+            return shot(Stat::TcRewriteFailed);
         }
         count(Stat::TcRevXlated);
         if dir == Dir::Egress {
@@ -764,7 +771,7 @@ pub(crate) mod v4 {
         Some(v)
     }
 
-    fn fwd_xlate(ctx: &TcContext, p: &Pkt) -> Result<i32, Drop> {
+    fn fwd_xlate(ctx: &TcContext, p: &Pkt) -> Result<i32, Reason> {
         if let Some(v) = established(p) {
             let (src, sport) = if v.flags & CT_F_SNAT != 0 {
                 (v.nat_addr, v.nat_port)
@@ -774,7 +781,7 @@ pub(crate) mod v4 {
             let (r, _) = route(ctx, src, v.addr, p);
             let r = r?;
             if !rewrite(ctx, p, src, sport, v.addr, v.port) {
-                return Ok(TC_ACT_SHOT);
+                return Ok(shot(Stat::TcRewriteFailed));
             }
             count(Stat::TcXlated);
             return Ok(forward(ctx, r));
@@ -791,7 +798,7 @@ pub(crate) mod v4 {
         let snat = be.flags & BE_FLAG_LOCAL == 0 && !r.is_local();
         let fwd = commit(p, fe_id, id, &be, snat, route_src)?;
         if !rewrite(ctx, p, fwd.nat_addr, fwd.nat_port, be.address, be.port) {
-            return Ok(TC_ACT_SHOT);
+            return Ok(shot(Stat::TcRewriteFailed));
         }
         count(Stat::TcXlated);
         count_frontend(fe_id);
@@ -803,7 +810,7 @@ pub(crate) mod v4 {
     /// `Selected::Backend`.
     pub(crate) struct Chosen {
         pub(crate) kind: Selected,
-        pub(crate) drop: Drop,
+        pub(crate) drop: Reason,
         pub(crate) fe_id: u32,
         pub(crate) id: u32,
         pub(crate) be: Backend4,
@@ -823,7 +830,7 @@ pub(crate) mod v4 {
     }
 
     impl Chosen {
-        const fn verdict(kind: Selected, drop: Drop) -> Self {
+        const fn verdict(kind: Selected, drop: Reason) -> Self {
             Self {
                 kind,
                 drop,
@@ -853,7 +860,7 @@ pub(crate) mod v4 {
         };
         // SAFETY: copied out at once.
         let Some(fe) = unsafe { LB4_SVC_V1.get(&skey) }.copied() else {
-            return Chosen::verdict(Selected::NotOurs, Drop::BackendMissing);
+            return Chosen::verdict(Selected::NotOurs, Reason::BackendMissing);
         };
         if fe.flags & SVC_FLAG_SRC_RANGES != 0 {
             let k = LpmKey::new(
@@ -867,14 +874,14 @@ pub(crate) mod v4 {
                 },
             );
             if LB4_SRCR_V1.get(&k).is_none() {
-                return Chosen::verdict(Selected::Drop, Drop::SourceRange);
+                return Chosen::verdict(Selected::Drop, Reason::SourceRange);
             }
         }
         if fe.count == 0 {
             if fe.flags & SVC_FLAG_NO_LOCAL != 0 {
-                return Chosen::verdict(Selected::Drop, Drop::NoLocal);
+                return Chosen::verdict(Selected::Drop, Reason::NoLocal);
             }
-            return Chosen::verdict(Selected::Reject, Drop::BackendMissing);
+            return Chosen::verdict(Selected::Reject, Reason::BackendMissing);
         }
         let mut client = [0u8; 16];
         client[10] = 0xff;
@@ -893,10 +900,10 @@ pub(crate) mod v4 {
         });
         // SAFETY: copied out at once.
         match (id, unsafe { LB4_BE_V1.get(&id) }.copied()) {
-            (0, _) | (_, None) => Chosen::verdict(Selected::Drop, Drop::BackendMissing),
+            (0, _) | (_, None) => Chosen::verdict(Selected::Drop, Reason::BackendMissing),
             (id, Some(be)) => Chosen {
                 kind: Selected::Backend,
-                drop: Drop::BackendMissing,
+                drop: Reason::BackendMissing,
                 fe_id: fe.backend_id,
                 id,
                 be,
@@ -915,7 +922,7 @@ pub(crate) mod v4 {
         be: &Backend4,
         snat: bool,
         route_src: [u8; 4],
-    ) -> Result<Ct4Value, Drop> {
+    ) -> Result<Ct4Value, Reason> {
         let t = now();
         let mut fwd = Ct4Value {
             addr: be.address,
@@ -965,15 +972,15 @@ pub(crate) mod v4 {
                 }
             }
             if !done {
-                return Err(Drop::PortExhausted);
+                return Err(Reason::PortExhausted);
             }
             fwd.nat_port = rkey.dport;
         } else if LB4_CT_V1.insert(&rkey, &rev, 0).is_err() {
-            return Err(Drop::CtFull);
+            return Err(Reason::CtFull);
         }
         if LB4_CT_V1.insert(&key_of(p), &fwd, 0).is_err() {
             let _ = LB4_CT_V1.remove(&rkey);
-            return Err(Drop::CtFull);
+            return Err(Reason::CtFull);
         }
         Ok(fwd)
     }
@@ -1001,24 +1008,23 @@ pub(crate) mod v4 {
     /// variable-length quote).
     #[inline(never)]
     fn reject(ctx: &TcContext, p: &Pkt, ip: &Hdr) -> i32 {
-        count(Stat::TcRejectNoBackend);
         if ip.vihl != 0x45 {
-            return TC_ACT_SHOT;
+            return shot(Stat::TcRejectDropped);
         }
         let Ok(macs) = ctx.load::<[u8; 12]>(0) else {
-            return TC_ACT_SHOT;
+            return shot(Stat::TcRejectDropped);
         };
         let tcp = p.proto == IPPROTO_TCP;
         let mut l4 = [0u8; 20];
         if tcp {
             match ctx.load::<[u8; 20]>(p.l4) {
                 Ok(b) => l4 = b,
-                Err(_) => return TC_ACT_SHOT,
+                Err(_) => return shot(Stat::TcRejectDropped),
             }
         } else {
             match ctx.load::<[u8; 8]>(p.l4) {
                 Ok(b) => l4[..8].copy_from_slice(&b),
-                Err(_) => return TC_ACT_SHOT,
+                Err(_) => return shot(Stat::TcRejectDropped),
             }
         }
         let quote_l4: u16 = if tcp { 20 } else { 8 };
@@ -1058,13 +1064,14 @@ pub(crate) mod v4 {
             out[36..38].copy_from_slice(&ic);
             let head: [u8; 70] = match out[..70].try_into() {
                 Ok(h) => h,
-                Err(_) => return TC_ACT_SHOT,
+                Err(_) => return shot(Stat::TcRejectDropped),
             };
             make_room(ctx, 14 + 28, 28) && ctx.store(0, &head, 0).is_ok()
         };
         if !ok {
-            return TC_ACT_SHOT;
+            return shot(Stat::TcRejectDropped);
         }
+        count(Stat::TcRejectNoBackend);
         // SAFETY: plain integers; back out of the interface the packet came in on.
         unsafe { bpf_redirect(skb_ifindex(ctx), 0) as i32 }
     }
@@ -1173,7 +1180,7 @@ pub(crate) mod v4 {
             || ctx.l4_csum_replace(l4 + 2, 0, d as u64, 0).is_err()
             || ctx.store(inner, &buf, 0).is_err()
         {
-            return TC_ACT_SHOT;
+            return shot(Stat::TcRewriteFailed);
         }
         // Outer header: plain L3 rewrite (ICMP has no pseudo-header).
         for (off, old, new) in [(SRC_OFF, ip.src, outer_src), (DST_OFF, ip.dst, a)] {
@@ -1186,7 +1193,7 @@ pub(crate) mod v4 {
                 .is_err()
                 || ctx.store(off, &new, 0).is_err()
             {
-                return TC_ACT_SHOT;
+                return shot(Stat::TcRewriteFailed);
             }
         }
         count(Stat::TcIcmpXlated);
@@ -1298,12 +1305,12 @@ mod v6 {
     #[inline(never)]
     fn commit(ctx: &TcContext, p: &Pkt) -> i32 {
         let Some(sc) = LB6_SCRATCH.get_ptr(0) else {
-            return TC_ACT_SHOT;
+            return shot(Stat::TcRewriteFailed);
         };
         // SAFETY: this CPU's slot, written by `fwd` in this same run.
         let sc = unsafe { &*sc };
         if !rewrite(ctx, p, &sc.to) {
-            return TC_ACT_SHOT;
+            return shot(Stat::TcRewriteFailed);
         }
         count(Stat::TcXlated);
         count_frontend(sc.fwd.frontend_id);
@@ -1450,7 +1457,7 @@ mod v6 {
             dport: v.nat_port,
         };
         if !rewrite(ctx, p, &to) {
-            return TC_ACT_SHOT;
+            return shot(Stat::TcRewriteFailed);
         }
         count(Stat::TcRevXlated);
         if dir == Dir::Egress {
@@ -1458,7 +1465,7 @@ mod v6 {
         }
         let mut r = Routed::new();
         if !route(ctx, &v.addr, &v.nat_addr, p.proto, &mut r) {
-            return drop_verdict(Drop::NoRoute);
+            return drop_verdict(Reason::NoRoute);
         }
         forward(ctx, r.route)
     }
@@ -1512,10 +1519,10 @@ mod v6 {
         };
         let mut r = Routed::new();
         if !route(ctx, &to.src, &to.dst, p.proto, &mut r) {
-            return drop_verdict(Drop::NoRoute);
+            return drop_verdict(Reason::NoRoute);
         }
         if !rewrite(ctx, p, &to) {
-            return TC_ACT_SHOT;
+            return shot(Stat::TcRewriteFailed);
         }
         count(Stat::TcXlated);
         forward(ctx, r.route)
@@ -1549,7 +1556,7 @@ mod v6 {
         clippy::too_many_lines,
         reason = "the IPv6 new-flow decision and commit in one piece, as the verifier sees it"
     )]
-    fn new_flow(ctx: &TcContext, p: &Pkt) -> Result<i32, Drop> {
+    fn new_flow(ctx: &TcContext, p: &Pkt) -> Result<i32, Reason> {
         let skey = Svc6Key {
             address: p.dst,
             dport: p.dport,
@@ -1574,12 +1581,12 @@ mod v6 {
                 },
             );
             if LB6_SRCR_V1.get(&k).is_none() {
-                return Err(Drop::SourceRange);
+                return Err(Reason::SourceRange);
             }
         }
         if fe.count == 0 {
             if fe.flags & SVC_FLAG_NO_LOCAL != 0 {
-                return Err(Drop::NoLocal);
+                return Err(Reason::NoLocal);
             }
             return Ok(REJECT);
         }
@@ -1595,19 +1602,19 @@ mod v6 {
             .map(|v| v.backend_id)
         });
         if id == 0 {
-            return Err(Drop::BackendMissing);
+            return Err(Reason::BackendMissing);
         }
         // SAFETY: copied out at once.
         let be = unsafe { LB6_BE_V1.get(&id) }
             .copied()
-            .ok_or(Drop::BackendMissing)?;
+            .ok_or(Reason::BackendMissing)?;
         let mut routed = Routed::new();
         if !route(ctx, &p.src, &be.address, p.proto, &mut routed) {
-            return Err(Drop::NoRoute);
+            return Err(Reason::NoRoute);
         }
         let (r, route_src) = (routed.route, routed.src);
         let snat = be.flags & BE_FLAG_LOCAL == 0 && !r.is_local();
-        let sc = LB6_SCRATCH.get_ptr_mut(0).ok_or(Drop::CtFull)?;
+        let sc = LB6_SCRATCH.get_ptr_mut(0).ok_or(Reason::CtFull)?;
         // SAFETY: this CPU's scratch slot; nothing else runs on it while we do.
         let sc = unsafe { &mut *sc };
         let expires = now() + ct_timeout_s(p.proto, 0, &timeouts()) * 1_000_000_000;
@@ -1661,15 +1668,15 @@ mod v6 {
                 }
             }
             if !done {
-                return Err(Drop::PortExhausted);
+                return Err(Reason::PortExhausted);
             }
             sc.fwd.nat_port = sc.rkey.dport;
         } else if LB6_CT_V1.insert(&sc.rkey, &sc.rev, 0).is_err() {
-            return Err(Drop::CtFull);
+            return Err(Reason::CtFull);
         }
         if LB6_CT_V1.insert(&sc.fkey, &sc.fwd, 0).is_err() {
             let _ = LB6_CT_V1.remove(&sc.rkey);
-            return Err(Drop::CtFull);
+            return Err(Reason::CtFull);
         }
         sc.to = Tuple {
             src: sc.fwd.nat_addr,
@@ -1686,9 +1693,8 @@ mod v6 {
     /// IPv4 `reject` for why).
     #[inline(never)]
     fn reject(ctx: &TcContext, ip: &Hdr) -> i32 {
-        count(Stat::TcRejectNoBackend);
         let Ok(macs) = ctx.load::<[u8; 12]>(0) else {
-            return TC_ACT_SHOT;
+            return shot(Stat::TcRejectDropped);
         };
         let tcp = ip.next == IPPROTO_TCP;
         // [eth 14][ip6 40][icmp6 8][quoted ip6 40][quoted l4 8 or 20]: 110 or 122 bytes.
@@ -1696,12 +1702,12 @@ mod v6 {
         if tcp {
             match ctx.load::<[u8; 60]>(IP_OFF) {
                 Ok(q) => out[62..].copy_from_slice(&q),
-                Err(_) => return TC_ACT_SHOT,
+                Err(_) => return shot(Stat::TcRejectDropped),
             }
         } else {
             match ctx.load::<[u8; 48]>(IP_OFF) {
                 Ok(q) => out[62..110].copy_from_slice(&q),
-                Err(_) => return TC_ACT_SHOT,
+                Err(_) => return shot(Stat::TcRejectDropped),
             }
         }
         let len: u8 = if tcp { 68 } else { 56 };
@@ -1730,13 +1736,14 @@ mod v6 {
             out[56..58].copy_from_slice(&c);
             let head: [u8; 110] = match out[..110].try_into() {
                 Ok(h) => h,
-                Err(_) => return TC_ACT_SHOT,
+                Err(_) => return shot(Stat::TcRejectDropped),
             };
             make_room(ctx, 14 + 48, 48) && ctx.store(0, &head, 0).is_ok()
         };
         if !ok {
-            return TC_ACT_SHOT;
+            return shot(Stat::TcRejectDropped);
         }
+        count(Stat::TcRejectNoBackend);
         // SAFETY: plain integers; back out of the interface the packet came in on.
         unsafe { bpf_redirect(skb_ifindex(ctx), 0) as i32 }
     }
@@ -1841,7 +1848,7 @@ mod v6 {
                 .is_err()
             || ctx.store(ql4, &ports, 0).is_err()
         {
-            return TC_ACT_SHOT;
+            return shot(Stat::TcRewriteFailed);
         }
         count(Stat::TcIcmpXlated);
         if dir == Dir::Egress {
@@ -1849,7 +1856,7 @@ mod v6 {
         }
         let mut r = Routed::new();
         if !route(ctx, &sc.outer_src, &sc.a, IPPROTO_ICMPV6, &mut r) {
-            return drop_verdict(Drop::NoRoute);
+            return drop_verdict(Reason::NoRoute);
         }
         forward(ctx, r.route)
     }

@@ -25,7 +25,7 @@ use lb_common::{BE_FLAG_LOCAL, CT_F_SNAT, IPPROTO_TCP, IPPROTO_UDP, Stat};
 
 use crate::{
     maps::{count, count_frontend},
-    nodeport::{Drop, count_drop, fib_params, v4},
+    nodeport::{Reason, fib_params, v4},
 };
 
 const ETH_HLEN: usize = 14;
@@ -56,10 +56,24 @@ pub(crate) fn handle(ctx: &XdpContext) -> u32 {
     match path(ctx, &p) {
         Ok(v) => v,
         Err(d) => {
-            count_drop(d);
-            count(Stat::XdpDropped);
+            count(drop_stat(d));
             XDP_DROP
         }
+    }
+}
+
+/// The counter of an XDP drop: XDP's own, so that a packet is counted once, by the program
+/// that dropped it.
+#[inline(always)]
+const fn drop_stat(d: Reason) -> Stat {
+    match d {
+        Reason::NoLocal => Stat::XdpDropNoLocal,
+        Reason::SourceRange => Stat::XdpDropSourceRange,
+        Reason::PortExhausted => Stat::XdpNatPortExhausted,
+        Reason::CtFull => Stat::XdpCtFull,
+        // Not dropped by XDP (it passes them to tc), counted where tc would.
+        Reason::NoRoute => Stat::TcNoRoute,
+        Reason::BackendMissing => Stat::TcBackendMissing,
     }
 }
 
@@ -114,7 +128,7 @@ fn passed() -> u32 {
 }
 
 #[inline(always)]
-fn path(ctx: &XdpContext, p: &v4::Pkt) -> Result<u32, Drop> {
+fn path(ctx: &XdpContext, p: &v4::Pkt) -> Result<u32, Reason> {
     // A reply of a SNATed flow (backend on another node → this node's NAT port).
     if let Some(v) = v4::reply(p) {
         if v.flags & CT_F_SNAT == 0 {
@@ -137,13 +151,13 @@ fn path(ctx: &XdpContext, p: &v4::Pkt) -> Result<u32, Drop> {
 /// The first packet of a flow to an external frontend: the decision is tc's own
 /// ([`v4::select`]); XDP carries it out when the backend is on another node.
 #[inline(always)]
-fn new_flow(ctx: &XdpContext, p: &v4::Pkt) -> Result<u32, Drop> {
+fn new_flow(ctx: &XdpContext, p: &v4::Pkt) -> Result<u32, Reason> {
     let c = v4::select(p);
     let (fe_id, id, be) = match c.kind {
         v4::Selected::NotOurs => return Ok(XDP_PASS),
         // No endpoint: tc builds the ICMP unreachable. A missing backend: tc decides too.
         v4::Selected::Reject => return Ok(passed()),
-        v4::Selected::Drop if matches!(c.drop, Drop::BackendMissing) => return Ok(passed()),
+        v4::Selected::Drop if matches!(c.drop, Reason::BackendMissing) => return Ok(passed()),
         v4::Selected::Drop => return Err(c.drop),
         v4::Selected::Backend => (c.fe_id, c.id, c.be),
     };
@@ -233,9 +247,11 @@ fn emit(
     stat: Stat,
 ) -> u32 {
     if !rewrite(ctx, p, src.0, src.1, dst.0, dst.1) {
+        count(Stat::XdpRewriteFailed);
         return XDP_DROP;
     }
     let Some(eth) = at::<[u8; 12]>(ctx, 0) else {
+        count(Stat::XdpRewriteFailed);
         return XDP_DROP;
     };
     // SAFETY: bounds checked by `at`; the packet is ours to write.

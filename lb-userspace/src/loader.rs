@@ -2,7 +2,7 @@
 //!
 //! Layout under `--bpffs` (default `/sys/fs/bpf/lb`):
 //! ```text
-//! LB4_SVC_V1 LB4_BE_V1 LB6_SVC_V1 … LB_STATS_V3 LB_MAGLEV_V1 (lb_common::ALL_MAPS)   maps
+//! LB4_SVC_V1 LB4_BE_V1 LB6_SVC_V1 … LB_STATS_V4 LB_MAGLEV_V1 (lb_common::ALL_MAPS)   maps
 //! links/sock4_connect links/sock4_sendmsg …                                          bpf_links
 //! links/tc_in_<ifname> links/tc_eg_<ifname>              tcx links on --nodeport-interfaces
 //! links/xdp_<ifname>                                     XDP links (--xdp)
@@ -441,6 +441,11 @@ fn attach_tc(ebpf: &mut Ebpf, ifaces: &[String]) -> Result<Vec<(String, FdLink)>
     Ok(out)
 }
 
+/// Attempts at attaching XDP where a predecessor's link is still being released, and the pause
+/// between them: 2 s in all.
+const XDP_REPLACE_TRIES: u32 = 40;
+const XDP_REPLACE_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Loads the XDP program and attaches it to each interface in `mode` (none when off).
 ///
 /// An interface takes one XDP link: a predecessor's is detached first (its pin removed), then
@@ -465,16 +470,30 @@ fn attach_xdp(
     for iface in ifaces {
         let pin_name = format!("{prefix}{}", iface.replace('.', "_"));
         let old = bpffs.join(LINKS_DIR).join(&pin_name);
-        if old.exists() {
+        let replacing = old.exists();
+        if replacing {
             fs::remove_file(&old).map_err(|source| Error::Io { path: old, source })?;
         }
-        let id = prog
-            .attach(iface, flags)
-            .map_err(|source| Error::Interface {
-                name,
-                iface: iface.clone(),
-                source,
-            })?;
+        // The predecessor's link goes away with its last reference, which the kernel may drop
+        // a moment after the pin (and a killed agent's descriptors) are gone: until then the
+        // interface is busy. Retry for a while before calling it a failure.
+        let mut tries = 0;
+        let id = loop {
+            match prog.attach(iface, flags) {
+                Ok(id) => break id,
+                Err(_) if replacing && tries < XDP_REPLACE_TRIES => {
+                    tries += 1;
+                    std::thread::sleep(XDP_REPLACE_PAUSE);
+                }
+                Err(source) => {
+                    return Err(Error::Interface {
+                        name,
+                        iface: iface.clone(),
+                        source,
+                    });
+                }
+            }
+        };
         let link = prog.take_link(id).map_err(|source| Error::Program {
             name,
             what: "take link",

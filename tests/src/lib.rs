@@ -26,9 +26,8 @@ use std::{
 pub use serde_json::Value;
 
 pub mod apiserver;
-pub mod kpbench;
-pub mod kubeproxy;
 pub mod multinode;
+pub mod web;
 
 /// Runs a shell command; panics with its output when it fails.
 pub fn sh(cmd: &str) {
@@ -794,4 +793,30 @@ pub fn tx_checksum_off(netns: &Netns, ifname: &str) {
     })
     .join()
     .expect("ethtool thread");
+}
+
+/// The ClusterIP:port of the `i`-th Service of [`services_manifest`].
+pub fn vip(i: usize) -> String {
+    format!("198.19.{}.{}:80", i / 250, 1 + i % 250)
+}
+
+/// Services `from..from + n` (VIPs from 198.19.0.1, named `s<i>` in namespace `bench`), each
+/// with one slice of 4 endpoints, as one multi-document manifest.
+pub fn services_manifest(from: usize, n: usize) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::with_capacity(n * 520);
+    for i in from..from + n {
+        let ip = vip(i);
+        let ip = ip.trim_end_matches(":80");
+        let _ = write!(
+            s,
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: bench}}\n\
+             spec: {{clusterIP: {ip}, ports: [{{name: http, port: 80}}]}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: s{i}-1, namespace: bench, labels: {{kubernetes.io/service-name: s{i}}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: 8080}}]\n\
+             endpoints: [{{addresses: [198.18.20.10]}}, {{addresses: [198.18.20.11]}}, {{addresses: [198.18.20.12]}}, {{addresses: [198.18.20.13]}}]\n"
+        );
+    }
+    s
 }

@@ -4,7 +4,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::{Cluster, kpbench, wait_for};
+use lb_tests::{Cluster, services_manifest, wait_for};
 
 /// kubelet's probe of `/healthz` has a 1 s timeout. A cold sync of 50,000 Services takes seconds,
 /// so it runs off the async runtime: `/healthz` must answer within 100 ms all the while.
@@ -12,7 +12,7 @@ use lb_tests::{Cluster, kpbench, wait_for};
 fn healthz_answers_within_100_ms_during_a_50000_service_sync() {
     const SERVICES: usize = 50_000;
     let mut c = Cluster::new("hzsync", 0);
-    c.write_manifest("many.yaml", &kpbench::manifests(0, SERVICES));
+    c.write_manifest("many.yaml", &services_manifest(0, SERVICES));
     let log = c.spawn_agent_with(&["--resync-seconds", "3600"]);
     let read_log = || fs::read_to_string(&log).unwrap_or_default();
     // The health listener is up before the first sync starts.

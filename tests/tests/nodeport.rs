@@ -823,7 +823,7 @@ fn xdp_carries_remote_flows_and_hands_the_rest_to_tc() {
         bed.logs()
     );
     assert!(
-        bed.stat(0, "xdp_dropped") >= 1,
+        bed.stat(0, "xdp_drop_source_range") >= 1,
         "{}",
         bed.inspect(0, "stats")
     );

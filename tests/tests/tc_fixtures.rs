@@ -896,3 +896,112 @@ fn xdp_fixtures() {
     ];
     run_table(&mut bed, table);
 }
+
+/// The datapath counters, summed over CPUs, by name.
+fn stats(bed: &Bed) -> std::collections::BTreeMap<&'static str, u64> {
+    let map: aya::maps::PerCpuArray<_, u64> =
+        aya::maps::PerCpuArray::try_from(bed.ebpf.map(lb_common::MAP_STATS).expect("stats map"))
+            .expect("per-CPU array");
+    lb_common::Stat::ALL
+        .iter()
+        .map(|s| {
+            let v = map.get(&(*s as u32), 0).expect("counter");
+            (s.name(), v.iter().sum())
+        })
+        .collect()
+}
+
+/// Every drop is counted once, under the program that dropped it and its reason: no counter
+/// for a verdict that did not happen (a REJECT that could not be built is a drop), none twice.
+#[test]
+fn every_drop_is_counted_once_under_its_program_and_reason() {
+    let mut bed = Bed::new("fxcnt");
+    let remote = Backend4 {
+        address: REMOTE_POD,
+        port: 8080,
+        proto: IPPROTO_TCP,
+        flags: 0,
+    };
+    bed.svc4(NODE, 30082, IPPROTO_UDP, 0, &[]);
+    bed.svc4(NODE, 30083, IPPROTO_TCP, SVC_FLAG_NO_LOCAL, &[]);
+    bed.svc4(
+        [198, 18, 200, 10],
+        80,
+        IPPROTO_TCP,
+        SVC_FLAG_SRC_RANGES,
+        &[(1, remote)],
+    );
+    bed.allow4([198, 18, 200, 10], 80, IPPROTO_TCP, [203, 0, 113, 0], 24);
+    // An IPv4 header with one option word (IHL 6): the ICMP unreachable is not built for it.
+    let with_options = {
+        let p = udp4(CLIENT, 40100, NODE, 30082);
+        let mut v = p[..14].to_vec();
+        let mut ip = p[14..34].to_vec();
+        ip[0] = 0x46;
+        let total = u16::from_be_bytes([ip[2], ip[3]]) + 4;
+        ip[2..4].copy_from_slice(&total.to_be_bytes());
+        ip[10..12].copy_from_slice(&[0, 0]);
+        ip.extend_from_slice(&[1, 1, 1, 0]); // NOP, NOP, NOP, end of options
+        let c = !(sum(&ip, 0) as u16);
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        v.extend_from_slice(&ip);
+        v.extend_from_slice(&p[34..]);
+        v
+    };
+    let cases: [(&str, &str, Vec<u8>, u32, &str); 6] = [
+        (
+            "tc: no endpoints: ICMP unreachable sent",
+            "tc_nodeport_ingress",
+            udp4(CLIENT, 40101, NODE, 30082),
+            TC_ACT_REDIRECT,
+            "tc_reject_no_backend",
+        ),
+        (
+            "tc: no endpoints, IP options: no ICMP can be built, dropped",
+            "tc_nodeport_ingress",
+            with_options,
+            TC_ACT_SHOT,
+            "tc_reject_dropped",
+        ),
+        (
+            "tc: Local policy without a local endpoint",
+            "tc_nodeport_ingress",
+            tcp4(CLIENT, 40102, NODE, 30083, true),
+            TC_ACT_SHOT,
+            "tc_drop_no_local",
+        ),
+        (
+            "tc: client outside loadBalancerSourceRanges",
+            "tc_nodeport_ingress",
+            tcp4(CLIENT, 40103, [198, 18, 200, 10], 80, true),
+            TC_ACT_SHOT,
+            "tc_drop_source_range",
+        ),
+        (
+            "XDP: Local policy without a local endpoint",
+            "xdp_nodeport",
+            tcp4(CLIENT, 40104, NODE, 30083, true),
+            XDP_DROP,
+            "xdp_drop_no_local",
+        ),
+        (
+            "XDP: client outside loadBalancerSourceRanges",
+            "xdp_nodeport",
+            tcp4(CLIENT, 40105, [198, 18, 200, 10], 80, true),
+            XDP_DROP,
+            "xdp_drop_source_range",
+        ),
+    ];
+    for (what, prog, pkt, verdict, counter) in cases {
+        let before = stats(&bed);
+        let (v, _) = bed.run(prog, &pkt);
+        assert_eq!(v, verdict, "{what}: verdict");
+        let after = stats(&bed);
+        let grew: Vec<(&str, u64)> = after
+            .iter()
+            .filter(|(k, v)| **v != before[*k])
+            .map(|(k, v)| (*k, v - before[k]))
+            .collect();
+        assert_eq!(grew, vec![(counter, 1)], "{what}: counters that moved");
+    }
+}

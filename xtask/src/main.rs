@@ -292,7 +292,16 @@ fn lint() -> Result<()> {
 fn test(extra: &[String]) -> Result<()> {
     setup()?;
     // Binaries the privileged tests drive (lb-agent, lbt), built first so they are never stale.
-    run(cargo().args(["build", "-p", "lb-userspace", "-p", "lb-tests", "--bins"]))?;
+    run(cargo().args([
+        "build",
+        "-p",
+        "lb-userspace",
+        "-p",
+        "lb-tests",
+        "-p",
+        "lb-bench",
+        "--bins",
+    ]))?;
     // Host-level: pure logic, layouts, model, sync property tests.
     run(cargo().args([
         "test",
@@ -302,6 +311,8 @@ fn test(extra: &[String]) -> Result<()> {
         "lb-model",
         "-p",
         "lb-userspace",
+        "-p",
+        "lb-bench",
         "-p",
         "xtask",
     ]))?;
@@ -342,6 +353,8 @@ fn release_bins() -> Result<()> {
         "lb-userspace",
         "-p",
         "lb-tests",
+        "-p",
+        "lb-bench",
         "--bins",
     ]))
 }

@@ -23,9 +23,11 @@ use std::{
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::{
-    Bpffs, Cgroup, Netns, Proc, TempDir, command_in, ensure_bpffs, kubeproxy, lb_agent, lbt,
-    require_privileges, sh, wait_for,
+use crate::kubeproxy;
+
+use lb_tests::{
+    Bpffs, Cgroup, Netns, Proc, TempDir, command_in, ensure_bpffs, lb_agent, lbt,
+    require_privileges, services_manifest as manifests, sh, vip, wait_for,
 };
 
 /// What to run.
@@ -91,10 +93,6 @@ fn probe_index(pos: &str, n: usize) -> usize {
     }
 }
 
-fn vip(i: usize) -> String {
-    format!("198.19.{}.{}:80", i / 250, 1 + i % 250)
-}
-
 /// One bed (see the module docs).
 struct Bed {
     client: Netns,
@@ -124,7 +122,7 @@ impl Bed {
             c = client.name,
             b = backend.name,
         ));
-        let server = crate::serve(&backend, "b", "tcp", "0.0.0.0:8080");
+        let server = lb_tests::serve(&backend, "b", "tcp", "0.0.0.0:8080");
         Self {
             client,
             node,
@@ -234,26 +232,6 @@ impl Agent {
 }
 
 /// `n` Services × 4 endpoints as manifests, from index `from`.
-/// Services `from..from + n` (VIPs from 198.19.0.1, named `s<i>` in namespace `bench`), each
-/// with one slice of 4 endpoints, as one multi-document manifest.
-pub fn manifests(from: usize, n: usize) -> String {
-    let mut s = String::with_capacity(n * 520);
-    for i in from..from + n {
-        let ip = vip(i);
-        let ip = ip.trim_end_matches(":80");
-        let _ = write!(
-            s,
-            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: bench}}\n\
-             spec: {{clusterIP: {ip}, ports: [{{name: http, port: 80}}]}}\n---\n\
-             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
-             metadata: {{name: s{i}-1, namespace: bench, labels: {{kubernetes.io/service-name: s{i}}}}}\n\
-             addressType: IPv4\nports: [{{name: http, port: 8080}}]\n\
-             endpoints: [{{addresses: [198.18.20.10]}}, {{addresses: [198.18.20.11]}}, {{addresses: [198.18.20.12]}}, {{addresses: [198.18.20.13]}}]\n"
-        );
-    }
-    s
-}
-
 /// Busy CPU time of the whole machine so far, in microseconds (`/proc/stat`).
 fn cpu_busy_us() -> u64 {
     let stat = fs::read_to_string("/proc/stat").unwrap_or_default();

@@ -45,7 +45,7 @@ struct Args {
     only_kube_proxy: bool,
     /// Largest Service count for the nftables lane.
     kp_nft_max: usize,
-    kp_lanes: Vec<lb_tests::kpbench::Lane>,
+    kp_lanes: Vec<lb_bench::kpbench::Lane>,
     /// Where the results (JSON, Markdown) go.
     out_dir: Option<String>,
     /// Where the whole Markdown report is written (e.g. BENCHMARKS.md).
@@ -66,7 +66,7 @@ fn parse_args() -> Args {
         kp_rounds: 3,
         only_kube_proxy: false,
         kp_nft_max: 10_000,
-        kp_lanes: lb_tests::kpbench::Lane::RULES.to_vec(),
+        kp_lanes: lb_bench::kpbench::Lane::RULES.to_vec(),
         out_dir: None,
         benchmarks_md: None,
     };
@@ -99,7 +99,7 @@ fn parse_args() -> Args {
                     .split(',')
                     .filter(|s| !s.is_empty() && *s != "none")
                     .map(|s| {
-                        lb_tests::kpbench::Lane::rule_lane(s).unwrap_or_else(|| {
+                        lb_bench::kpbench::Lane::rule_lane(s).unwrap_or_else(|| {
                             panic!("--kp-lanes: unknown lane {s:?} (iptables-nft, iptables-legacy, nftables, none)")
                         })
                     })
@@ -295,11 +295,11 @@ fn api_latency(n: usize, loaded: usize) -> (f64, f64, f64, u64) {
     )
 }
 
-/// kube-proxy's iptables rules (iptables mode, `lb_tests::kubeproxy`) for Service `np`:
+/// kube-proxy's iptables rules (iptables mode, `lb_bench::kubeproxy`) for Service `np`:
 /// ClusterIP 198.19.0.90:80 (TCP) / :53 (UDP), NodePorts 30090/30091, `NP_PODS` endpoints on
 /// node-2, ETP Cluster, plus `others` Services ahead of it in KUBE-SERVICES.
 fn kube_proxy_rules(others: usize) -> String {
-    use lb_tests::kubeproxy::SvcSpec;
+    use lb_bench::kubeproxy::SvcSpec;
     let ep = |port| -> Vec<(std::net::Ipv4Addr, u16)> {
         (0..NP_PODS)
             .map(|i| (np_pod(i).parse().expect("pod address"), port))
@@ -340,7 +340,7 @@ fn kube_proxy_rules(others: usize) -> String {
         Some(30091),
         ep(5353),
     ));
-    lb_tests::kubeproxy::iptables_restore(&svcs, "10.0.0.0/8")
+    lb_bench::kubeproxy::iptables_restore(&svcs, "10.0.0.0/8")
 }
 
 /// Backends of the NodePort bench, all on node-2: each (node address, backend) pair has its
@@ -592,7 +592,7 @@ fn nodeport_bench(a: &Args) -> String {
 /// The kube-proxy-shapes comparison; its Markdown, with JSON and Markdown written to
 /// `--out-dir` when given.
 fn kube_proxy_bench(a: &Args) -> String {
-    let o = lb_tests::kpbench::Opts {
+    let o = lb_bench::kpbench::Opts {
         scales: a.kp_scales.clone(),
         rounds: a.kp_rounds,
         round_secs: a.round_secs,
@@ -600,8 +600,8 @@ fn kube_proxy_bench(a: &Args) -> String {
         nft_max: a.kp_nft_max,
         rule_lanes: a.kp_lanes.clone(),
     };
-    let r = lb_tests::kpbench::run(&o);
-    let md = lb_tests::kpbench::markdown(&r);
+    let r = lb_bench::kpbench::run(&o);
+    let md = lb_bench::kpbench::markdown(&r);
     if let Some(dir) = &a.out_dir {
         fs::create_dir_all(dir).expect("out dir");
         fs::write(
@@ -610,7 +610,7 @@ fn kube_proxy_bench(a: &Args) -> String {
         )
         .expect("write json");
         fs::write(format!("{dir}/kube-proxy-shapes.md"), &md).expect("write md");
-        for c in lb_tests::kpbench::charts(&r, Path::new(dir)) {
+        for c in lb_bench::kpbench::charts(&r, Path::new(dir)) {
             eprintln!("wrote {}", c.display());
         }
     }
