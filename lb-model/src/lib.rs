@@ -15,6 +15,8 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 
+#[cfg(any(test, feature = "proptest"))]
+pub mod arbitrary;
 pub mod maglev;
 pub mod manifest;
 pub mod model;

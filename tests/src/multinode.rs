@@ -346,6 +346,12 @@ impl MultiNode {
             .and_then(Value::as_u64)
             .unwrap_or_else(|| panic!("no counter {name} in {s}"))
     }
+
+    /// Packets node `n` dropped for `reason` (`drop_no_local`, `nat_port_exhausted`, …), by tc
+    /// or by XDP in front of it (`LB_TEST_XDP`): each program counts its own drops.
+    pub fn drops(&self, n: usize, reason: &str) -> u64 {
+        self.stat(n, &format!("tc_{reason}")) + self.stat(n, &format!("xdp_{reason}"))
+    }
 }
 
 /// An EndpointSlice whose endpoints carry `nodeName`: `(address, node)`.

@@ -3,93 +3,16 @@
 //! yields exactly the shadow the writer kept, and the diff of the last desired state against it
 //! is empty — a restart rewrites nothing. (A host-only version of this compared the shadow with
 //! its own clone, so it could not fail.)
-use std::{
-    collections::BTreeSet,
-    net::{IpAddr, SocketAddr},
-    path::Path,
-};
+use std::path::Path;
 
 use lb_model::{
-    model::{Cidr, Desired, Frontend, FrontendState, NsName, Proto, Scope},
+    arbitrary::{MAGLEV_M, arb_desired},
+    model::Desired,
     sync::{Shadow, apply, diff},
 };
 use lb_tests::{Bpffs, Cgroup, ensure_bpffs, require_privileges};
 use lb_userspace::loader::{self, Sizes, XdpMode};
 use proptest::{prelude::*, test_runner::TestRunner};
-
-const MAGLEV_M: u32 = 251;
-
-fn arb_desired() -> impl Strategy<Value = Desired> {
-    let addr = prop_oneof![
-        Just("198.19.0.1".parse::<IpAddr>().unwrap()),
-        Just("198.19.0.2".parse::<IpAddr>().unwrap()),
-        Just("2001:db8:1::1".parse::<IpAddr>().unwrap()),
-        Just("2001:db8:1::2".parse::<IpAddr>().unwrap()),
-    ];
-    let fe = (
-        addr,
-        prop_oneof![Just(80u16), Just(443)],
-        prop_oneof![Just(Proto::Tcp), Just(Proto::Udp)],
-        prop_oneof![3 => Just(Scope::InNode), 1 => Just(Scope::External)],
-    )
-        .prop_map(|(addr, port, proto, scope)| Frontend {
-            addr,
-            port,
-            proto,
-            scope,
-        });
-    let state = (
-        proptest::collection::btree_set(0u8..8, 0..6),
-        any::<bool>(),
-        prop_oneof![Just(0u32), Just(60)],
-        any::<bool>(),
-    );
-    proptest::collection::btree_map(fe, state, 0..10).prop_map(|m| Desired {
-        frontends: m
-            .into_iter()
-            .map(|(fe, (idx, no_local, affinity_timeout, ranges))| {
-                let backends: BTreeSet<SocketAddr> = idx
-                    .into_iter()
-                    .map(|i| {
-                        let ip: IpAddr = if fe.addr.is_ipv4() {
-                            format!("198.18.0.{}", 10 + i).parse().unwrap()
-                        } else {
-                            format!("2001:db8:2::{}", 10 + i).parse().unwrap()
-                        };
-                        SocketAddr::new(ip, 8080)
-                    })
-                    .collect();
-                let external = fe.scope == Scope::External;
-                let local = backends.iter().take(1).copied().collect();
-                let cidr = if fe.addr.is_ipv4() {
-                    "198.18.0.0/15"
-                } else {
-                    "2001:db8::/32"
-                };
-                let st = FrontendState {
-                    service: NsName {
-                        namespace: "ns".into(),
-                        name: "s".into(),
-                    },
-                    backends,
-                    local,
-                    no_local,
-                    affinity_timeout,
-                    external,
-                    source_ranges: if external && ranges {
-                        [Cidr::parse(cidr).unwrap()].into()
-                    } else {
-                        BTreeSet::new()
-                    },
-                    maglev: if external { MAGLEV_M } else { 0 },
-                    ..FrontendState::default()
-                };
-                (fe, st)
-            })
-            .collect(),
-        ..Desired::default()
-    })
-}
 
 /// Writes `seq` one desired state after the other through the real maps, then reads the pins
 /// back as a restarted agent would.

@@ -164,7 +164,7 @@ fn local_policy_keeps_the_client_address_and_drops_elsewhere() {
         BTreeSet::from(["ETIMEDOUT".to_owned()]),
         "{rs:?}"
     );
-    assert!(bed.stat(0, "tc_drop_no_local") >= 1);
+    assert!(bed.drops(0, "drop_no_local") >= 1);
     // No endpoint anywhere: REJECT. TCP over IPv4 within a second; UDP (connected socket)
     // at once over both families.
     let v4 = format!("{}:30082", node_v4(1));
@@ -289,7 +289,7 @@ fn load_balancer_ip_external_ip_and_source_ranges() {
         "source range not enforced\n{}",
         bed.logs()
     );
-    assert!(bed.stat(0, "tc_drop_source_range") >= 1);
+    assert!(bed.drops(0, "drop_source_range") >= 1);
     let rs = bed.ext_client(&["tcp", "198.18.200.11:80", "3"]);
     assert!(
         errors(&rs).is_empty(),
@@ -478,7 +478,7 @@ fn snat_connection_burst_never_meets_the_backends_time_wait() {
         Some("0"),
         "backend refused SYNs in TIME_WAIT"
     );
-    assert_eq!(bed.stat(0, "tc_nat_port_exhausted"), 0);
+    assert_eq!(bed.drops(0, "nat_port_exhausted"), 0);
 }
 
 /// Conntrack entries of a packet-path flow live while packets flow (the flow keeps its NAT

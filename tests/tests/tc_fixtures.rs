@@ -207,6 +207,19 @@ impl Bed {
         t.insert(&k, 1, 0).expect("range");
     }
 
+    /// LB IP 198.18.200.10:80/TCP → `backend`, open only to 203.0.113.0/24 (so not to
+    /// [`CLIENT`]).
+    fn lb_ip_open_to_test_net_3(&mut self, backend: Backend4) {
+        self.svc4(
+            [198, 18, 200, 10],
+            80,
+            IPPROTO_TCP,
+            SVC_FLAG_SRC_RANGES,
+            &[(1, backend)],
+        );
+        self.allow4([198, 18, 200, 10], 80, IPPROTO_TCP, [203, 0, 113, 0], 24);
+    }
+
     /// Runs `prog` on `pkt` as received on fx0; (verdict, output packet).
     fn run(&mut self, prog: &str, pkt: &[u8]) -> (u32, Vec<u8>) {
         let xdp = prog.starts_with("xdp");
@@ -405,14 +418,7 @@ fn ipv4_fixtures() {
     bed.svc4(NODE, 30082, IPPROTO_UDP, 0, &[]);
     bed.svc4(NODE, 30083, IPPROTO_TCP, SVC_FLAG_NO_LOCAL, &[]);
     bed.svc4(NODE, 30085, IPPROTO_TCP, 0, &[]);
-    bed.svc4(
-        [198, 18, 200, 10],
-        80,
-        IPPROTO_TCP,
-        SVC_FLAG_SRC_RANGES,
-        &[(1, remote)],
-    );
-    bed.allow4([198, 18, 200, 10], 80, IPPROTO_TCP, [203, 0, 113, 0], 24);
+    bed.lb_ip_open_to_test_net_3(remote);
     let syn = tcp4(CLIENT, 40000, NODE, 30080, true);
     // Complete IP header, TCP header cut after 2 bytes (BPF_PROG_TEST_RUN itself refuses a
     // cut IP header).
@@ -749,14 +755,7 @@ fn xdp_fixtures() {
     bed.svc4(NODE, 30082, IPPROTO_UDP, 0, &[]);
     bed.svc4(NODE, 30083, IPPROTO_TCP, SVC_FLAG_NO_LOCAL, &[]);
     bed.svc4(NODE, 30084, IPPROTO_UDP, 0, &[(3, remote_udp)]);
-    bed.svc4(
-        [198, 18, 200, 10],
-        80,
-        IPPROTO_TCP,
-        SVC_FLAG_SRC_RANGES,
-        &[(1, remote)],
-    );
-    bed.allow4([198, 18, 200, 10], 80, IPPROTO_TCP, [203, 0, 113, 0], 24);
+    bed.lb_ip_open_to_test_net_3(remote);
 
     // New flow: SNAT + DNAT, back out of fx0 to the next hop.
     let (v, out) = bed.run("xdp_nodeport", &tcp4(CLIENT, 40000, NODE, 30080, true));
@@ -924,14 +923,7 @@ fn every_drop_is_counted_once_under_its_program_and_reason() {
     };
     bed.svc4(NODE, 30082, IPPROTO_UDP, 0, &[]);
     bed.svc4(NODE, 30083, IPPROTO_TCP, SVC_FLAG_NO_LOCAL, &[]);
-    bed.svc4(
-        [198, 18, 200, 10],
-        80,
-        IPPROTO_TCP,
-        SVC_FLAG_SRC_RANGES,
-        &[(1, remote)],
-    );
-    bed.allow4([198, 18, 200, 10], 80, IPPROTO_TCP, [203, 0, 113, 0], 24);
+    bed.lb_ip_open_to_test_net_3(remote);
     // An IPv4 header with one option word (IHL 6): the ICMP unreachable is not built for it.
     let with_options = {
         let p = udp4(CLIENT, 40100, NODE, 30082);

@@ -289,19 +289,22 @@ fn lint() -> Result<()> {
         ))
 }
 
+/// The packages whose binaries the tests, the demo and the bench run (lb-agent, lbt, lb-demo,
+/// lb-bench).
+const BINS: [&str; 7] = [
+    "-p",
+    "lb-userspace",
+    "-p",
+    "lb-tests",
+    "-p",
+    "lb-bench",
+    "--bins",
+];
+
 fn test(extra: &[String]) -> Result<()> {
     setup()?;
     // Binaries the privileged tests drive (lb-agent, lbt), built first so they are never stale.
-    run(cargo().args([
-        "build",
-        "-p",
-        "lb-userspace",
-        "-p",
-        "lb-tests",
-        "-p",
-        "lb-bench",
-        "--bins",
-    ]))?;
+    run(cargo().arg("build").args(BINS))?;
     // Host-level: pure logic, layouts, model, sync property tests.
     run(cargo().args([
         "test",
@@ -346,17 +349,7 @@ fn test(extra: &[String]) -> Result<()> {
 /// Setup, then the release binaries the demo and the bench run (agent, lbt, lb-demo, lb-bench).
 fn release_bins() -> Result<()> {
     setup()?;
-    run(cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "lb-userspace",
-        "-p",
-        "lb-tests",
-        "-p",
-        "lb-bench",
-        "--bins",
-    ]))
+    run(cargo().args(["build", "--release"]).args(BINS))
 }
 
 fn main() -> Result<()> {

@@ -3,7 +3,10 @@ use std::{collections::BTreeSet, convert::Infallible};
 use proptest::prelude::*;
 
 use super::*;
-use crate::model::{Cidr, FrontendState, NsName, Proto, Scope};
+use crate::{
+    arbitrary::arb_desired,
+    model::{FrontendState, NsName, Proto, Scope},
+};
 
 /// A writer that checks, after every single write, what a concurrent datapath could observe.
 /// `external`: the frontends allowed to have no VIP marker during this one transition (those
@@ -48,7 +51,7 @@ fn check_consistent(s: &Shadow, external: &BTreeSet<SvcKey>) -> Result<(), Strin
     }
     for (k, v) in &s.svc {
         if v.flags & lb_common::SVC_FLAG_MAGLEV != 0 && k.slot == 0 {
-            let chunks = lb_common::maglev::chunks(251);
+            let chunks = lb_common::maglev::chunks(crate::arbitrary::MAGLEV_M);
             for chunk in 0..chunks {
                 let key = lb_common::maglev::MaglevKey {
                     frontend_id: v.backend_id,
@@ -139,95 +142,6 @@ fn expected(d: &Desired) -> BTreeMap<SvcKey, BTreeSet<SocketAddr>> {
         .iter()
         .map(|(fe, st)| (SvcKey::frontend(fe), st.backends.clone()))
         .collect()
-}
-
-fn arb_desired() -> impl Strategy<Value = Desired> {
-    let vip = prop_oneof![
-        Just("198.19.0.1".parse::<IpAddr>().unwrap()),
-        Just("198.19.0.2".parse::<IpAddr>().unwrap()),
-        Just("2001:db8:1::1".parse::<IpAddr>().unwrap()),
-    ];
-    let fe = (
-        vip,
-        prop_oneof![Just(80u16), Just(81)],
-        prop_oneof![Just(Proto::Tcp), Just(Proto::Udp)],
-        prop_oneof![3 => Just(Scope::InNode), 1 => Just(Scope::External)],
-    )
-        .prop_map(|(addr, port, proto, scope)| Frontend {
-            addr,
-            port,
-            proto,
-            scope,
-        });
-    let be_idx = proptest::collection::btree_set(0u8..6, 0..5);
-    let policy = (
-        any::<bool>(),
-        prop_oneof![Just(0u32), Just(30u32)],
-        prop_oneof![4 => Just(false), 1 => Just(true)],
-        0usize..3,
-    );
-    proptest::collection::btree_map(fe, (be_idx, policy), 0..8).prop_map(|m| Desired {
-        frontends: m
-            .into_iter()
-            .map(
-                |(fe, (idx, (no_local, affinity_timeout, external, ranges)))| {
-                    let backends: BTreeSet<SocketAddr> = idx
-                        .into_iter()
-                        .map(|i| {
-                            let ip: IpAddr = if fe.addr.is_ipv4() {
-                                format!("198.18.0.{}", 10 + i).parse().unwrap()
-                            } else {
-                                format!("2001:db8:2::{}", 10 + i).parse().unwrap()
-                            };
-                            SocketAddr::new(ip, 8000 + u16::from(i % 2))
-                        })
-                        .collect();
-                    // Locality is a property of the address (as endpoints' nodeName makes it).
-                    let local = backends
-                        .iter()
-                        .filter(|a| match a.ip() {
-                            IpAddr::V4(v) => v.octets()[3] < 13,
-                            IpAddr::V6(v) => v.octets()[15] < 13,
-                        })
-                        .copied()
-                        .collect();
-                    let external_scope = fe.scope == Scope::External;
-                    let source_ranges = if external_scope {
-                        let pool: [&str; 2] = if fe.addr.is_ipv4() {
-                            ["198.18.0.0/15", "198.51.100.0/24"]
-                        } else {
-                            ["2001:db8::/32", "2001:db8:ff::/48"]
-                        };
-                        pool[..ranges.min(2)]
-                            .iter()
-                            .map(|c| Cidr::parse(c).unwrap())
-                            .collect()
-                    } else {
-                        BTreeSet::new()
-                    };
-                    (
-                        fe,
-                        FrontendState {
-                            service: NsName {
-                                namespace: "ns".into(),
-                                name: "s".into(),
-                            },
-                            port_name: String::new(),
-                            backends,
-                            no_local,
-                            affinity_timeout,
-                            external: external || external_scope,
-                            host_only: false,
-                            local,
-                            source_ranges,
-                            maglev: if external_scope { 251 } else { 0 },
-                        },
-                    )
-                },
-            )
-            .collect(),
-        ..Desired::default()
-    })
 }
 
 proptest! {
