@@ -52,7 +52,7 @@ pub enum Error {
 ///
 /// There is no API server to stamp `metadata.creationTimestamp` on manifest objects, so the
 /// first time a Service is seen stands in for it (unless the file sets one). Conflicts between
-/// Services are decided by age (SEMANTICS.md), so this keeps the incumbent of a VIP:port in
+/// Services are decided by age (docs/semantics.md), so this keeps the incumbent of a VIP:port in
 /// place when a newcomer claims it, exactly as on a cluster.
 #[derive(Debug)]
 pub struct ManifestDir {

@@ -323,7 +323,7 @@ pub(crate) fn resolve_frontends(
         maglev: 0,
     };
     // The packet path: externalTrafficPolicy Local keeps this node's endpoints only (DROP
-    // when they are all elsewhere), Cluster uses all (SEMANTICS.md).
+    // when they are all elsewhere), Cluster uses all (docs/semantics.md).
     let external = |sp: &SvcPort, ip: IpAddr, port: u16, lb: bool, sel: Selected| {
         let fe = Frontend {
             addr: ip,
@@ -357,7 +357,7 @@ pub(crate) fn resolve_frontends(
         for addr in &svc.addrs {
             let ip = addr.ip;
             // internalTrafficPolicy governs ClusterIP traffic only: in-cluster clients going to
-            // an externalIP or LoadBalancer IP may use all endpoints (SEMANTICS.md).
+            // an externalIP or LoadBalancer IP may use all endpoints (docs/semantics.md).
             let sel = sel_of(ip.is_ipv6(), svc.local_only && !addr.external);
             if sel.backends.len() > MAX_BACKENDS {
                 errors.push(Error::TooManyBackends {
