@@ -106,6 +106,28 @@ where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
+    let w = wake.clone();
+    supervise(kind, wake, health, RESTART_PAUSE, move |writer| {
+        watch(api.clone(), cfg.clone(), writer, kind, w.clone())
+    })
+}
+
+/// The supervisor of [`spawn_reflector`]: runs `watch_into(writer)` as a task, and whenever
+/// that task ends or panics, reports the fault and starts it again into a new store, which
+/// replaces the shared one once complete.
+fn supervise<K, F, Fut>(
+    kind: &'static str,
+    wake: mpsc::Sender<()>,
+    health: Arc<Mutex<Health>>,
+    pause: std::time::Duration,
+    watch_into: F,
+) -> Shared<K>
+where
+    K: Resource + Clone + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+    F: Fn(reflector::store::Writer<K>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let (reader, writer) = reflector::store::<K>();
     let shared = Arc::new(RwLock::new(reader));
     let slot = shared.clone();
@@ -130,7 +152,7 @@ where
                 });
                 w
             });
-            let task = tokio::spawn(watch(api.clone(), cfg.clone(), w, kind, wake.clone()));
+            let task = tokio::spawn(watch_into(w));
             let why = match task.await {
                 Ok(()) => "the watch stream ended".to_owned(),
                 Err(e) if e.is_panic() => "the watch task panicked".to_owned(),
@@ -140,7 +162,7 @@ where
                 .lock()
                 .expect("health lock")
                 .fault(what, Some(format!("{kind}: {why}; restarting the watch")));
-            tokio::time::sleep(RESTART_PAUSE).await;
+            tokio::time::sleep(pause).await;
         }
     });
     shared
@@ -298,5 +320,87 @@ mod tests {
             .map(|(g, r)| ((*g).to_owned(), (*r).to_owned()))
             .collect();
         assert_eq!(declared, typed);
+    }
+
+    /// A watch task that panics: its store keeps the last complete list (never an empty one),
+    /// `/healthz` reports the fault, and the restarted watch's store replaces it once complete,
+    /// clearing the fault.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dead_watch_task_is_restarted_and_its_store_swapped_in_once_complete() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+        let svc = |name: &str| Service {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("ns".into()),
+                ..ObjectMeta::default()
+            },
+            ..Service::default()
+        };
+        let runs = Arc::new(AtomicUsize::new(0));
+        let (wake, _rx) = mpsc::channel(1);
+        let health = Arc::new(Mutex::new(Health::new(std::time::Duration::from_mins(1))));
+        let (first, second) = (svc("first"), svc("second"));
+        let r = runs.clone();
+        let store = supervise::<Service, _, _>(
+            "Service",
+            wake,
+            health.clone(),
+            std::time::Duration::from_millis(10),
+            move |mut w| {
+                let n = r.fetch_add(1, Ordering::SeqCst);
+                let (first, second) = (first.clone(), second.clone());
+                async move {
+                    let obj = if n == 0 { first } else { second };
+                    w.apply_watcher_event(&watcher::Event::Init);
+                    w.apply_watcher_event(&watcher::Event::InitApply(obj));
+                    w.apply_watcher_event(&watcher::Event::InitDone);
+                    assert!(n != 0, "watch task dies after its first list");
+                    // A healthy watch runs on.
+                    std::future::pending::<()>().await;
+                }
+            },
+        );
+        let names = |s: &Shared<Service>| -> Vec<String> {
+            s.read()
+                .expect("store lock")
+                .state()
+                .iter()
+                .filter_map(|o| o.metadata.name.clone())
+                .collect()
+        };
+        let (mut saw_fault, mut listed) = (false, false);
+        for _ in 0..400 {
+            saw_fault |= health
+                .lock()
+                .expect("health lock")
+                .faults
+                .contains_key("Service watch");
+            if names(&store) == ["second"] {
+                break;
+            }
+            let now = names(&store);
+            assert!(
+                !(listed && now.is_empty()),
+                "the store was emptied between lists"
+            );
+            listed |= !now.is_empty();
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            names(&store),
+            ["second"],
+            "the restarted watch's store is live"
+        );
+        assert!(saw_fault, "the dead task was reported in /healthz");
+        assert!(runs.load(Ordering::SeqCst) >= 2);
+        let h = health.lock().expect("health lock");
+        assert!(
+            h.faults.is_empty(),
+            "the fault clears once the new store is live: {:?}",
+            h.faults
+        );
     }
 }
