@@ -1,8 +1,4 @@
 //! Checksums: L4 checksum offsets and flags, port rewrites, one's-complement sums.
-#[expect(
-    clippy::wildcard_imports,
-    reason = "the packet path's parts share the vocabulary of nodeport/mod.rs"
-)]
 use super::*;
 
 /// The L4 checksum field's offset from the L4 header, and the flags for `bpf_l4_csum_replace`.

@@ -1,8 +1,4 @@
 //! Connection tracking: timeouts (load-time globals), entry refresh, TCP state, NAT port reuse.
-#[expect(
-    clippy::wildcard_imports,
-    reason = "the packet path's parts share the vocabulary of nodeport/mod.rs"
-)]
 use super::*;
 
 /// Conntrack timeouts (seconds; 0 = default), set by the agent at load time

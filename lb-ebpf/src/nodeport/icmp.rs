@@ -1,9 +1,5 @@
 //! ICMP for both families: REJECT as a port unreachable from the frontend address, and ICMP
 //! errors about translated flows translated back (outer and quoted headers).
-#[expect(
-    clippy::wildcard_imports,
-    reason = "the packet path's parts share the vocabulary of nodeport/mod.rs"
-)]
 use super::*;
 
 /// Shrinks the packet to `keep` bytes and grows `grow` bytes of headroom in front: what an
@@ -18,12 +14,7 @@ pub(crate) fn make_room(ctx: &TcContext, keep: u32, grow: u32) -> bool {
 }
 
 pub(crate) mod v4 {
-    #[expect(
-        clippy::wildcard_imports,
-        reason = "the IPv4 family's parsing and conntrack keys"
-    )]
     use super::super::v4::*;
-    #[expect(clippy::wildcard_imports, reason = "the packet path's shared helpers")]
     use super::*;
 
     /// REJECT: turns the packet into an ICMP port unreachable from the frontend address back
@@ -245,12 +236,7 @@ pub(crate) mod v4 {
 }
 
 pub(crate) mod v6 {
-    #[expect(
-        clippy::wildcard_imports,
-        reason = "the IPv6 family's parsing and conntrack keys"
-    )]
     use super::super::v6::*;
-    #[expect(clippy::wildcard_imports, reason = "the packet path's shared helpers")]
     use super::*;
 
     /// REJECT: ICMPv6 port unreachable from the frontend address back to the client. The

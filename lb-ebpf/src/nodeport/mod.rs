@@ -21,6 +21,10 @@
 //!
 //! Malformed, truncated, fragmented or non-TCP/UDP packets pass to the stack untouched: the
 //! datapath never drops what it does not understand (the kernel's own checks apply).
+#![expect(
+    clippy::wildcard_imports,
+    reason = "the packet path's parts (families, routing, conntrack, checksums, selection, ICMP) share one vocabulary: each uses `super::*`, and this module gathers its parts' helpers"
+)]
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_SHOT, bpf_fib_lookup as FibParams},
     helpers::{
@@ -148,25 +152,9 @@ mod select;
 pub(crate) mod v4;
 mod v6;
 
-#[expect(
-    clippy::wildcard_imports,
-    reason = "the parts use each other's helpers"
-)]
 use csum::*;
-#[expect(
-    clippy::wildcard_imports,
-    reason = "the parts use each other's helpers"
-)]
 use ct::*;
 pub(crate) use route::fib_params;
-#[expect(
-    clippy::wildcard_imports,
-    reason = "the parts use each other's helpers"
-)]
 use route::*;
 pub(crate) use select::choose;
-#[expect(
-    clippy::wildcard_imports,
-    reason = "the parts use each other's helpers"
-)]
 use select::*;

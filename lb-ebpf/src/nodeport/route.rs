@@ -1,8 +1,4 @@
 //! Routing a translated packet: `bpf_fib_lookup` into a [`Route`], and sending it on.
-#[expect(
-    clippy::wildcard_imports,
-    reason = "the packet path's parts share the vocabulary of nodeport/mod.rs"
-)]
 use super::*;
 
 /// `bpf_fib_lookup` flag: fill in the source address the route would use. Linux 6.7, commit

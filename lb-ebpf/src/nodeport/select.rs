@@ -1,8 +1,4 @@
 //! Choosing the backend of a new flow: client-IP affinity, then Maglev, then a random slot.
-#[expect(
-    clippy::wildcard_imports,
-    reason = "the packet path's parts share the vocabulary of nodeport/mod.rs"
-)]
 use super::*;
 
 /// Maglev table size M, set by the agent at load time (`lb_common::maglev::GLOBAL_MAGLEV_M`);

@@ -1,10 +1,6 @@
 //! IPv4: parse, the reply path, established flows, new flows (shared with XDP: [`select`] and
 //! [`commit`]). ICMP is in [`super::icmp::v4`].
 use super::icmp::v4::{icmp_error, reject};
-#[expect(
-    clippy::wildcard_imports,
-    reason = "the family module is the parent's packet path for IPv4"
-)]
 use super::*;
 
 pub(crate) const IP_OFF: usize = ETH_HLEN;

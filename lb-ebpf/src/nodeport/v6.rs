@@ -1,10 +1,6 @@
 //! IPv6 (no extension headers: a packet whose next header is not TCP/UDP/ICMPv6 passes):
 //! parse, the reply path, established flows, new flows. ICMPv6 is in [`super::icmp::v6`].
 use super::icmp::v6::{icmp_error, reject};
-#[expect(
-    clippy::wildcard_imports,
-    reason = "the family module is the parent's packet path for IPv6"
-)]
 use super::*;
 
 pub(crate) const IP_OFF: usize = ETH_HLEN;
