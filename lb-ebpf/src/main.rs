@@ -17,8 +17,10 @@
     reason = "aya's program macros want the entry points `pub` and taking their context by value"
 )]
 
+mod family;
 mod maps;
 mod nodeport;
+mod select;
 mod sock;
 mod xdp;
 

@@ -11,16 +11,17 @@
 //!    {socket cookie, backend} in an LRU map); rewrite the address.
 use aya_ebpf::{
     EbpfContext,
-    helpers::{
-        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
-        bpf_set_retval,
-    },
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
 use lb_common::{
-    AffKey, AffMatchKey, AffValue, Backend4, Backend6, RevNat4Key, RevNat4Value, RevNat6Key,
-    RevNat6Value, RevNatSk, SCOPE_ALL, SVC_FLAG_HOST_ONLY, SVC_FLAG_NO_LOCAL, SVC_FLAG_VIP_MARKER,
-    Stat, Svc4Key, Svc6Key, SvcValue, select_slot,
+    AffKey, RevNat4Key, RevNat4Value, RevNat6Key, RevNat6Value, RevNatSk, SCOPE_ALL,
+    SVC_FLAG_HOST_ONLY, SVC_FLAG_NO_LOCAL, SVC_FLAG_VIP_MARKER, Stat, SvcValue,
+};
+
+use crate::{
+    family::{Backend, Family, SvcKey, V4, V6},
+    select::{Hash, Pins},
 };
 
 /// The host's netns cookie, set by the agent at load time (`lb_common::GLOBAL_HOST_NETNS`).
@@ -38,8 +39,7 @@ fn from_host(ctx: &SockAddrContext) -> bool {
 }
 
 use crate::maps::{
-    LB_AFF_MATCH_V1, LB_AFF_V1, LB_RNAT_SKS_V1, LB4_BE_V1, LB4_RNAT_SK_V1, LB4_SVC_V1, LB6_BE_V1,
-    LB6_RNAT_SK_V1, LB6_SVC_V1, count, count_frontend,
+    LB_AFF_V1, LB_RNAT_SKS_V1, LB4_RNAT_SK_V1, LB6_RNAT_SK_V1, count, count_frontend,
 };
 
 const ECONNREFUSED: i32 = 111;
@@ -96,135 +96,61 @@ fn cookie(ctx: &SockAddrContext) -> u64 {
 /// Frontend entry for an exact key, or the reason to reject when only the VIP is known.
 /// `Ok(None)`: not a service address at all.
 #[inline(always)]
-fn frontend<K: Copy>(
+fn frontend<F: Family>(
     ctx: &SockAddrContext,
-    lookup: impl Fn(&K) -> Option<SvcValue>,
-    key: &K,
-    marker: &K,
+    key: &SvcKey<F::A>,
+    marker: &SvcKey<F::A>,
 ) -> Result<Option<SvcValue>, Reject> {
-    match lookup(key) {
+    match F::svc(key) {
         Some(fe) if fe.flags & SVC_FLAG_HOST_ONLY != 0 && !from_host(ctx) => Ok(None),
         Some(fe) if fe.flags & SVC_FLAG_VIP_MARKER != 0 => Err(Reject::NoPort),
         Some(fe) if fe.count == 0 && fe.flags & SVC_FLAG_NO_LOCAL != 0 => Err(Reject::NoLocal),
         Some(fe) if fe.count == 0 => Err(Reject::NoBackend),
         Some(fe) => Ok(Some(fe)),
-        None if lookup(marker).is_some() => Err(Reject::NoPort),
+        None if F::svc(marker).is_some() => Err(Reject::NoPort),
         None => Ok(None),
     }
 }
 
-#[inline(always)]
-fn random() -> u32 {
-    // SAFETY: helper without arguments.
-    unsafe { bpf_get_prandom_u32() }
-}
-
-/// The backend id for a new connection to frontend `fe`: the client's pinned backend while the
-/// affinity holds (within the timeout, and the backend still serves the frontend), otherwise a
-/// uniformly random slot — and, with affinity, the new pin is recorded.
+/// Chooses a backend for `vip:port/proto` into `be` ([`crate::select`]: the pod's pinned
+/// backend while affinity holds, else a uniformly random slot) and counts the connection on
+/// its frontend. `Ok(false)`: not a service.
 ///
 /// `bpf_get_netns_cookie` in cgroup sock_addr hooks: Linux 5.7, commit f318903c0bf4 ("bpf: Add
 /// netns cookie and enable it for bpf cgroup hooks").
 #[inline(always)]
-fn choose(
+fn select<F: Family>(
     ctx: &SockAddrContext,
-    fe: &SvcValue,
-    slot_id: impl Fn(u16) -> Option<u32>,
-) -> Result<u32, Reject> {
-    if fe.affinity_timeout == 0 {
-        return slot_id(select_slot(random(), fe.count)).ok_or(Reject::BackendMissing);
-    }
-    // SAFETY: helpers taking the program context / no arguments.
-    let (netns, now) = unsafe { (bpf_get_netns_cookie(ctx.as_ptr()), bpf_ktime_get_ns()) };
-    let key = AffKey {
-        netns_cookie: netns,
-        frontend_id: fe.backend_id,
-        _pad: 0,
-    };
-    // SAFETY: copied out at once.
-    if let Some(a) = unsafe { LB_AFF_V1.get(&key) }.copied() {
-        let fresh =
-            now.wrapping_sub(a.last_used_ns) <= u64::from(fe.affinity_timeout) * 1_000_000_000;
-        let member = AffMatchKey {
-            backend_id: a.backend_id,
-            frontend_id: fe.backend_id,
-        };
-        if fresh && LB_AFF_MATCH_V1.get_ptr(&member).is_some() {
-            let _ = LB_AFF_V1.insert(
-                &key,
-                &AffValue {
-                    last_used_ns: now,
-                    ..a
-                },
-                0,
-            );
-            count(Stat::AffinityHit);
-            return Ok(a.backend_id);
-        }
-    }
-    let id = slot_id(select_slot(random(), fe.count)).ok_or(Reject::BackendMissing)?;
-    let _ = LB_AFF_V1.insert(
-        &key,
-        &AffValue {
-            backend_id: id,
-            _pad: 0,
-            last_used_ns: now,
-        },
-        0,
-    );
-    count(Stat::AffinityPin);
-    Ok(id)
-}
-
-// ---------------------------------------------------------------------------------------------
-// IPv4
-// ---------------------------------------------------------------------------------------------
-
-#[inline(always)]
-fn svc4(key: &Svc4Key) -> Option<SvcValue> {
-    // SAFETY: the value is copied out at once; a concurrent agent update can only replace it
-    // with another complete value (hash map updates are atomic per element).
-    unsafe { LB4_SVC_V1.get(key) }.copied()
-}
-
-/// Chooses a backend for `vip:port/proto` and counts the connection on its frontend.
-/// `Ok(None)`: not a service.
-#[inline(always)]
-fn select4(
-    ctx: &SockAddrContext,
-    address: [u8; 4],
+    vip: F::A,
     dport: u16,
     proto: u8,
-) -> Result<Option<Backend4>, Reject> {
-    let key = Svc4Key {
-        address,
-        dport,
-        backend_slot: 0,
-        proto,
-        scope: SCOPE_ALL,
-        _pad: [0; 2],
-    };
-    let marker = Svc4Key {
+    be: &mut Backend<F::A>,
+) -> Result<bool, Reject> {
+    let key = SvcKey::frontend(vip, dport, proto, SCOPE_ALL);
+    let marker = SvcKey {
         dport: 0,
         proto: 0,
         ..key
     };
-    let Some(fe) = frontend(ctx, svc4, &key, &marker)? else {
-        return Ok(None);
+    let Some(fe) = frontend::<F>(ctx, &key, &marker)? else {
+        return Ok(false);
     };
-    let id = choose(ctx, &fe, |slot| {
-        svc4(&Svc4Key {
-            backend_slot: slot,
-            ..key
-        })
-        .map(|v| v.backend_id)
-    })?;
-    // SAFETY: copied out at once, as above.
-    let be = unsafe { LB4_BE_V1.get(id) }
-        .copied()
-        .ok_or(Reject::BackendMissing)?;
+    let pins = Pins {
+        map: &LB_AFF_V1,
+        hit: Stat::AffinityHit,
+        pin: Some(Stat::AffinityPin),
+    };
+    let pod = || AffKey {
+        // SAFETY: helper taking the program context.
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        frontend_id: fe.backend_id,
+        _pad: 0,
+    };
+    if crate::select::backend::<F, _, _>(&fe, &key, Hash::None, &pins, pod, be) == 0 {
+        return Err(Reject::BackendMissing);
+    }
     count_frontend(fe.backend_id);
-    Ok(Some(be))
+    Ok(true)
 }
 
 /// `RevNatSk` as `u64` words, for word-by-word copies.
@@ -267,7 +193,7 @@ fn recall_sk(ctx: &SockAddrContext, backend: &[u8; 16], port: u16) -> Option<([u
 }
 
 #[inline(always)]
-fn remember4(ctx: &SockAddrContext, hook: Hook, be: &Backend4, vip: [u8; 4], vport: u16) {
+fn remember4(ctx: &SockAddrContext, hook: Hook, be: &Backend<[u8; 4]>, vip: [u8; 4], vport: u16) {
     if matches!(hook, Hook::Connect)
         && remember_sk(
             ctx,
@@ -312,9 +238,10 @@ pub(crate) fn xlate4_fwd(ctx: &SockAddrContext, hook: Hook) -> Result<(), Reject
     let (ip, port, proto) = unsafe { ((*sa).user_ip4, (*sa).user_port, (*sa).protocol) };
     let vip = ip.to_ne_bytes();
     let vport = u16::from_be(port as u16);
-    let Some(be) = select4(ctx, vip, vport, proto as u8)? else {
+    let mut be = Backend::NONE;
+    if !select::<V4>(ctx, vip, vport, proto as u8, &mut be)? {
         return Ok(());
-    };
+    }
     remember4(ctx, hook, &be, vip, vport);
     // SAFETY: user_ip4/user_port are writable (4-byte stores) in connect4/sendmsg4.
     unsafe {
@@ -419,50 +346,6 @@ fn map_v4(a: [u8; 4]) -> [u8; 16] {
     ]
 }
 
-#[inline(always)]
-fn svc6(key: &Svc6Key) -> Option<SvcValue> {
-    // SAFETY: copied out at once, as in `svc4`.
-    unsafe { LB6_SVC_V1.get(key) }.copied()
-}
-
-#[inline(always)]
-fn select6(
-    ctx: &SockAddrContext,
-    address: [u8; 16],
-    dport: u16,
-    proto: u8,
-) -> Result<Option<Backend6>, Reject> {
-    let key = Svc6Key {
-        address,
-        dport,
-        backend_slot: 0,
-        proto,
-        scope: SCOPE_ALL,
-        _pad: [0; 2],
-    };
-    let marker = Svc6Key {
-        dport: 0,
-        proto: 0,
-        ..key
-    };
-    let Some(fe) = frontend(ctx, svc6, &key, &marker)? else {
-        return Ok(None);
-    };
-    let id = choose(ctx, &fe, |slot| {
-        svc6(&Svc6Key {
-            backend_slot: slot,
-            ..key
-        })
-        .map(|v| v.backend_id)
-    })?;
-    // SAFETY: copied out at once.
-    let be = unsafe { LB6_BE_V1.get(id) }
-        .copied()
-        .ok_or(Reject::BackendMissing)?;
-    count_frontend(fe.backend_id);
-    Ok(Some(be))
-}
-
 /// connect6 / sendmsg6.
 #[inline(always)]
 pub(crate) fn xlate6_fwd(ctx: &SockAddrContext, hook: Hook) -> Result<(), Reject> {
@@ -472,9 +355,10 @@ pub(crate) fn xlate6_fwd(ctx: &SockAddrContext, hook: Hook) -> Result<(), Reject
     let proto = unsafe { (*ctx.sock_addr).protocol } as u8;
 
     if let Some(vip4) = v4_mapped(&vip) {
-        let Some(be) = select4(ctx, vip4, vport, proto)? else {
+        let mut be = Backend::NONE;
+        if !select::<V4>(ctx, vip4, vport, proto, &mut be)? {
             return Ok(());
-        };
+        }
         remember4(ctx, hook, &be, vip4, vport);
         write_ip6(ctx, &map_v4(be.address));
         write_port(ctx, be.port);
@@ -482,9 +366,10 @@ pub(crate) fn xlate6_fwd(ctx: &SockAddrContext, hook: Hook) -> Result<(), Reject
         return Ok(());
     }
 
-    let Some(be) = select6(ctx, vip, vport, proto)? else {
+    let mut be = Backend::NONE;
+    if !select::<V6>(ctx, vip, vport, proto, &mut be)? {
         return Ok(());
-    };
+    }
     let in_sk = matches!(hook, Hook::Connect)
         && remember_sk(
             ctx,

@@ -10,8 +10,8 @@
 //! - routes via another interface or without a resolved neighbour.
 //!
 //! XDP drops what is certain to be dropped: source ranges, Local policy without a local
-//! endpoint. XDP and tc share the conntrack/NAT maps and the same new-flow code
-//! ([`v4::select`] decides, [`v4::commit`] records), so either can carry any packet of a flow:
+//! endpoint. XDP and tc share the conntrack/NAT maps and the same flow code ([`reply`],
+//! [`established`]; [`select`] decides, [`commit`] records), so either can carry any packet of a flow:
 //! a flow XDP started is continued by tc when, say, its next packet carries IP options, and the
 //! other way round.
 use core::mem::size_of;
@@ -24,8 +24,12 @@ use aya_ebpf::{
 use lb_common::{BE_FLAG_LOCAL, CT_F_SNAT, IPPROTO_TCP, IPPROTO_UDP, Stat};
 
 use crate::{
+    family::V4,
     maps::{count, count_frontend},
-    nodeport::{Reason, fib_params, v4},
+    nodeport::{
+        Kind, Outcome, Pkt, Reason, RouteKind, Selected, Tuple, Work, commit, established,
+        fib_params, reply, select, work4,
+    },
 };
 
 const ETH_HLEN: usize = 14;
@@ -37,6 +41,9 @@ const AF_INET: u8 = 2;
 const BPF_FIB_LOOKUP_SRC: u32 = 1 << 4;
 const FIB_SUCCESS: i64 = 0;
 
+/// To the tc path, counted.
+const PASSED: Outcome = Outcome::pass(Stat::XdpPassed);
+
 /// A pointer to `T` at `off` in the packet, when the packet is long enough.
 #[inline(always)]
 fn at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
@@ -47,19 +54,25 @@ fn at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
     Some((start + off) as *mut T)
 }
 
-/// The program: parse, then the reply path, the established-flow path, the new-flow path.
+/// The program: parse, decide ([`path`]), then count and return — the one counting point.
 #[inline(always)]
 pub(crate) fn handle(ctx: &XdpContext) -> u32 {
-    let Some(p) = parse(ctx) else {
+    let Some(w) = work4() else {
         return XDP_PASS;
     };
-    match path(ctx, &p) {
-        Ok(v) => v,
-        Err(d) => {
-            count(drop_stat(d));
-            XDP_DROP
-        }
+    if !parse(ctx, &mut w.p) {
+        return XDP_PASS;
     }
+    let o = path(ctx, w);
+    let (action, stat) = match o.kind {
+        Kind::Ignore => return XDP_PASS,
+        // No endpoint: tc builds the ICMP unreachable.
+        Kind::Pass | Kind::Reject => (XDP_PASS, Stat::XdpPassed),
+        Kind::Drop => (XDP_DROP, o.stat),
+        Kind::Send => (XDP_TX, o.stat),
+    };
+    count(stat);
+    action
 }
 
 /// The counter of an XDP drop: XDP's own, so that a packet is counted once, by the program
@@ -77,40 +90,43 @@ const fn drop_stat(d: Reason) -> Stat {
     }
 }
 
-/// An IPv4 packet without options or fragmentation, TCP (full 20-byte header) or UDP; else
-/// `None` (the tc path takes it).
+/// An IPv4 packet without options or fragmentation, TCP (full 20-byte header) or UDP, into
+/// `p`; else `false` (the tc path takes it).
 #[inline(always)]
-fn parse(ctx: &XdpContext) -> Option<v4::Pkt> {
-    let eth = at::<[u8; ETH_HLEN]>(ctx, 0)?;
+fn parse(ctx: &XdpContext, p: &mut Pkt<[u8; 4]>) -> bool {
+    let Some(eth) = at::<[u8; ETH_HLEN]>(ctx, 0) else {
+        return false;
+    };
     // SAFETY: bounds checked by `at`.
     let eth = unsafe { &*eth };
     if u16::from_be_bytes([eth[12], eth[13]]) != ETH_P_IP {
-        return None;
+        return false;
     }
-    let ip = at::<[u8; 20]>(ctx, IP_OFF)?;
+    let Some(ip) = at::<[u8; 20]>(ctx, IP_OFF) else {
+        return false;
+    };
     // SAFETY: bounds checked by `at`.
     let ip = unsafe { &*ip };
     // Version 4, no options; no fragment offset, no more-fragments.
     if ip[0] != 0x45 || u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
-        return None;
+        return false;
     }
     let proto = ip[9];
     let tcp_flags = match proto {
-        IPPROTO_TCP => {
-            let h = at::<[u8; 20]>(ctx, L4_OFF)?;
+        IPPROTO_TCP => match at::<[u8; 20]>(ctx, L4_OFF) {
             // SAFETY: bounds checked by `at`.
-            unsafe { (*h)[13] }
-        }
-        IPPROTO_UDP => {
-            at::<[u8; 8]>(ctx, L4_OFF)?;
-            0
-        }
-        _ => return None,
+            Some(h) => unsafe { (*h)[13] },
+            None => return false,
+        },
+        IPPROTO_UDP if at::<[u8; 8]>(ctx, L4_OFF).is_some() => 0,
+        _ => return false,
     };
-    let ports = at::<[u8; 4]>(ctx, L4_OFF)?;
+    let Some(ports) = at::<[u8; 4]>(ctx, L4_OFF) else {
+        return false;
+    };
     // SAFETY: bounds checked by `at`.
     let ports = unsafe { &*ports };
-    Some(v4::Pkt {
+    *p = Pkt {
         src: [ip[12], ip[13], ip[14], ip[15]],
         dst: [ip[16], ip[17], ip[18], ip[19]],
         sport: u16::from_be_bytes([ports[0], ports[1]]),
@@ -118,65 +134,74 @@ fn parse(ctx: &XdpContext) -> Option<v4::Pkt> {
         proto,
         tcp_flags,
         l4: L4_OFF,
-    })
+    };
+    true
 }
 
+/// The reply path, the established-flow path, the new-flow path.
 #[inline(always)]
-fn passed() -> u32 {
-    count(Stat::XdpPassed);
-    XDP_PASS
-}
-
-#[inline(always)]
-fn path(ctx: &XdpContext, p: &v4::Pkt) -> Result<u32, Reason> {
+fn path(ctx: &XdpContext, w: &mut Work<[u8; 4]>) -> Outcome {
     // A reply of a SNATed flow (backend on another node → this node's NAT port).
-    if let Some(v) = v4::reply(p) {
-        if v.flags & CT_F_SNAT == 0 {
-            return Ok(passed());
+    if reply::<V4>(w) {
+        if w.ct.flags & CT_F_SNAT == 0 {
+            return PASSED;
         }
-        let (frontend, client) = ((v.addr, v.port), (v.nat_addr, v.nat_port));
-        return Ok(send(ctx, p, frontend, client, Stat::XdpRevXlated));
+        let c = &w.ct;
+        w.to = Tuple {
+            src: c.addr,
+            dst: c.nat_addr,
+            sport: c.port,
+            dport: c.nat_port,
+        };
+        return send(ctx, w, Stat::XdpRevXlated);
     }
     // A packet of a flow already going to a backend on another node.
-    if let Some(v) = v4::established(p) {
-        if v.flags & CT_F_SNAT == 0 {
-            return Ok(passed());
+    if established::<V4>(w) {
+        if w.ct.flags & CT_F_SNAT == 0 {
+            return PASSED;
         }
-        let (nat, backend) = ((v.nat_addr, v.nat_port), (v.addr, v.port));
-        return Ok(send(ctx, p, nat, backend, Stat::XdpXlated));
+        let c = &w.ct;
+        w.to = Tuple {
+            src: c.nat_addr,
+            dst: c.addr,
+            sport: c.nat_port,
+            dport: c.port,
+        };
+        return send(ctx, w, Stat::XdpXlated);
     }
-    new_flow(ctx, p)
+    new_flow(ctx, w)
 }
 
 /// The first packet of a flow to an external frontend: the decision is tc's own
-/// ([`v4::select`]); XDP carries it out when the backend is on another node.
+/// ([`select`]); XDP carries it out when the backend is on another node.
 #[inline(always)]
-fn new_flow(ctx: &XdpContext, p: &v4::Pkt) -> Result<u32, Reason> {
-    let c = v4::select(p);
-    let (fe_id, id, be) = match c.kind {
-        v4::Selected::NotOurs => return Ok(XDP_PASS),
+fn new_flow(ctx: &XdpContext, w: &mut Work<[u8; 4]>) -> Outcome {
+    let c = select::<V4>(&w.p, &mut w.be);
+    match c.kind {
+        Selected::NotOurs => return Outcome::IGNORE,
         // No endpoint: tc builds the ICMP unreachable. A missing backend: tc decides too.
-        v4::Selected::Reject => return Ok(passed()),
-        v4::Selected::Drop if matches!(c.drop, Reason::BackendMissing) => return Ok(passed()),
-        v4::Selected::Drop => return Err(c.drop),
-        v4::Selected::Backend => (c.fe_id, c.id, c.be),
-    };
-    if be.flags & BE_FLAG_LOCAL != 0 {
-        return Ok(passed()); // leaves by the pod bridge: tc
+        Selected::Reject => return PASSED,
+        Selected::Drop if matches!(c.reason, Reason::BackendMissing) => return PASSED,
+        Selected::Drop => return Outcome::drop(drop_stat(c.reason)),
+        Selected::Backend => {}
     }
-    let Some(r) = route(ctx, p.src, be.address, p.proto) else {
-        return Ok(passed());
+    if w.be.flags & BE_FLAG_LOCAL != 0 {
+        return PASSED; // leaves by the pod bridge: tc
+    }
+    let Some(r) = route(ctx, w.p.src, w.be.address, w.p.proto) else {
+        return PASSED;
     };
-    let fwd = v4::commit(p, fe_id, id, &be, true, r.src)?;
-    count_frontend(fe_id);
-    Ok(emit(
-        ctx,
-        p,
-        &r,
-        (fwd.nat_addr, fwd.nat_port),
-        (be.address, be.port),
-        Stat::XdpXlated,
-    ))
+    if let Err(d) = commit::<V4>(w, c.fe_id, c.id, true, &r.src) {
+        return Outcome::drop(drop_stat(d));
+    }
+    count_frontend(c.fe_id);
+    w.to = Tuple {
+        src: w.ct.nat_addr,
+        dst: w.be.address,
+        sport: w.ct.nat_port,
+        dport: w.be.port,
+    };
+    emit(ctx, w, &r, Stat::XdpXlated)
 }
 
 /// Where a rewritten packet goes: back out of the interface it came in on, to `dmac`.
@@ -219,47 +244,31 @@ fn route(ctx: &XdpContext, src: [u8; 4], dst: [u8; 4], proto: u8) -> Option<Tx> 
     })
 }
 
-/// Routes and rewrites a packet of a known flow to `dst` from `src` (address, port); tc takes
-/// it when the route is not an `XDP_TX` one.
+/// Routes and rewrites a packet of a known flow to `w.to`; tc takes it when the route is not
+/// an `XDP_TX` one.
 #[inline(always)]
-fn send(
-    ctx: &XdpContext,
-    p: &v4::Pkt,
-    src: ([u8; 4], u16),
-    dst: ([u8; 4], u16),
-    stat: Stat,
-) -> u32 {
-    match route(ctx, src.0, dst.0, p.proto) {
-        Some(r) => emit(ctx, p, &r, src, dst, stat),
-        None => passed(),
+fn send(ctx: &XdpContext, w: &Work<[u8; 4]>, stat: Stat) -> Outcome {
+    match route(ctx, w.to.src, w.to.dst, w.p.proto) {
+        Some(r) => emit(ctx, w, &r, stat),
+        None => PASSED,
     }
 }
 
-/// Rewrites the packet to `src → dst` (address, port) with checksums fixed, sets the MAC
-/// addresses, and sends it back out (`XDP_TX`).
+/// Rewrites the packet to `w.to` with checksums fixed, sets the MAC addresses, and sends it
+/// back out (`XDP_TX`).
 #[inline(always)]
-fn emit(
-    ctx: &XdpContext,
-    p: &v4::Pkt,
-    r: &Tx,
-    src: ([u8; 4], u16),
-    dst: ([u8; 4], u16),
-    stat: Stat,
-) -> u32 {
-    if !rewrite(ctx, p, src.0, src.1, dst.0, dst.1) {
-        count(Stat::XdpRewriteFailed);
-        return XDP_DROP;
+fn emit(ctx: &XdpContext, w: &Work<[u8; 4]>, r: &Tx, stat: Stat) -> Outcome {
+    if !rewrite(ctx, &w.p, &w.to) {
+        return Outcome::drop(Stat::XdpRewriteFailed);
     }
     let Some(eth) = at::<[u8; 12]>(ctx, 0) else {
-        count(Stat::XdpRewriteFailed);
-        return XDP_DROP;
+        return Outcome::drop(Stat::XdpRewriteFailed);
     };
     // SAFETY: bounds checked by `at`; the packet is ours to write.
     let eth = unsafe { &mut *eth };
     eth[..6].copy_from_slice(&r.dmac);
     eth[6..].copy_from_slice(&r.smac);
-    count(stat);
-    XDP_TX
+    Outcome::send(RouteKind::Fib, stat)
 }
 
 /// One's-complement update of a checksum for 16-bit words replaced (RFC 1624, eqn. 3).
@@ -290,14 +299,8 @@ fn words(a: [u8; 4], b: [u8; 4], pa: u16, pb: u16) -> [u16; 6] {
 
 /// Source and destination (addresses and ports) rewritten; IPv4 and L4 checksums updated.
 #[inline(always)]
-fn rewrite(
-    ctx: &XdpContext,
-    p: &v4::Pkt,
-    src: [u8; 4],
-    sport: u16,
-    dst: [u8; 4],
-    dport: u16,
-) -> bool {
+fn rewrite(ctx: &XdpContext, p: &Pkt<[u8; 4]>, to: &Tuple<[u8; 4]>) -> bool {
+    let (src, dst, sport, dport) = (to.src, to.dst, to.sport, to.dport);
     let Some(ip) = at::<[u8; 20]>(ctx, IP_OFF) else {
         return false;
     };

@@ -33,10 +33,17 @@ pub(crate) fn timeouts() -> CtTimeouts {
     }
 }
 
+/// A conntrack entry (in its map) seeing a packet: flags and expiry moved on when worth a
+/// write ([`refresh`]).
 #[inline(always)]
-pub(crate) fn now() -> u64 {
-    // SAFETY: helper without arguments.
-    unsafe { bpf_ktime_get_ns() }
+pub(crate) fn touch<A>(v: *mut CtVal<A>, proto: u8, tcp_flags: u8, reply: bool) {
+    // SAFETY: a value of our own LRU map; torn writes of these plain fields by two CPUs at
+    // once only make an entry live a little longer or shorter.
+    let v = unsafe { &mut *v };
+    if let Some((f, e)) = refresh(proto, v.flags, tcp_flags, reply, v.expires_ns, now()) {
+        v.flags = f;
+        v.expires_ns = e;
+    }
 }
 
 /// Next `expires_ns` and flags for a conntrack entry seeing a packet, or `None` when neither

@@ -1,6 +1,9 @@
 //! ICMP for both families: REJECT as a port unreachable from the frontend address, and ICMP
 //! errors about translated flows translated back (outer and quoted headers).
+use lb_common::{Ct4Key, Ct6Key};
+
 use super::*;
+use crate::maps::{LB4_CT_V1, LB6_CT_V1};
 
 /// Shrinks the packet to `keep` bytes and grows `grow` bytes of headroom in front: what an
 /// ICMP error needs (its headers, then the start of the offending packet).
@@ -26,24 +29,24 @@ pub(crate) mod v4 {
     /// `__bpf_skb_min_len`). Packets with IP options are dropped instead (rare; not worth a
     /// variable-length quote).
     #[inline(never)]
-    pub(crate) fn reject(ctx: &TcContext, p: &Pkt, ip: &Hdr) -> i32 {
-        if ip.vihl != 0x45 {
-            return shot(Stat::TcRejectDropped);
-        }
-        let Ok(macs) = ctx.load::<[u8; 12]>(0) else {
-            return shot(Stat::TcRejectDropped);
+    pub(crate) fn reject(ctx: &TcContext, p: &Pkt<[u8; 4]>) -> bool {
+        let (Ok(ip), Ok(macs)) = (ctx.load::<Hdr>(IP_OFF), ctx.load::<[u8; 12]>(0)) else {
+            return false;
         };
+        if ip.vihl != 0x45 {
+            return false;
+        }
         let tcp = p.proto == IPPROTO_TCP;
         let mut l4 = [0u8; 20];
         if tcp {
             match ctx.load::<[u8; 20]>(p.l4) {
                 Ok(b) => l4 = b,
-                Err(_) => return shot(Stat::TcRejectDropped),
+                Err(_) => return false,
             }
         } else {
             match ctx.load::<[u8; 8]>(p.l4) {
                 Ok(b) => l4[..8].copy_from_slice(&b),
-                Err(_) => return shot(Stat::TcRejectDropped),
+                Err(_) => return false,
             }
         }
         let quote_l4: u16 = if tcp { 20 } else { 8 };
@@ -74,25 +77,18 @@ pub(crate) mod v4 {
         out[54..58].copy_from_slice(&ip.src);
         out[58..62].copy_from_slice(&ip.dst);
         out[62..].copy_from_slice(&l4);
-        let ok = if tcp {
+        if tcp {
             let ic = finish(partial(&mut out[34..82], 0));
             out[36..38].copy_from_slice(&ic);
             make_room(ctx, 14 + 40, 28) && ctx.store(0, &out, 0).is_ok()
         } else {
             let ic = finish(partial(&mut out[34..70], 0));
             out[36..38].copy_from_slice(&ic);
-            let head: [u8; 70] = match out[..70].try_into() {
-                Ok(h) => h,
-                Err(_) => return shot(Stat::TcRejectDropped),
+            let Ok(head) = <[u8; 70]>::try_from(&out[..70]) else {
+                return false;
             };
             make_room(ctx, 14 + 28, 28) && ctx.store(0, &head, 0).is_ok()
-        };
-        if !ok {
-            return shot(Stat::TcRejectDropped);
         }
-        count(Stat::TcRejectNoBackend);
-        // SAFETY: plain integers; back out of the interface the packet came in on.
-        unsafe { bpf_redirect(skb_ifindex(ctx), 0) as i32 }
     }
 
     /// An ICMP error quoting a packet of a translated flow: find the flow from the quote
@@ -103,24 +99,24 @@ pub(crate) mod v4 {
         clippy::too_many_lines,
         reason = "outer and quoted headers of an ICMP error, checked and rewritten in one pass"
     )]
-    pub(crate) fn icmp_error(ctx: &TcContext, ip: &Hdr, l4: usize, dir: Dir) -> i32 {
-        let Ok(icmp) = ctx.load::<[u8; 4]>(l4) else {
-            return TC_NEXT;
+    pub(crate) fn icmp_error(ctx: &TcContext, l4: usize, dir: Dir) -> Outcome {
+        let (Ok(ip), Ok(icmp)) = (ctx.load::<Hdr>(IP_OFF), ctx.load::<[u8; 4]>(l4)) else {
+            return Outcome::IGNORE;
         };
         // Destination unreachable (3), time exceeded (11), parameter problem (12).
         if !matches!(icmp[0], 3 | 11 | 12) {
-            return TC_NEXT;
+            return Outcome::IGNORE;
         }
         let inner = l4 + 8;
         let Ok(q) = ctx.load::<Hdr>(inner) else {
-            return TC_NEXT;
+            return Outcome::IGNORE;
         };
         if q.vihl != 0x45 || (q.proto != IPPROTO_TCP && q.proto != IPPROTO_UDP) {
-            return TC_NEXT;
+            return Outcome::IGNORE;
         }
         let ql4 = inner + 20;
         let Ok(qp) = ctx.load::<[u8; 4]>(ql4) else {
-            return TC_NEXT;
+            return Outcome::IGNORE;
         };
         // The quote is a packet this node sent after translation; its reverse is a packet
         // the node received. Backend → client side: that reverse is a reply key; client →
@@ -150,7 +146,7 @@ pub(crate) mod v4 {
                     };
                     (v.addr, v.port, na, np)
                 }
-                None => return TC_NEXT,
+                None => return Outcome::IGNORE,
             }
         };
         // Outer: to the quote's sender; an error sent by the quote's addressee itself comes
@@ -185,12 +181,12 @@ pub(crate) mod v4 {
         buf[22..24].copy_from_slice(&bp.to_be_bytes());
         // Inner L4 checksum left as is: receivers do not verify a truncated quote's checksum.
         let Ok(rest) = ctx.load::<[u8; 4]>(ql4 + 4) else {
-            return TC_NEXT;
+            return Outcome::IGNORE;
         };
         buf[24..].copy_from_slice(&rest);
         // The ICMP checksum covers the quote: fold in the difference of its first 28 bytes.
         let Ok(mut old) = ctx.load::<[u8; 28]>(inner) else {
-            return TC_NEXT;
+            return Outcome::IGNORE;
         };
         // SAFETY: both buffers are 28 bytes on our stack.
         let d =
@@ -199,7 +195,7 @@ pub(crate) mod v4 {
             || ctx.l4_csum_replace(l4 + 2, 0, d as u64, 0).is_err()
             || ctx.store(inner, &buf, 0).is_err()
         {
-            return shot(Stat::TcRewriteFailed);
+            return Outcome::drop(Stat::TcRewriteFailed);
         }
         // Outer header: plain L3 rewrite (ICMP has no pseudo-header).
         for (off, old, new) in [(SRC_OFF, ip.src, outer_src), (DST_OFF, ip.dst, a)] {
@@ -212,25 +208,15 @@ pub(crate) mod v4 {
                 .is_err()
                 || ctx.store(off, &new, 0).is_err()
             {
-                return shot(Stat::TcRewriteFailed);
+                return Outcome::drop(Stat::TcRewriteFailed);
             }
         }
-        count(Stat::TcIcmpXlated);
         if dir == Dir::Egress {
-            return TC_NEXT;
+            return Outcome::pass(Stat::TcIcmpXlated);
         }
-        let p = Pkt {
-            src: outer_src,
-            dst: a,
-            sport: 0,
-            dport: 0,
-            proto: IPPROTO_ICMP,
-            tcp_flags: 0,
-            l4,
-        };
-        match route(ctx, outer_src, a, &p).0 {
-            Ok(r) => forward(ctx, r),
-            Err(d) => drop_verdict(d),
+        match V4::route(ctx, &outer_src, &a, IPPROTO_ICMP) {
+            Ok(r) => Outcome::send(r, Stat::TcIcmpXlated),
+            Err(d) => Outcome::drop(d.tc()),
         }
     }
 }
@@ -243,9 +229,9 @@ pub(crate) mod v6 {
     /// quote is the IPv6 header and 8 bytes of UDP or the 20-byte fixed TCP header (see the
     /// IPv4 `reject` for why).
     #[inline(never)]
-    pub(crate) fn reject(ctx: &TcContext, ip: &Hdr) -> i32 {
-        let Ok(macs) = ctx.load::<[u8; 12]>(0) else {
-            return shot(Stat::TcRejectDropped);
+    pub(crate) fn reject(ctx: &TcContext) -> bool {
+        let (Ok(ip), Ok(macs)) = (ctx.load::<Hdr>(IP_OFF), ctx.load::<[u8; 12]>(0)) else {
+            return false;
         };
         let tcp = ip.next == IPPROTO_TCP;
         // [eth 14][ip6 40][icmp6 8][quoted ip6 40][quoted l4 8 or 20]: 110 or 122 bytes.
@@ -253,12 +239,12 @@ pub(crate) mod v6 {
         if tcp {
             match ctx.load::<[u8; 60]>(IP_OFF) {
                 Ok(q) => out[62..].copy_from_slice(&q),
-                Err(_) => return shot(Stat::TcRejectDropped),
+                Err(_) => return false,
             }
         } else {
             match ctx.load::<[u8; 48]>(IP_OFF) {
                 Ok(q) => out[62..110].copy_from_slice(&q),
-                Err(_) => return shot(Stat::TcRejectDropped),
+                Err(_) => return false,
             }
         }
         let len: u8 = if tcp { 68 } else { 56 };
@@ -278,25 +264,18 @@ pub(crate) mod v6 {
         // Pseudo-header: src, dst, upper-layer length, next header 58; then the message.
         let mut lens = [0, 0, 0, len, 0, 0, 0, IPPROTO_ICMPV6];
         let sum = partial(&mut lens, partial(&mut out[22..54], 0));
-        let ok = if tcp {
+        if tcp {
             let c = finish(partial(&mut out[54..122], sum));
             out[56..58].copy_from_slice(&c);
             make_room(ctx, 14 + 60, 48) && ctx.store(0, &out, 0).is_ok()
         } else {
             let c = finish(partial(&mut out[54..110], sum));
             out[56..58].copy_from_slice(&c);
-            let head: [u8; 110] = match out[..110].try_into() {
-                Ok(h) => h,
-                Err(_) => return shot(Stat::TcRejectDropped),
+            let Ok(head) = <[u8; 110]>::try_from(&out[..110]) else {
+                return false;
             };
             make_room(ctx, 14 + 48, 48) && ctx.store(0, &head, 0).is_ok()
-        };
-        if !ok {
-            return shot(Stat::TcRejectDropped);
         }
-        count(Stat::TcRejectNoBackend);
-        // SAFETY: plain integers; back out of the interface the packet came in on.
-        unsafe { bpf_redirect(skb_ifindex(ctx), 0) as i32 }
     }
 
     /// Working set of [`icmp_error`], off the BPF stack.
@@ -316,23 +295,23 @@ pub(crate) mod v6 {
     /// ICMPv6 errors (destination unreachable 1, packet too big 2, time exceeded 3, parameter
     /// problem 4) quoting a packet of a translated flow: translated back like IPv4's.
     #[inline(never)]
-    pub(crate) fn icmp_error(ctx: &TcContext, ip: &Hdr, dir: Dir) -> i32 {
-        let Ok(icmp) = ctx.load::<[u8; 4]>(L4_OFF) else {
-            return TC_NEXT;
+    pub(crate) fn icmp_error(ctx: &TcContext, dir: Dir) -> Outcome {
+        let (Ok(ip), Ok(icmp)) = (ctx.load::<Hdr>(IP_OFF), ctx.load::<[u8; 4]>(L4_OFF)) else {
+            return Outcome::IGNORE;
         };
         if !matches!(icmp[0], 1..=4) {
-            return TC_NEXT;
+            return Outcome::IGNORE;
         }
         let inner = L4_OFF + 8;
         let ql4 = inner + 40;
         let (Ok(next), Ok(qp)) = (ctx.load::<u8>(inner + 6), ctx.load::<[u8; 4]>(ql4)) else {
-            return TC_NEXT;
+            return Outcome::IGNORE;
         };
         if next != IPPROTO_TCP && next != IPPROTO_UDP {
-            return TC_NEXT;
+            return Outcome::IGNORE;
         }
         let Some(sc) = LB6_ICMP_SCRATCH.get_ptr_mut(0) else {
-            return TC_NEXT;
+            return Outcome::IGNORE;
         };
         // SAFETY: this CPU's slot; a TC program runs to completion without re-entry.
         let sc = unsafe { &mut *sc };
@@ -344,7 +323,7 @@ pub(crate) mod v6 {
                 sc.qsrc = a;
                 sc.qdst = b;
             }
-            _ => return TC_NEXT,
+            _ => return Outcome::IGNORE,
         }
         sc.k = Ct6Key {
             src: sc.qdst,
@@ -366,7 +345,7 @@ pub(crate) mod v6 {
             sc.k.dir = CT_DIR_FWD;
             // SAFETY: as above.
             let Some(v) = (unsafe { LB6_CT_V1.get(&sc.k) }) else {
-                return TC_NEXT;
+                return Outcome::IGNORE;
             };
             sc.a = v.addr;
             ap = v.port;
@@ -399,16 +378,14 @@ pub(crate) mod v6 {
                 .is_err()
             || ctx.store(ql4, &ports, 0).is_err()
         {
-            return shot(Stat::TcRewriteFailed);
+            return Outcome::drop(Stat::TcRewriteFailed);
         }
-        count(Stat::TcIcmpXlated);
         if dir == Dir::Egress {
-            return TC_NEXT;
+            return Outcome::pass(Stat::TcIcmpXlated);
         }
-        let mut r = Routed::new();
-        if !route(ctx, &sc.outer_src, &sc.a, IPPROTO_ICMPV6, &mut r) {
-            return drop_verdict(Reason::NoRoute);
+        match V6::route(ctx, &sc.outer_src, &sc.a, IPPROTO_ICMPV6) {
+            Ok(r) => Outcome::send(r, Stat::TcIcmpXlated),
+            Err(d) => Outcome::drop(d.tc()),
         }
-        forward(ctx, r.route)
     }
 }

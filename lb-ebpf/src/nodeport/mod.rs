@@ -8,8 +8,8 @@
 //! 2. **forward** entry hit, backend still present: the flow's backend (and SNAT) again.
 //! 3. external-scope frontend hit {dst, dport, proto, scope 1}: source ranges (LPM; miss →
 //!    DROP), no endpoint → DROP (Local policy, endpoints elsewhere) or REJECT (ICMP port
-//!    unreachable from the frontend address); else a backend (client-IP affinity or random
-//!    slot), a route to it, SNAT to the route's source address when the backend is not on this
+//!    unreachable from the frontend address); else a backend (client-IP affinity, Maglev or a
+//!    random slot: `crate::select`), a route to it, SNAT to the route's source address when the backend is not on this
 //!    node, both conntrack entries, rewrite, redirect.
 //! 4. anything else passes untouched.
 //!
@@ -21,32 +21,34 @@
 //!
 //! Malformed, truncated, fragmented or non-TCP/UDP packets pass to the stack untouched: the
 //! datapath never drops what it does not understand (the kernel's own checks apply).
+//!
+//! Each step decides an [`Outcome`] (a verdict kind, a route, one counter); `flow::finish`
+//! carries it out and counts it — the only place a tc program counts a verdict. The steps are
+//! written once over [`crate::family::Family`] (in `flow.rs`); `v4.rs` and `v6.rs` only parse,
+//! route and rewrite their family's headers. Per-packet state lives in a per-CPU [`Work`]
+//! value, not on the 512-byte BPF stack.
 #![expect(
     clippy::wildcard_imports,
-    reason = "the packet path's parts (families, routing, conntrack, checksums, selection, ICMP) share one vocabulary: each uses `super::*`, and this module gathers its parts' helpers"
+    reason = "the packet path's parts (routing, conntrack, checksums, flows, ICMP, families) share one vocabulary: each uses `super::*`, and this module gathers its parts' helpers"
 )]
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_SHOT, bpf_fib_lookup as FibParams},
     helpers::{
-        bpf_csum_diff, bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect,
-        bpf_redirect_neigh, bpf_skb_change_head, bpf_skb_change_tail,
+        bpf_csum_diff, bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_head,
+        bpf_skb_change_tail,
     },
-    maps::lpm_trie::Key as LpmKey,
     programs::TcContext,
 };
 use lb_common::{
-    AffMatchKey, AffValue, AffxKey, BE_FLAG_LOCAL, Backend4, CT_DIR_FWD, CT_DIR_REPLY,
-    CT_F_CLOSING, CT_F_SEEN_REPLY, CT_F_SNAT, CT_REFRESH_NS, Ct4Key, Ct4Value, Ct6Key, Ct6Value,
-    CtTimeouts, IPPROTO_TCP, IPPROTO_UDP, NAT_PORT_TRIES, SCOPE_EXTERNAL, SRCR4_FRONTEND_BITS,
-    SRCR6_FRONTEND_BITS, SVC_FLAG_MAGLEV, SVC_FLAG_NO_LOCAL, SVC_FLAG_SRC_RANGES, SrcRange4,
-    SrcRange6, Stat, Svc4Key, Svc6Key, SvcValue, ct_timeout_s,
-    maglev::{MAGLEV_CHUNK, MaglevKey, flow_hash4, flow_hash6},
-    nat_port, select_slot,
+    BE_FLAG_LOCAL, CT_DIR_FWD, CT_DIR_REPLY, CT_F_CLOSING, CT_F_SEEN_REPLY, CT_F_SNAT,
+    CT_REFRESH_NS, CtTimeouts, IPPROTO_TCP, IPPROTO_UDP, NAT_PORT_TRIES, SCOPE_EXTERNAL,
+    SVC_FLAG_NO_LOCAL, SVC_FLAG_SRC_RANGES, Stat, ct_timeout_s, nat_port,
 };
 
-use crate::maps::{
-    LB_AFF_MATCH_V1, LB_AFFX_V1, LB_MAGLEV_V1, LB4_BE_V1, LB4_CT_V1, LB4_SRCR_V1, LB4_SVC_V1,
-    LB6_BE_V1, LB6_CT_V1, LB6_SRCR_V1, LB6_SVC_V1, count, count_frontend,
+use crate::{
+    family::{Backend, CtKey, CtVal, Family, SvcKey, V4, V6},
+    maps::{LB_AFFX_V1, count, count_frontend},
+    select::{Hash, Pins, now, random},
 };
 
 /// `TCX_NEXT` (= `TC_ACT_UNSPEC`): not ours, or translated for the stack — the next program
@@ -61,10 +63,6 @@ const IPPROTO_ICMPV6: u8 = 58;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
-/// Not a verdict: the caller must send the ICMP unreachable (out of line, so that the deep
-/// new-flow frame and the reject frame are never on the BPF stack together).
-const REJECT: i32 = i32::MIN + 1;
-
 /// Where the program is attached (changes only what happens after a reply translation).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Dir {
@@ -72,7 +70,7 @@ pub(crate) enum Dir {
     Egress,
 }
 
-/// Why a packet was consumed instead of passed.
+/// Why a packet of a frontend's flow was dropped.
 #[derive(Clone, Copy)]
 pub(crate) enum Reason {
     NoLocal,
@@ -83,30 +81,82 @@ pub(crate) enum Reason {
     BackendMissing,
 }
 
-#[inline(always)]
-fn drop_verdict(d: Reason) -> i32 {
-    count_drop(d);
-    TC_ACT_SHOT
+impl Reason {
+    /// The tc program's counter for a drop of this reason.
+    #[inline(always)]
+    const fn tc(self) -> Stat {
+        match self {
+            Self::NoLocal => Stat::TcDropNoLocal,
+            Self::SourceRange => Stat::TcDropSourceRange,
+            Self::NoRoute => Stat::TcNoRoute,
+            Self::PortExhausted => Stat::TcNatPortExhausted,
+            Self::CtFull => Stat::TcCtFull,
+            Self::BackendMissing => Stat::TcBackendMissing,
+        }
+    }
 }
 
-/// Counts a tc drop by its reason.
-#[inline(always)]
-fn count_drop(d: Reason) {
-    count(match d {
-        Reason::NoLocal => Stat::TcDropNoLocal,
-        Reason::SourceRange => Stat::TcDropSourceRange,
-        Reason::NoRoute => Stat::TcNoRoute,
-        Reason::PortExhausted => Stat::TcNatPortExhausted,
-        Reason::CtFull => Stat::TcCtFull,
-        Reason::BackendMissing => Stat::TcBackendMissing,
-    });
+/// What the program does with a packet: its verdict and the one counter it bumps. A plain
+/// struct of small integers, returned in a register (an enum with payloads is copied with its
+/// unset bytes, which the verifier rejects as reads of uninitialised registers; a larger
+/// struct would need a return pointer, which BPF calls do not have).
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub(crate) struct Outcome {
+    pub(crate) kind: Kind,
+    /// For `Kind::Send`: where (the rest of the route is in the fib scratch space).
+    pub(crate) route: RouteKind,
+    /// Counted for `Pass`, `Drop` and `Send` (a `Send` whose redirect fails counts
+    /// `TcRewriteFailed` instead).
+    pub(crate) stat: Stat,
 }
 
-/// Drops a packet, counted under `stat` (every drop has its reason).
-#[inline(always)]
-fn shot(stat: Stat) -> i32 {
-    count(stat);
-    TC_ACT_SHOT
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum Kind {
+    /// Not a frontend's packet: untouched, uncounted, to the next program or the stack.
+    Ignore,
+    /// Translated for the stack (egress replies): to the next program or the stack.
+    Pass,
+    /// Dropped.
+    Drop,
+    /// Translated and sent on along `route`.
+    Send,
+    /// No endpoint: turned into an ICMP unreachable back to the client.
+    Reject,
+}
+
+impl Outcome {
+    pub(crate) const IGNORE: Self = Self::new(Kind::Ignore, Stat::TcXlated);
+    pub(crate) const REJECT: Self = Self::new(Kind::Reject, Stat::TcRejectNoBackend);
+
+    #[inline(always)]
+    pub(crate) const fn new(kind: Kind, stat: Stat) -> Self {
+        Self {
+            kind,
+            route: RouteKind::Local,
+            stat,
+        }
+    }
+
+    #[inline(always)]
+    pub(crate) const fn drop(stat: Stat) -> Self {
+        Self::new(Kind::Drop, stat)
+    }
+
+    #[inline(always)]
+    pub(crate) const fn pass(stat: Stat) -> Self {
+        Self::new(Kind::Pass, stat)
+    }
+
+    #[inline(always)]
+    pub(crate) const fn send(route: RouteKind, stat: Stat) -> Self {
+        Self {
+            kind: Kind::Send,
+            route,
+            stat,
+        }
+    }
 }
 
 #[inline(always)]
@@ -123,38 +173,24 @@ pub(crate) fn handle(ctx: &TcContext, dir: Dir) -> i32 {
         return TC_NEXT;
     };
     match u16::from_be_bytes(proto) {
-        ETH_P_IP => v4::handle(ctx, dir),
-        ETH_P_IPV6 => v6::handle(ctx, dir),
+        ETH_P_IP => flow::handle::<V4>(ctx, dir),
+        ETH_P_IPV6 => flow::handle::<V6>(ctx, dir),
         _ => TC_NEXT,
     }
 }
 
-macro_rules! ct_touch {
-    ($map:ident, $key:expr, $proto:expr, $tcp_flags:expr, $reply:expr) => {
-        if let Some(v) = $map.get_ptr_mut($key) {
-            // SAFETY: a value of our own LRU map; torn writes of these plain fields by two
-            // CPUs at once only make an entry live a little longer or shorter.
-            let v = unsafe { &mut *v };
-            if let Some((f, e)) = refresh($proto, v.flags, $tcp_flags, $reply, v.expires_ns, now())
-            {
-                v.flags = f;
-                v.expires_ns = e;
-            }
-        }
-    };
-}
-
 mod csum;
 mod ct;
+mod flow;
 mod icmp;
 mod route;
-mod select;
-pub(crate) mod v4;
+mod v4;
 mod v6;
 
 use csum::*;
 use ct::*;
-pub(crate) use route::fib_params;
+use flow::{Parsed, Wire};
+pub(crate) use flow::{Pkt, Selected, Tuple, Work, commit, established, reply, select};
 use route::*;
-pub(crate) use select::choose;
-use select::*;
+pub(crate) use route::{RouteKind, fib_params};
+pub(crate) use v4::work as work4;

@@ -1,4 +1,4 @@
-//! Routing a translated packet: `bpf_fib_lookup` into a [`Route`], and sending it on.
+//! Routing a translated packet: `bpf_fib_lookup` into a [`RouteKind`], and sending it on.
 use super::*;
 
 /// `bpf_fib_lookup` flag: fill in the source address the route would use. Linux 6.7, commit
@@ -11,67 +11,42 @@ pub(crate) const FIB_NOT_FWDED: i64 = 4;
 
 pub(crate) const FIB_NO_NEIGH: i64 = 7;
 
-/// What to do with a translated packet. A plain struct, every field always written: a Rust
-/// enum with payloads is copied with its unset bytes, which the verifier rejects as reads of
-/// uninitialised registers.
-#[derive(Clone, Copy)]
-pub(crate) struct Route {
-    pub(crate) kind: RouteKind,
-    pub(crate) ifindex: u32,
-    pub(crate) smac: [u8; 6],
-    pub(crate) dmac: [u8; 6],
-}
-
+/// Where a translated packet goes. The rest of the route (interface, MAC addresses, the
+/// source address the route uses) stays in the fib scratch space ([`fib_params`]) until the
+/// packet is sent: one lookup per packet.
 #[derive(Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub(crate) enum RouteKind {
-    /// Redirect out `ifindex` with these MAC addresses.
+    /// Redirect out the looked-up interface with the looked-up MAC addresses.
     Fib,
-    /// Redirect out `ifindex`, resolving the neighbour in the kernel.
+    /// Redirect out the looked-up interface, resolving the neighbour in the kernel.
     Neigh,
     /// The destination is this node: up the stack.
     Local,
 }
 
-impl Route {
-    pub(crate) const LOCAL: Self = Self {
-        kind: RouteKind::Local,
-        ifindex: 0,
-        smac: [0; 6],
-        dmac: [0; 6],
-    };
-
-    pub(crate) const fn with_ifindex(self, ifindex: u32) -> Self {
-        Self { ifindex, ..self }
-    }
-
-    pub(crate) const fn is_local(&self) -> bool {
-        matches!(self.kind, RouteKind::Local)
-    }
-}
-
-/// Sends a translated packet on its way.
+/// Sends a translated packet on its way along the last lookup's route; `None` when the
+/// Ethernet header could not be written.
 #[inline(always)]
-pub(crate) fn forward(ctx: &TcContext, route: Route) -> i32 {
-    match route.kind {
-        RouteKind::Fib => {
-            let mut eth = [0u8; 12];
-            eth[..6].copy_from_slice(&route.dmac);
-            eth[6..].copy_from_slice(&route.smac);
-            if ctx.store(0, &eth, 0).is_err() {
-                return shot(Stat::TcRewriteFailed);
-            }
-            // SAFETY: plain integers; the verdict is the helper's return value.
-            unsafe { bpf_redirect(route.ifindex, 0) as i32 }
-        }
+pub(crate) fn forward(ctx: &TcContext, route: RouteKind) -> Option<i32> {
+    if route == RouteKind::Local {
+        return Some(TC_NEXT);
+    }
+    let p = LB_FIB_SCRATCH.get_ptr(0)?;
+    // SAFETY: this CPU's slot, filled in by this packet's lookup.
+    let (ifindex, smac, dmac) = unsafe { ((*p).ifindex, (*p).smac, (*p).dmac) };
+    if route == RouteKind::Neigh {
         // SAFETY: the context pointer of this program; no nexthop parameters (the kernel
         // looks the route up itself). Linux 5.10, commit b4ab31414970 ("bpf: Add
         // redirect_neigh helper as redirect drop-in").
-        RouteKind::Neigh => unsafe {
-            bpf_redirect_neigh(route.ifindex, core::ptr::null_mut(), 0, 0) as i32
-        },
-        RouteKind::Local => TC_NEXT,
+        return Some(unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 });
     }
+    let mut eth = [0u8; 12];
+    eth[..6].copy_from_slice(&dmac);
+    eth[6..].copy_from_slice(&smac);
+    ctx.store(0, &eth, 0).ok()?;
+    // SAFETY: plain integers; the verdict is the helper's return value.
+    Some(unsafe { bpf_redirect(ifindex, 0) as i32 })
 }
 
 /// Per-CPU space for `bpf_fib_lookup`'s parameters: 64 bytes off the BPF stack, and map memory
@@ -102,10 +77,10 @@ pub(crate) fn fib_params() -> Option<&'static mut FibParams> {
     Some(p)
 }
 
-/// Runs `bpf_fib_lookup` and turns the answer into a [`Route`]; `params` keeps the source
-/// address the route uses (for SNAT).
+/// Runs `bpf_fib_lookup` with `params` (this CPU's [`fib_params`]); the route's interface,
+/// MAC addresses and source address stay there for [`forward`] and SNAT.
 #[inline(always)]
-pub(crate) fn fib(ctx: &TcContext, params: &mut FibParams) -> Result<Route, Reason> {
+pub(crate) fn fib(ctx: &TcContext, params: &mut FibParams) -> Result<RouteKind, Reason> {
     // SAFETY: `params` is a valid, fully initialised struct of the size passed.
     let rc = unsafe {
         bpf_fib_lookup(
@@ -116,18 +91,9 @@ pub(crate) fn fib(ctx: &TcContext, params: &mut FibParams) -> Result<Route, Reas
         )
     };
     match rc {
-        FIB_SUCCESS => Ok(Route {
-            kind: RouteKind::Fib,
-            ifindex: params.ifindex,
-            smac: params.smac,
-            dmac: params.dmac,
-        }),
-        FIB_NO_NEIGH => Ok(Route {
-            kind: RouteKind::Neigh,
-            ..Route::LOCAL
-        }
-        .with_ifindex(params.ifindex)),
-        FIB_NOT_FWDED => Ok(Route::LOCAL),
+        FIB_SUCCESS => Ok(RouteKind::Fib),
+        FIB_NO_NEIGH => Ok(RouteKind::Neigh),
+        FIB_NOT_FWDED => Ok(RouteKind::Local),
         _ => Err(Reason::NoRoute),
     }
 }
