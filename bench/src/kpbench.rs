@@ -164,6 +164,8 @@ impl Agent {
             .arg("--bpffs")
             .arg(&bpffs.path)
             .args(["--node-name", "bench", "--nodeport-interfaces", "none"])
+            .arg("--state-file")
+            .arg(logs.path.join("state.json"))
             .args([
                 "--metrics-addr",
                 "127.0.0.1:0",

@@ -11,12 +11,13 @@
 use std::sync::Arc;
 
 use k8s_openapi::api::{
-    core::v1::{Node, Service},
+    core::v1::{Endpoints, Node, Pod, Service},
     discovery::v1::EndpointSlice,
 };
 
 #[cfg(any(test, feature = "proptest"))]
 pub mod arbitrary;
+pub mod control;
 pub mod maglev;
 pub mod manifest;
 pub mod model;
@@ -28,13 +29,33 @@ pub mod sync;
 pub struct Objects {
     pub services: Vec<Arc<Service>>,
     pub slices: Vec<Arc<EndpointSlice>>,
-    /// This node, when the source knows it (API source).
+    /// This node, when the source knows it (the API source's watch, or the manifest Node named
+    /// `--node-name`).
     pub node: Option<Arc<Node>>,
+    /// Manifest source only (the standalone control plane, [`control`]): Pods that selectors
+    /// turn into EndpointSlices, legacy `v1 Endpoints` to mirror, and every Node object (zones).
+    /// The API source leaves them empty: on a cluster, its controllers already made the slices.
+    pub pods: Vec<Arc<Pod>>,
+    pub endpoints: Vec<Arc<Endpoints>>,
+    pub nodes: Vec<Arc<Node>>,
 }
 
 impl Objects {
     pub(crate) fn extend(&mut self, other: &Self) {
         self.services.extend(other.services.iter().cloned());
         self.slices.extend(other.slices.iter().cloned());
+        self.pods.extend(other.pods.iter().cloned());
+        self.endpoints.extend(other.endpoints.iter().cloned());
+        self.nodes.extend(other.nodes.iter().cloned());
+    }
+
+    /// Nothing at all.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty()
+            && self.slices.is_empty()
+            && self.pods.is_empty()
+            && self.endpoints.is_empty()
+            && self.nodes.is_empty()
     }
 }

@@ -1,8 +1,10 @@
 //! The manifest source: a directory of files (`lb-agent run --manifests DIR`), read in full on
 //! every change (level-triggered).
 //!
-//! Each `*.yaml`, `*.yml`, `*.json` file may hold several documents and `kind: List` objects as
-//! `kubectl get -o yaml` writes them. A file that cannot be parsed at all (say, half-saved by an
+//! Each `*.yaml`, `*.yml`, `*.json` file may hold several documents, `kind: List` objects as
+//! `kubectl get -o yaml` writes them, or (JSON) a top-level array of objects. The kinds read are
+//! Service, EndpointSlice, and for the standalone control plane Pod, Endpoints and Node; any
+//! other kind is named and skipped, and a file that yields no object at all is reported. A file that cannot be parsed at all (say, half-saved by an
 //! editor) keeps contributing what it held last time it parsed, so that an editing mistake never
 //! withdraws Services; the error names the file.
 use std::{
@@ -12,7 +14,10 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Endpoints, Node, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
 
 pub use crate::Objects;
 use serde::Deserialize as _;
@@ -46,7 +51,12 @@ pub enum Error {
         name: String,
         message: String,
     },
+    #[error("{path}: no Kubernetes object lb reads in this file ({KINDS}); skipped")]
+    Nothing { path: PathBuf },
 }
+
+/// The kinds the manifest source reads, for messages.
+pub const KINDS: &str = "Service, EndpointSlice, Endpoints, Pod, Node";
 
 /// Reads a manifest directory, remembering each file's last good contents.
 ///
@@ -121,7 +131,7 @@ impl ManifestDir {
                         && self.last_good.contains_key(&path) =>
                 {
                     let (_, errs) = &self.parsed[&path];
-                    errors.extend(errs.iter().filter_map(Error::clone_object));
+                    errors.extend(errs.iter().filter_map(Error::clone_per_file));
                     all.extend(&self.last_good[&path]);
                 }
                 Ok(text) => match parse_str(&path, &text, &mut errors) {
@@ -130,8 +140,8 @@ impl ManifestDir {
                         all.extend(&objs);
                         let errs = errors
                             .iter()
-                            .filter(|e| matches!(e, Error::Object { path: p, .. } if *p == path))
-                            .filter_map(Error::clone_object)
+                            .filter_map(Error::clone_per_file)
+                            .filter(|e| e.file() == Some(path.as_path()))
                             .collect();
                         self.parsed.insert(path.clone(), (text, errs));
                         self.last_good.insert(path, objs);
@@ -181,9 +191,18 @@ impl ManifestDir {
 }
 
 impl Error {
-    /// A copy of an [`Error::Object`] (the per-object errors a cached file keeps reporting).
-    fn clone_object(&self) -> Option<Self> {
+    /// The file a per-file problem is about ([`Error::Object`], [`Error::Nothing`]).
+    fn file(&self) -> Option<&Path> {
         match self {
+            Self::Object { path, .. } | Self::Nothing { path } => Some(path),
+            _ => None,
+        }
+    }
+
+    /// A copy of a per-file problem (what a cached, unchanged file keeps reporting).
+    fn clone_per_file(&self) -> Option<Self> {
+        match self {
+            Self::Nothing { path } => Some(Self::Nothing { path: path.clone() }),
             Self::Object {
                 path,
                 doc,
@@ -245,11 +264,17 @@ pub fn parse_str(path: &Path, text: &str, errors: &mut Vec<Error>) -> Result<Obj
             .collect()
     });
     let mut out = Objects::default();
+    let mut problems = 0;
     for r in parsed {
         let (o, e) = r?;
-        out.services.extend(o.services);
-        out.slices.extend(o.slices);
+        out.extend(&o);
+        problems += e.len();
         errors.extend(e);
+    }
+    if out.is_empty() && problems == 0 {
+        errors.push(Error::Nothing {
+            path: path.to_owned(),
+        });
     }
     Ok(out)
 }
@@ -305,6 +330,11 @@ fn parse_document(
                     o.slices.push(Arc::new(s));
                 },
             );
+        }
+        Some(("Pod", "v1")) => {
+            return typed::<Pod>(path, doc, text, "Pod", out, errors, |o, p| {
+                o.pods.push(Arc::new(p));
+            });
         }
         _ => {}
     }
@@ -400,6 +430,16 @@ fn describe(v: &serde_yaml::Value) -> (String, String) {
     (kind, format!("{ns}/{name}"))
 }
 
+/// Deserializes `v` as `T` and pushes it, or names the object's problem.
+fn take<T: serde::de::DeserializeOwned>(
+    v: serde_yaml::Value,
+    to: &mut Vec<Arc<T>>,
+) -> Result<(), String> {
+    serde_yaml::from_value::<T>(v)
+        .map(|t| to.push(Arc::new(t)))
+        .map_err(|e| e.to_string())
+}
+
 fn collect(
     path: &Path,
     doc: usize,
@@ -407,6 +447,13 @@ fn collect(
     out: &mut Objects,
     errors: &mut Vec<Error>,
 ) {
+    // A JSON file whose top level is an array of objects: a list without the envelope.
+    if let serde_yaml::Value::Sequence(items) = v {
+        for item in items {
+            collect(path, doc, item, out, errors);
+        }
+        return;
+    }
     let (kind, name) = describe(&v);
     let api = v
         .get("apiVersion")
@@ -420,41 +467,39 @@ fn collect(
         name: name.clone(),
         message,
     };
-    match (kind.as_str(), api.as_str()) {
-        ("List" | "ServiceList" | "EndpointSliceList", _) => {
-            let items = match v.get("items") {
-                Some(serde_yaml::Value::Sequence(_)) => match v {
-                    serde_yaml::Value::Mapping(mut m) => match m.remove("items") {
-                        Some(serde_yaml::Value::Sequence(items)) => items,
-                        _ => unreachable!("checked above"),
-                    },
-                    _ => unreachable!("get() succeeded on a mapping"),
-                },
-                None | Some(serde_yaml::Value::Null) => Vec::new(),
-                Some(_) => {
-                    errors.push(fail("items: expected a list".into()));
-                    return;
-                }
+    let r = match (kind.as_str(), api.as_str()) {
+        (k, _) if k == "List" || k.ends_with("List") => {
+            let items = match v {
+                serde_yaml::Value::Mapping(mut m) => m.remove("items"),
+                _ => None,
             };
-            for item in items {
-                collect(path, doc, item, out, errors);
+            match items {
+                Some(serde_yaml::Value::Sequence(items)) => {
+                    for item in items {
+                        collect(path, doc, item, out, errors);
+                    }
+                    Ok(())
+                }
+                None | Some(serde_yaml::Value::Null) => Ok(()),
+                Some(_) => Err("items: expected a list".to_owned()),
             }
         }
-        ("Service", "v1") => match serde_yaml::from_value::<Service>(v) {
-            Ok(s) => out.services.push(Arc::new(s)),
-            Err(e) => errors.push(fail(e.to_string())),
-        },
-        ("EndpointSlice", "discovery.k8s.io/v1") => {
-            match serde_yaml::from_value::<EndpointSlice>(v) {
-                Ok(s) => out.slices.push(Arc::new(s)),
-                Err(e) => errors.push(fail(e.to_string())),
-            }
+        ("Service", "v1") => take::<Service>(v, &mut out.services),
+        ("EndpointSlice", "discovery.k8s.io/v1") => take::<EndpointSlice>(v, &mut out.slices),
+        ("Pod", "v1") => take::<Pod>(v, &mut out.pods),
+        ("Endpoints", "v1") => take::<Endpoints>(v, &mut out.endpoints),
+        ("Node", "v1") => take::<Node>(v, &mut out.nodes),
+        ("Service" | "EndpointSlice" | "Pod" | "Endpoints" | "Node", _) => {
+            Err(format!("unsupported apiVersion {api:?}"))
         }
-        ("Service" | "EndpointSlice", _) => {
-            errors.push(fail(format!("unsupported apiVersion {api:?}")));
-        }
-        // Other kinds (Deployments, ConfigMaps, …) may share the directory; they are not ours.
-        _ => {}
+        // Other kinds (Deployments, ConfigMaps, …) may share the directory: named once, so a
+        // typo in `kind:` does not silently lose an object.
+        _ => Err(format!(
+            "kind {kind:?} (apiVersion {api:?}) is not one lb reads ({KINDS}); skipped"
+        )),
+    };
+    if let Err(message) = r {
+        errors.push(fail(message));
     }
 }
 
@@ -550,9 +595,53 @@ mod tests {
     }
 
     #[test]
-    fn other_kinds_are_ignored() {
-        let (o, errors) = parse("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n");
-        assert!(errors.is_empty() && o.services.is_empty() && o.slices.is_empty());
+    fn other_kinds_are_named_and_skipped() {
+        let (o, errors) = parse(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {name: a}\n",
+        );
+        assert_eq!(o.services.len(), 1);
+        let [e] = errors.as_slice() else {
+            panic!("one error expected: {errors:?}")
+        };
+        let msg = e.to_string();
+        assert!(
+            msg.contains("Deployment default/d") && msg.contains("is not one lb reads"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn pods_endpoints_and_nodes_are_read() {
+        let (o, errors) = parse(
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p, labels: {app: a}}\nspec: {containers: [{name: c}]}\nstatus: {podIP: 198.18.0.5}\n---\n\
+             apiVersion: v1\nkind: Endpoints\nmetadata: {name: db}\nsubsets: [{addresses: [{ip: 198.18.0.9}], ports: [{port: 5432}]}]\n---\n\
+             apiVersion: v1\nkind: NodeList\nitems:\n- apiVersion: v1\n  kind: Node\n  metadata: {name: n1}\n",
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!((o.pods.len(), o.endpoints.len(), o.nodes.len()), (1, 1, 1));
+    }
+
+    #[test]
+    fn a_json_array_of_objects_is_a_list() {
+        let (o, errors) = parse(
+            r#"[{"apiVersion":"v1","kind":"Service","metadata":{"name":"a"}},
+                {"apiVersion":"v1","kind":"Pod","metadata":{"name":"p"},"spec":{"containers":[]}}]"#,
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!((o.services.len(), o.pods.len()), (1, 1));
+    }
+
+    #[test]
+    fn a_file_with_no_object_is_reported() {
+        for text in ["", "# just a comment\n", "[]"] {
+            let (o, errors) = parse(text);
+            assert!(o.is_empty());
+            assert!(
+                matches!(errors.as_slice(), [Error::Nothing { .. }]),
+                "{text:?}: {errors:?}"
+            );
+        }
     }
 
     #[test]

@@ -42,6 +42,22 @@ pub enum SourceOpt {
     Api { kubeconfig: Option<PathBuf> },
 }
 
+/// One `--nodeport-addresses` value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodePortAddress {
+    /// The node's addresses inside this prefix.
+    Cidr(model::Cidr),
+    /// The Node's primary addresses (first InternalIP per family).
+    Primary,
+}
+
+/// Manifest mode's control plane: what it allocates from and where it keeps what it allocated.
+#[derive(Debug, Clone)]
+pub struct Standalone {
+    pub ranges: lb_model::control::Ranges,
+    pub state_file: PathBuf,
+}
+
 /// Everything `run` needs.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -74,11 +90,65 @@ pub struct Options {
     pub healthcheck_bind: std::net::IpAddr,
     /// A change not in the datapath after this long makes `/healthz` and `/livez` fail.
     pub health_timeout: Duration,
+    /// `--nodeport-addresses` (empty: the default, see [`node_addresses`]).
+    pub nodeport_addresses: Vec<NodePortAddress>,
+    /// Manifest mode: the standalone control plane's ranges and state file.
+    pub standalone: Standalone,
+}
+
+/// The addresses NodePorts are served on, as kube-proxy picks them: `--node-address` values,
+/// plus with `--nodeport-addresses` the node's addresses in those CIDRs (and the Node's
+/// primary addresses for `primary`); without it the Node's primary addresses, or — when neither
+/// a Node nor a `--node-address` is known — every address of the node.
+#[must_use]
+pub fn node_addresses(
+    flags: &[std::net::IpAddr],
+    nodeport_addresses: &[NodePortAddress],
+    node: Option<&k8s_openapi::api::core::v1::Node>,
+    local: &[std::net::IpAddr],
+) -> Vec<std::net::IpAddr> {
+    let mut out = flags.to_vec();
+    let mut add = |ip: std::net::IpAddr| {
+        if !out.contains(&ip) {
+            out.push(ip);
+        }
+    };
+    if nodeport_addresses.is_empty() {
+        if node.is_some() {
+            model::primary_addresses(node)
+                .into_iter()
+                .for_each(&mut add);
+        } else if flags.is_empty() {
+            local.iter().copied().for_each(&mut add);
+        }
+    } else {
+        for ip in local {
+            if nodeport_addresses
+                .iter()
+                .any(|a| matches!(a, NodePortAddress::Cidr(c) if c.contains(*ip)))
+            {
+                add(*ip);
+            }
+        }
+        if nodeport_addresses.contains(&NodePortAddress::Primary) {
+            model::primary_addresses(node)
+                .into_iter()
+                .for_each(&mut add);
+        }
+    }
+    out
 }
 
 /// The running source.
 enum Source {
-    Manifests(ManifestDir),
+    /// The files, and the control plane that turns them into what a cluster's API would serve.
+    Manifests {
+        dir: ManifestDir,
+        control: Box<lb_model::control::ControlPlane>,
+        state_file: PathBuf,
+        node_name: String,
+        health: Arc<Mutex<Health>>,
+    },
     Api(ApiSource),
 }
 
@@ -86,9 +156,36 @@ impl Source {
     /// A complete snapshot and the problems met taking it.
     fn snapshot(&mut self) -> (Objects, Vec<String>) {
         match self {
-            Self::Manifests(m) => {
-                let (o, errors) = m.read();
-                (o, errors.iter().map(|e| chain(e)).collect())
+            Self::Manifests {
+                dir,
+                control,
+                state_file,
+                node_name,
+                health,
+            } => {
+                let (files, errors) = dir.read();
+                let (o, control_errors, changed) = control.run(&files, node_name);
+                // Persisted before anything is programmed: a value the datapath serves is
+                // never handed to another Service after a crash.
+                if changed {
+                    let r = lb_model::control::save_state(state_file, control.state());
+                    let problem = r.err().map(|e| {
+                        format!(
+                            "cannot write the allocation state {}: {e}",
+                            state_file.display()
+                        )
+                    });
+                    health
+                        .lock()
+                        .expect("health lock")
+                        .fault("allocation state", problem);
+                }
+                let errors = errors
+                    .iter()
+                    .map(|e| chain(e))
+                    .chain(control_errors.iter().map(ToString::to_string))
+                    .collect();
+                (o, errors)
             }
             Self::Api(a) => (a.snapshot(), Vec::new()),
         }
@@ -120,6 +217,10 @@ struct State {
     model_cache: model::Cache,
     /// `--node-address` values.
     node_addresses_flag: Vec<std::net::IpAddr>,
+    /// `--nodeport-addresses` values.
+    nodeport_addresses: Vec<NodePortAddress>,
+    /// This node's own addresses (at start).
+    local_addresses: Vec<std::net::IpAddr>,
     /// healthCheckNodePort listeners.
     health_checks: crate::healthcheck::HealthChecks,
 }
@@ -244,13 +345,12 @@ impl State {
             .node
             .as_ref()
             .and_then(|n| n.metadata.labels.as_ref()?.get(model::LABEL_ZONE).cloned());
-        // Node addresses: the flags, plus the Node's primary addresses when the source knows it.
-        self.cfg.node_addresses = self.node_addresses_flag.clone();
-        for ip in crate::model::primary_addresses(objs.node.as_deref()) {
-            if !self.cfg.node_addresses.contains(&ip) {
-                self.cfg.node_addresses.push(ip);
-            }
-        }
+        self.cfg.node_addresses = node_addresses(
+            &self.node_addresses_flag,
+            &self.nodeport_addresses,
+            objs.node.as_deref(),
+            &self.local_addresses,
+        );
         let (mut desired, model_errors) = model::build(
             &objs.services,
             &objs.slices,
@@ -437,12 +537,24 @@ fn load(opts: &Options, host: u64, ifaces: &[String]) -> Result<BpfMaps> {
     .map_err(|e| Error::Load(Box::new(e)))
 }
 
-/// `--nodeport-interfaces`: as given, none, or detected from the node addresses.
-fn nodeport_interfaces(opts: &Options) -> Vec<String> {
+/// `--nodeport-interfaces`: as given, none, or detected from the node addresses known at
+/// start (the flags; in manifest mode also the defaults of [`node_addresses`] without a Node).
+fn nodeport_interfaces(opts: &Options, local: &[std::net::IpAddr]) -> Vec<String> {
     match &opts.nodeport_interfaces {
         Some(v) if v.iter().any(|i| i == "none") => Vec::new(),
         Some(v) => v.iter().filter(|i| !i.is_empty()).cloned().collect(),
-        None => loader::detect_nodeport_interfaces(&opts.model.node_addresses),
+        None => {
+            let addrs = match opts.source {
+                SourceOpt::Manifests(_) => node_addresses(
+                    &opts.model.node_addresses,
+                    &opts.nodeport_addresses,
+                    None,
+                    local,
+                ),
+                SourceOpt::Api { .. } => opts.model.node_addresses.clone(),
+            };
+            loader::detect_nodeport_interfaces(&addrs)
+        }
     }
 }
 
@@ -510,7 +622,25 @@ async fn start_source(
                     dir: dir.clone(),
                     source,
                 })?;
-            Ok(Some((Source::Manifests(ManifestDir::new(dir)), Some(w))))
+            let st = &opts.standalone;
+            let state = lb_model::control::load_state(&st.state_file)
+                .map_err(|e| Error::State(Box::new(e)))?;
+            info!(
+                state_file = %st.state_file.display(),
+                services = state.services.len(),
+                "standalone control plane: allocations loaded"
+            );
+            let source = Source::Manifests {
+                dir: ManifestDir::new(dir),
+                control: Box::new(lb_model::control::ControlPlane::new(
+                    st.ranges.clone(),
+                    state,
+                )),
+                state_file: st.state_file.clone(),
+                node_name: opts.node_name.clone(),
+                health: health.clone(),
+            };
+            Ok(Some((source, Some(w))))
         }
         SourceOpt::Api { kubeconfig } => {
             let client = crate::source::api::client(kubeconfig.as_deref()).await?;
@@ -532,7 +662,8 @@ async fn start_source(
 /// during a sync is handled when that sync has finished, so nothing is left half-written.
 pub async fn run(opts: Options) -> Result<()> {
     let host = loader::netns_cookie(&opts.host_netns).map_err(|e| Error::HostNetns(Box::new(e)))?;
-    let ifaces = nodeport_interfaces(&opts);
+    let local_addresses = loader::node_local_addresses();
+    let ifaces = nodeport_interfaces(&opts, &local_addresses);
     let maps = load(&opts, host, &ifaces)?;
     info!(interfaces = ?ifaces, "packet path attached");
     let shadow = maps
@@ -575,6 +706,8 @@ pub async fn run(opts: Options) -> Result<()> {
         applied: None,
         model_cache: model::Cache::default(),
         node_addresses_flag: opts.model.node_addresses.clone(),
+        nodeport_addresses: opts.nodeport_addresses.clone(),
+        local_addresses,
         health_checks: crate::healthcheck::HealthChecks::new(opts.healthcheck_bind, health.clone()),
     };
     let metrics = state.metrics.clone();
@@ -608,4 +741,47 @@ pub async fn run(opts: Options) -> Result<()> {
     }
     info!("exiting; the datapath stays attached (run `lb-agent cleanup` to remove it)");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use super::{NodePortAddress, node_addresses};
+
+    fn ips(v: &[&str]) -> Vec<IpAddr> {
+        v.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn node_port_addresses_follow_kube_proxy() {
+        let local = ips(&["198.18.0.1", "198.18.9.1", "2001:db8::1"]);
+        let node: k8s_openapi::api::core::v1::Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "198.18.0.1"}]}
+        }))
+        .unwrap();
+        // Neither a Node nor a flag: every address of the node.
+        assert_eq!(node_addresses(&[], &[], None, &local), local);
+        // A Node: its primary addresses; flags add to them.
+        assert_eq!(
+            node_addresses(&ips(&["198.18.0.7"]), &[], Some(&node), &local),
+            ips(&["198.18.0.7", "198.18.0.1"])
+        );
+        // A flag alone: only it.
+        assert_eq!(
+            node_addresses(&ips(&["198.18.0.7"]), &[], None, &local),
+            ips(&["198.18.0.7"])
+        );
+        // --nodeport-addresses: the node's addresses in the CIDRs, and `primary`.
+        let cidr = NodePortAddress::Cidr(lb_model::model::Cidr::parse("198.18.9.0/24").unwrap());
+        assert_eq!(
+            node_addresses(&[], &[cidr], Some(&node), &local),
+            ips(&["198.18.9.1"])
+        );
+        assert_eq!(
+            node_addresses(&[], &[cidr, NodePortAddress::Primary], Some(&node), &local),
+            ips(&["198.18.9.1", "198.18.0.1"])
+        );
+    }
 }

@@ -104,9 +104,39 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH", default_value = "/proc/self/ns/net")]
     pub host_netns: PathBuf,
     /// Node address serving NodePorts to in-node clients (repeatable). Added to the Node's
-    /// primary addresses (first InternalIP per family) when the API source knows the Node.
+    /// primary addresses (first InternalIP per family) when the source knows the Node (the API,
+    /// or a manifest `kind: Node` named --node-name). With neither, NodePorts are served on
+    /// every address of the node, as kube-proxy's iptables mode does.
     #[arg(long = "node-address", value_name = "IP")]
     pub node_addresses: Vec<std::net::IpAddr>,
+    /// kube-proxy's --nodeport-addresses: NodePorts are served on the node's addresses inside
+    /// these CIDRs, and with `primary` on the Node's primary addresses (repeatable or
+    /// comma-separated). Default: the Node's primary addresses when the Node is known, else
+    /// every address of the node.
+    #[arg(long, value_name = "CIDR|primary", value_delimiter = ',', value_parser = parse_nodeport_address)]
+    pub nodeport_addresses: Vec<crate::agent::NodePortAddress>,
+    /// Manifest mode: the service CIDRs ClusterIPs are allocated from, at most one per family,
+    /// the primary family first (repeatable or comma-separated). When given, requested
+    /// ClusterIPs must be inside them; by default (10.96.0.0/12 and fd00:10:96::/112) a
+    /// manifest's own ClusterIPs are served as they are and only missing ones are allocated.
+    #[arg(long, value_name = "CIDR", value_delimiter = ',', value_parser = parse_cidr)]
+    pub service_cidr: Vec<lb_model::model::Cidr>,
+    /// Manifest mode: NodePorts (and healthCheckNodePorts) are allocated from this range.
+    #[arg(long, value_name = "FIRST-LAST", default_value = "30000-32767", value_parser = parse_port_range)]
+    pub service_node_port_range: (u16, u16),
+    /// Manifest mode: LoadBalancer ingress IPs are allocated from these pools (a CIDR or
+    /// `first-last`; repeatable or comma-separated), honouring `spec.loadBalancerIP`. Without a
+    /// pool, LoadBalancer Services stay pending, as on a cluster with no load-balancer controller.
+    #[arg(long, value_name = "CIDR|RANGE", value_delimiter = ',', value_parser = parse_ip_range)]
+    pub lb_ip_pool: Vec<lb_model::control::IpRange>,
+    /// Manifest mode: the file that keeps the allocations (ClusterIPs, NodePorts, LoadBalancer
+    /// IPs), so that they survive restarts; written atomically before the maps change.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/var/lib/lb/standalone-state.json"
+    )]
+    pub state_file: PathBuf,
     /// Prometheus metrics (kube-proxy's names): GET /metrics.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:10249")]
     pub metrics_addr: std::net::SocketAddr,
@@ -203,6 +233,40 @@ pub struct CleanupArgs {
     pub cgroup: Option<PathBuf>,
 }
 
+fn parse_cidr(s: &str) -> Result<lb_model::model::Cidr, String> {
+    lb_model::model::Cidr::parse(s).map_err(|e| format!("{s:?}: {e}"))
+}
+
+fn parse_ip_range(s: &str) -> Result<lb_model::control::IpRange, String> {
+    lb_model::control::IpRange::parse(s)
+}
+
+fn parse_nodeport_address(s: &str) -> Result<crate::agent::NodePortAddress, String> {
+    if s == "primary" {
+        return Ok(crate::agent::NodePortAddress::Primary);
+    }
+    parse_cidr(s).map(crate::agent::NodePortAddress::Cidr)
+}
+
+/// `30000-32767`.
+fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?}: expected FIRST-LAST"))?;
+    let port = |p: &str| {
+        p.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("{p:?} is not a port (1-65535)"))
+    };
+    let (a, b) = (port(a)?, port(b)?);
+    if a > b {
+        return Err(format!("{s:?}: the first port is above the last"));
+    }
+    Ok((a, b))
+}
+
 fn parse_maglev_size(s: &str) -> Result<u32, String> {
     let m: u32 = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
     crate::maglev::check_size(m)
@@ -221,6 +285,14 @@ mod tests {
         assert!(parse_timeout("60").is_err());
         assert!(parse_timeout("1.5h").is_err());
         assert!(parse_timeout("200h").is_err());
+    }
+
+    #[test]
+    fn port_ranges_parse() {
+        assert_eq!(super::parse_port_range("30000-32767"), Ok((30_000, 32_767)));
+        assert!(super::parse_port_range("32767-30000").is_err());
+        assert!(super::parse_port_range("0-10").is_err());
+        assert!(super::parse_port_range("30000").is_err());
     }
 
     #[test]

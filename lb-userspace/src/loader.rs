@@ -532,6 +532,23 @@ pub fn detect_nodeport_interfaces(addrs: &[std::net::IpAddr]) -> Vec<String> {
     out
 }
 
+/// The addresses of this node that NodePorts may be served on: every address of this network
+/// namespace but loopback and link-local ones (kube-proxy iptables mode's default).
+#[must_use]
+pub fn node_local_addresses() -> Vec<std::net::IpAddr> {
+    let mut out: Vec<std::net::IpAddr> = Vec::new();
+    for (_, ip) in interface_addresses() {
+        let link_local = match ip {
+            std::net::IpAddr::V4(a) => a.is_link_local(),
+            std::net::IpAddr::V6(a) => a.is_unicast_link_local(),
+        };
+        if !ip.is_loopback() && !link_local && !out.contains(&ip) {
+            out.push(ip);
+        }
+    }
+    out
+}
+
 /// (interface name, address) of every address of this network namespace (`getifaddrs`).
 fn interface_addresses() -> Vec<(String, std::net::IpAddr)> {
     let mut out = Vec::new();

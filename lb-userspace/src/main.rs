@@ -90,8 +90,27 @@ fn real_main(cli: cli::Cli) -> anyhow::Result<()> {
     }
 }
 
+/// `--service-cidr`, `--service-node-port-range`, `--lb-ip-pool` → the control plane's ranges.
+fn standalone_ranges(a: &cli::RunArgs) -> anyhow::Result<lb_model::control::Ranges> {
+    let mut r = lb_model::control::Ranges {
+        node_ports: a.service_node_port_range,
+        lb_pools: a.lb_ip_pool.clone(),
+        ..lb_model::control::Ranges::default()
+    };
+    if !a.service_cidr.is_empty() {
+        let v6s: Vec<bool> = a.service_cidr.iter().map(|c| c.addr.is_ipv6()).collect();
+        if v6s.len() > 2 || (v6s.len() == 2 && v6s[0] == v6s[1]) {
+            anyhow::bail!("--service-cidr: at most one CIDR per family");
+        }
+        r.service_cidrs.clone_from(&a.service_cidr);
+        r.check_cluster_ips = true;
+    }
+    Ok(r)
+}
+
 /// `run`'s flags → the agent's options.
 fn run_options(a: cli::RunArgs) -> anyhow::Result<agent::Options> {
+    let ranges = standalone_ranges(&a)?;
     let cgroup = match a.cgroup {
         Some(c) => c,
         None => {
@@ -143,6 +162,11 @@ fn run_options(a: cli::RunArgs) -> anyhow::Result<agent::Options> {
         healthz_addr: a.healthz_addr,
         healthcheck_bind: a.healthcheck_bind_address,
         health_timeout: a.health_timeout,
+        nodeport_addresses: a.nodeport_addresses.clone(),
+        standalone: agent::Standalone {
+            ranges,
+            state_file: a.state_file.clone(),
+        },
     };
     Ok(opts)
 }

@@ -539,6 +539,9 @@ impl Cluster {
             .arg("--bpffs")
             .arg(&self.bpffs.path)
             .args(["--node-name", "node-a"])
+            // The standalone control plane's allocations: this bed's own, across restarts.
+            .arg("--state-file")
+            .arg(self.state_file())
             // The agent runs in the root namespace here: never let it pick interfaces there.
             .args(["--nodeport-interfaces", "none"])
             // Ephemeral ports: tests run in parallel; the bound addresses are in the log.
@@ -557,6 +560,12 @@ impl Cluster {
             .expect("spawn lb-agent");
         self.agent = Some(Proc { child });
         log_path
+    }
+
+    /// Where the agent keeps its standalone allocations (`--state-file`).
+    #[must_use]
+    pub fn state_file(&self) -> PathBuf {
+        self.logs.path.join("standalone-state.json")
     }
 
     /// Kills the agent with SIGKILL (the datapath stays attached: pinned links).

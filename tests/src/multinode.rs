@@ -233,6 +233,8 @@ impl MultiNode {
             .arg("--bpffs")
             .arg(&node.bpffs.path)
             .args(["--node-name", &node.name])
+            .arg("--state-file")
+            .arg(node.log.with_extension("state.json"))
             .args(["--node-address", &node_v4(n + 1)])
             .args(["--node-address", &node_v6(n + 1)])
             .args(["--nodeport-interfaces", "eth0"])

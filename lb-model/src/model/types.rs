@@ -180,6 +180,28 @@ impl Cidr {
     }
 }
 
+impl Cidr {
+    /// Whether `ip` is inside this prefix (same family).
+    #[must_use]
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let m = u32::MAX
+                    .checked_shl(u32::from(32 - self.prefix))
+                    .unwrap_or(0);
+                u32::from(a) & m == u32::from(n)
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let m = u128::MAX
+                    .checked_shl(u32::from(128 - self.prefix))
+                    .unwrap_or(0);
+                u128::from(a) & m == u128::from(n)
+            }
+            _ => false,
+        }
+    }
+}
+
 impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix)

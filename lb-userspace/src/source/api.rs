@@ -289,6 +289,7 @@ impl ApiSource {
                 .state()
                 .into_iter()
                 .next(),
+            ..Objects::default()
         }
     }
 }
