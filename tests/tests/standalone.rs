@@ -27,7 +27,7 @@ fn load_tutorial(c: &Cluster) {
         .flatten()
     {
         let name = e.file_name().into_string().expect("utf8 name");
-        if name.ends_with(".yaml") {
+        if e.path().extension().is_some_and(|x| x == "yaml") {
             c.write_manifest(&name, &fs::read_to_string(e.path()).expect("read example"));
         }
     }
