@@ -223,6 +223,8 @@ struct State {
     local_addresses: Vec<std::net::IpAddr>,
     /// healthCheckNodePort listeners.
     health_checks: crate::healthcheck::HealthChecks,
+    /// Manifest mode: what the control plane serves, for `lb-agent get` (`None` in API mode).
+    served: Option<Arc<std::sync::RwLock<crate::get::Served>>>,
 }
 
 /// Objects by namespace/name.
@@ -266,6 +268,12 @@ impl State {
         let started = Instant::now();
         let (objs, source_errors) = self.src.snapshot();
         self.t_source = started.elapsed();
+        if let Some(served) = &self.served {
+            *served.write().expect("served lock") = crate::get::Served {
+                services: objs.services.clone(),
+                slices: objs.slices.clone(),
+            };
+        }
         let ok = self.sync_snapshot(&objs, source_errors, started, full);
         self.metrics
             .sync_duration
@@ -475,16 +483,28 @@ fn trim_heap() {
     }
 }
 
-/// Starts the metrics and health listeners (failing at once when an address is taken).
-async fn serve_http(opts: &Options) -> Result<(Arc<Metrics>, Arc<Mutex<Health>>)> {
+/// Starts the metrics and health listeners (failing at once when an address is taken). In
+/// manifest mode the metrics listener also serves what the control plane serves, under the API
+/// server's paths, for `lb-agent get`.
+async fn serve_http(
+    opts: &Options,
+    served: Option<Arc<std::sync::RwLock<crate::get::Served>>>,
+) -> Result<(Arc<Metrics>, Arc<Mutex<Health>>)> {
     let health = Arc::new(Mutex::new(Health::new(opts.health_timeout)));
     let metrics = Arc::new(Metrics::new(opts.bpffs.clone(), health.clone()));
     let m = metrics.clone();
+    let json = |v: serde_json::Value| http::Response::new(200, "application/json", v.to_string());
     http::serve(
         "metrics",
         opts.metrics_addr,
-        Arc::new(move |path| match path {
-            "/metrics" => m.render(),
+        Arc::new(move |path| match (path, &served) {
+            ("/metrics", _) => m.render(),
+            (crate::get::SERVICES_PATH, Some(s)) => {
+                json(crate::get::list(&s.read().expect("served lock").services))
+            }
+            (crate::get::SLICES_PATH, Some(s)) => {
+                json(crate::get::list(&s.read().expect("served lock").slices))
+            }
             _ => http::Response::new(404, "text/plain", "not found\n".into()),
         }),
     )
@@ -679,7 +699,9 @@ pub async fn run(opts: Options) -> Result<()> {
     );
     let capacity = maps.capacity();
 
-    let (metrics, health) = serve_http(&opts).await?;
+    let served = matches!(opts.source, SourceOpt::Manifests(_))
+        .then(|| Arc::new(std::sync::RwLock::new(crate::get::Served::default())));
+    let (metrics, health) = serve_http(&opts, served.clone()).await?;
 
     // Every source wakes the loop through a 1-slot channel: a burst leaves one pending wake-up.
     let (tx, mut rx) = mpsc::channel::<()>(1);
@@ -709,6 +731,7 @@ pub async fn run(opts: Options) -> Result<()> {
         nodeport_addresses: opts.nodeport_addresses.clone(),
         local_addresses,
         health_checks: crate::healthcheck::HealthChecks::new(opts.healthcheck_bind, health.clone()),
+        served,
     };
     let metrics = state.metrics.clone();
     state = sync_off_runtime(state, true).await?;

@@ -20,6 +20,56 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Detach every hook and remove every pin the agent made.
     Cleanup(CleanupArgs),
+    /// Print the Services and EndpointSlices the standalone control plane serves (allocated
+    /// addresses and ports, slices made from Pods), as `kubectl get` prints them: from the
+    /// running agent, or computed from --manifests and --state-file without one.
+    Get(GetArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum GetWhat {
+    /// Services, as `kubectl get services`.
+    #[value(alias = "svc", alias = "service")]
+    Services,
+    /// EndpointSlices, as `kubectl get endpointslices`.
+    #[value(alias = "endpointslices", alias = "ep")]
+    Endpoints,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum GetOutput {
+    /// The table with more columns (a Service's selector).
+    Wide,
+    /// The objects as a cluster would store them, in a `List`.
+    Json,
+    Yaml,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct GetArgs {
+    #[arg(value_enum)]
+    pub what: GetWhat,
+    /// Namespace to list.
+    #[arg(short = 'n', long, default_value = "default")]
+    pub namespace: String,
+    /// List every namespace.
+    #[arg(short = 'A', long)]
+    pub all_namespaces: bool,
+    /// Output format (default: a table).
+    #[arg(short = 'o', long, value_enum)]
+    pub output: Option<GetOutput>,
+    /// The running agent's --metrics-addr (it serves what it programmed there).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:10249")]
+    pub metrics_addr: std::net::SocketAddr,
+    /// Without asking an agent: read this manifest directory and --state-file (read-only)
+    /// and print what an agent started with the same flags would serve.
+    #[arg(long, value_name = "DIR")]
+    pub manifests: Option<PathBuf>,
+    /// This node's name (its Node object), for --manifests.
+    #[arg(long, env = "NODE_NAME", value_name = "N", default_value = "")]
+    pub node_name: String,
+    #[command(flatten)]
+    pub standalone: StandaloneArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -115,6 +165,29 @@ pub struct RunArgs {
     /// every address of the node.
     #[arg(long, value_name = "CIDR|primary", value_delimiter = ',', value_parser = parse_nodeport_address)]
     pub nodeport_addresses: Vec<crate::agent::NodePortAddress>,
+    /// The standalone control plane (manifest mode).
+    #[command(flatten)]
+    pub standalone: StandaloneArgs,
+    /// Prometheus metrics (kube-proxy's names): GET /metrics.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:10249")]
+    pub metrics_addr: std::net::SocketAddr,
+    /// Node health as kube-proxy serves it: GET /healthz and /livez.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:10256")]
+    pub healthz_addr: std::net::SocketAddr,
+    /// Address the healthCheckNodePort listeners bind to (port: each Service's).
+    #[arg(long, value_name = "IP", default_value = "0.0.0.0")]
+    pub healthcheck_bind_address: std::net::IpAddr,
+    /// A change not in the datapath after this long fails /healthz and /livez.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub health_timeout: std::time::Duration,
+    /// Full resync interval in seconds, in addition to file events.
+    #[arg(long, default_value_t = 30)]
+    pub resync_seconds: u64,
+}
+
+/// What the standalone control plane allocates from and where it keeps it (`run` and `get`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct StandaloneArgs {
     /// Manifest mode: the service CIDRs ClusterIPs are allocated from, at most one per family,
     /// the primary family first (repeatable or comma-separated). When given, requested
     /// ClusterIPs must be inside them; by default (10.96.0.0/12 and fd00:10:96::/112) a
@@ -137,21 +210,6 @@ pub struct RunArgs {
         default_value = "/var/lib/lb/standalone-state.json"
     )]
     pub state_file: PathBuf,
-    /// Prometheus metrics (kube-proxy's names): GET /metrics.
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:10249")]
-    pub metrics_addr: std::net::SocketAddr,
-    /// Node health as kube-proxy serves it: GET /healthz and /livez.
-    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:10256")]
-    pub healthz_addr: std::net::SocketAddr,
-    /// Address the healthCheckNodePort listeners bind to (port: each Service's).
-    #[arg(long, value_name = "IP", default_value = "0.0.0.0")]
-    pub healthcheck_bind_address: std::net::IpAddr,
-    /// A change not in the datapath after this long fails /healthz and /livez.
-    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
-    pub health_timeout: std::time::Duration,
-    /// Full resync interval in seconds, in addition to file events.
-    #[arg(long, default_value_t = 30)]
-    pub resync_seconds: u64,
 }
 
 /// `30s`, `10m`, `6h` → whole seconds, at least 1.

@@ -9,6 +9,7 @@ pub mod agent;
 pub mod cli;
 pub mod conntrack;
 pub mod error;
+pub mod get;
 pub mod healthcheck;
 pub mod http;
 pub mod inspect;

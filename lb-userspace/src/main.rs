@@ -72,6 +72,30 @@ fn real_main(cli: cli::Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        cli::Command::Get(a) => {
+            let served = match &a.manifests {
+                Some(dir) => lb_userspace::get::compute(
+                    dir,
+                    &a.standalone.state_file,
+                    standalone_ranges(&a.standalone)?,
+                    &a.node_name,
+                ),
+                None => lb_userspace::get::fetch(a.metrics_addr),
+            }
+            .map_err(|e| anyhow::anyhow!(lb_userspace::error::chain(&e)))?;
+            let ns = (!a.all_namespaces).then_some(a.namespace.as_str());
+            print!(
+                "{}",
+                lb_userspace::get::render(
+                    &served,
+                    a.what,
+                    ns,
+                    a.output,
+                    std::time::SystemTime::now()
+                )?
+            );
+            Ok(())
+        }
         cli::Command::Cleanup(a) => {
             let removed = loader::cleanup(&a.bpffs)
                 .map_err(|e| anyhow::anyhow!(lb_userspace::error::chain(&e)))?;
@@ -91,7 +115,7 @@ fn real_main(cli: cli::Cli) -> anyhow::Result<()> {
 }
 
 /// `--service-cidr`, `--service-node-port-range`, `--lb-ip-pool` → the control plane's ranges.
-fn standalone_ranges(a: &cli::RunArgs) -> anyhow::Result<lb_model::control::Ranges> {
+fn standalone_ranges(a: &cli::StandaloneArgs) -> anyhow::Result<lb_model::control::Ranges> {
     let mut r = lb_model::control::Ranges {
         node_ports: a.service_node_port_range,
         lb_pools: a.lb_ip_pool.clone(),
@@ -110,7 +134,7 @@ fn standalone_ranges(a: &cli::RunArgs) -> anyhow::Result<lb_model::control::Rang
 
 /// `run`'s flags → the agent's options.
 fn run_options(a: cli::RunArgs) -> anyhow::Result<agent::Options> {
-    let ranges = standalone_ranges(&a)?;
+    let ranges = standalone_ranges(&a.standalone)?;
     let cgroup = match a.cgroup {
         Some(c) => c,
         None => {
@@ -165,7 +189,7 @@ fn run_options(a: cli::RunArgs) -> anyhow::Result<agent::Options> {
         nodeport_addresses: a.nodeport_addresses.clone(),
         standalone: agent::Standalone {
             ranges,
-            state_file: a.state_file.clone(),
+            state_file: a.standalone.state_file.clone(),
         },
     };
     Ok(opts)

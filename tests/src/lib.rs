@@ -585,19 +585,24 @@ impl Cluster {
         Some(out)
     }
 
-    /// `GET path` from the agent's `what` listener ("metrics" or "healthz"; the bound address is
-    /// read from the agent's log). Returns the raw response (status line, headers, body).
-    pub fn http_get(&self, what: &str, path: &str) -> String {
-        use std::io::{Read as _, Write as _};
+    /// The address the agent's `what` listener ("metrics" or "healthz") bound, from its log.
+    #[must_use]
+    pub fn listen_addr(&self, what: &str) -> String {
         let log = self.agent_log();
         let tag = format!("what={what} addr=");
-        let addr = log
-            .lines()
+        log.lines()
             .filter_map(|l| l.split(&tag).nth(1))
             .next_back()
             .and_then(|s| s.split_whitespace().next())
             .unwrap_or_else(|| panic!("no {what} address in the agent log:\n{log}"))
-            .to_owned();
+            .to_owned()
+    }
+
+    /// `GET path` from the agent's `what` listener ("metrics" or "healthz"; the bound address is
+    /// read from the agent's log). Returns the raw response (status line, headers, body).
+    pub fn http_get(&self, what: &str, path: &str) -> String {
+        use std::io::{Read as _, Write as _};
+        let addr = self.listen_addr(what);
         let mut s =
             std::net::TcpStream::connect(&addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
         write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("write request");

@@ -139,6 +139,104 @@ fn tutorial_manifests_serve_as_written_and_keep_their_allocations() {
         assert!(r.iter().all(|r| r["ok"] == true), "{target}: {r:?}");
     }
 
+    // What the control plane did, as `kubectl get` would show it: from the running agent, and
+    // computed from the files and the state file alone.
+    let get = |args: &[&str]| {
+        let out = std::process::Command::new(lb_tests::lb_agent())
+            .arg("get")
+            .args(args)
+            .output()
+            .expect("spawn lb-agent get");
+        assert!(
+            out.status.success(),
+            "get {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf8")
+    };
+    let metrics = c.listen_addr("metrics");
+    let svcs = get(&["services", "-n", "tutorial", "--metrics-addr", &metrics]);
+    let row = |name: &str| {
+        svcs.lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("no {name} row:\n{svcs}"))
+            .split_whitespace()
+            .take(5)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert!(svcs.starts_with("NAME "), "{svcs}");
+    assert_eq!(
+        row("web"),
+        format!("web ClusterIP {vip4} <none> 80/TCP,53/UDP")
+    );
+    assert_eq!(row("db"), format!("db ClusterIP {db} <none> 5432/TCP"));
+    assert!(
+        row("web-nodeport").ends_with(&format!(
+            "NodePort {} <none> 80:{np}/TCP",
+            first_ip(&record(&c, "web-nodeport"), "clusterIPs")
+        )),
+        "{svcs}"
+    );
+    assert!(
+        row("web-lb").contains(" LoadBalancer ") && row("web-lb").contains(" 198.19.255.10 "),
+        "{svcs}"
+    );
+    let eps = get(&["endpoints", "-n", "tutorial", "--metrics-addr", &metrics]);
+    assert!(
+        eps.lines().any(|l| l.starts_with("web-")
+            && l.contains(" IPv4 ")
+            && l.contains("8080,5353")
+            && l.contains("198.18.0.11,198.18.0.12,198.18.0.13")),
+        "{eps}"
+    );
+    assert!(
+        eps.lines()
+            .any(|l| l.starts_with("db-") && l.contains("198.18.0.13")),
+        "{eps}"
+    );
+    let yaml = get(&[
+        "endpoints",
+        "-n",
+        "tutorial",
+        "-o",
+        "yaml",
+        "--metrics-addr",
+        &metrics,
+    ]);
+    assert!(
+        yaml.contains("endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io"),
+        "{yaml}"
+    );
+    assert!(
+        yaml.contains("endpointslicemirroring-controller.k8s.io"),
+        "{yaml}"
+    );
+    let state_file = c.state_file();
+    let offline = get(&[
+        "services",
+        "-n",
+        "tutorial",
+        "--manifests",
+        c.manifests.path.to_str().expect("utf8 path"),
+        "--state-file",
+        state_file.to_str().expect("utf8 path"),
+        FLAGS[0],
+        FLAGS[1],
+        FLAGS[2],
+        FLAGS[3],
+    ]);
+    let cols = |t: &str| -> Vec<String> {
+        t.lines()
+            .map(|l| l.split_whitespace().take(5).collect::<Vec<_>>().join(" "))
+            .collect()
+    };
+    assert_eq!(
+        cols(&offline),
+        cols(&svcs),
+        "the same allocations without an agent"
+    );
+
     // Pod changes: web-1 turns unready, web-2 loses its label, web-3 is deleted.
     let frontend = format!("{vip4}:80/TCP");
     let web_yaml = fs::read_to_string(tutorial().join("web.yaml")).expect("web.yaml");
