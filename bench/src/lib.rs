@@ -2,7 +2,61 @@
 //! one run, on the test beds of `lb-tests`.
 //!
 //! * [`kpbench`]: lb against kube-proxy's own rule shapes at 100–50,000 Services;
+//! * [`standalone`]: the manifest mode's control plane (Pod readiness → datapath, cold start);
 //! * [`kubeproxy`]: those rule shapes (iptables and nftables modes), generated as kube-proxy
 //!   writes them.
 pub mod kpbench;
 pub mod kubeproxy;
+pub mod standalone;
+
+use std::{
+    fs,
+    time::{Duration, Instant},
+};
+
+use lb_tests::Cluster;
+
+/// The bed's pinned IPv4 service map.
+#[must_use]
+pub fn svc4_map(
+    c: &Cluster,
+) -> aya::maps::HashMap<aya::maps::MapData, lb_common::Svc4Key, lb_common::SvcValue> {
+    let map =
+        aya::maps::MapData::from_pin(c.bpffs.path.join(lb_common::MAP_SVC4)).expect("pinned map");
+    aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map)).expect("hash map")
+}
+
+/// Polls the pinned service map until the probe frontend (198.19.0.10:80/TCP) has `count`
+/// backends; returns when it does.
+pub fn wait_count(
+    map: &aya::maps::HashMap<aya::maps::MapData, lb_common::Svc4Key, lb_common::SvcValue>,
+    count: u16,
+) {
+    let key = lb_common::Svc4Key {
+        address: [198, 19, 0, 10],
+        dport: 80,
+        backend_slot: 0,
+        proto: 6,
+        scope: 0,
+        _pad: [0; 2],
+    };
+    let end = Instant::now() + Duration::from_secs(10);
+    while map.get(&key, 0).map_or(true, |v| v.count != count) {
+        assert!(Instant::now() < end, "change never reached the datapath");
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}
+
+/// The agent's resident set size in MiB.
+pub fn agent_rss_mib(c: &Cluster) -> u64 {
+    let pid = c.agent.as_ref().expect("agent").pid();
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        / 1024
+}

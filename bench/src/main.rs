@@ -21,6 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use lb_bench::{agent_rss_mib, svc4_map, wait_count};
 use lb_tests::{Cluster, Value, multinode::MultiNode, pod_v4, service, slice, wait_for};
 
 struct Args {
@@ -46,6 +47,12 @@ struct Args {
     /// Largest Service count for the nftables lane.
     kp_nft_max: usize,
     kp_lanes: Vec<lb_bench::kpbench::Lane>,
+    /// Pod readiness flips of the standalone section (0 = skip it).
+    standalone_flips: usize,
+    /// Services (× 4 Pods) of the standalone cold start (0 = skip it).
+    standalone_services: usize,
+    /// Only the standalone section.
+    only_standalone: bool,
     /// Where the results (JSON, Markdown) go.
     out_dir: Option<String>,
     /// Where the whole Markdown report is written (e.g. BENCHMARKS.md).
@@ -67,6 +74,9 @@ fn parse_args() -> Args {
         only_kube_proxy: false,
         kp_nft_max: 10_000,
         kp_lanes: lb_bench::kpbench::Lane::RULES.to_vec(),
+        standalone_flips: 100,
+        standalone_services: 10_000,
+        only_standalone: false,
         out_dir: None,
         benchmarks_md: None,
     };
@@ -105,6 +115,11 @@ fn parse_args() -> Args {
                     })
                     .collect();
             }
+            "--standalone-flips" => a.standalone_flips = val.parse().expect("--standalone-flips"),
+            "--standalone-services" => {
+                a.standalone_services = val.parse().expect("--standalone-services");
+            }
+            "--only-standalone" => a.only_standalone = val.parse().expect("--only-standalone"),
             "--out-dir" => a.out_dir = Some(val.clone()),
             "--benchmarks-md" => a.benchmarks_md = Some(val.clone()),
             f => panic!("unknown flag {f}"),
@@ -193,41 +208,6 @@ fn many_services(n: usize) -> String {
     s
 }
 
-/// Polls the pinned service map until the probe frontend (198.19.0.10:80/TCP) has `count`
-/// backends; returns when it does.
-fn wait_count(
-    map: &aya::maps::HashMap<aya::maps::MapData, lb_common::Svc4Key, lb_common::SvcValue>,
-    count: u16,
-) {
-    let key = lb_common::Svc4Key {
-        address: [198, 19, 0, 10],
-        dport: 80,
-        backend_slot: 0,
-        proto: 6,
-        scope: 0,
-        _pad: [0; 2],
-    };
-    let end = Instant::now() + Duration::from_secs(10);
-    while map.get(&key, 0).map_or(true, |v| v.count != count) {
-        assert!(Instant::now() < end, "change never reached the datapath");
-        std::thread::sleep(Duration::from_micros(100));
-    }
-}
-
-/// The agent's resident set size in MiB.
-fn agent_rss_mib(c: &Cluster) -> u64 {
-    let pid = c.agent.as_ref().expect("agent").pid();
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .unwrap_or(0)
-        / 1024
-}
-
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
@@ -257,10 +237,7 @@ fn api_latency(n: usize, loaded: usize) -> (f64, f64, f64, u64) {
     }
     c.kubeconfig = Some(api.kubeconfig.clone());
     c.start_agent();
-    let map =
-        aya::maps::MapData::from_pin(c.bpffs.path.join(lb_common::MAP_SVC4)).expect("pinned map");
-    let map: aya::maps::HashMap<_, lb_common::Svc4Key, lb_common::SvcValue> =
-        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map)).expect("hash map");
+    let map = svc4_map(&c);
     wait_count(&map, 1);
     let mut ms = Vec::with_capacity(n);
     for i in 0..n {
@@ -638,6 +615,13 @@ fn main() {
         println!("\n{}", nodeport_bench(&a));
         return;
     }
+    if a.only_standalone {
+        println!(
+            "\n{}",
+            lb_bench::standalone::bench(a.standalone_flips, a.standalone_services)
+        );
+        return;
+    }
     let mut c = Cluster::new("bench", 1);
     c.write_manifest(
         "web.yaml",
@@ -774,6 +758,13 @@ fn main() {
     if a.nodeport_rounds > 0 {
         let _ = writeln!(md);
         md.push_str(&nodeport_bench(&a));
+    }
+    if a.standalone_flips > 0 || a.standalone_services > 0 {
+        let _ = writeln!(md);
+        md.push_str(&lb_bench::standalone::bench(
+            a.standalone_flips,
+            a.standalone_services,
+        ));
     }
     let md = if kp.is_empty() {
         md

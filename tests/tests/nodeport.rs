@@ -450,7 +450,10 @@ fn snat_connection_burst_never_meets_the_backends_time_wait() {
     bed.start_agents();
     let addr = format!("{}:30087", node_v4(1));
     wait_served(&bed, &addr);
-    let r = &bed.ext_client(&["loop", &addr, "3000"])[0];
+    // At most 12,000 connections: each holds its NAT port for TIME_WAIT (60 s), so a burst
+    // bounded only by time fills the 31,744-port range on a fast machine (26,846 in 3 s here),
+    // and then a drop for want of a port is the right answer, not a fault.
+    let r = &bed.ext_client(&["loop", &addr, "3000", "12000"])[0];
     assert_eq!(r["failed"], 0, "{r}\n{}", bed.inspect(0, "stats"));
     assert!(
         r["ok"].as_u64().unwrap() > 1000,
@@ -478,7 +481,7 @@ fn snat_connection_burst_never_meets_the_backends_time_wait() {
         Some("0"),
         "backend refused SYNs in TIME_WAIT"
     );
-    assert_eq!(bed.drops(0, "nat_port_exhausted"), 0);
+    assert_eq!(bed.drops(0, "nat_port_exhausted"), 0, "{r}");
 }
 
 /// Conntrack entries of a packet-path flow live while packets flow (the flow keeps its NAT

@@ -58,6 +58,15 @@ enum Cmd {
         /// Run only the NodePort comparison.
         #[arg(long)]
         only_nodeport: bool,
+        /// Pod readiness flips of the standalone-control-plane section (0: skip).
+        #[arg(long, default_value_t = 100)]
+        standalone_flips: usize,
+        /// Services (each selecting 4 Pods) of the standalone cold start (0: skip).
+        #[arg(long, default_value_t = 10_000)]
+        standalone_services: usize,
+        /// Run only the standalone-control-plane section.
+        #[arg(long)]
+        only_standalone: bool,
         /// At most ~5 minutes: the kube-proxy-shapes comparison only, at 100, 1,000 and 10,000
         /// Services, 2 rounds × 1 s.
         #[arg(long)]
@@ -370,6 +379,9 @@ fn main() -> Result<()> {
             nodeport_rounds,
             nodeport_services,
             only_nodeport,
+            standalone_flips,
+            standalone_services,
+            only_standalone,
             quick,
             scales,
             kp_rounds,
@@ -427,6 +439,12 @@ fn main() -> Result<()> {
                     &nodeport_services.to_string(),
                     "--only-nodeport",
                     &only_nodeport.to_string(),
+                    "--standalone-flips",
+                    &standalone_flips.to_string(),
+                    "--standalone-services",
+                    &standalone_services.to_string(),
+                    "--only-standalone",
+                    &only_standalone.to_string(),
                 ]))
         }
     }

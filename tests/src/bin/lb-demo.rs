@@ -11,6 +11,14 @@ use std::{
 
 use lb_tests::{Cluster, Value, peer_ip, wait_for};
 
+/// The flags `examples/tutorial/README.md` gives: ranges inside the sandbox.
+const TUTORIAL_FLAGS: [&str; 4] = [
+    "--service-cidr",
+    "198.19.0.0/16,2001:db8:f::/112",
+    "--lb-ip-pool",
+    "198.19.255.0/28",
+];
+
 struct Row {
     what: &'static str,
     target: String,
@@ -97,7 +105,8 @@ fn main() {
         println!("manifest  {}", e.path().display());
     }
     let started = Instant::now();
-    c.start_agent();
+    // The standalone control plane's ranges: the sandbox's (README of examples/tutorial).
+    c.start_agent_with(&TUTORIAL_FLAGS);
     wait_for(Duration::from_secs(5), || {
         c.backends_of("198.19.0.20:80/TCP")
     })
@@ -206,9 +215,93 @@ fn main() {
             String::from_utf8_lossy(&out.stdout)
         );
     }
+    tutorial(&c, &examples.join("../tutorial"));
     drop(c);
     println!(
         "sandbox removed; demo took {:.1} s",
         t0.elapsed().as_secs_f64()
+    );
+}
+
+/// Part two: the manifests of `examples/tutorial` — Pods and selectors, Endpoints, NodePort and
+/// LoadBalancer Services with nothing allocated — loaded as they are.
+fn tutorial(c: &Cluster, dir: &std::path::Path) {
+    println!("Services as people write them: {}", dir.display());
+    for e in fs::read_dir(dir).expect("examples/tutorial").flatten() {
+        if e.path().extension().is_some_and(|x| x == "yaml") {
+            let name = e.file_name().into_string().expect("utf8 name");
+            c.write_manifest(&name, &fs::read_to_string(e.path()).expect("read example"));
+            println!("manifest  {}", e.path().display());
+        }
+    }
+    let metrics = c.listen_addr("metrics");
+    let get = |args: &[&str]| {
+        let out = Command::new(lb_tests::lb_agent())
+            .arg("get")
+            .args(args)
+            .args(["--metrics-addr", &metrics])
+            .output()
+            .expect("lb-agent get");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // Wait until the control plane has made and served all of it.
+    let svcs = wait_for(Duration::from_secs(5), || {
+        let t = get(&["services", "-n", "tutorial"]);
+        (t.lines().count() == 6 && t.contains("198.19.255.10")).then_some(t)
+    })
+    .expect("tutorial Services served");
+    let col = |name: &str, i: usize| -> String {
+        svcs.lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .and_then(|l| l.split_whitespace().nth(i).map(str::to_owned))
+            .unwrap_or_default()
+    };
+    let port_of = |name: &str| -> String {
+        // PORT(S) `80:31234/TCP` → the nodePort.
+        col(name, 4)
+            .split([':', '/'])
+            .nth(1)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let targets = [
+        (
+            "selector + named targetPort",
+            format!("{}:80", col("web", 2)),
+        ),
+        (
+            "selector-less + Endpoints",
+            format!("{}:5432", col("db", 2)),
+        ),
+        (
+            "NodePort, port allocated",
+            format!("{}:{}", lb_tests::NODE_V4, port_of("web-nodeport")),
+        ),
+        (
+            "LoadBalancer, loadBalancerIP",
+            format!("{}:80", col("web-lb", 3)),
+        ),
+        (
+            "LoadBalancer, from the pool",
+            format!("{}:8000", col("web-lb-auto", 3)),
+        ),
+    ];
+    wait_for(Duration::from_secs(5), || {
+        c.backends_of(&format!("{}/TCP", targets[0].1))
+            .filter(|b| b.len() == 3)
+    })
+    .expect("tutorial programmed");
+    println!(
+        "\n{:<30} {:<22} {:<12} BACKENDS HIT",
+        "WHAT", "CLIENT → TARGET", "RESULT"
+    );
+    for (what, target) in &targets {
+        let (result, hits, _, _) = summarize(&c.client(&["tcp", target, "12"]), "peer");
+        println!("{what:<30} {target:<22} {result:<12} {hits}");
+    }
+    println!("\n$ lb-agent get services -n tutorial\n{svcs}");
+    println!(
+        "$ lb-agent get endpoints -n tutorial\n{}",
+        get(&["endpoints", "-n", "tutorial"])
     );
 }

@@ -259,11 +259,12 @@ fn load(addr: SocketAddr, millis: u64, threads: usize) {
     );
 }
 
-fn run_loop(addr: SocketAddr, millis: u64) {
+/// Connections in a closed loop for `millis`, at most `max` of them.
+fn run_loop(addr: SocketAddr, millis: u64, max: u64) {
     let end = Instant::now() + Duration::from_millis(millis);
     let (mut ok, mut failed) = (0u64, 0u64);
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
-    while Instant::now() < end {
+    while Instant::now() < end && ok + failed < max {
         let v = tcp_once(addr);
         if v["ok"] == true {
             ok += 1;
@@ -299,7 +300,11 @@ fn main() {
             num(2),
             args.get(3).map_or(0, |p| p.parse().expect("source port")),
         ),
-        Some("loop") => run_loop(addr(1), num(2) as u64),
+        Some("loop") => run_loop(
+            addr(1),
+            num(2) as u64,
+            args.get(3).map_or(u64::MAX, |n| n.parse().expect("number")),
+        ),
         Some("uloop") => udp_loop(addr(1), num(2) as u64),
         Some("load") => load(addr(1), num(2) as u64, num(3)),
         Some("http") => {
@@ -320,7 +325,7 @@ fn main() {
         }
         _ => {
             eprintln!(
-                "usage: lbt serve NAME tcp|udp ADDR | tcp ADDR N | udp ADDR N | udpc ADDR N [SRCPORT] | loop ADDR MILLIS"
+                "usage: lbt serve NAME tcp|udp ADDR | tcp ADDR N | udp ADDR N | udpc ADDR N [SRCPORT] | loop ADDR MILLIS [MAX]"
             );
             std::process::exit(2);
         }
