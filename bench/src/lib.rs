@@ -60,3 +60,34 @@ pub fn agent_rss_mib(c: &Cluster) -> u64 {
         .unwrap_or(0)
         / 1024
 }
+
+/// The `p` quantile of sorted samples.
+#[must_use]
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Change → datapath samples (ms) as (p50, p99, max), after printing the agent's last sync
+/// line (its per-phase timings).
+#[must_use]
+pub fn latency_summary(c: &Cluster, mut ms: Vec<f64>) -> (f64, f64, f64) {
+    if let Some(line) = c
+        .agent_log()
+        .lines()
+        .rfind(|l| l.contains("programmed datapath"))
+    {
+        eprintln!(
+            "  last sync: {}",
+            line.split("programmed datapath")
+                .nth(1)
+                .unwrap_or("")
+                .trim()
+        );
+    }
+    ms.sort_by(f64::total_cmp);
+    (
+        percentile(&ms, 0.5),
+        percentile(&ms, 0.99),
+        ms[ms.len() - 1],
+    )
+}

@@ -21,7 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_bench::{agent_rss_mib, svc4_map, wait_count};
+use lb_bench::{agent_rss_mib, latency_summary, svc4_map, wait_count};
 use lb_tests::{Cluster, Value, multinode::MultiNode, pod_v4, service, slice, wait_for};
 
 struct Args {
@@ -208,10 +208,6 @@ fn many_services(n: usize) -> String {
     s
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
 /// Change written to the API double → visible in the pinned map: p50/p99 over `n` changes, with
 /// `loaded` other Services × 4 endpoints in the API. Returns (p50 ms, p99 ms, max ms, RSS MiB).
 fn api_latency(n: usize, loaded: usize) -> (f64, f64, f64, u64) {
@@ -250,26 +246,8 @@ fn api_latency(n: usize, loaded: usize) -> (f64, f64, f64, u64) {
         std::thread::sleep(Duration::from_millis(30));
     }
     let rss = agent_rss_mib(&c);
-    if let Some(line) = c
-        .agent_log()
-        .lines()
-        .rfind(|l| l.contains("programmed datapath"))
-    {
-        eprintln!(
-            "  last sync: {}",
-            line.split("programmed datapath")
-                .nth(1)
-                .unwrap_or("")
-                .trim()
-        );
-    }
-    ms.sort_by(f64::total_cmp);
-    (
-        percentile(&ms, 0.5),
-        percentile(&ms, 0.99),
-        ms[ms.len() - 1],
-        rss,
-    )
+    let (p50, p99, max) = latency_summary(&c, ms);
+    (p50, p99, max, rss)
 }
 
 /// kube-proxy's iptables rules (iptables mode, `lb_bench::kubeproxy`) for Service `np`:

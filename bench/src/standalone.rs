@@ -63,10 +63,6 @@ fn probe(b_ready: bool) -> String {
     .join("---\n")
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
 /// `programmed datapath` lines of the agent's log so far.
 fn programmed(c: &Cluster) -> usize {
     c.agent_log().matches("programmed datapath").count()
@@ -91,25 +87,7 @@ fn flips(n: usize, services: usize, pods: usize) -> (f64, f64, f64) {
         // Each flip its own sync, not coalesced with the next.
         std::thread::sleep(Duration::from_millis(30));
     }
-    if let Some(line) = c
-        .agent_log()
-        .lines()
-        .rfind(|l| l.contains("programmed datapath"))
-    {
-        eprintln!(
-            "  last sync: {}",
-            line.split("programmed datapath")
-                .nth(1)
-                .unwrap_or("")
-                .trim()
-        );
-    }
-    ms.sort_by(f64::total_cmp);
-    (
-        percentile(&ms, 0.5),
-        percentile(&ms, 0.99),
-        ms[ms.len() - 1],
-    )
+    crate::latency_summary(&c, ms)
 }
 
 /// Cold start: (wall ms from the file written to the datapath programmed, the agent's sync

@@ -245,6 +245,10 @@ fn table(rows: &[Vec<String>]) -> String {
     out
 }
 
+fn namespace(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    meta.namespace.clone().unwrap_or_else(|| "default".into())
+}
+
 fn in_ns(
     meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
     ns: Option<&str>,
@@ -293,12 +297,7 @@ fn service_rows(v: &[&Arc<Service>], all: bool, wide: bool, now: SystemTime) -> 
         let spec = s.spec.clone().unwrap_or_default();
         let mut r = Vec::new();
         if all {
-            r.push(
-                s.metadata
-                    .namespace
-                    .clone()
-                    .unwrap_or_else(|| "default".into()),
-            );
+            r.push(namespace(&s.metadata));
         }
         r.push(s.metadata.name.clone().unwrap_or_default());
         r.push(spec.type_.clone().unwrap_or_else(|| "ClusterIP".into()));
@@ -338,12 +337,7 @@ fn slice_rows(v: &[&Arc<EndpointSlice>], all: bool, now: SystemTime) -> Vec<Vec<
     for s in v {
         let mut r = Vec::new();
         if all {
-            r.push(
-                s.metadata
-                    .namespace
-                    .clone()
-                    .unwrap_or_else(|| "default".into()),
-            );
+            r.push(namespace(&s.metadata));
         }
         let ports: Vec<String> = s
             .ports
