@@ -584,6 +584,13 @@ fn main() {
         write_report(&a, &md);
         return;
     }
+    if a.only_standalone {
+        println!(
+            "\n{}",
+            lb_bench::standalone::bench(a.standalone_flips, a.standalone_services)
+        );
+        return;
+    }
     let kp = if a.kp_scales.is_empty() {
         String::new()
     } else {
@@ -593,13 +600,7 @@ fn main() {
         println!("\n{}", nodeport_bench(&a));
         return;
     }
-    if a.only_standalone {
-        println!(
-            "\n{}",
-            lb_bench::standalone::bench(a.standalone_flips, a.standalone_services)
-        );
-        return;
-    }
+
     let mut c = Cluster::new("bench", 1);
     c.write_manifest(
         "web.yaml",

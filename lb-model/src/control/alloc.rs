@@ -185,7 +185,7 @@ struct Need<T> {
 }
 
 /// A Service's needs, worked out before anything is claimed.
-struct Plan {
+pub(crate) struct Plan {
     id: NsName,
     object: ObjectRef,
     /// One per ClusterIP family, in `spec.ipFamilies` order.
@@ -208,8 +208,10 @@ struct Taken {
 
 /// The outcome of one allocation run.
 pub(crate) struct Allocated {
-    /// Services that may be served, in input order: (id, input, allocated copy, record).
-    pub(crate) services: Vec<(NsName, Arc<Service>, Arc<Service>, Record)>,
+    /// Services that may be served, in input order: (id, input, what was allocated for it
+    /// — `None`: nothing to allocate, serve the input as it is —, its record). [`apply`] makes
+    /// the allocated copy, for the caller to do only when its cached copy is stale.
+    pub(crate) services: Vec<(NsName, Arc<Service>, Option<Plan>, Record)>,
     pub(crate) state: State,
 }
 
@@ -733,7 +735,7 @@ pub(crate) fn allocate(
         let Some(p) = p else {
             // Refused ones are left out.
             if pass {
-                out.push((id.clone(), svc.clone(), svc.clone(), Record::default()));
+                out.push((id.clone(), svc.clone(), None, Record::default()));
             }
             continue;
         };
@@ -752,9 +754,8 @@ pub(crate) fn allocate(
             health_check_node_port: p.health.as_ref().and_then(|n| n.value),
             load_balancer_ips: p.lb.iter().filter_map(|(_, n)| n.value).collect(),
         };
-        let applied = apply(svc, &p, &rec);
         state.services.insert(id.to_string(), rec.clone());
-        out.push((id.clone(), svc.clone(), applied, rec));
+        out.push((id.clone(), svc.clone(), Some(p), rec));
     }
     Allocated {
         services: out,
@@ -840,7 +841,7 @@ fn share_node_ports(ports: &mut [(usize, i32, Need<u16>)]) {
 }
 
 /// A copy of `svc` with the allocated values written in (what an API server would store).
-fn apply(svc: &Arc<Service>, p: &Plan, rec: &Record) -> Arc<Service> {
+pub(crate) fn apply(svc: &Arc<Service>, p: &Plan, rec: &Record) -> Arc<Service> {
     let mut s = (**svc).clone();
     let spec = s.spec.get_or_insert_with(Default::default);
     if !p.cluster.is_empty() {

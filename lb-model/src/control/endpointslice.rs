@@ -229,6 +229,7 @@ pub(crate) fn slices_for(
         let ports: Vec<EndpointPort> = ports.into_iter().map(PortKey::into_port).collect();
         for (chunk, eps) in eps.chunks(MAX_ENDPOINTS_PER_SLICE).enumerate() {
             out.push(Arc::new(make_slice(
+                svc,
                 id,
                 v6,
                 &ports,
@@ -264,8 +265,10 @@ impl PortKey {
     }
 }
 
-/// One generated slice, named `<service>-<hash of address type, ports, chunk>`.
+/// One generated slice, named `<service>-<hash of address type, ports, chunk>`, created when
+/// its Service was (what the controller would have done at once).
 pub(crate) fn make_slice(
+    svc: &Service,
     id: &NsName,
     v6: bool,
     ports: &[EndpointPort],
@@ -288,6 +291,7 @@ pub(crate) fn make_slice(
         metadata: ObjectMeta {
             name: Some(format!("{}-{:08x}", id.name, fnv1a(key.as_bytes()) as u32)),
             namespace: Some(id.namespace.clone()),
+            creation_timestamp: svc.metadata.creation_timestamp.clone(),
             labels: Some(BTreeMap::from([
                 (LABEL_SERVICE_NAME.to_owned(), id.name.clone()),
                 (LABEL_MANAGED_BY.to_owned(), managed_by.to_owned()),

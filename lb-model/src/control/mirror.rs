@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{EndpointAddress, Endpoints};
+use k8s_openapi::api::core::v1::{EndpointAddress, Endpoints, Service};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointSlice};
 
 use super::Error;
@@ -39,6 +39,7 @@ pub(crate) fn mirrored(ep: &Endpoints) -> bool {
 /// The slices the mirroring controller keeps for one Endpoints object.
 pub(crate) fn slices_for(
     ep: &Endpoints,
+    svc: &Service,
     id: &NsName,
     errors: &mut Vec<Error>,
 ) -> Vec<Arc<EndpointSlice>> {
@@ -113,6 +114,7 @@ pub(crate) fn slices_for(
         let eps: Vec<Endpoint> = eps.into_values().collect();
         for (chunk, eps) in eps.chunks(MAX_ENDPOINTS_PER_SUBSET).enumerate() {
             out.push(Arc::new(make_slice(
+                svc,
                 id,
                 v6,
                 &ports,

@@ -99,7 +99,12 @@ type SelEntry = (
     Vec<Arc<EndpointSlice>>,
     Vec<Error>,
 );
-type MirrorEntry = (Arc<Endpoints>, Vec<Arc<EndpointSlice>>, Vec<Error>);
+type MirrorEntry = (
+    Arc<Endpoints>,
+    Arc<Service>,
+    Vec<Arc<EndpointSlice>>,
+    Vec<Error>,
+);
 
 /// The control plane's memory between runs: the allocations and per-object results.
 #[derive(Debug)]
@@ -110,7 +115,7 @@ pub struct ControlPlane {
     allocated: HashMap<NsName, (Arc<Service>, Record, Arc<Service>)>,
     /// Service → (allocated Service, Pods matched, slices made, problems).
     selected: HashMap<NsName, SelEntry>,
-    /// Endpoints → (object, slices made, problems).
+    /// Endpoints → (object, its Service, slices made, problems).
     mirrored: HashMap<NsName, MirrorEntry>,
     /// Node name → zone, as of the last run (a change remakes every slice).
     zones: HashMap<String, String>,
@@ -204,10 +209,11 @@ impl ControlPlane {
         let result = alloc::allocate(&services, &self.ranges, &self.state, errors);
         let mut next = HashMap::with_capacity(result.services.len());
         let mut out = Vec::with_capacity(result.services.len());
-        for (id, input, applied, rec) in result.services {
-            let kept = match self.allocated.get(&id) {
-                Some((i, r, o)) if Arc::ptr_eq(i, &input) && *r == rec => o.clone(),
-                _ => applied,
+        for (id, input, plan, rec) in result.services {
+            let kept = match (self.allocated.get(&id), &plan) {
+                (Some((i, r, o)), _) if Arc::ptr_eq(i, &input) && *r == rec => o.clone(),
+                (_, Some(p)) => alloc::apply(&input, p, &rec),
+                (_, None) => input.clone(),
             };
             next.insert(id.clone(), (input, rec, kept.clone()));
             out.push((id, kept));
@@ -281,17 +287,20 @@ impl ControlPlane {
         slices: &mut Vec<Arc<EndpointSlice>>,
         errors: &mut Vec<Error>,
     ) {
-        let selectorless: std::collections::HashSet<&NsName> = services
+        let selectorless: HashMap<&NsName, &Arc<Service>> = services
             .iter()
             .filter(|(_, s)| s.spec.as_ref().is_some_and(|s| s.selector.is_none()))
-            .map(|(id, _)| id)
+            .map(|(id, s)| (id, s))
             .collect();
         let mut next: HashMap<NsName, MirrorEntry> = HashMap::new();
         for ep in endpoints {
             let Some(id) = id_of(&ep.metadata) else {
                 continue;
             };
-            if !selectorless.contains(&id) || !mirror::mirrored(ep) {
+            let Some(svc) = selectorless.get(&id).copied() else {
+                continue;
+            };
+            if !mirror::mirrored(ep) {
                 continue;
             }
             if next.contains_key(&id) {
@@ -304,15 +313,15 @@ impl ControlPlane {
                 continue;
             }
             let entry = match self.mirrored.remove(&id) {
-                Some(e) if Arc::ptr_eq(&e.0, ep) => e,
+                Some(e) if Arc::ptr_eq(&e.0, ep) && Arc::ptr_eq(&e.1, svc) => e,
                 _ => {
                     let mut errs = Vec::new();
-                    let made = mirror::slices_for(ep, &id, &mut errs);
-                    (ep.clone(), made, errs)
+                    let made = mirror::slices_for(ep, svc, &id, &mut errs);
+                    (ep.clone(), svc.clone(), made, errs)
                 }
             };
-            errors.extend(entry.2.iter().cloned());
-            slices.extend(entry.1.iter().cloned());
+            errors.extend(entry.3.iter().cloned());
+            slices.extend(entry.2.iter().cloned());
             next.insert(id, entry);
         }
         self.mirrored = next;

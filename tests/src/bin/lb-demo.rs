@@ -215,7 +215,8 @@ fn main() {
             String::from_utf8_lossy(&out.stdout)
         );
     }
-    tutorial(&c, &examples.join("../tutorial"));
+    let dir = examples.join("../tutorial");
+    tutorial(&c, &dir.canonicalize().unwrap_or(dir));
     drop(c);
     println!(
         "sandbox removed; demo took {:.1} s",
