@@ -281,9 +281,21 @@ fn tutorial_manifests_serve_as_written_and_keep_their_allocations() {
              spec: {{containers: []}}\nstatus: {{podIP: 198.18.0.011}}\n---\n\
              apiVersion: v1\nkind: Service\nmetadata: {{name: nobody, namespace: tutorial}}\n\
              spec: {{selector: {{app: nobody}}, ports: [{{port: 80}}]}}\n---\n\
-             apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: d, namespace: tutorial}}\n"
+             apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: d, namespace: tutorial}}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {{name: copycat, namespace: tutorial}}\n\
+             spec: {{type: LoadBalancer, loadBalancerIP: 198.19.255.10, ports: [{{port: 80}}]}}\n"
         ),
     );
+    // 15 more LoadBalancer Services for a pool of 16 that holds 2 already: one finds none.
+    let many: Vec<String> = (0..15)
+        .map(|i| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: lb-{i:02}, namespace: tutorial}}\n\
+                 spec: {{type: LoadBalancer, selector: {{app: web}}, ports: [{{port: 80}}]}}\n"
+            )
+        })
+        .collect();
+    c.write_manifest("many-lb.yaml", &many.join("---\n"));
     let want = [
         format!(
             "Service tutorial/thief: spec.clusterIP[0]: Invalid value: {vip4}: failed to allocate IP {vip4}: provided IP is already allocated (to Service tutorial/web)"
@@ -295,6 +307,8 @@ fn tutorial_manifests_serve_as_written_and_keep_their_allocations() {
         "Pod tutorial/odd: status.podIP: invalid IP address \"198.18.0.011\"".to_owned(),
         "Service tutorial/nobody: spec.selector: app=nobody matches no Pod".to_owned(),
         "Deployment tutorial/d: kind \"Deployment\" (apiVersion \"apps/v1\") is not one lb reads".to_owned(),
+        "Service tutorial/copycat: spec.loadBalancerIP: Invalid value: 198.19.255.10: already allocated to Service tutorial/web-lb".to_owned(),
+        "status.loadBalancer.ingress: no free IPv4 address in --lb-ip-pool; the Service stays pending".to_owned(),
     ];
     wait_for(Duration::from_secs(5), || {
         let log = c.agent_log();

@@ -28,6 +28,13 @@ use crate::model::{Cidr, NsName, ObjectRef, parse_ip};
 pub const DEFAULT_SERVICE_CIDRS: [&str; 2] = ["10.96.0.0/12", "fd00:10:96::/112"];
 /// Default `--service-node-port-range`.
 pub const DEFAULT_NODE_PORTS: (u16, u16) = (30_000, 32_767);
+/// Annotations asking for LoadBalancer IPs (MetalLB's, Cilium LB-IPAM's), besides the
+/// deprecated `spec.loadBalancerIP`.
+pub const LB_IP_ANNOTATIONS: [&str; 3] = [
+    "metallb.io/loadBalancerIPs",
+    "metallb.universe.tf/loadBalancerIPs",
+    "lbipam.cilium.io/ips",
+];
 /// At most this many addresses of a (large IPv6) range are used, as upstream caps its bitmap.
 const MAX_RANGE: u128 = 1 << 20;
 
@@ -307,6 +314,16 @@ fn plan(svc: &Service, id: &NsName, ranges: &Ranges) -> Result<Option<Plan>, Vec
     if families.is_empty() {
         families.extend(configured.first().copied());
     }
+    if policy == "SingleStack" && families.len() > 1 {
+        errors.push(invalid(
+            "spec.ipFamilyPolicy".into(),
+            "\"SingleStack\"".into(),
+            format!(
+                "{} families requested; PreferDualStack or RequireDualStack serves two",
+                families.len()
+            ),
+        ));
+    }
     if policy != "SingleStack" && families.len() == 1 {
         let other = !families[0];
         if configured.contains(&other) {
@@ -412,13 +429,39 @@ fn plan(svc: &Service, id: &NsName, ranges: &Ranges) -> Result<Option<Plan>, Vec
     let mut lb = Vec::new();
     let mut lb_pending = false;
     if ty == "LoadBalancer" && !has_status {
+        // What the Service asks for: the (deprecated) field, or the request annotation of
+        // MetalLB / Cilium LB-IPAM, comma-separated, one address per family.
         let mut asked: Vec<(String, IpAddr)> = Vec::new();
-        if let Some(raw) = spec.load_balancer_ip.as_deref().filter(|s| !s.is_empty()) {
+        let annotations = svc.metadata.annotations.as_ref();
+        let requests = spec
+            .load_balancer_ip
+            .iter()
+            .filter(|s| !s.is_empty())
+            .map(|raw| ("spec.loadBalancerIP".to_owned(), raw.as_str()))
+            .chain(LB_IP_ANNOTATIONS.iter().flat_map(|a| {
+                annotations
+                    .and_then(|m| m.get(*a))
+                    .into_iter()
+                    .flat_map(|v| v.split(','))
+                    .map(move |raw| (format!("metadata.annotations[{a}]"), raw.trim()))
+                    .filter(|(_, raw)| !raw.is_empty())
+            }));
+        for (field, raw) in requests {
             match parse_ip(raw) {
-                Ok(ip) => asked.push(("spec.loadBalancerIP".into(), ip)),
+                Ok(ip) if asked.iter().any(|(_, a)| a.is_ipv6() == ip.is_ipv6()) => {
+                    errors.push(invalid(
+                        field,
+                        ip.to_string(),
+                        format!(
+                            "a second {} address; one per family",
+                            family_name(ip.is_ipv6())
+                        ),
+                    ));
+                }
+                Ok(ip) => asked.push((field, ip)),
                 Err(reason) => errors.push(Error::BadAddress {
                     object: object.clone(),
-                    field: "spec.loadBalancerIP".into(),
+                    field,
                     value: raw.into(),
                     reason,
                 }),

@@ -633,3 +633,32 @@ fn a_newcomer_requesting_an_incumbents_allocation_is_refused() {
         "{errors:#?}"
     );
 }
+
+#[test]
+fn load_balancer_ips_by_annotation_and_single_stack_checks() {
+    let y = svc_yaml(
+        "ann",
+        "{type: LoadBalancer, ports: [{port: 80}]}",
+    )
+    .replace(
+        "metadata: {name: ann, namespace: demo}",
+        "metadata: {name: ann, namespace: demo, annotations: {metallb.io/loadBalancerIPs: '198.19.200.5'}}",
+    ) + &svc_yaml(
+        "two",
+        "{ipFamilyPolicy: SingleStack, clusterIPs: [198.19.0.50, '2001:db8:f::50'], ports: [{port: 80}]}",
+    );
+    let mut cp = ControlPlane::new(ranges(), State::default());
+    let (out, errors) = run(&mut cp, &objects(&y));
+    assert_eq!(lb_ips(&out, "ann"), vec!["198.19.200.5"]);
+    assert!(
+        errors.iter().any(|e| e.starts_with(
+            "Service demo/two: spec.ipFamilyPolicy: Invalid value: \"SingleStack\": 2 families"
+        )),
+        "{errors:#?}"
+    );
+    assert!(
+        out.services
+            .iter()
+            .all(|s| s.metadata.name.as_deref() != Some("two"))
+    );
+}
