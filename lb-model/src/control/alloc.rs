@@ -295,7 +295,14 @@ fn plan(svc: &Service, id: &NsName, ranges: &Ranges) -> Result<Option<Plan>, Vec
         .iter()
         .map(|c| c.addr.is_ipv6())
         .collect();
-    let policy = spec.ip_family_policy.as_deref().unwrap_or("SingleStack");
+    // Unset: RequireDualStack when two families are written (as the API server defaults it),
+    // else SingleStack.
+    let two = requested.len() == 2 || spec.ip_families.as_ref().is_some_and(|f| f.len() == 2);
+    let policy = spec.ip_family_policy.as_deref().unwrap_or(if two {
+        "RequireDualStack"
+    } else {
+        "SingleStack"
+    });
     let mut families: Vec<bool> = Vec::new();
     for (i, f) in spec.ip_families.iter().flatten().enumerate() {
         match f.as_str() {
@@ -897,8 +904,15 @@ pub(crate) fn apply(svc: &Arc<Service>, p: &Plan, rec: &Record) -> Arc<Service> 
                 .map(|(v6, _)| family_name(*v6).to_owned())
                 .collect(),
         );
-        spec.ip_family_policy
-            .get_or_insert_with(|| "SingleStack".to_owned());
+        let two = p.cluster.len() == 2;
+        spec.ip_family_policy.get_or_insert_with(|| {
+            if two {
+                "RequireDualStack"
+            } else {
+                "SingleStack"
+            }
+            .to_owned()
+        });
     }
     if let Some(ports) = spec.ports.as_mut() {
         for (i, _, n) in &p.node_ports {
