@@ -18,6 +18,7 @@ use k8s_openapi::api::{
 #[cfg(any(test, feature = "proptest"))]
 pub mod arbitrary;
 pub mod control;
+pub mod dns;
 pub mod maglev;
 pub mod manifest;
 pub mod model;
