@@ -51,6 +51,14 @@ pub enum NodePortAddress {
     Primary,
 }
 
+/// `--dns`: where cluster DNS is served, the zone, and where other names go.
+#[derive(Debug, Clone)]
+pub struct DnsOptions {
+    pub addrs: Vec<SocketAddr>,
+    pub config: lb_model::dns::Config,
+    pub upstreams: Vec<SocketAddr>,
+}
+
 /// Manifest mode's control plane: what it allocates from and where it keeps what it allocated.
 #[derive(Debug, Clone)]
 pub struct Standalone {
@@ -94,6 +102,8 @@ pub struct Options {
     pub nodeport_addresses: Vec<NodePortAddress>,
     /// Manifest mode: the standalone control plane's ranges and state file.
     pub standalone: Standalone,
+    /// Cluster DNS (`None`: off).
+    pub dns: Option<DnsOptions>,
 }
 
 /// The addresses NodePorts are served on, as kube-proxy picks them: `--node-address` values,
@@ -225,6 +235,21 @@ struct State {
     health_checks: crate::healthcheck::HealthChecks,
     /// Manifest mode: what the control plane serves, for `lb-agent get` (`None` in API mode).
     served: Option<Arc<std::sync::RwLock<crate::get::Served>>>,
+    /// Cluster DNS: the server's shared index, the zone's configuration and the objects the
+    /// index was last built from (`None`: off).
+    dns: Option<DnsState>,
+}
+
+/// The DNS server's index, its configuration, and the snapshot it was built from.
+type DnsState = (
+    Arc<crate::dns::Shared>,
+    lb_model::dns::Config,
+    Option<(Vec<Arc<Service>>, Vec<Arc<EndpointSlice>>)>,
+);
+
+/// The very same objects, in the same order.
+fn same_objects<T>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| Arc::ptr_eq(x, y))
 }
 
 /// Objects by namespace/name.
@@ -273,6 +298,21 @@ impl State {
                 services: objs.services.clone(),
                 slices: objs.slices.clone(),
             };
+        }
+        // DNS before the maps: a change is in DNS no later than in the datapath. Rebuilt only
+        // when an object changed (a resync of the same objects keeps the index).
+        if let Some((shared, cfg, built_from)) = &mut self.dns {
+            let unchanged = built_from.as_ref().is_some_and(|(sv, sl)| {
+                same_objects(sv, &objs.services) && same_objects(sl, &objs.slices)
+            });
+            if !unchanged {
+                let serial = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs() as u32;
+                shared.set(Arc::new(lb_model::dns::Index::build(&objs, cfg, serial)));
+                *built_from = Some((objs.services.clone(), objs.slices.clone()));
+            }
         }
         let ok = self.sync_snapshot(&objs, source_errors, started, full);
         self.metrics
@@ -702,6 +742,19 @@ pub async fn run(opts: Options) -> Result<()> {
     let served = matches!(opts.source, SourceOpt::Manifests(_))
         .then(|| Arc::new(std::sync::RwLock::new(crate::get::Served::default())));
     let (metrics, health) = serve_http(&opts, served.clone()).await?;
+    let dns = match &opts.dns {
+        Some(d) => {
+            if d.upstreams.is_empty() {
+                warn!(
+                    "--dns: no upstream nameserver (--dns-upstream, /etc/resolv.conf): names outside the cluster zone get SERVFAIL"
+                );
+            }
+            let shared = crate::dns::Shared::new(d.upstreams.clone());
+            crate::dns::serve(&d.addrs, &shared).await?;
+            Some((shared, d.config.clone(), None))
+        }
+        None => None,
+    };
 
     // Every source wakes the loop through a 1-slot channel: a burst leaves one pending wake-up.
     let (tx, mut rx) = mpsc::channel::<()>(1);
@@ -732,6 +785,7 @@ pub async fn run(opts: Options) -> Result<()> {
         local_addresses,
         health_checks: crate::healthcheck::HealthChecks::new(opts.healthcheck_bind, health.clone()),
         served,
+        dns,
     };
     let metrics = state.metrics.clone();
     state = sync_off_runtime(state, true).await?;

@@ -168,6 +168,20 @@ pub struct RunArgs {
     /// The standalone control plane (manifest mode).
     #[command(flatten)]
     pub standalone: StandaloneArgs,
+    /// Serve cluster DNS on this address, UDP and TCP (repeatable; off when not given): the
+    /// cluster zone from the same model as the datapath, other names forwarded upstream.
+    #[arg(long = "dns", value_name = "ADDR:PORT")]
+    pub dns: Vec<std::net::SocketAddr>,
+    /// The cluster's DNS zone.
+    #[arg(long, value_name = "DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
+    /// TTL of cluster DNS answers, and of their negative answers, in seconds (CoreDNS's default).
+    #[arg(long, value_name = "SECONDS", default_value_t = 5)]
+    pub dns_ttl: u32,
+    /// Where names outside the cluster zone are resolved (repeatable, `IP` or `IP:PORT`).
+    /// Default: the nameservers of /etc/resolv.conf.
+    #[arg(long, value_name = "IP[:PORT]", value_parser = parse_upstream)]
+    pub dns_upstream: Vec<std::net::SocketAddr>,
     /// Prometheus metrics (kube-proxy's names): GET /metrics.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:10249")]
     pub metrics_addr: std::net::SocketAddr,
@@ -289,6 +303,16 @@ pub struct CleanupArgs {
     /// (say, its pins were deleted by hand) is detached too.
     #[arg(long, value_name = "DIR")]
     pub cgroup: Option<PathBuf>,
+}
+
+/// `IP`, `IP:PORT` or `[IPv6]:PORT` (port 53 when not given).
+fn parse_upstream(s: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(a) = s.parse::<std::net::SocketAddr>() {
+        return Ok(a);
+    }
+    lb_model::model::parse_ip(s)
+        .map(|ip| std::net::SocketAddr::new(ip, 53))
+        .map_err(|e| format!("{s:?}: {e}"))
 }
 
 fn parse_cidr(s: &str) -> Result<lb_model::model::Cidr, String> {

@@ -42,6 +42,8 @@ pub enum Error {
     },
     #[error(transparent)]
     Api(#[from] api::Error),
+    #[error(transparent)]
+    Dns(#[from] crate::dns::Error),
     #[error("standalone control plane (--state-file)")]
     State(#[source] Box<lb_model::control::StateError>),
     #[error("cannot install the {signal} handler")]

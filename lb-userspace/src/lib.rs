@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod cli;
 pub mod conntrack;
+pub mod dns;
 pub mod error;
 pub mod get;
 pub mod healthcheck;

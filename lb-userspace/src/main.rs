@@ -187,6 +187,20 @@ fn run_options(a: cli::RunArgs) -> anyhow::Result<agent::Options> {
         healthcheck_bind: a.healthcheck_bind_address,
         health_timeout: a.health_timeout,
         nodeport_addresses: a.nodeport_addresses.clone(),
+        dns: (!a.dns.is_empty()).then(|| agent::DnsOptions {
+            addrs: a.dns.clone(),
+            config: lb_model::dns::Config {
+                zone: a.cluster_domain.trim_end_matches('.').to_ascii_lowercase(),
+                ttl: a.dns_ttl,
+            },
+            upstreams: if a.dns_upstream.is_empty() {
+                lb_userspace::dns::resolv_conf_nameservers(
+                    &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+                )
+            } else {
+                a.dns_upstream.clone()
+            },
+        }),
         standalone: agent::Standalone {
             ranges,
             state_file: a.standalone.state_file.clone(),

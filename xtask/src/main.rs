@@ -119,13 +119,14 @@ fn cargo() -> Command {
 }
 
 /// Debian packages providing the commands the tests, the demo and the bench use (iptables,
-/// nftables: the bench's kube-proxy lanes).
-const APT: [(&str, &str); 5] = [
+/// nftables: the bench's kube-proxy lanes; dig: the DNS tests' independent client).
+const APT: [(&str, &str); 6] = [
     ("ip", "iproute2"),
     ("bpftool", "bpftool"),
     ("nsenter", "util-linux"),
     ("iptables-restore", "iptables"),
     ("nft", "nftables"),
+    ("dig", "bind9-dnsutils"),
 ];
 
 fn setup() -> Result<()> {

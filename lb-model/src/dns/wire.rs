@@ -266,6 +266,21 @@ pub fn limit(q: &Query, tcp: bool) -> usize {
 /// record, `zone` for the SOA's names; at most `max` bytes.
 #[must_use]
 pub fn answer(q: &Query, l: &Lookup, ttl: u32, zone: &str, max: usize) -> Vec<u8> {
+    answer_with(q, l, ttl, zone, max, None, &[])
+}
+
+/// [`answer`], with `extra` answer records after the lookup's (what the upstream said of an
+/// ExternalName's target) and its rcode instead of the lookup's.
+#[must_use]
+pub fn answer_with(
+    q: &Query,
+    l: &Lookup,
+    ttl: u32,
+    zone: &str,
+    max: usize,
+    rcode_override: Option<u8>,
+    extra: &[Rr],
+) -> Vec<u8> {
     let (rc, answers, additional, soa): (u8, &[Rr], &[Rr], Option<&Rr>) = match l {
         Lookup::Answer {
             rcode,
@@ -288,7 +303,8 @@ pub fn answer(q: &Query, l: &Lookup, ttl: u32, zone: &str, max: usize) -> Vec<u8
     let mut counts = [1u16, 0, 0, 0];
     let mut tc = false;
     let base = w.out.len();
-    for rr in answers {
+    let rc = rcode_override.unwrap_or(rc);
+    for rr in answers.iter().chain(extra) {
         w.rr(rr, ttl, zone);
         counts[1] += 1;
     }
@@ -325,6 +341,126 @@ pub fn answer(q: &Query, l: &Lookup, ttl: u32, zone: &str, max: usize) -> Vec<u8
         w.out[4 + 2 * i..6 + 2 * i].copy_from_slice(&c.to_be_bytes());
     }
     w.out
+}
+
+/// Reads a (possibly compressed) name at `at`: the name (lower case, no trailing dot) and the
+/// offset after it. Pointers must point backwards, at most 32 of them: no loop is followed.
+#[must_use]
+pub fn read_name(msg: &[u8], mut at: usize) -> Option<(String, usize)> {
+    let mut name = String::new();
+    let mut next = None;
+    let mut hops = 0;
+    loop {
+        let len = *msg.get(at)?;
+        match len & 0xc0 {
+            0xc0 => {
+                let ptr = usize::from(u16::from_be_bytes([len, *msg.get(at + 1)?]) & 0x3fff);
+                if ptr >= at || hops == 32 {
+                    return None;
+                }
+                hops += 1;
+                next.get_or_insert(at + 2);
+                at = ptr;
+            }
+            0 if len == 0 => {
+                return Some((name, next.unwrap_or(at + 1)));
+            }
+            0 => {
+                let label = msg.get(at + 1..at + 1 + usize::from(len))?;
+                if !name.is_empty() {
+                    name.push('.');
+                }
+                name.extend(label.iter().map(|c| char::from(c.to_ascii_lowercase())));
+                if name.len() > 255 {
+                    return None;
+                }
+                at += 1 + usize::from(len);
+            }
+            _ => return None,
+        }
+    }
+}
+
+/// Walks every resource record of a message: `f(offset of its TYPE field, type)`. `None` when
+/// the message is malformed.
+fn walk(msg: &[u8], mut f: impl FnMut(usize, u16)) -> Option<()> {
+    let count = |i: usize| u16_at(msg, 4 + 2 * i).map(usize::from);
+    let (qd, rrs) = (count(0)?, count(1)? + count(2)? + count(3)?);
+    let mut at = HEADER;
+    for _ in 0..qd {
+        at = read_name(msg, at)?.1 + 4;
+    }
+    for _ in 0..rrs {
+        at = read_name(msg, at)?.1;
+        let t = u16_at(msg, at)?;
+        let rdlen = usize::from(u16_at(msg, at + 8)?);
+        f(at, t);
+        at += 10 + rdlen;
+        if at > msg.len() {
+            return None;
+        }
+    }
+    Some(())
+}
+
+/// Offsets and values of every TTL field of a message but OPT's (for the forwarding cache).
+#[must_use]
+pub fn ttl_offsets(msg: &[u8]) -> Option<Vec<(usize, u32)>> {
+    let mut v = Vec::new();
+    walk(msg, |at, t| {
+        if t != qtype::OPT
+            && let Some(b) = msg.get(at + 4..at + 8)
+        {
+            v.push((at + 4, u32::from_be_bytes([b[0], b[1], b[2], b[3]])));
+        }
+    })?;
+    Some(v)
+}
+
+/// The rcode and the A / AAAA / CNAME records of a response's answer section (what the
+/// upstream said of an ExternalName's target).
+#[must_use]
+pub fn answer_records(msg: &[u8]) -> Option<(u8, Vec<Rr>)> {
+    let an = usize::from(u16_at(msg, 6)?);
+    walk(msg, |_, _| {})?; // the whole layout is valid
+    let mut out = Vec::new();
+    let mut bad = false;
+    let mut at = HEADER;
+    for _ in 0..u16_at(msg, 4)? {
+        at = read_name(msg, at)?.1 + 4;
+    }
+    for _ in 0..an {
+        let (owner, next) = read_name(msg, at)?;
+        let t = u16_at(msg, next)?;
+        let rdlen = usize::from(u16_at(msg, next + 8)?);
+        let rdata = msg.get(next + 10..next + 10 + rdlen)?;
+        let data = match (t, rdata.len()) {
+            (qtype::A, 4) => Some(RData::A(std::net::Ipv4Addr::new(
+                rdata[0], rdata[1], rdata[2], rdata[3],
+            ))),
+            (qtype::AAAA, 16) => {
+                let mut b = [0u8; 16];
+                b.copy_from_slice(rdata);
+                Some(RData::Aaaa(std::net::Ipv6Addr::from(b)))
+            }
+            (qtype::CNAME, _) => read_name(msg, next + 10).map(|(n, _)| RData::Cname(n.into())),
+            _ => None,
+        };
+        if t == qtype::CNAME && data.is_none() {
+            bad = true;
+        }
+        if let Some(data) = data {
+            out.push(Rr {
+                owner: Some(owner.into()),
+                data,
+            });
+        }
+        at = next + 10 + rdlen;
+    }
+    if bad {
+        return None;
+    }
+    Some((msg[3] & 0x0f, out))
 }
 
 /// A SERVFAIL (or other rcode) for a parsed query, with its question (before the first
