@@ -373,6 +373,9 @@ impl State {
             let mut h = self.health.lock().expect("health lock");
             h.last_updated = now_wall;
             h.pending_since = None;
+            if let Some((dns, _, _)) = &self.dns {
+                dns.pending(None);
+            }
         }
         self.health.lock().expect("health lock").node_eligible =
             crate::metrics::node_eligible(objs.node.as_deref());
@@ -749,7 +752,7 @@ pub async fn run(opts: Options) -> Result<()> {
                     "--dns: no upstream nameserver (--dns-upstream, /etc/resolv.conf): names outside the cluster zone get SERVFAIL"
                 );
             }
-            let shared = crate::dns::Shared::new(d.upstreams.clone());
+            let shared = crate::dns::Shared::new(d.upstreams.clone(), Some(metrics.dns.clone()));
             crate::dns::serve(&d.addrs, &shared).await?;
             Some((shared, d.config.clone(), None))
         }
@@ -801,6 +804,9 @@ pub async fn run(opts: Options) -> Result<()> {
         tokio::select! {
             Some(()) = rx.recv() => {
                 health.lock().expect("health lock").pending_since.get_or_insert_with(Instant::now);
+                if let Some((dns, _, _)) = &state.dns {
+                    dns.pending(Some(Instant::now()));
+                }
                 let at = (Instant::now() + opts.debounce).max(last_sync + opts.min_sync_interval);
                 tokio::time::sleep_until(at.into()).await;
                 while rx.try_recv().is_ok() {}

@@ -58,17 +58,46 @@ pub struct Shared {
     upstreams: Vec<SocketAddr>,
     cache: Mutex<Cache>,
     forwards: Arc<Semaphore>,
+    metrics: Option<Arc<crate::metrics::DnsMetrics>>,
+    /// When the oldest source change not yet synced arrived (`None`: none is waiting).
+    pending_since: Mutex<Option<Instant>>,
 }
+
+/// How long a change may wait for its sync before answers count as behind.
+pub const BEHIND: Duration = Duration::from_millis(100);
 
 impl Shared {
     #[must_use]
-    pub fn new(upstreams: Vec<SocketAddr>) -> Arc<Self> {
+    pub fn new(
+        upstreams: Vec<SocketAddr>,
+        metrics: Option<Arc<crate::metrics::DnsMetrics>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             index: RwLock::new(None),
             upstreams,
             cache: Mutex::new(Cache::default()),
             forwards: Arc::new(Semaphore::new(MAX_FORWARDS)),
+            metrics,
+            pending_since: Mutex::new(None),
         })
+    }
+
+    /// A source change arrived at `t` (the run loop), or (`None`) everything is synced.
+    pub fn pending(&self, t: Option<Instant>) {
+        let mut p = self.pending_since.lock().expect("pending lock");
+        match t {
+            Some(t) => {
+                p.get_or_insert(t);
+            }
+            None => *p = None,
+        }
+    }
+
+    /// Counts one response.
+    fn count(&self, qtype: Option<u16>, msg: &[u8]) {
+        if let (Some(m), Some(b)) = (&self.metrics, msg.get(3)) {
+            m.count(qtype, b & 0x0f);
+        }
     }
 
     /// Replaces the index (after a sync).
@@ -136,6 +165,7 @@ async fn udp_loop(sock: Arc<UdpSocket>, shared: Arc<Shared>) {
         };
         match respond_local(&buf[..n], &shared, false) {
             Reply::Now(r) => {
+                shared.count(wire::parse_query(&buf[..n]).ok().map(|q| q.qtype), &r);
                 let _ = sock.send_to(&r, peer).await;
             }
             Reply::None => {}
@@ -147,6 +177,7 @@ async fn udp_loop(sock: Arc<UdpSocket>, shared: Arc<Shared>) {
                 let (sock, shared, msg) = (sock.clone(), shared.clone(), buf[..n].to_vec());
                 tokio::spawn(async move {
                     let r = upstream(&shared, &q, &msg, prefix, false).await;
+                    shared.count(Some(q.qtype), &r);
                     let _ = sock.send_to(&r, peer).await;
                     drop(permit);
                 });
@@ -189,9 +220,16 @@ async fn tcp_conn(mut s: TcpStream, shared: &Shared) -> std::io::Result<()> {
             .await
             .map_err(|_| std::io::ErrorKind::TimedOut)??;
         let r = match respond_local(&buf[..len], shared, true) {
-            Reply::Now(r) => r,
+            Reply::Now(r) => {
+                shared.count(wire::parse_query(&buf[..len]).ok().map(|q| q.qtype), &r);
+                r
+            }
             Reply::None => return Ok(()),
-            Reply::Upstream(q, prefix) => upstream(shared, &q, &buf[..len], prefix, true).await,
+            Reply::Upstream(q, prefix) => {
+                let r = upstream(shared, &q, &buf[..len], prefix, true).await;
+                shared.count(Some(q.qtype), &r);
+                r
+            }
         };
         s.write_u16(r.len() as u16).await?;
         s.write_all(&r).await?;
@@ -225,6 +263,13 @@ fn respond_local(msg: &[u8], shared: &Shared, tcp: bool) -> Reply {
         Lookup::Forward => Reply::Upstream(q, None),
         Lookup::Chase { .. } => Reply::Upstream(q, Some(l)),
         Lookup::Answer { .. } => {
+            if let (Some(m), Some(t)) = (
+                &shared.metrics,
+                *shared.pending_since.lock().expect("pending lock"),
+            ) && t.elapsed() > BEHIND
+            {
+                m.behind.inc();
+            }
             let cfg = ix.config();
             Reply::Now(wire::answer(
                 &q,
@@ -302,9 +347,13 @@ fn query_message(q: &wire::Query) -> Vec<u8> {
 async fn forward(shared: &Shared, q: &wire::Query, msg: &[u8]) -> Option<Vec<u8>> {
     let key = (q.name.clone(), q.qtype, q.qclass, q.edns.is_some());
     if let Some(r) = shared.cache.lock().expect("dns cache lock").get(&key, q.id) {
+        if let Some(m) = &shared.metrics {
+            m.cache_hits.inc();
+        }
         return Some(r);
     }
     for up in &shared.upstreams {
+        let started = Instant::now();
         let r = match ask_udp(*up, msg).await {
             Some(r) if r.len() > 2 && r[2] & 0x02 != 0 => ask_tcp(*up, msg).await,
             r => r,
@@ -312,6 +361,9 @@ async fn forward(shared: &Shared, q: &wire::Query, msg: &[u8]) -> Option<Vec<u8>
         let Some(mut r) = r else { continue };
         if r.len() < 12 || r[..2] != msg[..2] {
             continue;
+        }
+        if let Some(m) = &shared.metrics {
+            m.upstream.observe(started.elapsed().as_secs_f64());
         }
         r[..2].copy_from_slice(&q.id.to_be_bytes());
         shared.cache.lock().expect("dns cache lock").put(key, &r);
@@ -461,7 +513,7 @@ mod tests {
 
     #[test]
     fn before_the_first_sync_everything_is_servfail_then_the_index_answers() {
-        let shared = Shared::new(Vec::new());
+        let shared = Shared::new(Vec::new(), None);
         let Reply::Now(r) = respond_local(&query(), &shared, false) else {
             panic!("answered at once")
         };

@@ -10,6 +10,10 @@
 //! | `kubeproxy_sync_proxy_rules_endpoint_changes_total` | EndpointSlices added, changed or removed |
 //! | `lb_datapath_events_total{reason}` | the datapath's per-reason counters (`inspect stats`) |
 //! | `lb_service_connections_total{namespace,service,frontend}` | new connections per frontend |
+//! | `lb_dns_queries_total{type,rcode}` | DNS questions answered (`--dns`), by question type and response code |
+//! | `lb_dns_cache_hits_total` | forwarded questions answered from the cache |
+//! | `lb_dns_upstream_duration_seconds` | histogram: one forwarded question's round trip upstream |
+//! | `lb_dns_answers_behind_total` | cluster-zone answers given while a source change had waited over 100 ms for its sync (0 expected) |
 use std::{
     collections::BTreeMap,
     path::PathBuf,
@@ -54,6 +58,94 @@ pub struct Metrics {
     pub conntrack_entries: Family<Vec<(String, String)>, Gauge>,
     /// Conntrack entries deleted by the collector, by family.
     pub conntrack_gc_deleted: Family<Vec<(String, String)>, Counter>,
+    /// Cluster DNS.
+    pub dns: Arc<DnsMetrics>,
+}
+
+/// Question types counted by name; others count as `other`.
+pub const DNS_TYPES: [(u16, &str); 8] = [
+    (1, "A"),
+    (28, "AAAA"),
+    (33, "SRV"),
+    (12, "PTR"),
+    (16, "TXT"),
+    (5, "CNAME"),
+    (6, "SOA"),
+    (255, "ANY"),
+];
+/// Response codes counted by name (by their number); others count as `other`.
+pub const DNS_RCODES: [&str; 6] = [
+    "NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED",
+];
+
+/// The DNS server's counters: created once, so counting a query allocates nothing.
+pub struct DnsMetrics {
+    /// `[type][rcode]`, the last index of each being `other`.
+    queries: Vec<Vec<Counter>>,
+    pub cache_hits: Counter,
+    pub upstream: Histogram,
+    pub behind: Counter,
+}
+
+impl DnsMetrics {
+    fn new(registry: &mut Registry) -> Self {
+        let fam = Family::<Vec<(String, String)>, Counter>::default();
+        let types = DNS_TYPES.iter().map(|(_, n)| *n).chain(["other"]);
+        let queries = types
+            .map(|t| {
+                DNS_RCODES
+                    .iter()
+                    .copied()
+                    .chain(["other"])
+                    .map(|r| {
+                        fam.get_or_create(&vec![
+                            ("type".to_owned(), t.to_owned()),
+                            ("rcode".to_owned(), r.to_owned()),
+                        ])
+                        .clone()
+                    })
+                    .collect()
+            })
+            .collect();
+        registry.register(
+            "lb_dns_queries",
+            "DNS questions answered, by question type and response code.",
+            fam,
+        );
+        let cache_hits = Counter::default();
+        registry.register(
+            "lb_dns_cache_hits",
+            "Forwarded DNS questions answered from the cache.",
+            cache_hits.clone(),
+        );
+        let upstream = Histogram::new(exponential_buckets(0.000_1, 2.0, 18));
+        registry.register(
+            "lb_dns_upstream_duration_seconds",
+            "Round trip of one forwarded DNS question to the upstream.",
+            upstream.clone(),
+        );
+        let behind = Counter::default();
+        registry.register(
+            "lb_dns_answers_behind",
+            "Cluster-zone answers given while a source change had waited over 100 ms for its sync.",
+            behind.clone(),
+        );
+        Self {
+            queries,
+            cache_hits,
+            upstream,
+            behind,
+        }
+    }
+
+    /// Counts one response (`qtype`: the question's type, `None` for an unreadable message).
+    pub fn count(&self, qtype: Option<u16>, rcode: u8) {
+        let t = qtype
+            .and_then(|q| DNS_TYPES.iter().position(|(n, _)| *n == q))
+            .unwrap_or(DNS_TYPES.len());
+        let r = usize::from(rcode).min(DNS_RCODES.len());
+        self.queries[t][r].inc();
+    }
 }
 
 /// Reads the pinned datapath counters at scrape time.
@@ -165,6 +257,7 @@ impl Metrics {
             "Packet-path conntrack/NAT entries deleted by the garbage collector.",
             conntrack_gc_deleted.clone(),
         );
+        let dns = Arc::new(DnsMetrics::new(&mut registry));
         let frontends = Arc::new(RwLock::new(BTreeMap::new()));
         registry.register_collector(Box::new(Datapath {
             bpffs,
@@ -181,6 +274,7 @@ impl Metrics {
             frontends,
             conntrack_entries,
             conntrack_gc_deleted,
+            dns,
         }
     }
 

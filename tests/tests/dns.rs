@@ -222,6 +222,39 @@ fn the_zone_is_served_as_the_specification_says() {
         "{text}"
     );
 
+    // Counted: by type and rcode, cache hits of the forwarded name, nothing answered behind.
+    let m = c.http_get("metrics", "/metrics");
+    let value = |name: &str| -> f64 {
+        m.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{m}"))
+    };
+    assert!(
+        value("lb_dns_queries_total{type=\"A\",rcode=\"NOERROR\"}") >= 10.0,
+        "{m}"
+    );
+    assert!(
+        value("lb_dns_queries_total{type=\"A\",rcode=\"NXDOMAIN\"}") >= 4.0,
+        "{m}"
+    );
+    assert!(
+        value("lb_dns_queries_total{type=\"PTR\",rcode=\"NOERROR\"}") >= 4.0,
+        "{m}"
+    );
+    assert!(
+        value("lb_dns_cache_hits_total") >= 1.0,
+        "the second ask of db.example.org: {m}"
+    );
+    assert!(
+        value("lb_dns_upstream_duration_seconds_count") >= 1.0,
+        "{m}"
+    );
+    assert!(
+        value("lb_dns_answers_behind_total").abs() < f64::EPSILON,
+        "{m}"
+    );
+
     // A change is answered within the sync time: a new Service, and an endpoint gone.
     let t = Instant::now();
     c.write_manifest(
