@@ -2,9 +2,11 @@
 //! one run, on the test beds of `lb-tests`.
 //!
 //! * [`kpbench`]: lb against kube-proxy's own rule shapes at 100–50,000 Services;
+//! * [`dns`]: cluster DNS against knot, unbound and dnsmasq with dnsperf;
 //! * [`standalone`]: the manifest mode's control plane (Pod readiness → datapath, cold start);
 //! * [`kubeproxy`]: those rule shapes (iptables and nftables modes), generated as kube-proxy
 //!   writes them.
+pub mod dns;
 pub mod kpbench;
 pub mod kubeproxy;
 pub mod standalone;

@@ -24,6 +24,10 @@ use std::{
 use lb_bench::{agent_rss_mib, latency_summary, svc4_map, wait_count};
 use lb_tests::{Cluster, Value, multinode::MultiNode, pod_v4, service, slice, wait_for};
 
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "one flag per section a run may be limited to"
+)]
 struct Args {
     services: usize,
     round_secs: f64,
@@ -53,6 +57,12 @@ struct Args {
     standalone_services: usize,
     /// Only the standalone section.
     only_standalone: bool,
+    /// Service counts of the DNS comparison (empty = skip).
+    dns_scales: Vec<usize>,
+    /// Rounds of the DNS comparison.
+    dns_rounds: usize,
+    /// Only the DNS comparison.
+    only_dns: bool,
     /// Where the results (JSON, Markdown) go.
     out_dir: Option<String>,
     /// Where the whole Markdown report is written (e.g. BENCHMARKS.md).
@@ -77,6 +87,9 @@ fn parse_args() -> Args {
         standalone_flips: 100,
         standalone_services: 10_000,
         only_standalone: false,
+        dns_scales: vec![100, 10_000],
+        dns_rounds: 3,
+        only_dns: false,
         out_dir: None,
         benchmarks_md: None,
     };
@@ -120,6 +133,15 @@ fn parse_args() -> Args {
                 a.standalone_services = val.parse().expect("--standalone-services");
             }
             "--only-standalone" => a.only_standalone = val.parse().expect("--only-standalone"),
+            "--dns-scales" => {
+                a.dns_scales = val
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(|s| s.parse().expect("--dns-scales"))
+                    .collect();
+            }
+            "--dns-rounds" => a.dns_rounds = val.parse().expect("--dns-rounds"),
+            "--only-dns" => a.only_dns = val.parse().expect("--only-dns"),
             "--out-dir" => a.out_dir = Some(val.clone()),
             "--benchmarks-md" => a.benchmarks_md = Some(val.clone()),
             f => panic!("unknown flag {f}"),
@@ -584,6 +606,13 @@ fn main() {
         write_report(&a, &md);
         return;
     }
+    if a.only_dns {
+        println!(
+            "\n{}",
+            lb_bench::dns::bench(&a.dns_scales, a.dns_rounds, 5, 20_000)
+        );
+        return;
+    }
     if a.only_standalone {
         println!(
             "\n{}",
@@ -737,6 +766,15 @@ fn main() {
     if a.nodeport_rounds > 0 {
         let _ = writeln!(md);
         md.push_str(&nodeport_bench(&a));
+    }
+    if !a.dns_scales.is_empty() {
+        let _ = writeln!(md);
+        md.push_str(&lb_bench::dns::bench(
+            &a.dns_scales,
+            a.dns_rounds,
+            5,
+            20_000,
+        ));
     }
     if a.standalone_flips > 0 || a.standalone_services > 0 {
         let _ = writeln!(md);

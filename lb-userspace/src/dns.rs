@@ -15,7 +15,10 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex, RwLock},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -59,8 +62,10 @@ pub struct Shared {
     cache: Mutex<Cache>,
     forwards: Arc<Semaphore>,
     metrics: Option<Arc<crate::metrics::DnsMetrics>>,
-    /// When the oldest source change not yet synced arrived (`None`: none is waiting).
-    pending_since: Mutex<Option<Instant>>,
+    /// When the oldest source change not yet synced arrived, in µs since `epoch` (0: none is
+    /// waiting). An atomic: read on every answer.
+    pending_since: AtomicU64,
+    epoch: Instant,
 }
 
 /// How long a change may wait for its sync before answers count as behind.
@@ -78,19 +83,32 @@ impl Shared {
             cache: Mutex::new(Cache::default()),
             forwards: Arc::new(Semaphore::new(MAX_FORWARDS)),
             metrics,
-            pending_since: Mutex::new(None),
+            pending_since: AtomicU64::new(0),
+            epoch: Instant::now(),
         })
     }
 
     /// A source change arrived at `t` (the run loop), or (`None`) everything is synced.
     pub fn pending(&self, t: Option<Instant>) {
-        let mut p = self.pending_since.lock().expect("pending lock");
         match t {
             Some(t) => {
-                p.get_or_insert(t);
+                let us = t.duration_since(self.epoch).as_micros() as u64 + 1;
+                // Only the oldest change counts: set when nothing is waiting.
+                let _ = self.pending_since.compare_exchange(
+                    0,
+                    us,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
             }
-            None => *p = None,
+            None => self.pending_since.store(0, Ordering::Relaxed),
         }
+    }
+
+    /// Has a change waited longer than [`BEHIND`] for its sync?
+    fn behind(&self) -> bool {
+        let since = self.pending_since.load(Ordering::Relaxed);
+        since != 0 && self.epoch.elapsed().as_micros() as u64 > since + BEHIND.as_micros() as u64
     }
 
     /// Counts one response.
@@ -146,7 +164,13 @@ pub async fn serve(addrs: &[SocketAddr], shared: &Arc<Shared>) -> Result<Vec<Soc
                 source,
             })?;
         info!(addr = %local, "serving DNS");
-        tokio::spawn(udp_loop(Arc::new(udp), shared.clone()));
+        // One receive loop per CPU on the same socket: answers are computed where they are
+        // received, with no hand-off between tasks.
+        let udp = Arc::new(udp);
+        let loops = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        for _ in 0..loops {
+            tokio::spawn(udp_loop(udp.clone(), shared.clone()));
+        }
         tokio::spawn(tcp_loop(tcp, shared.clone()));
         bound.push(local);
     }
@@ -164,8 +188,8 @@ async fn udp_loop(sock: Arc<UdpSocket>, shared: Arc<Shared>) {
             }
         };
         match respond_local(&buf[..n], &shared, false) {
-            Reply::Now(r) => {
-                shared.count(wire::parse_query(&buf[..n]).ok().map(|q| q.qtype), &r);
+            Reply::Now(r, qt) => {
+                shared.count(qt, &r);
                 let _ = sock.send_to(&r, peer).await;
             }
             Reply::None => {}
@@ -220,8 +244,8 @@ async fn tcp_conn(mut s: TcpStream, shared: &Shared) -> std::io::Result<()> {
             .await
             .map_err(|_| std::io::ErrorKind::TimedOut)??;
         let r = match respond_local(&buf[..len], shared, true) {
-            Reply::Now(r) => {
-                shared.count(wire::parse_query(&buf[..len]).ok().map(|q| q.qtype), &r);
+            Reply::Now(r, qt) => {
+                shared.count(qt, &r);
                 r
             }
             Reply::None => return Ok(()),
@@ -238,7 +262,8 @@ async fn tcp_conn(mut s: TcpStream, shared: &Shared) -> std::io::Result<()> {
 
 /// What to do with a message.
 enum Reply {
-    Now(Vec<u8>),
+    /// This response; the question's type (`None`: unreadable), for the metrics.
+    Now(Vec<u8>, Option<u16>),
     /// Nothing (not even a header).
     None,
     /// Resolve upstream; the in-zone records to put first (an ExternalName's CNAME).
@@ -250,34 +275,31 @@ fn respond_local(msg: &[u8], shared: &Shared, tcp: bool) -> Reply {
     let q = match wire::parse_query(msg) {
         Ok(q) => q,
         Err(wire::Reject::Drop) => return Reply::None,
-        Err(wire::Reject::Rcode { id, rd, rcode }) => return Reply::Now(wire::bare(id, rd, rcode)),
+        Err(wire::Reject::Rcode { id, rd, rcode }) => {
+            return Reply::Now(wire::bare(id, rd, rcode), None);
+        }
     };
     if let Err(rc) = wire::supported(&q) {
-        return Reply::Now(wire::error(&q, rc));
+        return Reply::Now(wire::error(&q, rc), Some(q.qtype));
     }
     let Some(ix) = shared.index() else {
-        return Reply::Now(wire::error(&q, rcode::SERVFAIL));
+        return Reply::Now(wire::error(&q, rcode::SERVFAIL), Some(q.qtype));
     };
     let l = ix.lookup(&q.name, q.qtype);
     match l {
         Lookup::Forward => Reply::Upstream(q, None),
         Lookup::Chase { .. } => Reply::Upstream(q, Some(l)),
         Lookup::Answer { .. } => {
-            if let (Some(m), Some(t)) = (
-                &shared.metrics,
-                *shared.pending_since.lock().expect("pending lock"),
-            ) && t.elapsed() > BEHIND
+            if let Some(m) = &shared.metrics
+                && shared.behind()
             {
                 m.behind.inc();
             }
             let cfg = ix.config();
-            Reply::Now(wire::answer(
-                &q,
-                &l,
-                cfg.ttl,
-                &cfg.zone,
-                wire::limit(&q, tcp),
-            ))
+            Reply::Now(
+                wire::answer(&q, &l, cfg.ttl, &cfg.zone, wire::limit(&q, tcp)),
+                Some(q.qtype),
+            )
         }
     }
 }
@@ -514,7 +536,7 @@ mod tests {
     #[test]
     fn before_the_first_sync_everything_is_servfail_then_the_index_answers() {
         let shared = Shared::new(Vec::new(), None);
-        let Reply::Now(r) = respond_local(&query(), &shared, false) else {
+        let Reply::Now(r, _) = respond_local(&query(), &shared, false) else {
             panic!("answered at once")
         };
         assert_eq!(
@@ -523,7 +545,7 @@ mod tests {
             "never NXDOMAIN before the first sync"
         );
         shared.set(Arc::new(Index::empty(&lb_model::dns::Config::default(), 1)));
-        let Reply::Now(r) = respond_local(&query(), &shared, false) else {
+        let Reply::Now(r, _) = respond_local(&query(), &shared, false) else {
             panic!("answered at once")
         };
         assert_eq!(r[3] & 0x0f, rcode::NXDOMAIN);

@@ -67,6 +67,15 @@ enum Cmd {
         /// Run only the standalone-control-plane section.
         #[arg(long)]
         only_standalone: bool,
+        /// Service counts of the DNS comparison (lb, knot, unbound, dnsmasq; empty: skip).
+        #[arg(long, value_delimiter = ',', default_value = "100,10000")]
+        dns_scales: Vec<usize>,
+        /// Interleaved rounds of the DNS comparison.
+        #[arg(long, default_value_t = 3)]
+        dns_rounds: usize,
+        /// Run only the DNS comparison.
+        #[arg(long)]
+        only_dns: bool,
         /// At most ~5 minutes: the kube-proxy-shapes comparison only, at 100, 1,000 and 10,000
         /// Services, 2 rounds × 1 s.
         #[arg(long)]
@@ -119,14 +128,19 @@ fn cargo() -> Command {
 }
 
 /// Debian packages providing the commands the tests, the demo and the bench use (iptables,
-/// nftables: the bench's kube-proxy lanes; dig: the DNS tests' independent client).
-const APT: [(&str, &str); 6] = [
+/// nftables: the bench's kube-proxy lanes; dig: the DNS tests' independent client; dnsperf,
+/// knot, unbound, dnsmasq: the DNS bench's load and peers).
+const APT: [(&str, &str); 10] = [
     ("ip", "iproute2"),
     ("bpftool", "bpftool"),
     ("nsenter", "util-linux"),
     ("iptables-restore", "iptables"),
     ("nft", "nftables"),
     ("dig", "bind9-dnsutils"),
+    ("dnsperf", "dnsperf"),
+    ("knotd", "knot"),
+    ("unbound", "unbound"),
+    ("dnsmasq", "dnsmasq-base"),
 ];
 
 fn setup() -> Result<()> {
@@ -383,6 +397,9 @@ fn main() -> Result<()> {
             standalone_flips,
             standalone_services,
             only_standalone,
+            dns_scales,
+            dns_rounds,
+            only_dns,
             quick,
             scales,
             kp_rounds,
@@ -446,6 +463,16 @@ fn main() -> Result<()> {
                     &standalone_services.to_string(),
                     "--only-standalone",
                     &only_standalone.to_string(),
+                    "--dns-scales",
+                    &dns_scales
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    "--dns-rounds",
+                    &dns_rounds.to_string(),
+                    "--only-dns",
+                    &only_dns.to_string(),
                 ]))
         }
     }

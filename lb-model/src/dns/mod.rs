@@ -410,11 +410,11 @@ impl Index {
         }
         let mut answers = Vec::new();
         let mut additional = Vec::new();
-        let mut cur: Arc<str> = Arc::from(name);
+        let mut cur: &str = name;
         let mut owner: Option<Arc<str>> = None;
         // Follow in-zone CNAMEs (ExternalName Services naming other Services), at most 8.
         for _ in 0..8 {
-            let Some(node) = self.names.get(&*cur) else {
+            let Some(node) = self.names.get(cur) else {
                 return if answers.is_empty() {
                     self.negative(rcode::NXDOMAIN)
                 } else {
@@ -441,7 +441,7 @@ impl Index {
                     };
                 }
                 owner = Some(target.clone());
-                cur = target.clone();
+                cur = target;
                 continue;
             }
             self.records(node, qt, owner.as_ref(), &mut answers, &mut additional);

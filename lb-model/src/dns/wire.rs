@@ -9,7 +9,6 @@
 //! without EDNS, the client's advertised size with it (at most [`MAX_UDP`]); when the answer
 //! records do not fit, TC is set and they are left out (the client retries over TCP), while
 //! additional records that do not fit are only dropped (no TC, RFC 2181 §9).
-use std::collections::HashMap;
 use std::fmt::Write as _;
 
 use super::{Lookup, RData, Rr, qtype, rcode};
@@ -175,10 +174,12 @@ fn flags(aa: bool, tc: bool, rd: bool, rcode: u8) -> u16 {
         | u16::from(rcode & 0xf)
 }
 
-/// Writes names with compression: every suffix written is remembered by its offset.
+/// Writes names with compression: every suffix written is remembered by its offset. Answers
+/// name few distinct suffixes, so a list searched in order beats a hash map, and an answer
+/// whose records all point at the question (A, AAAA, TXT) allocates nothing for it.
 struct Writer {
     out: Vec<u8>,
-    suffixes: HashMap<String, u16>,
+    suffixes: Vec<(Box<str>, u16)>,
 }
 
 impl Writer {
@@ -189,12 +190,12 @@ impl Writer {
                 self.out.push(0);
                 return;
             }
-            if let Some(&off) = self.suffixes.get(rest) {
+            if let Some((_, off)) = self.suffixes.iter().find(|(s, _)| **s == *rest) {
                 self.out.extend_from_slice(&(0xc000 | off).to_be_bytes());
                 return;
             }
             if self.out.len() < 0x3fff {
-                self.suffixes.insert(rest.to_owned(), self.out.len() as u16);
+                self.suffixes.push((rest.into(), self.out.len() as u16));
             }
             let (label, tail) = rest.split_once('.').unwrap_or((rest, ""));
             let label = &label.as_bytes()[..label.len().min(63)];
@@ -295,7 +296,7 @@ pub fn answer_with(
     let opt_len = if q.edns.is_some() { 11 } else { 0 };
     let mut w = Writer {
         out: Vec::with_capacity(512),
-        suffixes: HashMap::new(),
+        suffixes: Vec::new(),
     };
     w.out.extend_from_slice(&q.id.to_be_bytes());
     w.out.extend_from_slice(&[0; 10]);
