@@ -66,6 +66,36 @@ pub const SVC_FLAG_SRC_RANGES: u16 = 1 << 3;
 /// Maglev table in `LB_MAGLEV_V1` ([`maglev`]) instead of a random slot.
 pub const SVC_FLAG_MAGLEV: u16 = 1 << 4;
 
+/// `SvcValue::flags` (socket hooks): a ClusterIP frontend, port 53, of the `--dns-service`
+/// Service. While the agent's DNS listener is alive ([`NodeDns::expires_ns`] in the future),
+/// connections and datagrams to it go to that listener on this node instead of a backend; once
+/// it is not (agent killed, restarting), to the Service's endpoints as any frontend's. Older
+/// datapaths ignore the bit.
+pub const SVC_FLAG_NODE_DNS: u16 = 1 << 5;
+
+/// Value 0 of `LB_NODE_DNS_V1` (an array of one): where this node's DNS listener is, per
+/// family, and until when it is known to be alive. The agent renews `expires_ns` every
+/// [`NODE_DNS_HEARTBEAT_MS`] while its listener serves, and zeroes it on a clean exit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeDns {
+    /// IPv6 listener address (network order); `port6` 0 = none.
+    pub addr6: [u8; 16],
+    /// IPv4 listener address (network order); `port4` 0 = none.
+    pub addr4: [u8; 4],
+    /// Listener ports, host order.
+    pub port4: u16,
+    pub port6: u16,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) after which the listener is presumed dead.
+    pub expires_ns: u64,
+}
+
+/// How often the agent renews [`NodeDns::expires_ns`].
+pub const NODE_DNS_HEARTBEAT_MS: u64 = 50;
+/// How long a renewal holds: a killed agent's queries fall back to the Service's endpoints
+/// within this.
+pub const NODE_DNS_LEASE_MS: u64 = 200;
+
 /// `Backend4::flags`/`Backend6::flags`: the endpoint is on this node. The packet path SNATs
 /// only flows to backends without it. (The byte was reserved as 0 = "not known to be local",
 /// which is the safe reading for an older agent's entries.)
@@ -117,9 +147,11 @@ pub const MAP_SRCR4: &str = "LB4_SRCR_V1";
 pub const MAP_SRCR6: &str = "LB6_SRCR_V1";
 /// Client-IP session affinity for traffic from outside ([`AffxKey`]).
 pub const MAP_AFFX: &str = "LB_AFFX_V1";
+/// Node-local DNS: index 0 → [`NodeDns`] (written by the agent).
+pub const MAP_NODE_DNS: &str = "LB_NODE_DNS_V1";
 
 /// Every map the datapath object must define.
-pub const ALL_MAPS: [&str; 17] = [
+pub const ALL_MAPS: [&str; 18] = [
     MAP_SVC4,
     MAP_BE4,
     MAP_SVC6,
@@ -137,6 +169,7 @@ pub const ALL_MAPS: [&str; 17] = [
     MAP_AFFX,
     MAP_RNAT_SKS,
     maglev::MAP_MAGLEV,
+    MAP_NODE_DNS,
 ];
 
 /// Maps of earlier layouts that this build replaced (a new name per layout): their pins are
@@ -400,6 +433,9 @@ const _: () = {
     assert!(size_of::<AffValue>() == 16);
     assert!(offset_of!(AffValue, last_used_ns) == 8);
     assert!(size_of::<AffMatchKey>() == 8);
+    assert!(size_of::<NodeDns>() == 32);
+    assert!(offset_of!(NodeDns, addr4) == 16);
+    assert!(offset_of!(NodeDns, expires_ns) == 24);
     assert!(size_of::<maglev::MaglevKey>() == 8);
     assert!(size_of::<maglev::MaglevChunk>() == 4 * maglev::MAGLEV_CHUNK as usize);
 };
@@ -409,6 +445,8 @@ mod pod {
     // SAFETY: every type here is repr(C), Copy, made only of integers and byte arrays, with all
     // padding explicit (checked by the layout guards above): any bit pattern is valid.
     unsafe impl aya::Pod for super::Svc4Key {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NodeDns {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Svc6Key {}
     // SAFETY: as above.

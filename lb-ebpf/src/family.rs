@@ -157,6 +157,9 @@ pub(crate) trait Family: 'static {
 
     /// A client address as the affinity maps key it (IPv4 as IPv4-mapped IPv6).
     fn client(a: &Self::A) -> [u8; 16];
+
+    /// This family's node-local DNS listener (`port` 0: none).
+    fn node_dns(v: &lb_common::NodeDns) -> (Self::A, u16);
 }
 
 /// The slot-`slot` backend id of the frontend at `key`, 0 when the slot is missing.
@@ -237,6 +240,11 @@ impl Family for V4 {
         c[12..].copy_from_slice(a);
         c
     }
+
+    #[inline(always)]
+    fn node_dns(v: &lb_common::NodeDns) -> ([u8; 4], u16) {
+        (v.addr4, v.port4)
+    }
 }
 
 impl Family for V6 {
@@ -296,6 +304,11 @@ impl Family for V6 {
     #[inline(always)]
     fn client(a: &[u8; 16]) -> [u8; 16] {
         *a
+    }
+
+    #[inline(always)]
+    fn node_dns(v: &lb_common::NodeDns) -> ([u8; 16], u16) {
+        (v.addr6, v.port6)
     }
 }
 

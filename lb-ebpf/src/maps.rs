@@ -5,7 +5,9 @@
 //! Service and backend maps are `BPF_F_NO_PREALLOC`: kernel memory follows the entries in use,
 //! so a generous `max_entries` (room for 50,000 Services × 4 endpoints) costs nothing on a small
 //! cluster; lookups are as fast as in a preallocated map. LRU maps must preallocate.
-use aya_ebpf::btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, SkStorage};
+use aya_ebpf::btf_maps::{
+    Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, SkStorage,
+};
 use aya_ebpf::{bindings::BPF_F_NO_PREALLOC, macros::btf_map};
 /// `FLAGS` of the agent-written hash maps.
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -17,8 +19,8 @@ use lb_common::{
     AffKey, AffMatchKey, AffValue, AffxKey, Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key, Ct6Value,
     DEFAULT_AFF_ENTRIES, DEFAULT_AFF_MATCH_ENTRIES, DEFAULT_AFFX_ENTRIES, DEFAULT_BE_ENTRIES,
     DEFAULT_CT_ENTRIES, DEFAULT_RNAT_ENTRIES, DEFAULT_SRCR_ENTRIES, DEFAULT_SVC_CNT_ENTRIES,
-    DEFAULT_SVC_ENTRIES, RevNat4Key, RevNat4Value, RevNat6Key, RevNat6Value, RevNatSk, SrcRange4,
-    SrcRange6, Stat, Svc4Key, Svc6Key, SvcValue,
+    DEFAULT_SVC_ENTRIES, NodeDns, RevNat4Key, RevNat4Value, RevNat6Key, RevNat6Value, RevNatSk,
+    SrcRange4, SrcRange6, Stat, Svc4Key, Svc6Key, SvcValue,
 };
 
 #[btf_map]
@@ -53,6 +55,11 @@ pub(crate) static LB_MAGLEV_V1: HashMap<
     { (DEFAULT_MAGLEV_FRONTENDS * chunks(DEFAULT_MAGLEV_M)) as usize },
     NO_PREALLOC,
 > = HashMap::new();
+
+/// Node-local DNS: where the agent's listener is and until when it is alive
+/// (`lb_common::NodeDns`).
+#[btf_map]
+pub(crate) static LB_NODE_DNS_V1: Array<NodeDns, 1> = Array::new();
 
 /// Reverse NAT of sockets whose `connect()` was translated (freed with the socket).
 #[btf_map]

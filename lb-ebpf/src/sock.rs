@@ -11,12 +11,12 @@
 //!    {socket cookie, backend} in an LRU map); rewrite the address.
 use aya_ebpf::{
     EbpfContext,
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval},
     programs::SockAddrContext,
 };
 use lb_common::{
     AffKey, RevNat4Key, RevNat4Value, RevNat6Key, RevNat6Value, RevNatSk, SCOPE_ALL,
-    SVC_FLAG_HOST_ONLY, SVC_FLAG_NO_LOCAL, SVC_FLAG_VIP_MARKER, Stat, SvcValue,
+    SVC_FLAG_HOST_ONLY, SVC_FLAG_NO_LOCAL, SVC_FLAG_NODE_DNS, SVC_FLAG_VIP_MARKER, Stat, SvcValue,
 };
 
 use crate::{
@@ -39,7 +39,8 @@ fn from_host(ctx: &SockAddrContext) -> bool {
 }
 
 use crate::maps::{
-    LB_AFF_V1, LB_RNAT_SKS_V1, LB4_RNAT_SK_V1, LB6_RNAT_SK_V1, count, count_frontend,
+    LB_AFF_V1, LB_NODE_DNS_V1, LB_RNAT_SKS_V1, LB4_RNAT_SK_V1, LB6_RNAT_SK_V1, count,
+    count_frontend,
 };
 
 const ECONNREFUSED: i32 = 111;
@@ -135,6 +136,10 @@ fn select<F: Family>(
     let Some(fe) = frontend::<F>(ctx, &key, &marker)? else {
         return Ok(false);
     };
+    if fe.flags & SVC_FLAG_NODE_DNS != 0 && node_dns::<F>(be) {
+        count_frontend(fe.backend_id);
+        return Ok(true);
+    }
     let pins = Pins {
         map: &LB_AFF_V1,
         hit: Stat::AffinityHit,
@@ -151,6 +156,24 @@ fn select<F: Family>(
     }
     count_frontend(fe.backend_id);
     Ok(true)
+}
+
+/// Node-local DNS: the agent's listener into `be` while its lease holds (`false`: expired or
+/// none of this family; the frontend's endpoints serve instead).
+#[inline(always)]
+fn node_dns<F: Family>(be: &mut Backend<F::A>) -> bool {
+    let Some(v) = LB_NODE_DNS_V1.get(0) else {
+        return false;
+    };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let (address, port) = F::node_dns(v);
+    if port == 0 || v.expires_ns <= now {
+        return false;
+    }
+    be.address = address;
+    be.port = port;
+    true
 }
 
 /// `RevNatSk` as `u64` words, for word-by-word copies.

@@ -93,6 +93,7 @@ pub fn arb_desired() -> impl Strategy<Value = Desired> {
                             affinity_timeout,
                             external: external || external_scope,
                             host_only: false,
+                            node_dns: false,
                             local,
                             source_ranges,
                             maglev: if external_scope { MAGLEV_M } else { 0 },

@@ -20,7 +20,7 @@ use std::{
 };
 
 use lb_common::{
-    SVC_FLAG_HOST_ONLY, SVC_FLAG_MAGLEV, SVC_FLAG_NO_LOCAL, SVC_FLAG_SRC_RANGES,
+    SVC_FLAG_HOST_ONLY, SVC_FLAG_MAGLEV, SVC_FLAG_NO_LOCAL, SVC_FLAG_NODE_DNS, SVC_FLAG_SRC_RANGES,
     SVC_FLAG_VIP_MARKER, SvcValue,
     maglev::{MAGLEV_CHUNK, MaglevKey},
 };
@@ -391,6 +391,7 @@ fn image_of<'a>(
         }
         let flags = if st.no_local { SVC_FLAG_NO_LOCAL } else { 0 }
             | if st.host_only { SVC_FLAG_HOST_ONLY } else { 0 }
+            | if st.node_dns { SVC_FLAG_NODE_DNS } else { 0 }
             | if st.source_ranges.is_empty() {
                 0
             } else {

@@ -649,6 +649,94 @@ async fn sync_off_runtime(mut state: State, full: bool) -> Result<State> {
     .map_err(|_| Error::SyncPanicked)
 }
 
+/// Starts the DNS server (`--dns`), and the node-local DNS lease with `--dns-service`.
+async fn start_dns(opts: &Options, metrics: &Metrics) -> Result<Option<DnsState>> {
+    Ok(match &opts.dns {
+        Some(d) => {
+            if d.upstreams.is_empty() {
+                warn!(
+                    "--dns: no upstream nameserver (--dns-upstream, /etc/resolv.conf): names outside the cluster zone get SERVFAIL"
+                );
+            }
+            let shared = crate::dns::Shared::new(d.upstreams.clone(), Some(metrics.dns.clone()));
+            let bound = crate::dns::serve(&d.addrs, &shared).await?;
+            if opts.model.node_dns.is_some() {
+                node_dns_heartbeat(&opts.bpffs, &bound)?;
+            }
+            Some((shared, d.config.clone(), None))
+        }
+        None => None,
+    })
+}
+
+/// The node-local DNS lease: the listener's addresses (the first bound address of each family
+/// that is not unspecified) and an expiry [`lb_common::NODE_DNS_LEASE_MS`] ahead, renewed
+/// every [`lb_common::NODE_DNS_HEARTBEAT_MS`] by a task of the async runtime — so the lease
+/// ends when the agent stops serving, killed or hung. A clean exit ends it at once
+/// ([`node_dns_release`]).
+fn node_dns_heartbeat(bpffs: &std::path::Path, bound: &[SocketAddr]) -> Result<()> {
+    let mut v = lb_common::NodeDns::default();
+    for a in bound.iter().filter(|a| !a.ip().is_unspecified()) {
+        match a.ip() {
+            std::net::IpAddr::V4(ip) if v.port4 == 0 => {
+                (v.addr4, v.port4) = (ip.octets(), a.port());
+            }
+            std::net::IpAddr::V6(ip) if v.port6 == 0 => {
+                (v.addr6, v.port6) = (ip.octets(), a.port());
+            }
+            _ => {}
+        }
+    }
+    if v.port4 == 0 && v.port6 == 0 {
+        warn!(
+            "--dns-service: no --dns address names this node (0.0.0.0 / [::] cannot be steered to); node-local DNS is off"
+        );
+        return Ok(());
+    }
+    let mut map = crate::maps::NodeDnsMap::open(bpffs).map_err(|e| Error::ReadPins(Box::new(e)))?;
+    info!(
+        ipv4 = v.port4 != 0,
+        ipv6 = v.port6 != 0,
+        "node-local DNS: steering the --dns-service to this agent while it serves"
+    );
+    tokio::spawn(async move {
+        let mut tick =
+            tokio::time::interval(Duration::from_millis(lb_common::NODE_DNS_HEARTBEAT_MS));
+        let mut failing = false;
+        loop {
+            tick.tick().await;
+            v.expires_ns = monotonic_ns() + lb_common::NODE_DNS_LEASE_MS * 1_000_000;
+            match map.set(&v) {
+                Ok(()) => failing = false,
+                Err(e) if !failing => {
+                    failing = true;
+                    warn!(error = %chain(&e), "node-local DNS lease not renewed; queries fall back to the Service's endpoints");
+                }
+                Err(_) => {}
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Ends the node-local DNS lease at once (clean exit): the next query goes to the endpoints.
+fn node_dns_release(bpffs: &std::path::Path) {
+    if let Ok(mut map) = crate::maps::NodeDnsMap::open(bpffs) {
+        let _ = map.set(&lb_common::NodeDns::default());
+    }
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns()`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we pass; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// Installs a signal handler.
 fn handler(kind: SignalKind, signal_name: &'static str) -> Result<tokio::signal::unix::Signal> {
     signal(kind).map_err(|source| Error::Signal {
@@ -745,19 +833,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let served = matches!(opts.source, SourceOpt::Manifests(_))
         .then(|| Arc::new(std::sync::RwLock::new(crate::get::Served::default())));
     let (metrics, health) = serve_http(&opts, served.clone()).await?;
-    let dns = match &opts.dns {
-        Some(d) => {
-            if d.upstreams.is_empty() {
-                warn!(
-                    "--dns: no upstream nameserver (--dns-upstream, /etc/resolv.conf): names outside the cluster zone get SERVFAIL"
-                );
-            }
-            let shared = crate::dns::Shared::new(d.upstreams.clone(), Some(metrics.dns.clone()));
-            crate::dns::serve(&d.addrs, &shared).await?;
-            Some((shared, d.config.clone(), None))
-        }
-        None => None,
-    };
+    let dns = start_dns(&opts, &metrics).await?;
 
     // Every source wakes the loop through a 1-slot channel: a burst leaves one pending wake-up.
     let (tx, mut rx) = mpsc::channel::<()>(1);
@@ -821,6 +897,9 @@ pub async fn run(opts: Options) -> Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
+    }
+    if opts.model.node_dns.is_some() {
+        node_dns_release(&opts.bpffs);
     }
     info!("exiting; the datapath stays attached (run `lb-agent cleanup` to remove it)");
     Ok(())

@@ -178,6 +178,13 @@ pub struct RunArgs {
     /// TTL of cluster DNS answers, and of their negative answers, in seconds (CoreDNS's default).
     #[arg(long, value_name = "SECONDS", default_value_t = 5)]
     pub dns_ttl: u32,
+    /// Node-local DNS: connections and datagrams from this node to this Service's ClusterIP
+    /// port 53 (`NAMESPACE/NAME`, e.g. kube-system/kube-dns) go to this agent's --dns listener
+    /// (its first IPv4 and IPv6 address, which pods must reach: the node's address) while the
+    /// agent is alive, and to the Service's endpoints otherwise (killed, restarting). Its
+    /// upstream must not be that Service itself.
+    #[arg(long, value_name = "NAMESPACE/NAME", value_parser = parse_ns_name, requires = "dns")]
+    pub dns_service: Option<lb_model::model::NsName>,
     /// Where names outside the cluster zone are resolved (repeatable, `IP` or `IP:PORT`).
     /// Default: the nameservers of /etc/resolv.conf.
     #[arg(long, value_name = "IP[:PORT]", value_parser = parse_upstream)]
@@ -303,6 +310,18 @@ pub struct CleanupArgs {
     /// (say, its pins were deleted by hand) is detached too.
     #[arg(long, value_name = "DIR")]
     pub cgroup: Option<PathBuf>,
+}
+
+fn parse_ns_name(s: &str) -> Result<lb_model::model::NsName, String> {
+    match s.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok(lb_model::model::NsName {
+                namespace: ns.to_owned(),
+                name: name.to_owned(),
+            })
+        }
+        _ => Err(format!("{s:?}: expected NAMESPACE/NAME")),
+    }
 }
 
 /// `IP`, `IP:PORT` or `[IPv6]:PORT` (port 53 when not given).

@@ -177,6 +177,7 @@ fn run_options(a: cli::RunArgs) -> anyhow::Result<agent::Options> {
             zone: None, // from the Node object, per sync
             node_addresses: a.node_addresses.clone(),
             maglev: a.maglev_table_size,
+            node_dns: a.dns_service.clone(),
         },
         resync_every: Duration::from_secs(a.resync_seconds.max(1)),
         debounce: Duration::from_millis(5),

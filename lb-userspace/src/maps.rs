@@ -88,6 +88,7 @@ pub fn expected_sizes(name: &str) -> Option<(u32, u32)> {
         n if n == lb_common::MAP_RNAT_SKS => s(4, size_of::<lb_common::RevNatSk>()),
         n if n == MAP_SRCR4 => s(4 + size_of::<SrcRange4>(), 1),
         n if n == MAP_SRCR6 => s(4 + size_of::<SrcRange6>(), 1),
+        n if n == lb_common::MAP_NODE_DNS => s(4, size_of::<lb_common::NodeDns>()),
         n if n == lb_common::MAP_AFFX => s(
             size_of::<lb_common::AffxKey>(),
             size_of::<lb_common::AffValue>(),
@@ -827,4 +828,36 @@ pub fn read_stats(dir: &Path) -> Result<Vec<(Stat, u64)>> {
             Ok((*s, v.iter().sum()))
         })
         .collect()
+}
+
+/// Node-local DNS: the pinned `LB_NODE_DNS_V1`, written by the agent's heartbeat.
+pub struct NodeDnsMap(aya::maps::Array<MapData, lb_common::NodeDns>);
+
+impl NodeDnsMap {
+    /// Opens the pin under `bpffs`.
+    pub fn open(bpffs: &Path) -> Result<Self> {
+        let name = lb_common::MAP_NODE_DNS;
+        let path = bpffs.join(name);
+        let md = MapData::from_pin(&path).map_err(|source| Error::NotPinned {
+            name,
+            path: path.clone(),
+            source,
+        })?;
+        aya::maps::Array::try_from(aya::maps::Map::Array(md))
+            .map(Self)
+            .map_err(|source| Error::Map {
+                name,
+                op: "open",
+                source,
+            })
+    }
+
+    /// Writes the value.
+    pub fn set(&mut self, v: &lb_common::NodeDns) -> Result<()> {
+        self.0.set(0, v, 0).map_err(|source| Error::Map {
+            name: lb_common::MAP_NODE_DNS,
+            op: "update",
+            source,
+        })
+    }
 }

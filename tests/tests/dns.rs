@@ -357,3 +357,81 @@ fn malformed_queries_never_stop_the_server() {
     let (st, _, got) = dig(dns, &["web.test.svc.cluster.local"]);
     assert_eq!((st.as_str(), got.len()), ("NOERROR", 1));
 }
+
+/// Node-local DNS: a pod's queries to the cluster DNS Service's ClusterIP go to this node's
+/// agent while it serves, and to the Service's endpoints (here a stand-in DNS pod answering
+/// 198.18.200.1 for everything) while it does not — across a `kill -9` under a lookup loop
+/// with no failed lookup.
+#[test]
+fn node_local_dns_is_steered_to_the_agent_and_falls_back_without_it() {
+    use lb_tests::{Proc, command_in, lbt};
+    use std::io::BufRead as _;
+    let mut c = Cluster::new("dnsnl", 1);
+    write_web(&c, &ready(1));
+    c.write_manifest(
+        "kube-dns.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: kube-dns, namespace: kube-system}\n\
+         spec: {clusterIP: 198.19.0.53, ports: [{name: dns, port: 53, protocol: UDP}, {name: dns-tcp, port: 53, protocol: TCP}]}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: kube-dns-1, namespace: kube-system, labels: {kubernetes.io/service-name: kube-dns}}\n\
+         addressType: IPv4\nports: [{name: dns, port: 53, protocol: UDP}, {name: dns-tcp, port: 53, protocol: TCP}]\n\
+         endpoints: [{addresses: [198.18.0.11]}]\n",
+    );
+    // The cluster's "real" DNS pod, on b1.
+    let mut child = command_in(&c.backends[0], None, &lbt())
+        .args(["dnsserve", "0.0.0.0:53", "198.18.200.1"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn lbt dnsserve");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("ready line");
+    assert_eq!(line.trim(), "ready");
+    c.servers.push(Proc { child });
+    // The agent on the node (its namespace: the address pods reach it by).
+    c.agent_prefix = vec![
+        "nsenter".into(),
+        format!("--net=/run/netns/{}", c.node.name),
+    ];
+    let flags = [
+        "--dns",
+        "198.18.0.1:53",
+        "--dns-service",
+        "kube-system/kube-dns",
+        "--dns-upstream",
+        "127.0.0.1:9",
+    ];
+    c.start_agent_with(&flags);
+    let name = "web.test.svc.cluster.local";
+    let ask = |c: &Cluster| c.client(&["dns", "198.19.0.53:53", name])[0].clone();
+    let agent = || serde_json::json!({"answer": VIP4});
+    let real = || serde_json::json!({"answer": "198.18.200.1"});
+    wait_for(Duration::from_secs(5), || {
+        (ask(&c) == agent()).then_some(())
+    })
+    .unwrap_or_else(|| panic!("not steered to the agent: {}\n{}", ask(&c), c.agent_log()));
+    // Killed: within the lease (200 ms) the Service's own endpoint answers.
+    c.kill_agent();
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(ask(&c), real(), "fallback to the Service's endpoints");
+    c.start_agent_with(&flags);
+    wait_for(Duration::from_secs(5), || {
+        (ask(&c) == agent()).then_some(())
+    })
+    .expect("steered again after the restart");
+    // A lookup loop across kill -9 and restart: no lookup fails.
+    let lp = c.client_bg(&["dnsloop", "198.19.0.53:53", name, "3000"]);
+    thread::sleep(Duration::from_millis(700));
+    c.kill_agent();
+    thread::sleep(Duration::from_millis(800));
+    c.start_agent_with(&flags);
+    let out = lp.wait_with_output().expect("dnsloop");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("dnsloop JSON");
+    assert_eq!(v["failed"], 0, "{v}");
+    assert!(v["answers"][VIP4].as_u64().unwrap_or(0) > 0, "{v}");
+    assert!(
+        v["answers"]["198.18.200.1"].as_u64().unwrap_or(0) > 0,
+        "{v}"
+    );
+    eprintln!("dnsloop across kill -9: {v}");
+}

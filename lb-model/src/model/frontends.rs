@@ -318,6 +318,10 @@ pub(crate) fn resolve_frontends(
         affinity_timeout: svc.affinity_timeout,
         external,
         host_only,
+        node_dns: !external
+            && sp.port == 53
+            && matches!(sp.proto, Proto::Tcp | Proto::Udp)
+            && cfg.node_dns.as_ref() == Some(&svc.id),
         local: sel.local,
         source_ranges: BTreeSet::new(),
         maglev: 0,

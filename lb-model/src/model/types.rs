@@ -210,6 +210,10 @@ impl fmt::Display for Cidr {
 
 /// What a frontend should lead to.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "each bool is one independent SVC_FLAG_* bit of the frontend's map entry"
+)]
 pub struct FrontendState {
     pub service: NsName,
     /// The service port's name ("" when unnamed).
@@ -227,6 +231,9 @@ pub struct FrontendState {
     pub external: bool,
     /// `127.0.0.1:<nodePort>`: translated for host processes only, never for pods.
     pub host_only: bool,
+    /// A port-53 ClusterIP frontend of the node-local DNS Service (`--dns-service`): steered to
+    /// the agent's own DNS listener while it is alive.
+    pub node_dns: bool,
     /// The backends that are on this node (the packet path does not SNAT flows to them).
     pub local: BTreeSet<SocketAddr>,
     /// External scope, LoadBalancer IPs: `loadBalancerSourceRanges` of this family; empty =
@@ -270,6 +277,9 @@ pub struct Config {
     pub node_addresses: Vec<IpAddr>,
     /// Maglev table size for external-scope frontends (0 = random selection).
     pub maglev: u32,
+    /// `--dns-service`: the Service whose port-53 ClusterIP frontends go to this node's DNS
+    /// listener while it is alive.
+    pub node_dns: Option<NsName>,
 }
 
 impl Default for Config {
@@ -282,6 +292,7 @@ impl Default for Config {
             zone: None,
             node_addresses: Vec::new(),
             maglev: 0,
+            node_dns: None,
         }
     }
 }

@@ -15,6 +15,13 @@
 //! * `lbt loop ADDR MILLIS` — TCP connect+request+close as fast as possible for MILLIS ms;
 //!   prints `{"ok":n,"failed":m,"errors":{...}}`.
 //!
+//! * `lbt dnsserve ADDR IP` — a stand-in DNS server (UDP): every A question is answered with IP.
+//! * `lbt dns ADDR NAME` — one A lookup over a connected UDP socket (1 s); prints
+//!   `{"answer": ip}` or `{"error": ...}`.
+//! * `lbt dnsloop ADDR NAME MILLIS` — A lookups back to back for MILLIS ms, each as a resolver
+//!   does it: a fresh connected UDP socket per attempt, 300 ms per attempt, up to 5 attempts;
+//!   prints `{"ok","failed","retried","answers":{ip: n}}`.
+//!
 //! Every outcome is printed as JSON (never a panic for network errors), so tests assert on
 //! errno values such as ECONNREFUSED.
 use std::{
@@ -278,6 +285,104 @@ fn run_loop(addr: SocketAddr, millis: u64, max: u64) {
     println!("{}", json!({"ok": ok, "failed": failed, "errors": errors}));
 }
 
+/// A query message for `name` A, id `id`.
+fn dns_query(name: &str, id: u16) -> Vec<u8> {
+    let mut m = id.to_be_bytes().to_vec();
+    m.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for l in name.split('.').filter(|l| !l.is_empty()) {
+        m.push(l.len() as u8);
+        m.extend_from_slice(l.as_bytes());
+    }
+    m.extend_from_slice(&[0, 0, 1, 0, 1]);
+    m
+}
+
+/// One attempt: the first A record's address of the answer, or an error.
+fn dns_once(addr: SocketAddr, name: &str, id: u16, timeout: Duration) -> Result<String, String> {
+    let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| errno(&e))?;
+    s.connect(addr).map_err(|e| errno(&e))?;
+    s.set_read_timeout(Some(timeout)).map_err(|e| errno(&e))?;
+    s.send(&dns_query(name, id)).map_err(|e| errno(&e))?;
+    let mut buf = [0u8; 1500];
+    let n = s.recv(&mut buf).map_err(|e| errno(&e))?;
+    let m = &buf[..n];
+    if n < 12 || m[..2] != id.to_be_bytes() {
+        return Err("bad answer".into());
+    }
+    match lb_model::dns::wire::answer_records(m) {
+        Some((0, rrs)) => rrs
+            .iter()
+            .find_map(|r| match r.data {
+                lb_model::dns::RData::A(a) => Some(a.to_string()),
+                _ => None,
+            })
+            .ok_or_else(|| "no A record".to_owned()),
+        Some((rc, _)) => Err(format!("rcode {rc}")),
+        None => Err("unreadable answer".into()),
+    }
+}
+
+fn dns_serve(addr: SocketAddr, ip: std::net::Ipv4Addr) {
+    use lb_model::dns::{Lookup, RData, Rr, qtype, wire};
+    let s = UdpSocket::bind(addr).expect("bind udp");
+    println!("ready");
+    let mut buf = [0u8; 1500];
+    loop {
+        let Ok((n, peer)) = s.recv_from(&mut buf) else {
+            continue;
+        };
+        let Ok(q) = wire::parse_query(&buf[..n]) else {
+            continue;
+        };
+        let answers = if q.qtype == qtype::A {
+            vec![Rr {
+                owner: None,
+                data: RData::A(ip),
+            }]
+        } else {
+            Vec::new()
+        };
+        let l = Lookup::Answer {
+            rcode: 0,
+            answers,
+            additional: Vec::new(),
+            soa: None,
+        };
+        let _ = s.send_to(&wire::answer(&q, &l, 5, "", 512), peer);
+    }
+}
+
+fn dns_loop(addr: SocketAddr, name: &str, millis: u64) {
+    let end = Instant::now() + Duration::from_millis(millis);
+    let (mut ok, mut failed, mut retried) = (0u64, 0u64, 0u64);
+    let mut answers: BTreeMap<String, u64> = BTreeMap::new();
+    let mut id: u16 = 0;
+    while Instant::now() < end {
+        let mut got = None;
+        for attempt in 0..5 {
+            id = id.wrapping_add(1);
+            if let Ok(a) = dns_once(addr, name, id, Duration::from_millis(300)) {
+                got = Some(a);
+                if attempt > 0 {
+                    retried += 1;
+                }
+                break;
+            }
+        }
+        match got {
+            Some(a) => {
+                ok += 1;
+                *answers.entry(a).or_default() += 1;
+            }
+            None => failed += 1,
+        }
+    }
+    println!(
+        "{}",
+        json!({"ok": ok, "failed": failed, "retried": retried, "answers": answers})
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let addr = |i: usize| -> SocketAddr {
@@ -300,6 +405,15 @@ fn main() {
             num(2),
             args.get(3).map_or(0, |p| p.parse().expect("source port")),
         ),
+        Some("dnsserve") => dns_serve(
+            addr(1),
+            args.get(2).expect("IP").parse().expect("IPv4 address"),
+        ),
+        Some("dns") => match dns_once(addr(1), &args[2], 7, Duration::from_secs(1)) {
+            Ok(a) => println!("{}", json!({"answer": a})),
+            Err(e) => println!("{}", json!({"error": e})),
+        },
+        Some("dnsloop") => dns_loop(addr(1), &args[2], num(3) as u64),
         Some("loop") => run_loop(
             addr(1),
             num(2) as u64,
