@@ -94,6 +94,17 @@ fn cookie(ctx: &SockAddrContext) -> u64 {
     unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
 }
 
+/// Why a frontend without usable endpoints refuses: DROP for Local policy with endpoints
+/// elsewhere, else REJECT.
+#[inline(always)]
+fn no_endpoint(fe: &SvcValue) -> Reject {
+    if fe.flags & SVC_FLAG_NO_LOCAL != 0 {
+        Reject::NoLocal
+    } else {
+        Reject::NoBackend
+    }
+}
+
 /// Frontend entry for an exact key, or the reason to reject when only the VIP is known.
 /// `Ok(None)`: not a service address at all.
 #[inline(always)]
@@ -105,8 +116,9 @@ fn frontend<F: Family>(
     match F::svc(key) {
         Some(fe) if fe.flags & SVC_FLAG_HOST_ONLY != 0 && !from_host(ctx) => Ok(None),
         Some(fe) if fe.flags & SVC_FLAG_VIP_MARKER != 0 => Err(Reject::NoPort),
-        Some(fe) if fe.count == 0 && fe.flags & SVC_FLAG_NO_LOCAL != 0 => Err(Reject::NoLocal),
-        Some(fe) if fe.count == 0 => Err(Reject::NoBackend),
+        // Node-local DNS may be served without endpoints: `select` decides.
+        Some(fe) if fe.flags & SVC_FLAG_NODE_DNS != 0 => Ok(Some(fe)),
+        Some(fe) if fe.count == 0 => Err(no_endpoint(&fe)),
         Some(fe) => Ok(Some(fe)),
         None if F::svc(marker).is_some() => Err(Reject::NoPort),
         None => Ok(None),
@@ -136,9 +148,14 @@ fn select<F: Family>(
     let Some(fe) = frontend::<F>(ctx, &key, &marker)? else {
         return Ok(false);
     };
-    if fe.flags & SVC_FLAG_NODE_DNS != 0 && node_dns::<F>(be) {
-        count_frontend(fe.backend_id);
-        return Ok(true);
+    if fe.flags & SVC_FLAG_NODE_DNS != 0 {
+        if node_dns::<F>(be) {
+            count_frontend(fe.backend_id);
+            return Ok(true);
+        }
+        if fe.count == 0 {
+            return Err(no_endpoint(&fe));
+        }
     }
     let pins = Pins {
         map: &LB_AFF_V1,

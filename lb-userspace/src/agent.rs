@@ -64,6 +64,55 @@ pub struct DnsOptions {
 pub struct Standalone {
     pub ranges: lb_model::control::Ranges,
     pub state_file: PathBuf,
+    /// `--cluster-dns`: the ClusterIPs of the DNS Service the agent creates itself.
+    pub cluster_dns: Vec<std::net::IpAddr>,
+}
+
+/// The Service `--cluster-dns` creates: what kubeadm's kube-dns Service is.
+pub const CLUSTER_DNS_SERVICE: (&str, &str) = ("kube-system", "kube-dns");
+
+impl Standalone {
+    /// `kube-system/kube-dns` with the `--cluster-dns` addresses, ports 53/UDP and 53/TCP, no
+    /// selector: pods have a nameserver, steered to this agent (`--dns-service` defaults to it).
+    #[must_use]
+    pub fn cluster_dns_service(&self) -> Option<Arc<Service>> {
+        if self.cluster_dns.is_empty() {
+            return None;
+        }
+        let ips: Vec<String> = self.cluster_dns.iter().map(ToString::to_string).collect();
+        let port = |name: &str, proto: &str| k8s_openapi::api::core::v1::ServicePort {
+            name: Some(name.into()),
+            port: 53,
+            protocol: Some(proto.into()),
+            ..Default::default()
+        };
+        Some(Arc::new(Service {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                name: Some(CLUSTER_DNS_SERVICE.1.into()),
+                namespace: Some(CLUSTER_DNS_SERVICE.0.into()),
+                labels: Some(std::collections::BTreeMap::from([(
+                    "k8s-app".to_owned(),
+                    "kube-dns".to_owned(),
+                )])),
+                ..Default::default()
+            },
+            spec: Some(k8s_openapi::api::core::v1::ServiceSpec {
+                cluster_ip: ips.first().cloned(),
+                ip_family_policy: Some(
+                    if ips.len() > 1 {
+                        "RequireDualStack"
+                    } else {
+                        "SingleStack"
+                    }
+                    .into(),
+                ),
+                cluster_ips: Some(ips),
+                ports: Some(vec![port("dns", "UDP"), port("dns-tcp", "TCP")]),
+                ..Default::default()
+            }),
+            status: None,
+        }))
+    }
 }
 
 /// Everything `run` needs.
@@ -158,6 +207,8 @@ enum Source {
         state_file: PathBuf,
         node_name: String,
         health: Arc<Mutex<Health>>,
+        /// Services the agent adds itself (`--cluster-dns`), ahead of the files' own.
+        own: Vec<Arc<Service>>,
     },
     Api(ApiSource),
 }
@@ -172,8 +223,12 @@ impl Source {
                 state_file,
                 node_name,
                 health,
+                own,
             } => {
-                let (files, errors) = dir.read();
+                let (mut files, errors) = dir.read();
+                if !own.is_empty() {
+                    files.services.splice(0..0, own.iter().cloned());
+                }
                 let (o, control_errors, changed) = control.run(&files, node_name);
                 // Persisted before anything is programmed: a value the datapath serves is
                 // never handed to another Service after a crash.
@@ -240,11 +295,13 @@ struct State {
     dns: Option<DnsState>,
 }
 
-/// The DNS server's index, its configuration, and the snapshot it was built from.
+/// The DNS server's index, its configuration, the snapshot it was built from, and the
+/// addresses it listens on.
 type DnsState = (
     Arc<crate::dns::Shared>,
     lb_model::dns::Config,
     Option<(Vec<Arc<Service>>, Vec<Arc<EndpointSlice>>)>,
+    Vec<SocketAddr>,
 );
 
 /// The very same objects, in the same order.
@@ -301,7 +358,7 @@ impl State {
         }
         // DNS before the maps: a change is in DNS no later than in the datapath. Rebuilt only
         // when an object changed (a resync of the same objects keeps the index).
-        if let Some((shared, cfg, built_from)) = &mut self.dns {
+        if let Some((shared, cfg, built_from, _)) = &mut self.dns {
             let unchanged = built_from.as_ref().is_some_and(|(sv, sl)| {
                 same_objects(sv, &objs.services) && same_objects(sl, &objs.slices)
             });
@@ -373,7 +430,7 @@ impl State {
             let mut h = self.health.lock().expect("health lock");
             h.last_updated = now_wall;
             h.pending_since = None;
-            if let Some((dns, _, _)) = &self.dns {
+            if let Some((dns, _, _, _)) = &self.dns {
                 dns.pending(None);
             }
         }
@@ -649,7 +706,7 @@ async fn sync_off_runtime(mut state: State, full: bool) -> Result<State> {
     .map_err(|_| Error::SyncPanicked)
 }
 
-/// Starts the DNS server (`--dns`), and the node-local DNS lease with `--dns-service`.
+/// Starts the DNS server (`--dns`); it answers SERVFAIL until the first sync.
 async fn start_dns(opts: &Options, metrics: &Metrics) -> Result<Option<DnsState>> {
     Ok(match &opts.dns {
         Some(d) => {
@@ -660,10 +717,7 @@ async fn start_dns(opts: &Options, metrics: &Metrics) -> Result<Option<DnsState>
             }
             let shared = crate::dns::Shared::new(d.upstreams.clone(), Some(metrics.dns.clone()));
             let bound = crate::dns::serve(&d.addrs, &shared).await?;
-            if opts.model.node_dns.is_some() {
-                node_dns_heartbeat(&opts.bpffs, &bound)?;
-            }
-            Some((shared, d.config.clone(), None))
+            Some((shared, d.config.clone(), None, bound))
         }
         None => None,
     })
@@ -790,6 +844,7 @@ async fn start_source(
                 state_file: st.state_file.clone(),
                 node_name: opts.node_name.clone(),
                 health: health.clone(),
+                own: st.cluster_dns_service().into_iter().collect(),
             };
             Ok(Some((source, Some(w))))
         }
@@ -868,6 +923,11 @@ pub async fn run(opts: Options) -> Result<()> {
     };
     let metrics = state.metrics.clone();
     state = sync_off_runtime(state, true).await?;
+    // Node-local DNS only once the index holds the first complete sync: until then the
+    // Service's endpoints answer (a listener without it would only say SERVFAIL).
+    if let (Some((_, _, _, bound)), Some(_)) = (&state.dns, &opts.model.node_dns) {
+        node_dns_heartbeat(&opts.bpffs, bound)?;
+    }
     let mut last_sync = Instant::now();
     info!(source = ?opts.source, "agent ready");
 
@@ -880,7 +940,7 @@ pub async fn run(opts: Options) -> Result<()> {
         tokio::select! {
             Some(()) = rx.recv() => {
                 health.lock().expect("health lock").pending_since.get_or_insert_with(Instant::now);
-                if let Some((dns, _, _)) = &state.dns {
+                if let Some((dns, _, _, _)) = &state.dns {
                     dns.pending(Some(Instant::now()));
                 }
                 let at = (Instant::now() + opts.debounce).max(last_sync + opts.min_sync_interval);

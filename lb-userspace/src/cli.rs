@@ -185,6 +185,11 @@ pub struct RunArgs {
     /// upstream must not be that Service itself.
     #[arg(long, value_name = "NAMESPACE/NAME", value_parser = parse_ns_name, requires = "dns")]
     pub dns_service: Option<lb_model::model::NsName>,
+    /// Manifest mode: create the cluster DNS Service `kube-system/kube-dns` with this ClusterIP
+    /// (repeatable, one per family), ports 53/UDP and 53/TCP, so pods have a nameserver; it is
+    /// the --dns-service unless another is given.
+    #[arg(long, value_name = "IP", requires = "dns", requires = "manifests")]
+    pub cluster_dns: Vec<std::net::IpAddr>,
     /// Where names outside the cluster zone are resolved (repeatable, `IP` or `IP:PORT`).
     /// Default: the nameservers of /etc/resolv.conf.
     #[arg(long, value_name = "IP[:PORT]", value_parser = parse_upstream)]

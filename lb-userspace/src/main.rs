@@ -177,7 +177,12 @@ fn run_options(a: cli::RunArgs) -> anyhow::Result<agent::Options> {
             zone: None, // from the Node object, per sync
             node_addresses: a.node_addresses.clone(),
             maglev: a.maglev_table_size,
-            node_dns: a.dns_service.clone(),
+            node_dns: a.dns_service.clone().or_else(|| {
+                (!a.cluster_dns.is_empty()).then(|| model::NsName {
+                    namespace: agent::CLUSTER_DNS_SERVICE.0.into(),
+                    name: agent::CLUSTER_DNS_SERVICE.1.into(),
+                })
+            }),
         },
         resync_every: Duration::from_secs(a.resync_seconds.max(1)),
         debounce: Duration::from_millis(5),
@@ -205,6 +210,7 @@ fn run_options(a: cli::RunArgs) -> anyhow::Result<agent::Options> {
         standalone: agent::Standalone {
             ranges,
             state_file: a.standalone.state_file.clone(),
+            cluster_dns: a.cluster_dns.clone(),
         },
     };
     Ok(opts)

@@ -435,3 +435,43 @@ fn node_local_dns_is_steered_to_the_agent_and_falls_back_without_it() {
     );
     eprintln!("dnsloop across kill -9: {v}");
 }
+
+/// Manifest mode's `--cluster-dns`: the agent creates `kube-system/kube-dns` with that
+/// ClusterIP and steers it to itself; with the agent gone and no endpoints, the ClusterIP
+/// refuses at once (a resolver moves on) rather than timing out.
+#[test]
+fn cluster_dns_creates_the_dns_service_and_steers_it_here() {
+    let mut c = Cluster::new("dnscd", 1);
+    write_web(&c, &ready(1));
+    c.agent_prefix = vec![
+        "nsenter".into(),
+        format!("--net=/run/netns/{}", c.node.name),
+    ];
+    c.start_agent_with(&[
+        "--dns",
+        "198.18.0.1:53",
+        "--cluster-dns",
+        "198.19.0.53",
+        "--dns-upstream",
+        "127.0.0.1:9",
+    ]);
+    let ask =
+        |c: &Cluster| c.client(&["dns", "198.19.0.53:53", "web.test.svc.cluster.local"])[0].clone();
+    wait_for(Duration::from_secs(5), || {
+        (ask(&c) == serde_json::json!({"answer": VIP4})).then_some(())
+    })
+    .unwrap_or_else(|| panic!("{}\n{}", ask(&c), c.agent_log()));
+    let svcs = c.client(&[
+        "dns",
+        "198.19.0.53:53",
+        "kube-dns.kube-system.svc.cluster.local",
+    ]);
+    assert_eq!(
+        svcs[0],
+        serde_json::json!({"answer": "198.19.0.53"}),
+        "the Service exists"
+    );
+    c.kill_agent();
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(ask(&c), serde_json::json!({"error": "ECONNREFUSED"}));
+}

@@ -19,6 +19,20 @@ const TUTORIAL_FLAGS: [&str; 4] = [
     "198.19.255.0/28",
 ];
 
+/// Cluster DNS on the node's address, the cluster DNS Service at 198.19.0.53 steered to it, no
+/// upstream (nothing leaves the sandbox).
+const DNS_FLAGS: [&str; 6] = [
+    "--dns",
+    "198.18.0.1:53",
+    "--cluster-dns",
+    "198.19.0.53",
+    "--dns-upstream",
+    "127.0.0.1:9",
+];
+
+/// A pod's resolv.conf as kubelet writes it for namespace `demo`.
+const RESOLV_CONF: &str = "nameserver 198.19.0.53\nsearch demo.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n";
+
 struct Row {
     what: &'static str,
     target: String,
@@ -85,6 +99,10 @@ fn summarize(results: &[Value], addr_field: &str) -> (String, String, String, St
     reason = "a linear demo script reads best top to bottom"
 )]
 fn main() {
+    let rc = std::env::temp_dir().join(format!("lb-demo-resolv-{}.conf", std::process::id()));
+    fs::write(&rc, RESOLV_CONF).expect("resolv.conf");
+    // SAFETY: set before any thread exists; every pod command the demo runs inherits it.
+    unsafe { std::env::set_var("LBT_RESOLV_CONF", &rc) };
     let examples = PathBuf::from(
         std::env::args()
             .nth(1)
@@ -105,8 +123,15 @@ fn main() {
         println!("manifest  {}", e.path().display());
     }
     let started = Instant::now();
-    // The standalone control plane's ranges: the sandbox's (README of examples/tutorial).
-    c.start_agent_with(&TUTORIAL_FLAGS);
+    // The agent on the node (its namespace: the address pods reach its DNS listener by), with
+    // the standalone control plane's ranges (README of examples/tutorial) and cluster DNS.
+    c.agent_prefix = vec![
+        "nsenter".into(),
+        format!("--net=/run/netns/{}", c.node.name),
+    ];
+    let mut flags = TUTORIAL_FLAGS.to_vec();
+    flags.extend(DNS_FLAGS);
+    c.start_agent_with(&flags);
     wait_for(Duration::from_secs(5), || {
         c.backends_of("198.19.0.20:80/TCP")
     })
@@ -217,10 +242,56 @@ fn main() {
     }
     let dir = examples.join("../tutorial");
     tutorial(&c, &dir.canonicalize().unwrap_or(dir));
+    names(&c);
     drop(c);
+    let _ = fs::remove_file(&rc);
     println!(
         "sandbox removed; demo took {:.1} s",
         t0.elapsed().as_secs_f64()
+    );
+}
+
+/// Part three: connecting by name, with the pod's resolv.conf (kubelet's: the cluster DNS
+/// Service, the namespace's search list, ndots:5) — answered by this node's agent through the
+/// socket hooks.
+fn names(c: &Cluster) {
+    println!(
+        "Connecting by name (resolv.conf: {})",
+        RESOLV_CONF.replace('\n', "; ")
+    );
+    println!(
+        "{:<27} {:<28} {:<38} {:<13} CONNECT",
+        "WHAT", "NAME", "ANSWERED AS", "ADDRESS"
+    );
+    for (what, name, port) in [
+        ("short name, search list", "web", 80),
+        ("name.namespace", "web.demo", 80),
+        ("fully qualified", "web.demo.svc.cluster.local.", 80),
+        ("ExternalName (CNAME)", "www", 80),
+        ("headless: a pod", "web-pods", 8080),
+        ("headless: one pod by name", "web-1.web-pods", 8080),
+    ] {
+        let r = c.client(&["resolve", name]);
+        let (fqdn, ip) = (
+            r[0]["name"].as_str().unwrap_or("-").to_owned(),
+            r[0]["answer"].as_str().unwrap_or("-").to_owned(),
+        );
+        let (result, hits, _, _) =
+            summarize(&c.client(&["tcp", &format!("{name}:{port}"), "6"]), "peer");
+        println!("{what:<27} {name:<28} {fqdn:<38} {ip:<13} {result} {hits}");
+    }
+    let srv = lb_tests::command_in(&c.client, Some(&c.cgroup), std::path::Path::new("dig"))
+        .args([
+            "@198.19.0.53",
+            "+short",
+            "_http._tcp.web.demo.svc.cluster.local",
+            "SRV",
+        ])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    println!(
+        "\n$ dig @198.19.0.53 +short _http._tcp.web.demo.svc.cluster.local SRV   (from a pod)\n{srv}"
     );
 }
 
@@ -230,14 +301,19 @@ fn tutorial(c: &Cluster, dir: &std::path::Path) {
     println!("Services as people write them: {}", dir.display());
     for e in fs::read_dir(dir).expect("examples/tutorial").flatten() {
         if e.path().extension().is_some_and(|x| x == "yaml") {
-            let name = e.file_name().into_string().expect("utf8 name");
+            // Beside the demo's own files (both have a web.yaml).
+            let name = format!(
+                "tutorial-{}",
+                e.file_name().into_string().expect("utf8 name")
+            );
             c.write_manifest(&name, &fs::read_to_string(e.path()).expect("read example"));
             println!("manifest  {}", e.path().display());
         }
     }
     let metrics = c.listen_addr("metrics");
     let get = |args: &[&str]| {
-        let out = Command::new(lb_tests::lb_agent())
+        // In the node's namespace, where the agent's metrics listener is.
+        let out = lb_tests::command_in(&c.node, None, &lb_tests::lb_agent())
             .arg("get")
             .args(args)
             .args(["--metrics-addr", &metrics])

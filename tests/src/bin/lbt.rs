@@ -18,6 +18,10 @@
 //! * `lbt dnsserve ADDR IP` — a stand-in DNS server (UDP): every A question is answered with IP.
 //! * `lbt dns ADDR NAME` — one A lookup over a connected UDP socket (1 s); prints
 //!   `{"answer": ip}` or `{"error": ...}`.
+//! * `lbt resolve NAME` — a stub resolver as glibc's: the `nameserver`, `search` and
+//!   `options ndots:N` of the resolv.conf named by `$LBT_RESOLV_CONF` (kubelet's file for the
+//!   pod); prints `{"name": the name that answered, "answer": ip, "tried": [...]}`. `lbt tcp`
+//!   takes `NAME:PORT` too and resolves it so.
 //! * `lbt dnsloop ADDR NAME MILLIS` — A lookups back to back for MILLIS ms, each as a resolver
 //!   does it: a fresh connected UDP socket per attempt, 300 ms per attempt, up to 5 attempts;
 //!   prints `{"ok","failed","retried","answers":{ip: n}}`.
@@ -322,6 +326,67 @@ fn dns_once(addr: SocketAddr, name: &str, id: u16, timeout: Duration) -> Result<
     }
 }
 
+/// glibc's order: a name with at least `ndots` dots is tried as is first, then with each
+/// search domain; one with fewer, the search domains first. NXDOMAIN / no A record moves on.
+fn resolve(name: &str) -> Result<(String, String, Vec<String>), String> {
+    let path = std::env::var("LBT_RESOLV_CONF").unwrap_or_else(|_| "/etc/resolv.conf".into());
+    let conf = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+    let mut server = None;
+    let mut search: Vec<String> = Vec::new();
+    let mut ndots = 1;
+    for l in conf.lines() {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        match f.as_slice() {
+            ["nameserver", ip, ..] if server.is_none() => {
+                server = ip
+                    .parse::<std::net::IpAddr>()
+                    .ok()
+                    .map(|ip| SocketAddr::new(ip, 53));
+            }
+            ["search", rest @ ..] => search = rest.iter().map(|s| (*s).to_owned()).collect(),
+            ["options", opts @ ..] => {
+                for o in opts {
+                    if let Some(n) = o.strip_prefix("ndots:") {
+                        ndots = n.parse().unwrap_or(1);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let server = server.ok_or("no nameserver")?;
+    let bare = name.trim_end_matches('.').to_owned();
+    let searched = search.iter().map(|d| format!("{bare}.{d}"));
+    let candidates: Vec<String> = if name.ends_with('.') {
+        vec![bare]
+    } else if name.matches('.').count() >= ndots {
+        std::iter::once(bare.clone()).chain(searched).collect()
+    } else {
+        searched.chain(std::iter::once(bare.clone())).collect()
+    };
+    let mut tried = Vec::new();
+    for (i, c) in candidates.iter().enumerate() {
+        tried.push(c.clone());
+        if let Ok(ip) = dns_once(server, c, 100 + i as u16, Duration::from_secs(1)) {
+            return Ok((c.clone(), ip, tried));
+        }
+    }
+    Err(format!("no answer for {name} (tried {tried:?})"))
+}
+
+/// `HOST:PORT` → an address, resolving HOST when it is not an IP.
+fn target(s: &str) -> SocketAddr {
+    if let Ok(a) = s.parse() {
+        return a;
+    }
+    let (host, port) = s.rsplit_once(':').expect("NAME:PORT");
+    let (_, ip, _) = resolve(host).unwrap_or_else(|e| {
+        println!("{}", json!({"ok": false, "error": e}));
+        std::process::exit(0)
+    });
+    SocketAddr::new(ip.parse().expect("an IP"), port.parse().expect("a port"))
+}
+
 fn dns_serve(addr: SocketAddr, ip: std::net::Ipv4Addr) {
     use lb_model::dns::{Lookup, RData, Rr, qtype, wire};
     let s = UdpSocket::bind(addr).expect("bind udp");
@@ -395,10 +460,20 @@ fn main() {
     match args.first().map(String::as_str) {
         Some("serve") => serve(&args[1], &args[2], addr(3)),
         Some("tcp") => {
+            let to = target(&args[1]);
             for _ in 0..num(2) {
-                println!("{}", tcp_once(addr(1)));
+                println!("{}", tcp_once(to));
             }
         }
+        Some("resolve") => match resolve(&args[1]) {
+            Ok((name, answer, tried)) => {
+                println!(
+                    "{}",
+                    json!({"name": name, "answer": answer, "tried": tried})
+                );
+            }
+            Err(e) => println!("{}", json!({"error": e})),
+        },
         Some("udp") => udp_unconnected(addr(1), num(2)),
         Some("udpc") => udp_connected(
             addr(1),
