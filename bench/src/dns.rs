@@ -268,6 +268,17 @@ fn scale(n: usize, rounds: usize, secs: u32, load: u32) -> String {
             drop(peer);
         }
     }
+    let (change_p50, change_p99) = change_latency(&c, 50);
+    let with_dns = crate::agent_rss_mib(&c);
+    c.kill_agent();
+    c.start_agent();
+    // The same objects without --dns (start_agent waited for it to be ready): what the index
+    // and the server cost in memory.
+    std::thread::sleep(Duration::from_millis(500));
+    let without_dns = crate::agent_rss_mib(&c);
+    eprintln!(
+        "  dns {n}: change → answer p50 {change_p50:.1} ms p99 {change_p99:.1} ms; agent RSS {with_dns} MiB with --dns, {without_dns} MiB without"
+    );
     let med: Vec<f64> = qps
         .iter_mut()
         .map(|v| {
@@ -283,8 +294,84 @@ fn scale(n: usize, rounds: usize, secs: u32, load: u32) -> String {
     for p in &p99 {
         let _ = write!(md, " {p:.0} |");
     }
-    md.push('\n');
+    let _ = writeln!(
+        md,
+        " {change_p50:.1} / {change_p99:.1} ms | {} MiB |",
+        with_dns.saturating_sub(without_dns)
+    );
     md
+}
+
+/// A change → the DNS answer: a headless Service `probe` flips between one and two endpoints
+/// (a manifest written), timed until the agent's DNS answers with the new count, polled from a
+/// thread inside the bed's namespace. (p50, p99) in ms over `n` changes.
+fn change_latency(c: &Cluster, n: usize) -> (f64, f64) {
+    let probe = |k: usize| {
+        let eps: Vec<String> = (0..k)
+            .map(|i| format!("{{addresses: [198.18.9.{}]}}", i + 1))
+            .collect();
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: probe, namespace: bench}}\nspec: {{clusterIP: None}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: probe-1, namespace: bench, labels: {{kubernetes.io/service-name: probe}}}}\n\
+             addressType: IPv4\nendpoints: [{}]\n",
+            eps.join(", ")
+        )
+    };
+    let ns = std::fs::File::open(c.node.path()).expect("open netns");
+    let (tx, rx) = std::sync::mpsc::channel::<usize>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    // The polling thread enters the bed's namespace; the bench's own threads stay where they are.
+    let poller = std::thread::spawn(move || {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: setns on this thread only, with a namespace fd we own.
+        assert_eq!(
+            unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
+            0,
+            "setns"
+        );
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        s.connect("127.0.0.1:5300").expect("connect");
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        let mut q = vec![0, 1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        for l in ["probe", "bench", "svc", "cluster", "local"] {
+            q.push(l.len() as u8);
+            q.extend_from_slice(l.as_bytes());
+        }
+        q.extend_from_slice(&[0, 0, 1, 0, 1]);
+        let mut buf = [0u8; 512];
+        while let Ok(want) = rx.recv() {
+            loop {
+                if s.send(&q).is_ok()
+                    && let Ok(n) = s.recv(&mut buf)
+                    && n >= 12
+                    && usize::from(u16::from_be_bytes([buf[6], buf[7]])) == want
+                {
+                    break;
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            done_tx.send(()).expect("done");
+        }
+    });
+    let mut ms = Vec::with_capacity(n);
+    for i in 0..=n {
+        let k = 1 + (i % 2);
+        let t = Instant::now();
+        c.write_manifest("probe.yaml", &probe(k));
+        tx.send(k).expect("send");
+        done_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("change answered");
+        if i > 0 {
+            ms.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    drop(tx);
+    poller.join().expect("poller");
+    ms.sort_by(f64::total_cmp);
+    (crate::percentile(&ms, 0.5), crate::percentile(&ms, 0.99))
 }
 
 /// The section of the report.
@@ -297,8 +384,8 @@ pub fn bench(scales: &[usize], rounds: usize, secs: u32, load: u32) -> String {
         md,
         "{load} queries/s; `dnsperf` with 4 clients, each server alone on the bench namespace's loopback, {rounds} interleaved rounds × {secs} s.\n"
     );
-    md.push_str("| Services | lb | knot | unbound | dnsmasq | p99 lb | p99 knot | p99 unbound | p99 dnsmasq |\n");
-    md.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    md.push_str("| Services | lb | knot | unbound | dnsmasq | p99 lb | p99 knot | p99 unbound | p99 dnsmasq | lb: change → answer p50 / p99 | lb: RSS of --dns |\n");
+    md.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for &n in scales {
         md.push_str(&scale(n, rounds, secs, load));
     }

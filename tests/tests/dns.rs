@@ -280,6 +280,20 @@ fn the_zone_is_served_as_the_specification_says() {
         (dig(dns, &[&format!("db.test.{z}")]).2.len() == 1).then_some(())
     })
     .expect("removed endpoint gone from DNS");
+    // An ExternalName retargeted: the new CNAME.
+    c.write_manifest(
+        "ext2.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: ext, namespace: test}\nspec: {type: ExternalName, externalName: db2.example.org}\n",
+    );
+    // (The old definition in more.yaml was replaced above; this one is the only `ext`.)
+    wait_for(Duration::from_secs(5), || {
+        dig(dns, &[&format!("ext.test.{z}"), "CNAME"])
+            .2
+            .iter()
+            .any(|l| l.ends_with("CNAME db2.example.org."))
+            .then_some(())
+    })
+    .expect("ExternalName change in DNS");
 }
 
 #[test]
