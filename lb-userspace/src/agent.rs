@@ -295,13 +295,14 @@ struct State {
     dns: Option<DnsState>,
 }
 
-/// The DNS server's index, its configuration, the snapshot it was built from, and the
-/// addresses it listens on.
+/// The DNS server's index, its configuration, the snapshot it was built from, the addresses
+/// it listens on, and the builder keeping each Service's records between syncs.
 type DnsState = (
     Arc<crate::dns::Shared>,
     lb_model::dns::Config,
     Option<(Vec<Arc<Service>>, Vec<Arc<EndpointSlice>>)>,
     Vec<SocketAddr>,
+    lb_model::dns::Builder,
 );
 
 /// The very same objects, in the same order.
@@ -358,7 +359,7 @@ impl State {
         }
         // DNS before the maps: a change is in DNS no later than in the datapath. Rebuilt only
         // when an object changed (a resync of the same objects keeps the index).
-        if let Some((shared, cfg, built_from, _)) = &mut self.dns {
+        if let Some((shared, cfg, built_from, _, builder)) = &mut self.dns {
             let unchanged = built_from.as_ref().is_some_and(|(sv, sl)| {
                 same_objects(sv, &objs.services) && same_objects(sl, &objs.slices)
             });
@@ -367,7 +368,7 @@ impl State {
                     .duration_since(std::time::UNIX_EPOCH)
                     .unwrap_or_default()
                     .as_secs() as u32;
-                shared.set(Arc::new(lb_model::dns::Index::build(&objs, cfg, serial)));
+                shared.set(Arc::new(builder.build(&objs, cfg, serial)));
                 *built_from = Some((objs.services.clone(), objs.slices.clone()));
             }
         }
@@ -430,7 +431,7 @@ impl State {
             let mut h = self.health.lock().expect("health lock");
             h.last_updated = now_wall;
             h.pending_since = None;
-            if let Some((dns, _, _, _)) = &self.dns {
+            if let Some((dns, ..)) = &self.dns {
                 dns.pending(None);
             }
         }
@@ -717,7 +718,13 @@ async fn start_dns(opts: &Options, metrics: &Metrics) -> Result<Option<DnsState>
             }
             let shared = crate::dns::Shared::new(d.upstreams.clone(), Some(metrics.dns.clone()));
             let bound = crate::dns::serve(&d.addrs, &shared).await?;
-            Some((shared, d.config.clone(), None, bound))
+            Some((
+                shared,
+                d.config.clone(),
+                None,
+                bound,
+                lb_model::dns::Builder::default(),
+            ))
         }
         None => None,
     })
@@ -925,7 +932,7 @@ pub async fn run(opts: Options) -> Result<()> {
     state = sync_off_runtime(state, true).await?;
     // Node-local DNS only once the index holds the first complete sync: until then the
     // Service's endpoints answer (a listener without it would only say SERVFAIL).
-    if let (Some((_, _, _, bound)), Some(_)) = (&state.dns, &opts.model.node_dns) {
+    if let (Some((_, _, _, bound, _)), Some(_)) = (&state.dns, &opts.model.node_dns) {
         node_dns_heartbeat(&opts.bpffs, bound)?;
     }
     let mut last_sync = Instant::now();
@@ -940,7 +947,7 @@ pub async fn run(opts: Options) -> Result<()> {
         tokio::select! {
             Some(()) = rx.recv() => {
                 health.lock().expect("health lock").pending_since.get_or_insert_with(Instant::now);
-                if let Some((dns, _, _, _)) = &state.dns {
+                if let Some((dns, ..)) = &state.dns {
                     dns.pending(Some(Instant::now()));
                 }
                 let at = (Instant::now() + opts.debounce).max(last_sync + opts.min_sync_interval);

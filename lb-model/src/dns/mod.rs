@@ -25,9 +25,11 @@
 //!   addresses) are for the upstream resolver ([`Lookup::Forward`]).
 pub mod wire;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 use crate::Objects;
 use crate::model::{LABEL_SERVICE_NAME, parse_ip};
@@ -145,17 +147,36 @@ struct Node {
     aaaa: Vec<Ipv6Addr>,
     srv: Vec<(u16, u16, Arc<str>)>,
     cname: Option<Arc<str>>,
-    txt: Option<Arc<str>>,
 }
 
-/// Every name of the cluster zone and every PTR, built from one snapshot.
+impl Node {
+    fn push(&mut self, ip: IpAddr) {
+        match ip {
+            IpAddr::V4(a) => self.a.push(a),
+            IpAddr::V6(a) => self.aaaa.push(a),
+        }
+    }
+}
+
+/// One Service's names, relative to `<svc>.<ns>.svc.<zone>` (`""`: that name itself;
+/// `db-0`; `_http._tcp`; the empty non-terminal `_tcp`), and the PTRs it owns. Built once per
+/// (Service, slices) pair of objects and shared between indexes while they are unchanged.
+#[derive(Debug, Default)]
+struct SvcZone {
+    names: HashMap<Box<str>, Node>,
+    ptr: Vec<(IpAddr, Arc<str>)>,
+}
+
+/// Every name of the cluster zone and every PTR: one [`SvcZone`] per Service, so a change
+/// rebuilds only its own Service's ([`Builder`]).
 #[derive(Clone, Debug)]
 pub struct Index {
     cfg: Config,
     serial: u32,
-    /// Lower-case names without the trailing dot → records. Empty nodes are empty
-    /// non-terminals (the name exists, NODATA).
-    names: HashMap<Box<str>, Node>,
+    /// `<svc>.<ns>` (lower case) → that Service's names.
+    services: HashMap<Box<str>, Arc<SvcZone>>,
+    /// Namespaces with a Service (`<ns>.svc.<zone>` exists).
+    namespaces: HashSet<Box<str>>,
     /// Address → the names it points back to.
     ptr: HashMap<IpAddr, Vec<Arc<str>>>,
     /// The zone's SOA record, shared by every negative answer.
@@ -174,6 +195,197 @@ struct Ep {
     hostname: String,
 }
 
+/// Builds indexes, keeping each Service's [`SvcZone`] while its Service and slices are the
+/// very same objects (`Arc::ptr_eq`): a change rebuilds one Service, not the zone.
+#[derive(Debug, Default)]
+pub struct Builder {
+    cfg: Option<Config>,
+    cache: HashMap<(Box<str>, Box<str>), CacheEntry>,
+}
+
+/// A Service, its slices, and the zone built from them.
+type CacheEntry = (Arc<Service>, Vec<Arc<EndpointSlice>>, Arc<SvcZone>);
+
+impl Builder {
+    /// The index of a snapshot. `serial`: the SOA serial (the agent passes the sync's time).
+    pub fn build(&mut self, objs: &Objects, cfg: &Config, serial: u32) -> Index {
+        let zone = cfg.zone.trim_end_matches('.').to_ascii_lowercase();
+        let cfg = Config {
+            zone: zone.clone(),
+            ttl: cfg.ttl,
+        };
+        if self.cfg.as_ref() != Some(&cfg) {
+            self.cache.clear();
+            self.cfg = Some(cfg.clone());
+        }
+        let mut by_svc: HashMap<(&str, &str), Vec<&Arc<EndpointSlice>>> = HashMap::new();
+        for s in &objs.slices {
+            if let Some(svc) = s
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(LABEL_SERVICE_NAME))
+            {
+                let ns = s.metadata.namespace.as_deref().unwrap_or("default");
+                by_svc.entry((ns, svc.as_str())).or_default().push(s);
+            }
+        }
+        let mut ix = Index {
+            soa: Rr {
+                owner: Some(Arc::from(zone.as_str())),
+                data: RData::Soa { serial },
+            },
+            cfg,
+            serial,
+            services: HashMap::with_capacity(objs.services.len()),
+            namespaces: HashSet::new(),
+            ptr: HashMap::new(),
+        };
+        let mut next = HashMap::with_capacity(objs.services.len());
+        let none = Vec::new();
+        for svc in &objs.services {
+            let Some(name) = svc.metadata.name.as_deref() else {
+                continue;
+            };
+            let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
+            let slices = by_svc.get(&(ns, name)).unwrap_or(&none);
+            let key: (Box<str>, Box<str>) = (
+                ns.to_ascii_lowercase().into(),
+                name.to_ascii_lowercase().into(),
+            );
+            if next.contains_key(&key) {
+                continue; // a duplicate: the first definition is used
+            }
+            let z = match self.cache.remove(&key) {
+                Some((s, sl, z))
+                    if Arc::ptr_eq(&s, svc)
+                        && sl.len() == slices.len()
+                        && sl.iter().zip(slices).all(|(a, b)| Arc::ptr_eq(a, b)) =>
+                {
+                    z
+                }
+                _ => Arc::new(svc_zone(
+                    svc,
+                    slices,
+                    &format!("{}.{}.svc.{zone}", key.1, key.0),
+                )),
+            };
+            ix.namespaces.insert(key.0.clone());
+            for (ip, name) in &z.ptr {
+                ix.ptr.entry(*ip).or_default().push(name.clone());
+            }
+            ix.services
+                .insert(format!("{}.{}", key.1, key.0).into(), z.clone());
+            next.insert(
+                key,
+                (
+                    svc.clone(),
+                    slices.iter().map(|s| (*s).clone()).collect(),
+                    z,
+                ),
+            );
+        }
+        for v in ix.ptr.values_mut() {
+            v.sort();
+            v.dedup();
+        }
+        self.cache = next;
+        ix
+    }
+}
+
+/// One Service's names (`fqdn`: `<svc>.<ns>.svc.<zone>`, lower case).
+fn svc_zone(svc: &Service, slices: &[&Arc<EndpointSlice>], fqdn: &str) -> SvcZone {
+    let mut z = SvcZone::default();
+    let Some(spec) = svc.spec.as_ref() else {
+        return z;
+    };
+    let fq: Arc<str> = Arc::from(fqdn);
+    if spec.type_.as_deref() == Some("ExternalName") {
+        if let Some(target) = spec.external_name.as_deref().filter(|t| !t.is_empty()) {
+            let t = target.trim_end_matches('.').to_ascii_lowercase();
+            z.names.entry("".into()).or_default().cname = Some(Arc::from(t.as_str()));
+        }
+        return z;
+    }
+    let ips: Vec<IpAddr> = match (&spec.cluster_ips, &spec.cluster_ip) {
+        (Some(v), _) if !v.is_empty() => v.clone(),
+        (_, Some(ip)) if !ip.is_empty() => vec![ip.clone()],
+        _ => Vec::new(),
+    }
+    .iter()
+    .filter_map(|s| parse_ip(s).ok())
+    .collect();
+    let headless = ips.is_empty();
+    // Ready endpoints, deduplicated by address.
+    let mut ready: BTreeMap<IpAddr, Ep> = BTreeMap::new();
+    if headless {
+        for e in slices.iter().flat_map(|s| s.endpoints.iter()) {
+            let ok = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            let Some(ip) = e.addresses.first().and_then(|a| parse_ip(a).ok()) else {
+                continue;
+            };
+            if ok {
+                let hostname = e
+                    .hostname
+                    .clone()
+                    .filter(|h| !h.is_empty())
+                    .unwrap_or_else(|| dashed(ip))
+                    .to_ascii_lowercase();
+                ready.entry(ip).or_insert(Ep { ip, hostname });
+            }
+        }
+        if ready.is_empty() {
+            return z; // no ready endpoint: the Service's name does not exist (NXDOMAIN)
+        }
+    }
+    let top = z.names.entry("".into()).or_default();
+    if headless {
+        for e in ready.values() {
+            top.push(e.ip);
+        }
+    } else {
+        for ip in &ips {
+            top.push(*ip);
+        }
+    }
+    // SRV targets: the Service, or each endpoint's own name.
+    let targets: Vec<Arc<str>> = if headless {
+        let mut t = Vec::new();
+        for e in ready.values() {
+            let name: Arc<str> = Arc::from(format!("{}.{fqdn}", e.hostname).as_str());
+            z.names
+                .entry(e.hostname.as_str().into())
+                .or_default()
+                .push(e.ip);
+            z.ptr.push((e.ip, name.clone()));
+            t.push(name);
+        }
+        t
+    } else {
+        z.ptr.extend(ips.iter().map(|ip| (*ip, fq.clone())));
+        vec![fq]
+    };
+    let weight = (100 / targets.len().max(1)).max(1) as u16;
+    for p in spec.ports.iter().flatten() {
+        let Some(pname) = p.name.as_deref().filter(|n| !n.is_empty()) else {
+            continue; // unnamed ports have no SRV record
+        };
+        let Ok(port) = u16::try_from(p.port) else {
+            continue;
+        };
+        let proto = p.protocol.as_deref().unwrap_or("TCP").to_ascii_lowercase();
+        z.names.entry(format!("_{proto}").into()).or_default();
+        let node = z
+            .names
+            .entry(format!("_{}._{proto}", pname.to_ascii_lowercase()).into())
+            .or_default();
+        node.srv
+            .extend(targets.iter().map(|t| (weight, port, t.clone())));
+    }
+    z
+}
+
 impl Index {
     /// An index with nothing but the zone's fixed names.
     #[must_use]
@@ -181,168 +393,10 @@ impl Index {
         Self::build(&Objects::default(), cfg, serial)
     }
 
-    /// The index of a snapshot. `serial`: the SOA serial (the agent passes the sync's time).
+    /// The index of a snapshot, built from scratch ([`Builder`] keeps per-Service results).
     #[must_use]
-    #[expect(
-        clippy::too_many_lines,
-        reason = "every record a Service yields, in one place"
-    )]
     pub fn build(objs: &Objects, cfg: &Config, serial: u32) -> Self {
-        let zone = cfg.zone.trim_end_matches('.').to_ascii_lowercase();
-        let mut ix = Self {
-            cfg: Config {
-                zone: zone.clone(),
-                ttl: cfg.ttl,
-            },
-            serial,
-            names: HashMap::new(),
-            ptr: HashMap::new(),
-            soa: Rr {
-                owner: Some(Arc::from(zone.as_str())),
-                data: RData::Soa { serial },
-            },
-        };
-        ix.node(&format!("dns-version.{zone}")).txt = Some(Arc::from(SCHEMA_VERSION));
-        ix.node(&format!("svc.{zone}"));
-        // Ready endpoints of each Service, by namespace/name, deduplicated by address.
-        let mut eps: HashMap<(String, String), BTreeMap<IpAddr, Ep>> = HashMap::new();
-        for s in &objs.slices {
-            let Some(svc) = s
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(LABEL_SERVICE_NAME))
-            else {
-                continue;
-            };
-            let ns = s
-                .metadata
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".into());
-            let set = eps.entry((ns, svc.clone())).or_default();
-            for e in &s.endpoints {
-                let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-                let Some(ip) = e.addresses.first().and_then(|a| parse_ip(a).ok()) else {
-                    continue;
-                };
-                if !ready {
-                    continue;
-                }
-                let hostname = e
-                    .hostname
-                    .clone()
-                    .filter(|h| !h.is_empty())
-                    .unwrap_or_else(|| dashed(ip))
-                    .to_ascii_lowercase();
-                set.entry(ip).or_insert(Ep { ip, hostname });
-            }
-        }
-        for svc in &objs.services {
-            let (Some(name), Some(spec)) = (svc.metadata.name.as_deref(), svc.spec.as_ref()) else {
-                continue;
-            };
-            let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
-            let fqdn = format!("{name}.{ns}.svc.{zone}").to_ascii_lowercase();
-            let fq: Arc<str> = Arc::from(fqdn.as_str());
-            if spec.type_.as_deref() == Some("ExternalName") {
-                if let Some(target) = spec.external_name.as_deref().filter(|t| !t.is_empty()) {
-                    let t = target.trim_end_matches('.').to_ascii_lowercase();
-                    ix.node(&fqdn).cname = Some(Arc::from(t.as_str()));
-                }
-                continue;
-            }
-            let ips: Vec<IpAddr> = match (&spec.cluster_ips, &spec.cluster_ip) {
-                (Some(v), _) if !v.is_empty() => v.clone(),
-                (_, Some(ip)) if !ip.is_empty() => vec![ip.clone()],
-                _ => Vec::new(),
-            }
-            .iter()
-            .filter_map(|s| parse_ip(s).ok())
-            .collect();
-            let headless = ips.is_empty();
-            let ready: Vec<&Ep> = eps
-                .get(&(ns.to_owned(), name.to_owned()))
-                .map(|m| m.values().collect())
-                .unwrap_or_default();
-            if headless && ready.is_empty() {
-                // No ready endpoint: the Service's name does not exist (NXDOMAIN).
-                ix.node(&format!("{ns}.svc.{zone}"));
-                continue;
-            }
-            {
-                let node = ix.node(&fqdn);
-                let addrs = if headless {
-                    ready.iter().map(|e| e.ip).collect()
-                } else {
-                    ips.clone()
-                };
-                for ip in addrs {
-                    match ip {
-                        IpAddr::V4(a) => node.a.push(a),
-                        IpAddr::V6(a) => node.aaaa.push(a),
-                    }
-                }
-            }
-            // SRV targets: the Service, or each endpoint's own name.
-            let targets: Vec<Arc<str>> = if headless {
-                ready
-                    .iter()
-                    .map(|e| Arc::from(format!("{}.{fqdn}", e.hostname).as_str()))
-                    .collect()
-            } else {
-                vec![fq.clone()]
-            };
-            if headless {
-                for (e, t) in ready.iter().zip(&targets) {
-                    let node = ix.node(t);
-                    match e.ip {
-                        IpAddr::V4(a) => node.a.push(a),
-                        IpAddr::V6(a) => node.aaaa.push(a),
-                    }
-                    ix.ptr.entry(e.ip).or_default().push(t.clone());
-                }
-            } else {
-                for ip in &ips {
-                    ix.ptr.entry(*ip).or_default().push(fq.clone());
-                }
-            }
-            let weight = (100 / targets.len().max(1)).max(1) as u16;
-            for p in spec.ports.iter().flatten() {
-                let Some(pname) = p.name.as_deref().filter(|n| !n.is_empty()) else {
-                    continue; // unnamed ports have no SRV record
-                };
-                let Ok(port) = u16::try_from(p.port) else {
-                    continue;
-                };
-                let proto = p.protocol.as_deref().unwrap_or("TCP").to_ascii_lowercase();
-                let srv = format!("_{}._{proto}.{fqdn}", pname.to_ascii_lowercase());
-                let node = ix.node(&srv);
-                for t in &targets {
-                    node.srv.push((weight, port, t.clone()));
-                }
-            }
-        }
-        for v in ix.ptr.values_mut() {
-            v.sort();
-            v.dedup();
-        }
-        ix
-    }
-
-    /// The node of `name`, created with every ancestor down to the zone (empty non-terminals).
-    fn node(&mut self, name: &str) -> &mut Node {
-        if !self.names.contains_key(name) {
-            let mut rest = name;
-            while let Some((_, parent)) = rest.split_once('.') {
-                if parent.len() < self.cfg.zone.len() || self.names.contains_key(parent) {
-                    break;
-                }
-                self.names.insert(parent.into(), Node::default());
-                rest = parent;
-            }
-        }
-        self.names.entry(name.into()).or_default()
+        Builder::default().build(objs, cfg, serial)
     }
 
     /// The configuration the index was built with.
@@ -351,25 +405,53 @@ impl Index {
         &self.cfg
     }
 
-    /// Names in the index (for the memory figure).
+    /// Services in the index.
     #[must_use]
     pub fn len(&self) -> usize {
-        self.names.len() + self.ptr.len()
+        self.services.len()
     }
 
-    /// Whether the index holds nothing but the zone's fixed names.
+    /// Whether the index holds no Service.
     #[must_use]
     pub fn is_empty(&self) -> bool {
-        self.len() <= 3
+        self.services.is_empty()
     }
 
-    /// Is `name` (lower case, no trailing dot) the zone or below it?
-    fn in_zone(&self, name: &str) -> bool {
+    /// `name` below the zone, relative to it (`""` for the apex); `None` when outside.
+    fn relative<'a>(&self, name: &'a str) -> Option<&'a str> {
         let z = self.cfg.zone.as_str();
-        name == z
-            || (name.len() > z.len()
-                && name.ends_with(z)
-                && name.as_bytes()[name.len() - z.len() - 1] == b'.')
+        if name == z {
+            return Some("");
+        }
+        let rest = name.strip_suffix(z)?;
+        rest.strip_suffix('.')
+    }
+
+    /// What a name (lower case, no trailing dot) is in the zone: `Err(true)` exists without
+    /// records (NODATA), `Err(false)` does not exist (NXDOMAIN), `Ok(node)` has records.
+    fn find(&self, rel: &str) -> Result<&Node, bool> {
+        match rel {
+            "" | "svc" => return Err(true),
+            "dns-version" => return Ok(&DNS_VERSION),
+            _ => {}
+        }
+        let Some(r) = rel.strip_suffix(".svc") else {
+            return Err(false); // no pod records, no other subdomains
+        };
+        let (rest, ns) = r.rsplit_once('.').unwrap_or(("", r));
+        if rest.is_empty() {
+            return Err(self.namespaces.contains(ns));
+        }
+        let (prefix, svc) = match rest.rsplit_once('.') {
+            Some((p, s)) => (p, s),
+            None => ("", rest),
+        };
+        let key = format!("{svc}.{ns}");
+        let z = self.services.get(key.as_str()).ok_or(false)?;
+        match z.names.get(prefix) {
+            Some(n) => Ok(n),
+            None => Err(false),
+        }
     }
 
     /// The answer to `name` (lower case, without the trailing dot) of type `qt`.
@@ -394,10 +476,10 @@ impl Index {
                 None => Lookup::Forward,
             };
         }
-        if !self.in_zone(name) {
+        let Some(rel) = self.relative(name) else {
             return Lookup::Forward;
-        }
-        if name == self.cfg.zone && (qt == qtype::SOA || qt == qtype::ANY) {
+        };
+        if rel.is_empty() && (qt == qtype::SOA || qt == qtype::ANY) {
             return Lookup::Answer {
                 rcode: rcode::NOERROR,
                 answers: vec![Rr {
@@ -410,22 +492,25 @@ impl Index {
         }
         let mut answers = Vec::new();
         let mut additional = Vec::new();
-        let mut cur: &str = name;
+        let mut rel = rel;
         let mut owner: Option<Arc<str>> = None;
         // Follow in-zone CNAMEs (ExternalName Services naming other Services), at most 8.
         for _ in 0..8 {
-            let Some(node) = self.names.get(cur) else {
-                return if answers.is_empty() {
-                    self.negative(rcode::NXDOMAIN)
-                } else {
-                    // The chain ends at a name the zone does not have.
-                    Lookup::Answer {
-                        rcode: rcode::NXDOMAIN,
+            let node = match self.find(rel) {
+                Ok(n) => n,
+                Err(exists) => {
+                    let rc = if exists {
+                        rcode::NOERROR
+                    } else {
+                        rcode::NXDOMAIN
+                    };
+                    return Lookup::Answer {
+                        rcode: rc,
                         answers,
                         additional,
                         soa: Some(self.soa.clone()),
-                    }
-                };
+                    };
+                }
             };
             if let Some(target) = &node.cname
                 && qt != qtype::CNAME
@@ -434,17 +519,17 @@ impl Index {
                     owner: owner.clone(),
                     data: RData::Cname(target.clone()),
                 });
-                if !self.in_zone(target) {
+                let Some(next) = self.relative(target) else {
                     return Lookup::Chase {
                         answers,
                         target: target.clone(),
                     };
-                }
+                };
                 owner = Some(target.clone());
-                cur = target;
+                rel = next;
                 continue;
             }
-            self.records(node, qt, owner.as_ref(), &mut answers, &mut additional);
+            self.records(node, rel, qt, owner.as_ref(), &mut answers, &mut additional);
             if answers.is_empty() {
                 return self.negative(rcode::NOERROR);
             }
@@ -467,6 +552,7 @@ impl Index {
     fn records(
         &self,
         node: &Node,
+        rel: &str,
         qt: u16,
         owner: Option<&Arc<str>>,
         answers: &mut Vec<Rr>,
@@ -486,8 +572,8 @@ impl Index {
         if qt == qtype::CNAME || any {
             answers.extend(node.cname.iter().map(|c| rr(RData::Cname(c.clone()))));
         }
-        if qt == qtype::TXT || any {
-            answers.extend(node.txt.iter().map(|t| rr(RData::Txt(t.clone()))));
+        if (qt == qtype::TXT || any) && rel == "dns-version" {
+            answers.push(rr(RData::Txt(Arc::from(SCHEMA_VERSION))));
         }
         if qt == qtype::SRV || any {
             for (weight, port, target) in &node.srv {
@@ -497,7 +583,7 @@ impl Index {
                     port: *port,
                     target: target.clone(),
                 }));
-                if let Some(t) = self.names.get(&**target) {
+                if let Some(t) = self.relative(target).and_then(|r| self.find(r).ok()) {
                     let extra = |data| Rr {
                         owner: Some(target.clone()),
                         data,
@@ -530,6 +616,14 @@ impl Index {
         self.serial
     }
 }
+
+/// `dns-version.<zone>`: a name with a TXT record only (added by `records`).
+static DNS_VERSION: Node = Node {
+    a: Vec::new(),
+    aaaa: Vec::new(),
+    srv: Vec::new(),
+    cname: None,
+};
 
 /// The address a reverse name stands for: `d.c.b.a.in-addr.arpa` or 32 nibbles `.ip6.arpa`.
 #[must_use]

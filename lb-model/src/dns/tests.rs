@@ -369,3 +369,40 @@ fn a_large_answer_is_truncated_only_when_the_answers_do_not_fit() {
         "TC only without answers: {answers} {tc}"
     );
 }
+
+#[test]
+fn a_change_rebuilds_only_its_own_service() {
+    let mut errors = Vec::new();
+    let mut o =
+        crate::manifest::parse_str(Path::new("t.yaml"), OBJECTS, &mut errors).expect("YAML");
+    let mut b = Builder::default();
+    let cfg = Config::default();
+    let one = b.build(&o, &cfg, 1);
+    // `v4only` changes (a new object); every other Service keeps its zone.
+    let i = o
+        .services
+        .iter()
+        .position(|s| s.metadata.name.as_deref() == Some("v4only"))
+        .expect("v4only");
+    let mut changed = (*o.services[i]).clone();
+    changed.spec.as_mut().expect("spec").cluster_ip = Some("198.19.0.12".into());
+    o.services[i] = std::sync::Arc::new(changed);
+    let two = b.build(&o, &cfg, 2);
+    for (k, z) in &one.services {
+        let same = std::sync::Arc::ptr_eq(z, &two.services[k]);
+        assert_eq!(same, &**k != "v4only.demo", "{k}");
+    }
+    assert_eq!(
+        ask(&two, "v4only.demo.svc.cluster.local", qtype::A).1,
+        vec!["@ A 198.19.0.12".to_owned()]
+    );
+    assert_eq!(
+        ask(&two, "12.0.19.198.in-addr.arpa", qtype::PTR).1,
+        vec!["@ PTR v4only.demo.svc.cluster.local".to_owned()]
+    );
+    assert_eq!(
+        ask(&two, "11.0.19.198.in-addr.arpa", qtype::PTR).0,
+        255,
+        "old PTR gone"
+    );
+}
