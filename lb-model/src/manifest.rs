@@ -137,6 +137,9 @@ impl ManifestDir {
                 Ok(text) => match parse_str(&path, &text, &mut errors) {
                     Ok(mut objs) => {
                         self.stamp(&mut objs);
+                        if let Some(prev) = self.last_good.get(&path) {
+                            keep_unchanged(&mut objs, prev);
+                        }
                         all.extend(&objs);
                         let errs = errors
                             .iter()
@@ -188,6 +191,33 @@ impl ManifestDir {
             }
         }
     }
+}
+
+/// Objects of a re-read file that are equal to what the file held before keep their old
+/// `Arc`: everything downstream (control plane, model, DNS) caches by identity, so an edit of
+/// one object in a file recomputes that object only.
+fn keep_unchanged(objs: &mut Objects, prev: &Objects) {
+    fn same<T>(new: &mut [Arc<T>], old: &[Arc<T>])
+    where
+        T: PartialEq
+            + k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>,
+    {
+        let key = |o: &T| (o.metadata().namespace.clone(), o.metadata().name.clone());
+        let by_key: std::collections::HashMap<_, &Arc<T>> =
+            old.iter().map(|o| (key(o), o)).collect();
+        for n in new.iter_mut() {
+            if let Some(o) = by_key.get(&key(n))
+                && ***o == **n
+            {
+                *n = Arc::clone(o);
+            }
+        }
+    }
+    same(&mut objs.services, &prev.services);
+    same(&mut objs.slices, &prev.slices);
+    same(&mut objs.pods, &prev.pods);
+    same(&mut objs.endpoints, &prev.endpoints);
+    same(&mut objs.nodes, &prev.nodes);
 }
 
 impl Error {
@@ -705,6 +735,18 @@ mod tests {
         .expect("write");
         let (o3, e3) = m.read();
         assert!(!Arc::ptr_eq(&o1.services[0], &o3.services[0]) && e3.is_empty());
+        // Another object added to the file: the unchanged one keeps its identity.
+        fs::write(
+            dir.join("a.yaml"),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: a, labels: {x: y}}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: b}\n",
+        )
+        .expect("write");
+        let (o4, _) = m.read();
+        assert!(
+            Arc::ptr_eq(&o3.services[0], &o4.services[0]),
+            "unchanged object, same Arc"
+        );
+        assert_eq!(o4.services.len(), 2);
         fs::remove_dir_all(&dir).expect("rmdir");
     }
 

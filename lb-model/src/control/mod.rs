@@ -119,7 +119,12 @@ pub struct ControlPlane {
     mirrored: HashMap<NsName, MirrorEntry>,
     /// Node name → zone, as of the last run (a change remakes every slice).
     zones: HashMap<String, String>,
+    /// The last allocation: its input Services, its output and its problems.
+    last: Option<LastAlloc>,
 }
+
+/// Input Services, allocated Services, problems.
+type LastAlloc = (Vec<Arc<Service>>, Vec<(NsName, Arc<Service>)>, Vec<Error>);
 
 impl ControlPlane {
     /// A control plane that goes on from `state` (what an earlier run recorded).
@@ -132,6 +137,7 @@ impl ControlPlane {
             selected: HashMap::new(),
             mirrored: HashMap::new(),
             zones: HashMap::new(),
+            last: None,
         }
     }
 
@@ -185,6 +191,25 @@ impl ControlPlane {
     /// reused while a Service and its record are unchanged. Also returns whether any record
     /// changed.
     fn allocate(
+        &mut self,
+        input: &[Arc<Service>],
+        errors: &mut Vec<Error>,
+    ) -> (Vec<(NsName, Arc<Service>)>, bool) {
+        // The very same Services as last time: the same allocations (and problems).
+        if let Some((prev_in, out, errs)) = &self.last
+            && prev_in.len() == input.len()
+            && prev_in.iter().zip(input).all(|(a, b)| Arc::ptr_eq(a, b))
+        {
+            errors.extend(errs.iter().cloned());
+            return (out.clone(), false);
+        }
+        let first = errors.len();
+        let (out, changed) = self.allocate_all(input, errors);
+        self.last = Some((input.to_vec(), out.clone(), errors[first..].to_vec()));
+        (out, changed)
+    }
+
+    fn allocate_all(
         &mut self,
         input: &[Arc<Service>],
         errors: &mut Vec<Error>,
