@@ -223,19 +223,39 @@ pub(crate) fn slices_for(
                 .push((name.clone(), ep));
         }
     }
-    let mut out = Vec::new();
-    for ((v6, ports), mut eps) in groups {
+    let groups = groups.into_iter().map(|(g, mut eps)| {
         eps.sort_by(|a, b| a.0.cmp(&b.0));
+        (g, eps.into_iter().map(|(_, e)| e).collect())
+    });
+    chunked(
+        svc,
+        id,
+        groups,
+        MAX_ENDPOINTS_PER_SLICE,
+        MANAGED_BY_CONTROLLER,
+    )
+}
+
+/// The slices of endpoint groups (family, port set → endpoints), at most `max` endpoints each.
+pub(crate) fn chunked(
+    svc: &Service,
+    id: &NsName,
+    groups: impl Iterator<Item = (Group, Vec<Endpoint>)>,
+    max: usize,
+    managed_by: &str,
+) -> Vec<Arc<EndpointSlice>> {
+    let mut out = Vec::new();
+    for ((v6, ports), eps) in groups {
         let ports: Vec<EndpointPort> = ports.into_iter().map(PortKey::into_port).collect();
-        for (chunk, eps) in eps.chunks(MAX_ENDPOINTS_PER_SLICE).enumerate() {
+        for (chunk, eps) in eps.chunks(max).enumerate() {
             out.push(Arc::new(make_slice(
                 svc,
                 id,
                 v6,
                 &ports,
                 chunk,
-                MANAGED_BY_CONTROLLER,
-                eps.iter().map(|(_, e)| e.clone()).collect(),
+                managed_by,
+                eps.to_vec(),
             )));
         }
     }

@@ -16,7 +16,7 @@ use k8s_openapi::api::core::v1::{EndpointAddress, Endpoints, Service};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointSlice};
 
 use super::Error;
-use super::endpointslice::{Group, PortKey, make_slice};
+use super::endpointslice::{Group, PortKey, chunked};
 use crate::model::{NsName, ObjectRef, parse_ip};
 
 /// Label that keeps an Endpoints object from being mirrored.
@@ -108,23 +108,16 @@ pub(crate) fn slices_for(
                 .or_insert_with(|| endpoint(addr, ip, is_ready));
         }
     }
-    let mut out = Vec::new();
-    for ((v6, ports), eps) in groups {
-        let ports: Vec<_> = ports.into_iter().map(PortKey::into_port).collect();
-        let eps: Vec<Endpoint> = eps.into_values().collect();
-        for (chunk, eps) in eps.chunks(MAX_ENDPOINTS_PER_SUBSET).enumerate() {
-            out.push(Arc::new(make_slice(
-                svc,
-                id,
-                v6,
-                &ports,
-                chunk,
-                MANAGED_BY_MIRRORING,
-                eps.to_vec(),
-            )));
-        }
-    }
-    out
+    let groups = groups
+        .into_iter()
+        .map(|(g, eps)| (g, eps.into_values().collect()));
+    chunked(
+        svc,
+        id,
+        groups,
+        MAX_ENDPOINTS_PER_SUBSET,
+        MANAGED_BY_MIRRORING,
+    )
 }
 
 fn endpoint(addr: &EndpointAddress, ip: IpAddr, ready: bool) -> Endpoint {
