@@ -240,10 +240,7 @@ fn scale(n: usize, rounds: usize, secs: u32, load: u32) -> String {
     fs::write(&qfile, queries(n)).expect("queries");
     c.write_manifest("svcs.yaml", &manifests(n));
     // The agent in the node's namespace, so its DNS listener shares dnsperf's loopback.
-    c.agent_prefix = vec![
-        "nsenter".into(),
-        format!("--net=/run/netns/{}", c.node.name),
-    ];
+    c.agent_on_node();
     c.start_agent_with(&["--dns", "127.0.0.1:5300", "--dns-upstream", "127.0.0.1:9"]);
     let ns = &c.node;
     wait_ready(ns, port("lb"));

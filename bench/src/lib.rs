@@ -93,3 +93,22 @@ pub fn latency_summary(c: &Cluster, mut ms: Vec<f64>) -> (f64, f64, f64) {
         ms[ms.len() - 1],
     )
 }
+
+/// Writes manifest `file` and waits (at most `timeout`) for the agent's next "programmed
+/// datapath" line: the wall time from the write, and that line (its per-phase timings).
+pub fn program(c: &Cluster, file: &str, text: &str, timeout: Duration) -> (Duration, String) {
+    let before = c.agent_log().matches("programmed datapath").count();
+    let t = Instant::now();
+    c.write_manifest(file, text);
+    let line = lb_tests::wait_for(timeout, || {
+        let log = c.agent_log();
+        (log.matches("programmed datapath").count() > before).then(|| {
+            log.lines()
+                .rfind(|l| l.contains("programmed datapath"))
+                .unwrap_or("")
+                .to_owned()
+        })
+    })
+    .expect("agent programmed the Services");
+    (t.elapsed(), line)
+}

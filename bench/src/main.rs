@@ -662,20 +662,7 @@ fn main() {
         a.services
     );
     let text = many_services(a.services);
-    let log_before = c.agent_log().matches("programmed datapath").count();
-    let t = Instant::now();
-    c.write_manifest("many.yaml", &text);
-    let line = wait_for(Duration::from_mins(2), || {
-        let log = c.agent_log();
-        (log.matches("programmed datapath").count() > log_before).then(|| {
-            log.lines()
-                .rfind(|l| l.contains("programmed datapath"))
-                .unwrap_or("")
-                .to_owned()
-        })
-    })
-    .expect("agent programmed the Services");
-    let program_wall = t.elapsed();
+    let (program_wall, line) = lb_bench::program(&c, "many.yaml", &text, Duration::from_mins(2));
     let frontends = a.services + 1;
     assert!(
         line.contains(&format!("frontends={frontends}")),

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::{Cluster, wait_for};
+use lb_tests::Cluster;
 
 /// The control plane's flags: a service CIDR that holds every allocation of the bench.
 const FLAGS: [&str; 2] = ["--service-cidr", "198.19.0.0/16"];
@@ -63,11 +63,6 @@ fn probe(b_ready: bool) -> String {
     .join("---\n")
 }
 
-/// `programmed datapath` lines of the agent's log so far.
-fn programmed(c: &Cluster) -> usize {
-    c.agent_log().matches("programmed datapath").count()
-}
-
 /// Pod readiness flip → pinned map: (p50 ms, p99 ms, max ms) over `flips`, with `services` ×
 /// `pods` other Services loaded.
 fn flips(n: usize, services: usize, pods: usize) -> (f64, f64, f64) {
@@ -96,20 +91,8 @@ fn cold(services: usize, pods: usize) -> (f64, String, u64) {
     let mut c = Cluster::new("benchsc", 1);
     c.start_agent_with(&FLAGS);
     let text = selector_services(services, pods);
-    let before = programmed(&c);
-    let t = Instant::now();
-    c.write_manifest("many.yaml", &text);
-    let line = wait_for(Duration::from_mins(5), || {
-        let log = c.agent_log();
-        (log.matches("programmed datapath").count() > before).then(|| {
-            log.lines()
-                .rfind(|l| l.contains("programmed datapath"))
-                .unwrap_or("")
-                .to_owned()
-        })
-    })
-    .expect("agent programmed the Services");
-    let wall = t.elapsed().as_secs_f64() * 1e3;
+    let (took, line) = crate::program(&c, "many.yaml", &text, Duration::from_mins(5));
+    let wall = took.as_secs_f64() * 1e3;
     assert!(
         line.contains(&format!("frontends={services} ")),
         "partial programming: {line}"

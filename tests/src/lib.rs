@@ -562,6 +562,15 @@ impl Cluster {
         log_path
     }
 
+    /// Runs the agent (from its next start) in the node's network namespace, as on a real node:
+    /// its listeners (DNS, metrics) are then on the node's addresses, reachable from pods.
+    pub fn agent_on_node(&mut self) {
+        self.agent_prefix = vec![
+            "nsenter".into(),
+            format!("--net=/run/netns/{}", self.node.name),
+        ];
+    }
+
     /// Where the agent keeps its standalone allocations (`--state-file`).
     #[must_use]
     pub fn state_file(&self) -> PathBuf {

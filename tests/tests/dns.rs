@@ -403,10 +403,7 @@ fn node_local_dns_is_steered_to_the_agent_and_falls_back_without_it() {
     assert_eq!(line.trim(), "ready");
     c.servers.push(Proc { child });
     // The agent on the node (its namespace: the address pods reach it by).
-    c.agent_prefix = vec![
-        "nsenter".into(),
-        format!("--net=/run/netns/{}", c.node.name),
-    ];
+    c.agent_on_node();
     let flags = [
         "--dns",
         "198.18.0.1:53",
@@ -457,10 +454,7 @@ fn node_local_dns_is_steered_to_the_agent_and_falls_back_without_it() {
 fn cluster_dns_creates_the_dns_service_and_steers_it_here() {
     let mut c = Cluster::new("dnscd", 1);
     write_web(&c, &ready(1));
-    c.agent_prefix = vec![
-        "nsenter".into(),
-        format!("--net=/run/netns/{}", c.node.name),
-    ];
+    c.agent_on_node();
     c.start_agent_with(&[
         "--dns",
         "198.18.0.1:53",

@@ -125,10 +125,7 @@ fn main() {
     let started = Instant::now();
     // The agent on the node (its namespace: the address pods reach its DNS listener by), with
     // the standalone control plane's ranges (README of examples/tutorial) and cluster DNS.
-    c.agent_prefix = vec![
-        "nsenter".into(),
-        format!("--net=/run/netns/{}", c.node.name),
-    ];
+    c.agent_on_node();
     let mut flags = TUTORIAL_FLAGS.to_vec();
     flags.extend(DNS_FLAGS);
     c.start_agent_with(&flags);
