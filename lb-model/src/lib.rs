@@ -60,3 +60,79 @@ impl Objects {
             && self.nodes.is_empty()
     }
 }
+
+/// Where two snapshots of one kind of object differ, by identity: `old[..prefix]` and
+/// `new[..prefix]` are the very same objects, as are `old[old_end..]` and `new[new_end..]`; what
+/// changed lies in `old[prefix..old_end]` (gone or moved) and `new[prefix..new_end]` (new or
+/// moved). Both sources keep their objects in a stable order (the files' order; the API
+/// store's), so an edit of a few objects is a window of a few, found with one pass of pointer
+/// compares instead of a look-up per object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    pub prefix: usize,
+    pub old_end: usize,
+    pub new_end: usize,
+}
+
+impl Window {
+    #[must_use]
+    pub fn of<T>(old: &[Arc<T>], new: &[Arc<T>]) -> Self {
+        let prefix = old
+            .iter()
+            .zip(new)
+            .take_while(|(a, b)| Arc::ptr_eq(a, b))
+            .count();
+        let suffix = old[prefix..]
+            .iter()
+            .rev()
+            .zip(new[prefix..].iter().rev())
+            .take_while(|(a, b)| Arc::ptr_eq(a, b))
+            .count();
+        Self {
+            prefix,
+            old_end: old.len() - suffix,
+            new_end: new.len() - suffix,
+        }
+    }
+
+    /// Nothing changed.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.prefix == self.old_end && self.prefix == self.new_end
+    }
+}
+
+#[cfg(test)]
+mod window_tests {
+    use super::*;
+
+    #[test]
+    fn a_window_holds_exactly_what_changed() {
+        let v: Vec<Arc<u8>> = (0..6).map(Arc::new).collect();
+        let w = |old: &[Arc<u8>], new: &[Arc<u8>]| {
+            let w = Window::of(old, new);
+            (w.prefix, w.old_end, w.new_end)
+        };
+        assert_eq!(w(&v, &v), (6, 6, 6));
+        assert!(Window::of(&v, &v.clone()).is_empty());
+        // One replaced in the middle.
+        let mut r = v.clone();
+        r[2] = Arc::new(2);
+        assert_eq!(w(&v, &r), (2, 3, 3));
+        // One inserted, one removed.
+        let mut i = v.clone();
+        i.insert(4, Arc::new(9));
+        assert_eq!(w(&v, &i), (4, 4, 5));
+        assert_eq!(w(&i, &v), (4, 5, 4));
+        // Everything new; nothing at all.
+        let n: Vec<Arc<u8>> = (0..3).map(Arc::new).collect();
+        assert_eq!(w(&v, &n), (0, 6, 3));
+        assert_eq!(w(&[], &v), (0, 0, 6));
+        // A repeated object: prefix and suffix never overlap.
+        let a = Arc::new(1u8);
+        assert_eq!(
+            w(std::slice::from_ref(&a), &[a.clone(), a.clone()]),
+            (1, 1, 2)
+        );
+    }
+}

@@ -71,7 +71,9 @@ pub struct ManifestDir {
     /// Text and per-object errors of each file as last parsed: an unchanged file is not parsed
     /// again, and its objects stay the same `Arc`s (the agent counts changes by identity).
     parsed: BTreeMap<PathBuf, (String, Vec<Error>)>,
-    first_seen: BTreeMap<(String, String), k8s_openapi::jiff::Timestamp>,
+    /// Service (namespace, name) → when it was first seen, and how many of the files' last
+    /// good versions define it (at 0 it is gone, and forgotten).
+    first_seen: BTreeMap<(String, String), (k8s_openapi::jiff::Timestamp, u32)>,
 }
 
 fn is_manifest(p: &Path) -> bool {
@@ -120,8 +122,19 @@ impl ManifestDir {
             .filter(|p| is_manifest(p))
             .collect();
         files.sort();
-        self.last_good.retain(|p, _| files.contains(p));
-        self.parsed.retain(|p, _| files.contains(p));
+        let present: BTreeSet<&PathBuf> = files.iter().collect();
+        let gone: Vec<PathBuf> = self
+            .last_good
+            .keys()
+            .filter(|p| !present.contains(p))
+            .cloned()
+            .collect();
+        for p in gone {
+            if let Some(old) = self.last_good.remove(&p) {
+                self.unsee(&old);
+            }
+        }
+        self.parsed.retain(|p, _| present.contains(p));
 
         let mut all = Objects::default();
         for path in files {
@@ -147,7 +160,9 @@ impl ManifestDir {
                             .filter(|e| e.file() == Some(path.as_path()))
                             .collect();
                         self.parsed.insert(path.clone(), (text, errs));
-                        self.last_good.insert(path, objs);
+                        if let Some(old) = self.last_good.insert(path, objs) {
+                            self.unsee(&old);
+                        }
                     }
                     Err(e) => {
                         errors.push(e);
@@ -167,11 +182,21 @@ impl ManifestDir {
                 }
             }
         }
-        // Forget first-seen times of Services that are gone.
-        let live: BTreeSet<(String, String)> =
-            all.services.iter().filter_map(|s| svc_key(s)).collect();
-        self.first_seen.retain(|k, _| live.contains(k));
         (all, errors)
+    }
+
+    /// A file version that no longer counts (replaced, or its file gone): the first-seen times
+    /// of Services no file defines any more are forgotten.
+    fn unsee(&mut self, old: &Objects) {
+        for svc in &old.services {
+            let Some(key) = svc_key(svc) else { continue };
+            if let Some((_, n)) = self.first_seen.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    self.first_seen.remove(&key);
+                }
+            }
+        }
     }
 
     /// Gives every freshly parsed Service without a creationTimestamp the time it was first seen.
@@ -183,7 +208,9 @@ impl ManifestDir {
             .unwrap_or_default();
         for svc in &mut objs.services {
             let Some(key) = svc_key(svc) else { continue };
-            let seen = *self.first_seen.entry(key).or_insert(now);
+            let (seen, n) = self.first_seen.entry(key).or_insert((now, 0));
+            *n += 1;
+            let seen = *seen;
             if svc.metadata.creation_timestamp.is_none() {
                 // Freshly parsed: the Arc is not shared yet, so this does not copy.
                 Arc::make_mut(svc).metadata.creation_timestamp =
@@ -708,6 +735,44 @@ mod tests {
         };
         assert_eq!(ts("a"), t1, "stable across reads");
         assert!(ts("b").0 > t1.0, "a newcomer is younger");
+        let stamp = |m: &mut ManifestDir, n: &str| {
+            m.read()
+                .0
+                .services
+                .iter()
+                .find(|s| s.metadata.name.as_deref() == Some(n))
+                .and_then(|s| s.metadata.creation_timestamp.clone())
+        };
+        // `a` moves from a.yaml into b.yaml: the same Service, as old as it was.
+        fs::write(
+            dir.join("b.yaml"),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: b}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: a}\n",
+        )
+        .expect("write");
+        assert_eq!(stamp(&mut m, "a"), Some(t1.clone()), "moved, not new");
+        fs::remove_file(dir.join("a.yaml")).expect("rm");
+        assert_eq!(
+            stamp(&mut m, "a"),
+            Some(t1.clone()),
+            "still defined in b.yaml"
+        );
+        // Gone from every file, then back: a newcomer.
+        fs::write(
+            dir.join("b.yaml"),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: b}\n",
+        )
+        .expect("write");
+        assert_eq!(stamp(&mut m, "a"), None);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        fs::write(
+            dir.join("a.yaml"),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: a}\n",
+        )
+        .expect("write");
+        assert!(
+            stamp(&mut m, "a").expect("back").0 > t1.0,
+            "forgotten, then new"
+        );
         fs::remove_dir_all(&dir).expect("rmdir");
     }
 

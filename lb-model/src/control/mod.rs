@@ -124,7 +124,11 @@ pub struct ControlPlane {
 }
 
 /// Input Services, allocated Services, problems.
-type LastAlloc = (Vec<Arc<Service>>, Vec<(NsName, Arc<Service>)>, Vec<Error>);
+type LastAlloc = (Vec<Arc<Service>>, Allocated, Vec<Error>);
+
+/// The allocated Services, in allocation order (shared between runs while the input is the
+/// same).
+type Allocated = Arc<[(NsName, Arc<Service>)]>;
 
 impl ControlPlane {
     /// A control plane that goes on from `state` (what an earlier run recorded).
@@ -177,7 +181,7 @@ impl ControlPlane {
                 .cloned()
         });
         let out = Objects {
-            services: services.into_iter().map(|(_, s)| s).collect(),
+            services: services.iter().map(|(_, s)| s.clone()).collect(),
             slices,
             node,
             pods: objs.pods.clone(),
@@ -190,11 +194,7 @@ impl ControlPlane {
     /// Allocation (oldest Service first, as conflicts are decided), with allocated copies
     /// reused while a Service and its record are unchanged. Also returns whether any record
     /// changed.
-    fn allocate(
-        &mut self,
-        input: &[Arc<Service>],
-        errors: &mut Vec<Error>,
-    ) -> (Vec<(NsName, Arc<Service>)>, bool) {
+    fn allocate(&mut self, input: &[Arc<Service>], errors: &mut Vec<Error>) -> (Allocated, bool) {
         // The very same Services as last time: the same allocations (and problems).
         if let Some((prev_in, out, errs)) = &self.last
             && prev_in.len() == input.len()
@@ -205,6 +205,7 @@ impl ControlPlane {
         }
         let first = errors.len();
         let (out, changed) = self.allocate_all(input, errors);
+        let out: Allocated = out.into();
         self.last = Some((input.to_vec(), out.clone(), errors[first..].to_vec()));
         (out, changed)
     }
@@ -312,6 +313,9 @@ impl ControlPlane {
         slices: &mut Vec<Arc<EndpointSlice>>,
         errors: &mut Vec<Error>,
     ) {
+        if endpoints.is_empty() && self.mirrored.is_empty() {
+            return;
+        }
         let selectorless: HashMap<&NsName, &Arc<Service>> = services
             .iter()
             .filter(|(_, s)| s.spec.as_ref().is_some_and(|s| s.selector.is_none()))

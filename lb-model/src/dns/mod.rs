@@ -25,14 +25,16 @@
 //!   addresses) are for the upstream resolver ([`Lookup::Forward`]).
 pub mod wire;
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{BuildHasher as _, Hash, RandomState};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
-use crate::Objects;
 use crate::model::{LABEL_SERVICE_NAME, parse_ip};
+use crate::{Objects, Window};
 
 /// The schema version `dns-version.<zone>` answers.
 pub const SCHEMA_VERSION: &str = "1.1.0";
@@ -143,42 +145,139 @@ pub enum Lookup {
 /// Everything one name holds.
 #[derive(Clone, Debug, Default)]
 struct Node {
+    a: Box<[Ipv4Addr]>,
+    aaaa: Box<[Ipv6Addr]>,
+    /// (weight, port, target); priority is always 0.
+    srv: Box<[(u16, u16, Arc<str>)]>,
+    cname: Option<Arc<str>>,
+}
+
+/// A [`Node`] being built.
+#[derive(Default)]
+struct NodeBuf {
     a: Vec<Ipv4Addr>,
     aaaa: Vec<Ipv6Addr>,
     srv: Vec<(u16, u16, Arc<str>)>,
     cname: Option<Arc<str>>,
 }
 
-impl Node {
+impl NodeBuf {
     fn push(&mut self, ip: IpAddr) {
         match ip {
             IpAddr::V4(a) => self.a.push(a),
             IpAddr::V6(a) => self.aaaa.push(a),
         }
     }
+
+    fn done(self) -> Node {
+        Node {
+            a: self.a.into(),
+            aaaa: self.aaaa.into(),
+            srv: self.srv.into(),
+            cname: self.cname,
+        }
+    }
 }
 
 /// One Service's names, relative to `<svc>.<ns>.svc.<zone>` (`""`: that name itself;
-/// `db-0`; `_http._tcp`; the empty non-terminal `_tcp`), and the PTRs it owns. Built once per
-/// (Service, slices) pair of objects and shared between indexes while they are unchanged.
+/// `db-0`; `_http._tcp`; the empty non-terminal `_tcp`), sorted for a binary search, and the
+/// PTRs it owns. Built once per (Service, slices) pair of objects and shared between indexes
+/// while they are unchanged.
 #[derive(Debug, Default)]
 struct SvcZone {
-    names: HashMap<Box<str>, Node>,
-    ptr: Vec<(IpAddr, Arc<str>)>,
+    names: Box<[(Arc<str>, Node)]>,
+    ptr: Box<[(IpAddr, Arc<str>)]>,
+}
+
+impl SvcZone {
+    fn get(&self, rel: &str) -> Option<&Node> {
+        self.names
+            .binary_search_by(|(n, _)| (**n).cmp(rel))
+            .ok()
+            .map(|i| &self.names[i].1)
+    }
+}
+
+/// Shards of a map, each behind an `Arc`: a clone of the whole is a clone of 64 pointers, and
+/// a change copies the one shard it touches (when an older index still shares it). An index
+/// update costs what changed, not what the index holds, and the index the server answers
+/// from is never copied whole.
+#[derive(Clone, Debug)]
+struct Shards<K, V> {
+    /// Picks the shard (independent of the maps' own hasher, so a shard's keys still spread
+    /// over its buckets).
+    pick: RandomState,
+    maps: Vec<Arc<HashMap<K, V>>>,
+}
+
+const SHARDS: usize = 64;
+
+impl<K: Hash + Eq + Clone, V: Clone> Shards<K, V> {
+    fn new() -> Self {
+        Self {
+            pick: RandomState::new(),
+            maps: (0..SHARDS).map(|_| Arc::new(HashMap::new())).collect(),
+        }
+    }
+
+    fn shard<Q: Hash + ?Sized>(&self, k: &Q) -> usize {
+        (self.pick.hash_one(k) % SHARDS as u64) as usize
+    }
+
+    fn get<Q>(&self, k: &Q) -> Option<&V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.maps[self.shard(k)].get(k)
+    }
+
+    /// The shard of `k`, made this map's own.
+    fn map_mut(&mut self, k: &K) -> &mut HashMap<K, V> {
+        let i = self.shard(k);
+        Arc::make_mut(&mut self.maps[i])
+    }
+
+    fn len(&self) -> usize {
+        self.maps.iter().map(|m| m.len()).sum()
+    }
+
+    #[cfg(test)]
+    fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
+        self.maps.iter().flat_map(|m| m.iter())
+    }
+}
+
+/// The names an address points back to (almost always one).
+#[derive(Clone, Debug)]
+enum Ptrs {
+    One(Arc<str>),
+    /// Sorted, no duplicates.
+    Many(Box<[Arc<str>]>),
+}
+
+impl Ptrs {
+    fn as_slice(&self) -> &[Arc<str>] {
+        match self {
+            Self::One(n) => std::slice::from_ref(n),
+            Self::Many(v) => v,
+        }
+    }
 }
 
 /// Every name of the cluster zone and every PTR: one [`SvcZone`] per Service, so a change
-/// rebuilds only its own Service's ([`Builder`]).
+/// rebuilds only its own Service's ([`Builder`]); every map is sharded ([`Shards`]), so a
+/// change copies only what it touches.
 #[derive(Clone, Debug)]
 pub struct Index {
     cfg: Config,
     serial: u32,
     /// `<svc>.<ns>` (lower case) → that Service's names.
-    services: HashMap<Box<str>, Arc<SvcZone>>,
-    /// Namespaces with a Service (`<ns>.svc.<zone>` exists).
-    namespaces: HashSet<Box<str>>,
+    services: Shards<Arc<str>, Arc<SvcZone>>,
+    /// Namespace → how many Services it has (`<ns>.svc.<zone>` exists while any).
+    namespaces: Shards<Arc<str>, u32>,
     /// Address → the names it points back to.
-    ptr: HashMap<IpAddr, Vec<Arc<str>>>,
+    ptr: Shards<IpAddr, Ptrs>,
     /// The zone's SOA record, shared by every negative answer.
     soa: Rr,
 }
@@ -193,129 +292,317 @@ pub fn dashed(ip: IpAddr) -> String {
 struct Ep {
     ip: IpAddr,
     hostname: String,
+    /// No hostname given: named by its address.
+    dashed: bool,
 }
 
-/// Builds indexes, keeping each Service's [`SvcZone`] while its Service and slices are the
-/// very same objects (`Arc::ptr_eq`): a change rebuilds one Service, not the zone.
-#[derive(Debug, Default)]
+/// The address of an object, identifying it while the `Arc` is held.
+fn addr<T>(o: &Arc<T>) -> usize {
+    Arc::as_ptr(o) as usize
+}
+
+/// What a key is built from and what it became.
+struct Defined {
+    /// The Service object (address) and the slices (addresses, headless Services only) the
+    /// zone was built from.
+    svc: usize,
+    slices: Vec<usize>,
+    ns: Arc<str>,
+    zone: Arc<SvcZone>,
+}
+
+/// Builds indexes incrementally. Objects are recognised by identity (`Arc::ptr_eq`) and the
+/// snapshot is compared with the last one by [`Window`], so a sync costs what changed: the
+/// zones of the Services whose objects (or slices) changed are rebuilt and only their entries
+/// of the index are touched.
+#[derive(Default)]
 pub struct Builder {
     cfg: Option<Config>,
-    cache: HashMap<(Box<str>, Box<str>), CacheEntry>,
+    /// The last index built (its shards shared with what the server answers from).
+    current: Option<Index>,
+    /// The last snapshot's objects, in order.
+    last_services: Vec<Arc<Service>>,
+    last_slices: Vec<Arc<EndpointSlice>>,
+    /// Objects of the last snapshot by address: how often the snapshot holds it, and the key
+    /// (`<svc>.<ns>`, lower case) it defines or belongs to (`None`: no name, no label).
+    services: HashMap<usize, (u32, Option<Arc<str>>)>,
+    slices: HashMap<usize, (u32, Option<Arc<str>>)>,
+    /// Key → the Service objects with that name (more than one: duplicates, and the first in
+    /// the snapshot's order is used), and the slices labelled with it.
+    defs: HashMap<Arc<str>, Vec<Arc<Service>>>,
+    slices_of: HashMap<Arc<str>, Vec<Arc<EndpointSlice>>>,
+    /// Key → its zone in the current index.
+    defined: HashMap<Arc<str>, Defined>,
+    /// Shared relative names (`""`, `_tcp`, `_http._tcp`): the same in many Services.
+    labels: HashMap<Box<str>, Arc<str>>,
 }
 
-/// A Service, its slices, and the zone built from them.
-type CacheEntry = (Arc<Service>, Vec<Arc<EndpointSlice>>, Arc<SvcZone>);
+impl std::fmt::Debug for Builder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Builder")
+            .field("services", &self.services.len())
+            .field("slices", &self.slices.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// `<svc>.<ns>`, lower case.
+fn key_of(name: &str, ns: Option<&str>) -> Arc<str> {
+    let ns = ns.unwrap_or("default");
+    let mut k = String::with_capacity(name.len() + 1 + ns.len());
+    k.push_str(name);
+    k.push('.');
+    k.push_str(ns);
+    k.make_ascii_lowercase();
+    Arc::from(k.as_str())
+}
+
+/// The key of a Service.
+fn svc_key(svc: &Service) -> Option<Arc<str>> {
+    let name = svc.metadata.name.as_deref()?;
+    Some(key_of(name, svc.metadata.namespace.as_deref()))
+}
+
+/// The key of the Service a slice belongs to.
+fn slice_key(s: &EndpointSlice) -> Option<Arc<str>> {
+    let svc = s.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
+    Some(key_of(svc, s.metadata.namespace.as_deref()))
+}
+
+/// Counts one more occurrence of an object; returns its key when the object is new.
+fn enter<T>(
+    seen: &mut HashMap<usize, (u32, Option<Arc<str>>)>,
+    o: &Arc<T>,
+    key: impl FnOnce(&T) -> Option<Arc<str>>,
+) -> Option<Arc<str>> {
+    let e = seen.entry(addr(o)).or_insert_with(|| (0, key(o)));
+    e.0 += 1;
+    if e.0 == 1 { e.1.clone() } else { None }
+}
+
+/// Counts one occurrence less; returns its key when the object is gone.
+fn leave<T>(seen: &mut HashMap<usize, (u32, Option<Arc<str>>)>, o: &Arc<T>) -> Option<Arc<str>> {
+    let a = addr(o);
+    let e = seen.get_mut(&a)?;
+    e.0 -= 1;
+    if e.0 > 0 {
+        return None;
+    }
+    seen.remove(&a).and_then(|(_, k)| k)
+}
+
+/// Takes `o` out of the objects of `key`.
+fn forget<T>(of: &mut HashMap<Arc<str>, Vec<Arc<T>>>, key: &Arc<str>, o: &Arc<T>) {
+    if let Some(v) = of.get_mut(key) {
+        v.retain(|x| !Arc::ptr_eq(x, o));
+        if v.is_empty() {
+            of.remove(key);
+        }
+    }
+}
 
 impl Builder {
     /// The index of a snapshot. `serial`: the SOA serial (the agent passes the sync's time).
     pub fn build(&mut self, objs: &Objects, cfg: &Config, serial: u32) -> Index {
+        match self.update(objs, cfg, serial) {
+            Some(ix) => ix,
+            None => self.current.clone().expect("an index was built"),
+        }
+    }
+
+    /// The index of a snapshot, or `None` when it is the last one unchanged. A new index's SOA
+    /// serial is `serial`, or one more than the last one's when that is not less.
+    pub fn update(&mut self, objs: &Objects, cfg: &Config, serial: u32) -> Option<Index> {
         let zone = cfg.zone.trim_end_matches('.').to_ascii_lowercase();
         let cfg = Config {
             zone: zone.clone(),
             ttl: cfg.ttl,
         };
         if self.cfg.as_ref() != Some(&cfg) {
-            self.cache.clear();
-            self.cfg = Some(cfg.clone());
+            *self = Self {
+                cfg: Some(cfg.clone()),
+                ..Self::default()
+            };
         }
-        let mut by_svc: HashMap<(&str, &str), Vec<&Arc<EndpointSlice>>> = HashMap::new();
-        for s in &objs.slices {
-            if let Some(svc) = s
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(LABEL_SERVICE_NAME))
-            {
-                let ns = s.metadata.namespace.as_deref().unwrap_or("default");
-                by_svc.entry((ns, svc.as_str())).or_default().push(s);
-            }
+        let dirty = self.diff(objs);
+        if dirty.is_empty() && self.current.is_some() {
+            return None; // nothing changed: the same index, the same serial
         }
-        let mut ix = Index {
+        let serial = match &self.current {
+            Some(c) if c.serial >= serial => c.serial.wrapping_add(1),
+            _ => serial,
+        };
+        let mut ix = self.current.take().unwrap_or_else(|| Index {
+            cfg: cfg.clone(),
+            serial,
+            services: Shards::new(),
+            namespaces: Shards::new(),
+            ptr: Shards::new(),
             soa: Rr {
-                owner: Some(Arc::from(zone.as_str())),
+                owner: None,
                 data: RData::Soa { serial },
             },
-            cfg,
-            serial,
-            services: HashMap::with_capacity(objs.services.len()),
-            namespaces: HashSet::new(),
-            ptr: HashMap::new(),
+        });
+        ix.serial = serial;
+        ix.soa = Rr {
+            owner: Some(Arc::from(zone.as_str())),
+            data: RData::Soa { serial },
         };
-        let mut next = HashMap::with_capacity(objs.services.len());
-        let none = Vec::new();
-        for svc in &objs.services {
-            let Some(name) = svc.metadata.name.as_deref() else {
-                continue;
-            };
-            let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
-            let slices = by_svc.get(&(ns, name)).unwrap_or(&none);
-            let key: (Box<str>, Box<str>) = (
-                ns.to_ascii_lowercase().into(),
-                name.to_ascii_lowercase().into(),
-            );
-            if next.contains_key(&key) {
-                continue; // a duplicate: the first definition is used
-            }
-            let z = match self.cache.remove(&key) {
-                Some((s, sl, z))
-                    if Arc::ptr_eq(&s, svc)
-                        && sl.len() == slices.len()
-                        && sl.iter().zip(slices).all(|(a, b)| Arc::ptr_eq(a, b)) =>
-                {
-                    z
+        for key in dirty {
+            self.define(&mut ix, &key, &objs.services, &zone);
+        }
+        self.current = Some(ix.clone());
+        Some(ix)
+    }
+
+    /// Takes in the snapshot's objects; returns the keys whose definition may have changed:
+    /// those of every object in the changed windows (new, gone, or moved, which can change
+    /// which of two duplicates is first).
+    fn diff(&mut self, objs: &Objects) -> HashSet<Arc<str>> {
+        let mut dirty = HashSet::new();
+        let w = Window::of(&self.last_slices, &objs.slices);
+        if !w.is_empty() {
+            // New occurrences first: a moved object is neither new nor gone.
+            for s in &objs.slices[w.prefix..w.new_end] {
+                if let Some(k) = enter(&mut self.slices, s, slice_key) {
+                    self.slices_of.entry(k).or_default().push(s.clone());
                 }
-                _ => Arc::new(svc_zone(
-                    svc,
-                    slices,
-                    &format!("{}.{}.svc.{zone}", key.1, key.0),
-                )),
-            };
-            ix.namespaces.insert(key.0.clone());
-            for (ip, name) in &z.ptr {
-                ix.ptr.entry(*ip).or_default().push(name.clone());
             }
-            ix.services
-                .insert(format!("{}.{}", key.1, key.0).into(), z.clone());
-            next.insert(
-                key,
-                (
-                    svc.clone(),
-                    slices.iter().map(|s| (*s).clone()).collect(),
-                    z,
-                ),
-            );
+            for s in &self.last_slices[w.prefix..w.old_end] {
+                if let Some(k) = leave(&mut self.slices, s) {
+                    forget(&mut self.slices_of, &k, s);
+                }
+            }
+            for s in objs.slices[w.prefix..w.new_end]
+                .iter()
+                .chain(&self.last_slices[w.prefix..w.old_end])
+            {
+                // Gone objects were just removed; their keys are asked of the object itself.
+                dirty.extend(key_cached(&self.slices, s).or_else(|| slice_key(s)));
+            }
+            self.last_slices.clone_from(&objs.slices);
         }
-        for v in ix.ptr.values_mut() {
-            v.sort();
-            v.dedup();
+        let w = Window::of(&self.last_services, &objs.services);
+        if !w.is_empty() {
+            for s in &objs.services[w.prefix..w.new_end] {
+                if let Some(k) = enter(&mut self.services, s, svc_key) {
+                    self.defs.entry(k).or_default().push(s.clone());
+                }
+            }
+            for s in &self.last_services[w.prefix..w.old_end] {
+                if let Some(k) = leave(&mut self.services, s) {
+                    forget(&mut self.defs, &k, s);
+                }
+            }
+            for s in objs.services[w.prefix..w.new_end]
+                .iter()
+                .chain(&self.last_services[w.prefix..w.old_end])
+            {
+                dirty.extend(key_cached(&self.services, s).or_else(|| svc_key(s)));
+            }
+            self.last_services.clone_from(&objs.services);
         }
-        self.cache = next;
-        ix
+        dirty
+    }
+
+    /// Brings `key` in the index up to date with its first Service object (in `services`'
+    /// order) and its slices, or takes it out.
+    fn define(&mut self, ix: &mut Index, key: &Arc<str>, services: &[Arc<Service>], zone: &str) {
+        let svc = match self.defs.get(key).map(Vec::as_slice) {
+            None | Some([]) => None,
+            Some([one]) => Some(one.clone()),
+            Some(many) => services
+                .iter()
+                .find(|s| many.iter().any(|m| Arc::ptr_eq(m, s)))
+                .cloned(),
+        };
+        let slices: &[Arc<EndpointSlice>] = self.slices_of.get(key).map_or(&[], Vec::as_slice);
+        let from: Vec<usize> = if svc.as_deref().is_some_and(is_headless) {
+            let mut v: Vec<usize> = slices.iter().map(addr).collect();
+            v.sort_unstable();
+            v
+        } else {
+            Vec::new() // a ClusterIP's names do not depend on its endpoints
+        };
+        if let (Some(o), Some(s)) = (self.defined.get(key), &svc)
+            && o.svc == addr(s)
+            && o.slices == from
+        {
+            return; // the same objects: the same zone
+        }
+        if let Some(o) = self.defined.remove(key) {
+            ix.remove(key, &o);
+        }
+        let Some(svc) = svc else { return };
+        let Some((_, ns)) = key.split_once('.') else {
+            return;
+        };
+        let fqdn = format!("{key}.svc.{zone}");
+        let z = Arc::new(svc_zone(&svc, slices, &fqdn, &mut self.labels));
+        let d = Defined {
+            svc: addr(&svc),
+            slices: from,
+            ns: Arc::from(ns),
+            zone: z,
+        };
+        ix.add(key, &d);
+        self.defined.insert(key.clone(), d);
     }
 }
 
-/// One Service's names (`fqdn`: `<svc>.<ns>.svc.<zone>`, lower case).
-fn svc_zone(svc: &Service, slices: &[&Arc<EndpointSlice>], fqdn: &str) -> SvcZone {
-    let mut z = SvcZone::default();
-    let Some(spec) = svc.spec.as_ref() else {
-        return z;
-    };
-    let fq: Arc<str> = Arc::from(fqdn);
-    if spec.type_.as_deref() == Some("ExternalName") {
-        if let Some(target) = spec.external_name.as_deref().filter(|t| !t.is_empty()) {
-            let t = target.trim_end_matches('.').to_ascii_lowercase();
-            z.names.entry("".into()).or_default().cname = Some(Arc::from(t.as_str()));
-        }
-        return z;
-    }
-    let ips: Vec<IpAddr> = match (&spec.cluster_ips, &spec.cluster_ip) {
+/// The key recorded for a (still present) object.
+fn key_cached<T>(seen: &HashMap<usize, (u32, Option<Arc<str>>)>, o: &Arc<T>) -> Option<Arc<str>> {
+    seen.get(&addr(o)).and_then(|(_, k)| k.clone())
+}
+
+/// A Service without ClusterIPs (and not an ExternalName): its names are its endpoints'.
+fn is_headless(svc: &Service) -> bool {
+    svc.spec.as_ref().is_some_and(|spec| {
+        spec.type_.as_deref() != Some("ExternalName") && cluster_ips(spec).is_empty()
+    })
+}
+
+fn cluster_ips(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Vec<IpAddr> {
+    match (&spec.cluster_ips, &spec.cluster_ip) {
         (Some(v), _) if !v.is_empty() => v.clone(),
         (_, Some(ip)) if !ip.is_empty() => vec![ip.clone()],
         _ => Vec::new(),
     }
     .iter()
     .filter_map(|s| parse_ip(s).ok())
-    .collect();
+    .collect()
+}
+
+/// One Service's names (`fqdn`: `<svc>.<ns>.svc.<zone>`, lower case). `labels` shares the
+/// relative names many Services have.
+fn svc_zone(
+    svc: &Service,
+    slices: &[Arc<EndpointSlice>],
+    fqdn: &str,
+    labels: &mut HashMap<Box<str>, Arc<str>>,
+) -> SvcZone {
+    let mut label = |s: &str| -> Arc<str> {
+        if let Some(l) = labels.get(s) {
+            return l.clone();
+        }
+        let l: Arc<str> = Arc::from(s);
+        labels.insert(s.into(), l.clone());
+        l
+    };
+    let mut names: BTreeMap<Arc<str>, NodeBuf> = BTreeMap::new();
+    let mut ptr = Vec::new();
+    let Some(spec) = svc.spec.as_ref() else {
+        return SvcZone::default();
+    };
+    let fq: Arc<str> = Arc::from(fqdn);
+    if spec.type_.as_deref() == Some("ExternalName") {
+        if let Some(target) = spec.external_name.as_deref().filter(|t| !t.is_empty()) {
+            let t = target.trim_end_matches('.').to_ascii_lowercase();
+            names.entry(label("")).or_default().cname = Some(Arc::from(t.as_str()));
+        }
+        return finish(names, ptr);
+    }
+    let ips = cluster_ips(spec);
     let headless = ips.is_empty();
     // Ready endpoints, deduplicated by address.
     let mut ready: BTreeMap<IpAddr, Ep> = BTreeMap::new();
@@ -326,20 +613,32 @@ fn svc_zone(svc: &Service, slices: &[&Arc<EndpointSlice>], fqdn: &str) -> SvcZon
                 continue;
             };
             if ok {
-                let hostname = e
-                    .hostname
-                    .clone()
-                    .filter(|h| !h.is_empty())
-                    .unwrap_or_else(|| dashed(ip))
-                    .to_ascii_lowercase();
-                ready.entry(ip).or_insert(Ep { ip, hostname });
+                let given = e.hostname.as_deref().filter(|h| !h.is_empty());
+                let ep = Ep {
+                    ip,
+                    dashed: given.is_none(),
+                    hostname: given.map_or_else(|| dashed(ip), str::to_ascii_lowercase),
+                };
+                // An address in two slices: the same choice whatever their order (a given
+                // hostname over the dashed address, then the least).
+                match ready.entry(ip) {
+                    std::collections::btree_map::Entry::Vacant(v) => {
+                        v.insert(ep);
+                    }
+                    std::collections::btree_map::Entry::Occupied(mut o) => {
+                        if (ep.dashed, &ep.hostname) < (o.get().dashed, &o.get().hostname) {
+                            o.insert(ep);
+                        }
+                    }
+                }
             }
         }
         if ready.is_empty() {
-            return z; // no ready endpoint: the Service's name does not exist (NXDOMAIN)
+            // No ready endpoint: the Service's name does not exist (NXDOMAIN).
+            return SvcZone::default();
         }
     }
-    let top = z.names.entry("".into()).or_default();
+    let top = names.entry(label("")).or_default();
     if headless {
         for e in ready.values() {
             top.push(e.ip);
@@ -354,16 +653,16 @@ fn svc_zone(svc: &Service, slices: &[&Arc<EndpointSlice>], fqdn: &str) -> SvcZon
         let mut t = Vec::new();
         for e in ready.values() {
             let name: Arc<str> = Arc::from(format!("{}.{fqdn}", e.hostname).as_str());
-            z.names
-                .entry(e.hostname.as_str().into())
+            names
+                .entry(Arc::from(e.hostname.as_str()))
                 .or_default()
                 .push(e.ip);
-            z.ptr.push((e.ip, name.clone()));
+            ptr.push((e.ip, name.clone()));
             t.push(name);
         }
         t
     } else {
-        z.ptr.extend(ips.iter().map(|ip| (*ip, fq.clone())));
+        ptr.extend(ips.iter().map(|ip| (*ip, fq.clone())));
         vec![fq]
     };
     let weight = (100 / targets.len().max(1)).max(1) as u16;
@@ -375,15 +674,85 @@ fn svc_zone(svc: &Service, slices: &[&Arc<EndpointSlice>], fqdn: &str) -> SvcZon
             continue;
         };
         let proto = p.protocol.as_deref().unwrap_or("TCP").to_ascii_lowercase();
-        z.names.entry(format!("_{proto}").into()).or_default();
-        let node = z
-            .names
-            .entry(format!("_{}._{proto}", pname.to_ascii_lowercase()).into())
+        names.entry(label(&format!("_{proto}"))).or_default();
+        let node = names
+            .entry(label(&format!("_{}._{proto}", pname.to_ascii_lowercase())))
             .or_default();
         node.srv
             .extend(targets.iter().map(|t| (weight, port, t.clone())));
     }
-    z
+    finish(names, ptr)
+}
+
+fn finish(names: BTreeMap<Arc<str>, NodeBuf>, ptr: Vec<(IpAddr, Arc<str>)>) -> SvcZone {
+    SvcZone {
+        names: names.into_iter().map(|(k, n)| (k, n.done())).collect(),
+        ptr: ptr.into(),
+    }
+}
+
+impl Index {
+    /// Takes a key's zone out of the index.
+    fn remove(&mut self, key: &Arc<str>, d: &Defined) {
+        self.services.map_mut(key).remove(key);
+        let m = self.namespaces.map_mut(&d.ns);
+        if let Some(n) = m.get_mut(&d.ns) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&d.ns);
+            }
+        }
+        for (ip, name) in &d.zone.ptr {
+            let m = self.ptr.map_mut(ip);
+            let Some(p) = m.get_mut(ip) else { continue };
+            match p {
+                Ptrs::One(n) if n == name => {
+                    m.remove(ip);
+                }
+                Ptrs::One(_) => {}
+                Ptrs::Many(v) => {
+                    let mut rest: Vec<Arc<str>> =
+                        v.iter().filter(|n| *n != name).cloned().collect();
+                    *p = if rest.len() == 1 {
+                        Ptrs::One(rest.remove(0))
+                    } else {
+                        Ptrs::Many(rest.into())
+                    };
+                }
+            }
+        }
+    }
+
+    /// Puts a key's zone into the index.
+    fn add(&mut self, key: &Arc<str>, d: &Defined) {
+        self.services
+            .map_mut(key)
+            .insert(key.clone(), d.zone.clone());
+        *self
+            .namespaces
+            .map_mut(&d.ns)
+            .entry(d.ns.clone())
+            .or_default() += 1;
+        for (ip, name) in &d.zone.ptr {
+            let m = self.ptr.map_mut(ip);
+            match m.get_mut(ip) {
+                None => {
+                    m.insert(*ip, Ptrs::One(name.clone()));
+                }
+                Some(p) => {
+                    let mut v = p.as_slice().to_vec();
+                    if let Err(i) = v.binary_search(name) {
+                        v.insert(i, name.clone());
+                    }
+                    *p = if v.len() == 1 {
+                        Ptrs::One(v.remove(0))
+                    } else {
+                        Ptrs::Many(v.into())
+                    };
+                }
+            }
+        }
+    }
 }
 
 impl Index {
@@ -414,7 +783,7 @@ impl Index {
     /// Whether the index holds no Service.
     #[must_use]
     pub fn is_empty(&self) -> bool {
-        self.services.is_empty()
+        self.services.len() == 0
     }
 
     /// `name` below the zone, relative to it (`""` for the apex); `None` when outside.
@@ -440,18 +809,15 @@ impl Index {
         };
         let (rest, ns) = r.rsplit_once('.').unwrap_or(("", r));
         if rest.is_empty() {
-            return Err(self.namespaces.contains(ns));
+            return Err(self.namespaces.get(ns).is_some());
         }
-        let (prefix, svc) = match rest.rsplit_once('.') {
-            Some((p, s)) => (p, s),
-            None => ("", rest),
+        // `<svc>.<ns>` is the tail of `r`: the key, without copying.
+        let (prefix, key) = match rest.rsplit_once('.') {
+            Some((p, s)) => (p, &r[p.len() + 1..p.len() + 1 + s.len() + 1 + ns.len()]),
+            None => ("", r),
         };
-        let key = format!("{svc}.{ns}");
-        let z = self.services.get(key.as_str()).ok_or(false)?;
-        match z.names.get(prefix) {
-            Some(n) => Ok(n),
-            None => Err(false),
-        }
+        let z = self.services.get(key).ok_or(false)?;
+        z.get(prefix).ok_or(false)
     }
 
     /// The answer to `name` (lower case, without the trailing dot) of type `qt`.
@@ -464,6 +830,7 @@ impl Index {
                 Some(targets) => Lookup::Answer {
                     rcode: rcode::NOERROR,
                     answers: targets
+                        .as_slice()
                         .iter()
                         .map(|t| Rr {
                             owner: None,
@@ -615,15 +982,33 @@ impl Index {
     pub fn serial(&self) -> u32 {
         self.serial
     }
+
+    /// Every name and PTR with its records, sorted: two indexes answer alike when these are
+    /// equal.
+    #[cfg(test)]
+    fn dump(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (key, z) in self.services.iter() {
+            for (rel, n) in &z.names {
+                out.push(format!(
+                    "{rel}|{key}: a {:?} aaaa {:?} srv {:?} cname {:?}",
+                    n.a, n.aaaa, n.srv, n.cname
+                ));
+            }
+        }
+        for (ns, n) in self.namespaces.iter() {
+            out.push(format!("ns {ns} {n}"));
+        }
+        for (ip, p) in self.ptr.iter() {
+            out.push(format!("ptr {ip} {:?}", p.as_slice()));
+        }
+        out.sort();
+        out
+    }
 }
 
 /// `dns-version.<zone>`: a name with a TXT record only (added by `records`).
-static DNS_VERSION: Node = Node {
-    a: Vec::new(),
-    aaaa: Vec::new(),
-    srv: Vec::new(),
-    cname: None,
-};
+static DNS_VERSION: std::sync::LazyLock<Node> = std::sync::LazyLock::new(Node::default);
 
 /// The address a reverse name stands for: `d.c.b.a.in-addr.arpa` or 32 nibbles `.ip6.arpa`.
 #[must_use]

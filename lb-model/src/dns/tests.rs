@@ -388,10 +388,15 @@ fn a_change_rebuilds_only_its_own_service() {
     changed.spec.as_mut().expect("spec").cluster_ip = Some("198.19.0.12".into());
     o.services[i] = std::sync::Arc::new(changed);
     let two = b.build(&o, &cfg, 2);
-    for (k, z) in &one.services {
-        let same = std::sync::Arc::ptr_eq(z, &two.services[k]);
+    for (k, z) in one.services.iter() {
+        let same = std::sync::Arc::ptr_eq(z, two.services.get(k).expect("kept"));
         assert_eq!(same, &**k != "v4only.demo", "{k}");
     }
+    // Shards the change did not touch are shared with the older index, not copied.
+    let shared = (0..SHARDS)
+        .filter(|i| Arc::ptr_eq(&one.services.maps[*i], &two.services.maps[*i]))
+        .count();
+    assert_eq!(shared, SHARDS - 1);
     assert_eq!(
         ask(&two, "v4only.demo.svc.cluster.local", qtype::A).1,
         vec!["@ A 198.19.0.12".to_owned()]
@@ -405,4 +410,154 @@ fn a_change_rebuilds_only_its_own_service() {
         255,
         "old PTR gone"
     );
+}
+
+/// Random edits of a small cluster (Services added, changed, removed, duplicated; slices
+/// added, changed, removed; endpoints turning ready and not): after each, the index the
+/// builder updated answers exactly as one built from scratch.
+mod incremental {
+    use super::*;
+    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions};
+    use proptest::prelude::*;
+
+    fn service(i: u8, ns: u8, variant: u8) -> Arc<Service> {
+        let spec = match variant % 4 {
+            0 => format!("{{clusterIP: 198.19.0.{i}, ports: [{{name: http, port: 80}}]}}"),
+            1 => "{clusterIP: None, ports: [{name: pg, port: 5432}, {port: 1}]}".to_owned(),
+            2 => format!(
+                "{{type: ExternalName, externalName: s{}.n0.svc.cluster.local}}",
+                i / 2
+            ),
+            _ => format!(
+                "{{clusterIPs: [198.19.1.{i}, '2001:db8::{i}'], ports: [{{name: dns, port: 53, protocol: UDP}}]}}"
+            ),
+        };
+        let y = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: n{ns}}}\nspec: {spec}\n"
+        );
+        let mut e = Vec::new();
+        let o = crate::manifest::parse_str(Path::new("p.yaml"), &y, &mut e).expect("YAML");
+        o.services[0].clone()
+    }
+
+    fn slice(svc: u8, ns: u8, eps: &[(u8, bool)]) -> Arc<EndpointSlice> {
+        let mut s = EndpointSlice {
+            address_type: "IPv4".into(),
+            ..EndpointSlice::default()
+        };
+        s.metadata.name = Some(format!("s{svc}-x"));
+        s.metadata.namespace = Some(format!("n{ns}"));
+        s.metadata.labels = Some(
+            [(LABEL_SERVICE_NAME.to_owned(), format!("s{svc}"))]
+                .into_iter()
+                .collect(),
+        );
+        s.endpoints = eps
+            .iter()
+            .map(|(a, ready)| Endpoint {
+                addresses: vec![format!("198.18.0.{a}")],
+                hostname: (a % 3 == 0).then(|| format!("h{a}")),
+                conditions: Some(EndpointConditions {
+                    ready: Some(*ready),
+                    ..EndpointConditions::default()
+                }),
+                ..Endpoint::default()
+            })
+            .collect();
+        Arc::new(s)
+    }
+
+    #[derive(Debug, Clone)]
+    enum Edit {
+        AddService(u8, u8, u8),
+        RemoveService(usize),
+        ReplaceService(usize, u8),
+        AddSlice(u8, u8, Vec<(u8, bool)>),
+        RemoveSlice(usize),
+        Swap(usize, usize),
+        SwapSlices(usize, usize),
+        /// The very same object twice in the snapshot.
+        Repeat(usize),
+    }
+
+    fn edit() -> impl Strategy<Value = Edit> {
+        prop_oneof![
+            (0u8..6, 0u8..2, 0u8..4).prop_map(|(i, n, v)| Edit::AddService(i, n, v)),
+            (0usize..16).prop_map(Edit::RemoveService),
+            (0usize..16, 0u8..4).prop_map(|(i, v)| Edit::ReplaceService(i, v)),
+            (
+                0u8..6,
+                0u8..2,
+                proptest::collection::vec((0u8..8, any::<bool>()), 0..4)
+            )
+                .prop_map(|(i, n, e)| Edit::AddSlice(i, n, e)),
+            (0usize..16).prop_map(Edit::RemoveSlice),
+            (0usize..16, 0usize..16).prop_map(|(a, b)| Edit::Swap(a, b)),
+            (0usize..16, 0usize..16).prop_map(|(a, b)| Edit::SwapSlices(a, b)),
+            (0usize..16).prop_map(Edit::Repeat),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
+        #[test]
+        fn an_updated_index_answers_as_one_built_from_scratch(
+            edits in proptest::collection::vec(edit(), 1..24)
+        ) {
+            let mut o = Objects::default();
+            let mut b = Builder::default();
+            let cfg = Config::default();
+            let mut held = Vec::new();
+            for (n, e) in edits.into_iter().enumerate() {
+                match e {
+                    Edit::AddService(i, ns, v) => o.services.push(service(i, ns, v)),
+                    Edit::RemoveService(k) if !o.services.is_empty() => {
+                        let k = k % o.services.len();
+                        o.services.remove(k);
+                    }
+                    Edit::ReplaceService(k, v) if !o.services.is_empty() => {
+                        let k = k % o.services.len();
+                        let s = &o.services[k];
+                        let name = s.metadata.name.clone().unwrap_or_default();
+                        let ns = s.metadata.namespace.clone().unwrap_or_default();
+                        let i: u8 = name[1..].parse().unwrap_or(0);
+                        let nsi: u8 = ns[1..].parse().unwrap_or(0);
+                        o.services[k] = service(i, nsi, v);
+                    }
+                    Edit::AddSlice(i, ns, eps) => o.slices.push(slice(i, ns, &eps)),
+                    Edit::RemoveSlice(k) if !o.slices.is_empty() => {
+                        let k = k % o.slices.len();
+                        o.slices.remove(k);
+                    }
+                    Edit::Swap(a, b) if !o.services.is_empty() => {
+                        let l = o.services.len();
+                        o.services.swap(a % l, b % l);
+                    }
+                    Edit::SwapSlices(a, b) if !o.slices.is_empty() => {
+                        let l = o.slices.len();
+                        o.slices.swap(a % l, b % l);
+                    }
+                    Edit::Repeat(k) if !o.services.is_empty() => {
+                        let s = o.services[k % o.services.len()].clone();
+                        o.services.push(s);
+                        if !o.slices.is_empty() {
+                            let s = o.slices[k % o.slices.len()].clone();
+                            o.slices.insert(0, s);
+                        }
+                    }
+                    _ => {}
+                }
+                let serial = u32::try_from(n).expect("small");
+                let updated = b.build(&o, &cfg, serial);
+                let fresh = Index::build(&o, &cfg, serial);
+                let dump = updated.dump();
+                prop_assert_eq!(&dump, &fresh.dump());
+                held.push((dump, updated)); // older indexes stay alive, sharing shards
+            }
+            // Later updates do not disturb an older index (the server may still answer from it).
+            for (dump, ix) in &held {
+                prop_assert_eq!(dump, &ix.dump());
+            }
+        }
+    }
 }
