@@ -15,7 +15,7 @@ use tokio::{
 use tracing::{debug, error, info, warn};
 
 use std::{
-    collections::BTreeMap,
+    collections::HashSet,
     net::SocketAddr,
     sync::{Arc, Mutex},
 };
@@ -264,16 +264,18 @@ struct State {
     bpffs: PathBuf,
     capacity: sync::Capacity,
     shadow: Shadow,
-    /// How long the last source snapshot took (read + parse), for the sync log line.
+    /// How long the last source snapshot (read + parse) and DNS update took, for the sync log
+    /// line.
     t_source: Duration,
+    t_dns: Duration,
     /// Problems already reported, so a resync does not repeat them.
     reported: BTreeSet<String>,
     metrics: Arc<Metrics>,
     health: Arc<Mutex<Health>>,
-    /// The previous snapshot's objects by namespace/name, to count changes (objects unchanged
-    /// since the last snapshot are the same `Arc`).
-    prev_services: BTreeMap<(String, String), Arc<Service>>,
-    prev_slices: BTreeMap<(String, String), Arc<EndpointSlice>>,
+    /// The previous snapshot's objects, to count changes (objects unchanged since the last
+    /// snapshot are the same `Arc`, in the same order).
+    prev_services: Vec<Arc<Service>>,
+    prev_slices: Vec<Arc<EndpointSlice>>,
     synced_once: bool,
     /// The desired state the maps hold (after `fit`), when the last sync succeeded: the next
     /// event-driven sync then diffs only the frontends that changed since.
@@ -290,52 +292,41 @@ struct State {
     health_checks: crate::healthcheck::HealthChecks,
     /// Manifest mode: what the control plane serves, for `lb-agent get` (`None` in API mode).
     served: Option<Arc<std::sync::RwLock<crate::get::Served>>>,
-    /// Cluster DNS: the server's shared index, the zone's configuration and the objects the
-    /// index was last built from (`None`: off).
+    /// Cluster DNS: the server's shared index, the zone's configuration, the addresses it
+    /// listens on, and the builder keeping each Service's records between syncs (`None`: off).
     dns: Option<DnsState>,
 }
 
-/// The DNS server's index, its configuration, the snapshot it was built from, the addresses
-/// it listens on, and the builder keeping each Service's records between syncs.
 type DnsState = (
     Arc<crate::dns::Shared>,
     lb_model::dns::Config,
-    Option<(Vec<Arc<Service>>, Vec<Arc<EndpointSlice>>)>,
     Vec<SocketAddr>,
     lb_model::dns::Builder,
 );
 
-/// The very same objects, in the same order.
-fn same_objects<T>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| Arc::ptr_eq(x, y))
-}
-
-/// Objects by namespace/name.
-fn index<K: kube::Resource>(objs: &[Arc<K>]) -> BTreeMap<(String, String), Arc<K>> {
-    objs.iter()
-        .map(|o| {
-            (
-                (
-                    o.meta().namespace.clone().unwrap_or_default(),
-                    o.meta().name.clone().unwrap_or_default(),
-                ),
-                o.clone(),
-            )
-        })
-        .collect()
-}
-
-/// How many objects were added, changed or removed between two snapshots.
-fn changes<K>(
-    prev: &BTreeMap<(String, String), Arc<K>>,
-    now: &BTreeMap<(String, String), Arc<K>>,
-) -> u64 {
-    let changed = now
+/// Between two snapshots (unchanged objects are the same `Arc`s, in the same order): the
+/// objects that are new or changed, and how many namespace/names were added, changed or
+/// removed. Costs what changed ([`lb_model::Window`]), not what the snapshots hold.
+fn changes<'a, K: kube::Resource>(prev: &[Arc<K>], now: &'a [Arc<K>]) -> (Vec<&'a Arc<K>>, u64) {
+    let w = lb_model::Window::of(prev, now);
+    if w.is_empty() {
+        return (Vec::new(), 0);
+    }
+    let (old, new) = (&prev[w.prefix..w.old_end], &now[w.prefix..w.new_end]);
+    let addrs = |v: &[Arc<K>]| -> HashSet<*const K> { v.iter().map(Arc::as_ptr).collect() };
+    let (old_set, new_set) = (addrs(old), addrs(new));
+    let fresh: Vec<&Arc<K>> = new
         .iter()
-        .filter(|(k, v)| prev.get(*k).is_none_or(|p| !Arc::ptr_eq(p, v)))
-        .count();
-    let removed = prev.keys().filter(|k| !now.contains_key(*k)).count();
-    (changed + removed) as u64
+        .filter(|o| !old_set.contains(&Arc::as_ptr(o)))
+        .collect();
+    let gone = old.iter().filter(|o| !new_set.contains(&Arc::as_ptr(o)));
+    let names: HashSet<(Option<&str>, Option<&str>)> = fresh
+        .iter()
+        .copied()
+        .chain(gone)
+        .map(|o| (o.meta().namespace.as_deref(), o.meta().name.as_deref()))
+        .collect();
+    (fresh, names.len() as u64)
 }
 
 /// The EndpointSlice annotation the EndpointSlice controller sets to the time of the change
@@ -357,40 +348,35 @@ impl State {
                 slices: objs.slices.clone(),
             };
         }
-        // DNS before the maps: a change is in DNS no later than in the datapath. Rebuilt only
-        // when an object changed (a resync of the same objects keeps the index).
-        if let Some((shared, cfg, built_from, _, builder)) = &mut self.dns {
-            let unchanged = built_from.as_ref().is_some_and(|(sv, sl)| {
-                same_objects(sv, &objs.services) && same_objects(sl, &objs.slices)
-            });
-            if !unchanged {
-                let serial = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .as_secs() as u32;
-                shared.set(Arc::new(builder.build(&objs, cfg, serial)));
-                *built_from = Some((objs.services.clone(), objs.slices.clone()));
+        // DNS before the maps: a change is in DNS no later than in the datapath. The builder
+        // costs what changed, and keeps the index (and its serial) when nothing did.
+        if let Some((shared, cfg, _, builder)) = &mut self.dns {
+            let serial = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs() as u32;
+            if let Some(ix) = builder.update(&objs, cfg, serial) {
+                shared.set(Arc::new(ix));
             }
         }
+        self.t_dns = started.elapsed().saturating_sub(self.t_source);
         let ok = self.sync_snapshot(&objs, source_errors, started, full);
         self.metrics
             .sync_duration
             .observe(started.elapsed().as_secs_f64());
-        self.account(&objs, ok);
+        if self.account(&objs, ok) {
+            trim_heap();
+        }
         ok
     }
 
-    /// Metrics and health after a sync of `objs`.
-    fn account(&mut self, objs: &Objects, ok: bool) {
-        let services = index(&objs.services);
-        let slices = index(&objs.slices);
+    /// Metrics and health after a sync of `objs`. Returns whether any object changed.
+    fn account(&mut self, objs: &Objects, ok: bool) -> bool {
+        let (_, services) = changes(&self.prev_services, &objs.services);
+        let (fresh_slices, slices) = changes(&self.prev_slices, &objs.slices);
         if self.synced_once {
-            self.metrics
-                .service_changes
-                .inc_by(changes(&self.prev_services, &services));
-            self.metrics
-                .endpoint_changes
-                .inc_by(changes(&self.prev_slices, &slices));
+            self.metrics.service_changes.inc_by(services);
+            self.metrics.endpoint_changes.inc_by(slices);
         }
         if ok {
             let now_wall = std::time::SystemTime::now();
@@ -410,10 +396,7 @@ impl State {
                 let now_ts =
                     k8s_openapi::jiff::Timestamp::from_nanosecond(since_epoch.as_nanos() as i128)
                         .unwrap_or_default();
-                for (k, s) in &slices {
-                    if self.prev_slices.get(k).is_some_and(|p| Arc::ptr_eq(p, s)) {
-                        continue;
-                    }
+                for s in &fresh_slices {
                     let trig = s
                         .metadata
                         .annotations
@@ -437,9 +420,11 @@ impl State {
         }
         self.health.lock().expect("health lock").node_eligible =
             crate::metrics::node_eligible(objs.node.as_deref());
-        self.prev_services = services;
-        self.prev_slices = slices;
+        self.prev_services.clone_from(&objs.services);
+        self.prev_slices.clone_from(&objs.slices);
+        let first = !self.synced_once;
         self.synced_once = true;
+        first || services + slices > 0
     }
 
     fn sync_snapshot(
@@ -475,24 +460,7 @@ impl State {
         };
         let refused = sync::fit(&mut desired, &self.shadow, &self.capacity, dirty.as_ref());
         let t_fit = started.elapsed();
-        let capacity_errors = refused.iter().map(|(fe, owner)| {
-            format!(
-                "Service {owner}: {fe}: not programmed, the maps are full (max entries: services v4 {} v6 {}, backends v4 {} v6 {}); \
-                 it keeps what it had, raise --max-service-entries/--max-backend-entries",
-                self.capacity.svc4, self.capacity.svc6, self.capacity.be4, self.capacity.be6
-            )
-        });
-        let now: BTreeSet<String> = source_errors
-            .into_iter()
-            .chain(model_errors.iter().map(ToString::to_string))
-            .chain(capacity_errors)
-            .chain(no_maglev)
-            .collect();
-        for e in now.difference(&self.reported) {
-            warn!(error = %e, "invalid input skipped");
-        }
-        self.reported = now;
-
+        self.report(source_errors, &model_errors, &refused, no_maglev);
         self.health_checks.sync(&desired.health_checks);
         let ops = match &dirty {
             Some(d) => sync::diff_scoped(&desired, &self.shadow, d),
@@ -502,6 +470,9 @@ impl State {
         if ops.is_empty() {
             debug!(
                 frontends = desired.frontends.len(),
+                elapsed_us = t_diff.as_micros() as u64,
+                source_us = self.t_source.as_micros() as u64,
+                dns_us = self.t_dns.as_micros() as u64,
                 "datapath already up to date"
             );
             self.applied = Some(desired);
@@ -509,19 +480,19 @@ impl State {
         }
         match sync::apply(&ops, &mut self.maps, &mut self.shadow) {
             Ok(n) => {
-                trim_heap();
+                let t_apply = started.elapsed();
+                let us = |a: Duration, b: Duration| a.saturating_sub(b).as_micros() as u64;
                 info!(
                     ops = n,
                     frontends = desired.frontends.len(),
                     services = objs.services.len(),
                     elapsed_us = started.elapsed().as_micros() as u64,
                     source_us = self.t_source.as_micros() as u64,
-                    model_us = t_model
-                        .checked_sub(self.t_source)
-                        .unwrap_or_default()
-                        .as_micros() as u64,
-                    fit_us = t_fit.checked_sub(t_model).unwrap().as_micros() as u64,
-                    diff_us = t_diff.checked_sub(t_fit).unwrap().as_micros() as u64,
+                    dns_us = self.t_dns.as_micros() as u64,
+                    model_us = us(t_model, self.t_source + self.t_dns),
+                    fit_us = us(t_fit, t_model),
+                    diff_us = us(t_diff, t_fit),
+                    apply_us = us(t_apply, t_diff),
                     scoped = dirty.as_ref().map(BTreeSet::len),
                     "programmed datapath"
                 );
@@ -552,6 +523,33 @@ impl State {
         }
     }
 
+    /// Warns once about each problem of this sync that the last one did not have.
+    fn report(
+        &mut self,
+        source_errors: Vec<String>,
+        model_errors: &[model::Error],
+        refused: &[(model::Frontend, model::NsName)],
+        no_maglev: Vec<String>,
+    ) {
+        let capacity_errors = refused.iter().map(|(fe, owner)| {
+            format!(
+                "Service {owner}: {fe}: not programmed, the maps are full (max entries: services v4 {} v6 {}, backends v4 {} v6 {}); \
+                 it keeps what it had, raise --max-service-entries/--max-backend-entries",
+                self.capacity.svc4, self.capacity.svc6, self.capacity.be4, self.capacity.be6
+            )
+        });
+        let now: BTreeSet<String> = source_errors
+            .into_iter()
+            .chain(model_errors.iter().map(ToString::to_string))
+            .chain(capacity_errors)
+            .chain(no_maglev)
+            .collect();
+        for e in now.difference(&self.reported) {
+            warn!(error = %e, "invalid input skipped");
+        }
+        self.reported = now;
+    }
+
     /// Frontend id → Service labels for `lb_service_connections_total`, from the shadow (ids)
     /// and the desired state (owners).
     fn label_frontends(&self, desired: &model::Desired) {
@@ -574,8 +572,9 @@ impl State {
     }
 }
 
-/// Returns freed parser memory to the kernel: a 10,000-Service resync allocates (and frees) a
-/// few hundred MiB of YAML trees, which glibc would otherwise keep as RSS.
+/// Returns freed memory to the kernel after a sync that changed something: a 10,000-Service
+/// resync allocates (and frees) a few hundred MiB of YAML trees, and every change frees what
+/// it replaced, which glibc would otherwise keep as RSS.
 fn trim_heap() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only walks the allocator's own free lists.
@@ -721,7 +720,6 @@ async fn start_dns(opts: &Options, metrics: &Metrics) -> Result<Option<DnsState>
             Some((
                 shared,
                 d.config.clone(),
-                None,
                 bound,
                 lb_model::dns::Builder::default(),
             ))
@@ -820,6 +818,13 @@ async fn start_source(
             let tx = tx.clone();
             let h = health.clone();
             let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+                // Opening and reading a file is no change: the agent's own reads would wake
+                // it again, and every sync would cause the next.
+                if let Ok(e) = &res
+                    && !changes_files(e.kind)
+                {
+                    return;
+                }
                 // An inotify error (say, a queue overflow) may have lost events: report it, and
                 // wake the loop anyway so a complete re-read repairs whatever was missed.
                 let problem = res.err().map(|e| e.to_string());
@@ -870,6 +875,17 @@ async fn start_source(
     }
 }
 
+/// Whether a watched directory's event can change what its files hold: not a mere open, read
+/// or close after reading.
+fn changes_files(kind: notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    }
+}
+
 /// Runs the agent until SIGTERM/SIGINT. The datapath stays attached after exit (pinned), so
 /// traffic keeps flowing across restarts; `lb-agent cleanup` removes it. A signal that arrives
 /// during a sync is handled when that sync has finished, so nothing is left half-written.
@@ -913,11 +929,12 @@ pub async fn run(opts: Options) -> Result<()> {
         capacity,
         shadow,
         t_source: Duration::ZERO,
+        t_dns: Duration::ZERO,
         reported: BTreeSet::new(),
         metrics,
         health: health.clone(),
-        prev_services: BTreeMap::new(),
-        prev_slices: BTreeMap::new(),
+        prev_services: Vec::new(),
+        prev_slices: Vec::new(),
         synced_once: false,
         applied: None,
         model_cache: model::Cache::default(),
@@ -932,7 +949,7 @@ pub async fn run(opts: Options) -> Result<()> {
     state = sync_off_runtime(state, true).await?;
     // Node-local DNS only once the index holds the first complete sync: until then the
     // Service's endpoints answer (a listener without it would only say SERVFAIL).
-    if let (Some((_, _, _, bound, _)), Some(_)) = (&state.dns, &opts.model.node_dns) {
+    if let (Some((_, _, bound, _)), Some(_)) = (&state.dns, &opts.model.node_dns) {
         node_dns_heartbeat(&opts.bpffs, bound)?;
     }
     let mut last_sync = Instant::now();

@@ -552,7 +552,11 @@ impl Cluster {
                 "127.0.0.1:0",
             ])
             .args(extra)
-            .env("RUST_LOG", "info")
+            // LB_AGENT_LOG=debug (say) to see more of what an agent did.
+            .env(
+                "RUST_LOG",
+                std::env::var("LB_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env("NO_COLOR", "1")
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)

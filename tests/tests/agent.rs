@@ -61,3 +61,45 @@ fn healthz_answers_within_100_ms_during_a_50000_service_sync() {
         probes.len()
     );
 }
+
+/// `kubeproxy_sync_proxy_rules_duration_seconds_count`: syncs so far.
+fn syncs(c: &Cluster) -> u64 {
+    let text = c.http_get("metrics", "/metrics");
+    text.lines()
+        .find_map(|l| l.strip_prefix("kubeproxy_sync_proxy_rules_duration_seconds_count "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no sync count in /metrics:\n{text}")) as u64
+}
+
+/// The agent reads the manifest directory it watches: its own opens and reads must not count
+/// as changes, or every sync would cause the next and an idle agent would never rest.
+#[test]
+fn an_idle_agent_does_not_sync_and_a_change_syncs_once() {
+    let mut c = Cluster::new("idle", 0);
+    c.write_manifest("a.yaml", &services_manifest(0, 20));
+    c.start_agent_with(&["--resync-seconds", "3600"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let settled = syncs(&c);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(syncs(&c), settled, "the agent synced with nothing changed");
+
+    c.write_manifest("b.yaml", &services_manifest(20, 1));
+    wait_for(Duration::from_secs(5), || {
+        (syncs(&c) > settled).then_some(())
+    })
+    .expect("a change of the files was not synced");
+    std::thread::sleep(Duration::from_millis(300));
+    let after = syncs(&c);
+    // A write-then-rename may land in one or two syncs, never in a stream of them.
+    assert!(
+        (settled + 1..=settled + 2).contains(&after),
+        "{} syncs for one change",
+        after - settled
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        syncs(&c),
+        after,
+        "the agent went on syncing after the change"
+    );
+}
