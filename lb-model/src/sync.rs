@@ -501,30 +501,51 @@ pub struct Capacity {
     pub be6: usize,
 }
 
-/// Keeps Maglev ([`FrontendState::maglev`]) on the external frontends, in frontend order, whose
-/// tables fit in `chunks` entries of the table map; the rest choose random slots. Returns one
-/// message per such frontend, naming its Service. (The map itself has twice the room: a sync
+/// The frontends that lose Maglev ([`FrontendState::maglev`]): Maglev stays on the external
+/// frontends, in frontend order, whose tables fit in `chunks` entries of the table map; the
+/// rest choose random slots. `wanting`: the frontends with a table (Maglev on and some
+/// backend) and its size, in frontend order ([`crate::model::Cache::maglev`]). Returns them with
+/// one message per frontend, naming its Service. (The map itself has twice the room: a sync
 /// writes new chunks before it deletes old ones.)
-pub fn limit_maglev(desired: &mut Desired, chunks: usize) -> Vec<String> {
+pub fn maglev_off<'a>(
+    wanting: impl IntoIterator<Item = (&'a Frontend, &'a u32)>,
+    desired: &Desired,
+    chunks: usize,
+) -> (BTreeSet<Frontend>, Vec<String>) {
     let mut used = 0usize;
-    let mut off = Vec::new();
-    for (fe, st) in &mut desired.frontends {
-        if st.maglev == 0 || st.backends.is_empty() {
-            continue;
-        }
-        let need = lb_common::maglev::chunks(st.maglev) as usize;
+    let (mut off, mut msgs) = (BTreeSet::new(), Vec::new());
+    for (fe, m) in wanting {
+        let need = lb_common::maglev::chunks(*m) as usize;
         if used + need > chunks {
-            st.maglev = 0;
-            off.push(format!(
+            off.insert(*fe);
+            let owner = desired.frontends.get(fe).map(|st| &st.service);
+            msgs.push(format!(
                 "Service {}: {fe}: random backend selection instead of Maglev, the table map is full \
                  (--max-maglev-frontends)",
-                st.service
+                owner.map_or_else(String::new, ToString::to_string)
             ));
         } else {
             used += need;
         }
     }
-    off
+    (off, msgs)
+}
+
+/// [`maglev_off`] applied to a whole desired state (for one-off builds and tests).
+pub fn limit_maglev(desired: &mut Desired, chunks: usize) -> Vec<String> {
+    let wanting: Vec<(Frontend, u32)> = desired
+        .frontends
+        .iter()
+        .filter(|(_, st)| st.maglev != 0 && !st.backends.is_empty())
+        .map(|(f, st)| (*f, st.maglev))
+        .collect();
+    let (off, msgs) = maglev_off(wanting.iter().map(|(f, m)| (f, m)), desired, chunks);
+    for fe in &off {
+        if let Some(st) = desired.frontends.get_mut(fe) {
+            st.maglev = 0;
+        }
+    }
+    msgs
 }
 
 /// Entries per map: `[svc4, svc6, be4, be6]`.
@@ -691,14 +712,22 @@ pub fn changed(prev: &Desired, next: &Desired) -> BTreeSet<Frontend> {
 /// Like [`diff`], but only for the frontends in `dirty`: the other frontends of `desired` must
 /// already be in `current` exactly as desired (true when `dirty = changed(prev, desired)` and
 /// `current` was synced to `prev`). Same write phases and the same resulting maps as [`diff`],
-/// at a cost proportional to the change rather than to every Service. [`diff`] remains the
+/// at a cost proportional to the change rather than to every Service. `desired` needs only
+/// the dirty frontends' states (as they are to be written: after [`fit`] and Maglev limits);
+/// `all` is the whole desired state, for whether a VIP is still used by a frontend that is not
+/// dirty (its marker stays). [`diff`] remains the
 /// one for starting up and periodic resyncs: it also repairs anything left over.
 #[must_use]
 #[expect(
     clippy::too_many_lines,
     reason = "the write phases, in order, are the point; split they would hide it"
 )]
-pub fn diff_scoped(desired: &Desired, current: &Shadow, dirty: &BTreeSet<Frontend>) -> Vec<MapOp> {
+pub fn diff_scoped(
+    desired: &Desired,
+    all: &Desired,
+    current: &Shadow,
+    dirty: &BTreeSet<Frontend>,
+) -> Vec<MapOp> {
     let want = image_of(
         dirty
             .iter()
@@ -744,11 +773,18 @@ pub fn diff_scoped(desired: &Desired, current: &Shadow, dirty: &BTreeSet<Fronten
             proto: crate::model::Proto::Tcp,
             scope: Scope::InNode,
         };
-        desired
-            .frontends
+        // A dirty frontend as it is to be written (absent: refused or gone); the others as
+        // they are desired (and already are).
+        all.frontends
             .range(lo..)
             .take_while(|(f, _)| f.addr == ip)
-            .any(|(_, st)| !st.external)
+            .any(|(f, st)| {
+                if dirty.contains(f) {
+                    desired.frontends.get(f).is_some_and(|st| !st.external)
+                } else {
+                    !st.external
+                }
+            })
     };
 
     // 1. new backends, 1b. new memberships

@@ -277,10 +277,13 @@ struct State {
     prev_services: Vec<Arc<Service>>,
     prev_slices: Vec<Arc<EndpointSlice>>,
     synced_once: bool,
-    /// The desired state the maps hold (after `fit`), when the last sync succeeded: the next
-    /// event-driven sync then diffs only the frontends that changed since.
-    applied: Option<model::Desired>,
-    /// Per-object model results reused while the objects are unchanged.
+    /// The last sync left the maps as desired: the next event-driven sync then diffs only the
+    /// frontends that changed since (else it looks at all of them).
+    in_sync: bool,
+    /// Frontends refused for want of room last time (retried), and those Maglev is off for.
+    refused: BTreeSet<model::Frontend>,
+    maglev_off: BTreeSet<model::Frontend>,
+    /// The desired state, kept between syncs: a sync recomputes what its changed objects touch.
     model_cache: model::Cache,
     /// `--node-address` values.
     node_addresses_flag: Vec<std::net::IpAddr>,
@@ -445,46 +448,46 @@ impl State {
             objs.node.as_deref(),
             &self.local_addresses,
         );
-        let (mut desired, model_errors) = model::build(
+        let (changed, model_errors) = model::update(
             &objs.services,
             &objs.slices,
             &self.cfg,
             &mut self.model_cache,
         );
-        let no_maglev = sync::limit_maglev(&mut desired, self.maps.maglev_chunks());
+        let (dirty, mut desired, no_maglev) = self.scope(changed, full);
         let t_model = started.elapsed();
-        // The frontends that changed since the maps were last synced (None: look at all).
-        let dirty = match (&self.applied, full) {
-            (Some(prev), false) => Some(sync::changed(prev, &desired)),
-            _ => None,
-        };
         let refused = sync::fit(&mut desired, &self.shadow, &self.capacity, dirty.as_ref());
         let t_fit = started.elapsed();
+        self.refused = refused.iter().map(|(f, _)| *f).collect();
         self.report(source_errors, &model_errors, &refused, no_maglev);
         self.health_checks.sync(&desired.health_checks);
         let ops = match &dirty {
-            Some(d) => sync::diff_scoped(&desired, &self.shadow, d),
+            Some(d) => sync::diff_scoped(&desired, self.model_cache.desired(), &self.shadow, d),
             None => sync::diff(&desired, &self.shadow),
         };
         let t_diff = started.elapsed();
+        let us = |a: Duration, b: Duration| a.saturating_sub(b).as_micros() as u64;
         if ops.is_empty() {
             debug!(
-                frontends = desired.frontends.len(),
+                frontends = self.model_cache.desired().frontends.len(),
                 elapsed_us = t_diff.as_micros() as u64,
                 source_us = self.t_source.as_micros() as u64,
                 dns_us = self.t_dns.as_micros() as u64,
+                model_us = us(t_model, self.t_source + self.t_dns),
+                scoped = dirty.as_ref().map(BTreeSet::len),
                 "datapath already up to date"
             );
-            self.applied = Some(desired);
+            self.in_sync = true;
             return true;
         }
+        // Frontend ids (of the frontends looked at) before the writes, to find the freed ones.
+        let ids_before = self.frontend_ids(dirty.as_ref());
         match sync::apply(&ops, &mut self.maps, &mut self.shadow) {
             Ok(n) => {
                 let t_apply = started.elapsed();
-                let us = |a: Duration, b: Duration| a.saturating_sub(b).as_micros() as u64;
                 info!(
                     ops = n,
-                    frontends = desired.frontends.len(),
+                    frontends = self.model_cache.desired().frontends.len(),
                     services = objs.services.len(),
                     elapsed_us = started.elapsed().as_micros() as u64,
                     source_us = self.t_source.as_micros() as u64,
@@ -496,22 +499,12 @@ impl State {
                     scoped = dirty.as_ref().map(BTreeSet::len),
                     "programmed datapath"
                 );
-                self.label_frontends(&desired);
-                let live = self
-                    .shadow
-                    .svc
-                    .iter()
-                    .filter(|(k, _)| k.slot == 0 && !k.is_marker())
-                    .map(|(_, v)| v.backend_id)
-                    .collect();
-                if let Err(e) = crate::maps::gc_frontend_counts(&self.bpffs, &live) {
-                    warn!(error = %chain(&e), "cannot remove counters of removed frontends");
-                }
-                self.applied = Some(desired);
+                self.after_apply(&desired, dirty.as_ref(), &ids_before);
+                self.in_sync = true;
                 true
             }
             Err((applied, e)) => {
-                self.applied = None; // the next sync looks at everything
+                self.in_sync = false; // the next sync looks at everything
                 error!(
                     error = %chain(&e),
                     applied,
@@ -520,6 +513,87 @@ impl State {
                 );
                 false
             }
+        }
+    }
+
+    /// After a write: the metrics' frontend labels, and no counters for freed frontend ids
+    /// (`ids_before`: the ids of the frontends looked at, before the write).
+    fn after_apply(
+        &self,
+        desired: &model::Desired,
+        dirty: Option<&BTreeSet<model::Frontend>>,
+        ids_before: &BTreeSet<u32>,
+    ) {
+        let ids_after = self.frontend_ids(dirty);
+        let freed: BTreeSet<u32> = ids_before.difference(&ids_after).copied().collect();
+        self.label_frontends(desired, dirty.is_some(), &freed);
+        let r = match dirty {
+            Some(_) => crate::maps::remove_frontend_counts(&self.bpffs, &freed),
+            // A full sync also collects what an earlier run left.
+            None => crate::maps::gc_frontend_counts(&self.bpffs, &ids_after),
+        };
+        if let Err(e) = r {
+            warn!(error = %chain(&e), "cannot remove counters of removed frontends");
+        }
+    }
+
+    /// The frontends a sync looks at (None: all of them) — those whose desired state changed,
+    /// those refused for room last time, and those Maglev was turned on or off for — with
+    /// their desired states (only theirs are copied) and the Maglev messages.
+    fn scope(
+        &mut self,
+        changed: model::Changed,
+        full: bool,
+    ) -> (
+        Option<BTreeSet<model::Frontend>>,
+        model::Desired,
+        Vec<String>,
+    ) {
+        let all = self.model_cache.desired();
+        let (maglev_off, no_maglev) =
+            sync::maglev_off(self.model_cache.maglev(), all, self.maps.maglev_chunks());
+        let dirty = match (changed, full, self.in_sync) {
+            (Some(mut d), false, true) => {
+                d.extend(self.refused.iter().copied());
+                d.extend(maglev_off.symmetric_difference(&self.maglev_off).copied());
+                Some(d)
+            }
+            _ => None,
+        };
+        let mut desired = match &dirty {
+            Some(d) => model::Desired {
+                frontends: d
+                    .iter()
+                    .filter_map(|f| Some((*f, all.frontends.get(f)?.clone())))
+                    .collect(),
+                health_checks: all.health_checks.clone(),
+            },
+            None => all.clone(),
+        };
+        for fe in &maglev_off {
+            if let Some(st) = desired.frontends.get_mut(fe) {
+                st.maglev = 0;
+            }
+        }
+        self.maglev_off = maglev_off;
+        (dirty, desired, no_maglev)
+    }
+
+    /// The frontend ids the maps hold for `dirty` (None: for every frontend).
+    fn frontend_ids(&self, dirty: Option<&BTreeSet<model::Frontend>>) -> BTreeSet<u32> {
+        match dirty {
+            Some(d) => d
+                .iter()
+                .filter_map(|fe| self.shadow.svc.get(&sync::SvcKey::frontend(fe)))
+                .map(|v| v.backend_id)
+                .collect(),
+            None => self
+                .shadow
+                .svc
+                .iter()
+                .filter(|(k, _)| k.slot == 0 && !k.is_marker())
+                .map(|(_, v)| v.backend_id)
+                .collect(),
         }
     }
 
@@ -551,24 +625,28 @@ impl State {
     }
 
     /// Frontend id → Service labels for `lb_service_connections_total`, from the shadow (ids)
-    /// and the desired state (owners).
-    fn label_frontends(&self, desired: &model::Desired) {
-        let labels = desired
-            .frontends
-            .iter()
-            .filter_map(|(fe, st)| {
-                let v = self.shadow.svc.get(&sync::SvcKey::frontend(fe))?;
-                Some((
-                    v.backend_id,
-                    crate::metrics::FrontendLabel {
-                        namespace: st.service.namespace.clone(),
-                        service: st.service.name.clone(),
-                        frontend: fe.to_string(),
-                    },
-                ))
-            })
-            .collect();
-        *self.metrics.frontends.write().expect("labels lock") = labels;
+    /// and the desired state (owners): for the frontends of `desired` (`scoped`: only those
+    /// changed; else all), and without the `freed` ids.
+    fn label_frontends(&self, desired: &model::Desired, scoped: bool, freed: &BTreeSet<u32>) {
+        let labels = desired.frontends.iter().filter_map(|(fe, st)| {
+            let v = self.shadow.svc.get(&sync::SvcKey::frontend(fe))?;
+            Some((
+                v.backend_id,
+                crate::metrics::FrontendLabel {
+                    namespace: st.service.namespace.clone(),
+                    service: st.service.name.clone(),
+                    frontend: fe.to_string(),
+                },
+            ))
+        });
+        let mut map = self.metrics.frontends.write().expect("labels lock");
+        if !scoped {
+            map.clear();
+        }
+        for id in freed {
+            map.remove(id);
+        }
+        map.extend(labels);
     }
 }
 
@@ -936,7 +1014,9 @@ pub async fn run(opts: Options) -> Result<()> {
         prev_services: Vec::new(),
         prev_slices: Vec::new(),
         synced_once: false,
-        applied: None,
+        in_sync: false,
+        refused: BTreeSet::new(),
+        maglev_off: BTreeSet::new(),
         model_cache: model::Cache::default(),
         node_addresses_flag: opts.model.node_addresses.clone(),
         nodeport_addresses: opts.nodeport_addresses.clone(),

@@ -808,6 +808,35 @@ pub fn gc_frontend_counts(dir: &Path, live: &std::collections::BTreeSet<u32>) ->
     Ok(dead.len())
 }
 
+/// Deletes the connection counters of these (freed) frontend ids. Returns how many there were.
+pub fn remove_frontend_counts(
+    dir: &Path,
+    freed: &std::collections::BTreeSet<u32>,
+) -> Result<usize> {
+    if freed.is_empty() {
+        return Ok(0);
+    }
+    let name = lb_common::MAP_SVC_CNT;
+    let mut map: PerCpuHashMap<MapData, u32, u64> =
+        PerCpuHashMap::try_from(open_pinned(dir, name)?).map_err(|source| Error::Map {
+            name,
+            op: "open as per-CPU hash",
+            source,
+        })?;
+    let mut n = 0;
+    for id in freed {
+        match map.remove(id) {
+            Ok(()) => n += 1,
+            Err(e) => ignore_missing(Err(e)).map_err(|source| Error::Map {
+                name,
+                op: "delete",
+                source,
+            })?,
+        }
+    }
+    Ok(n)
+}
+
 /// Datapath counters summed over CPUs, in [`Stat::ALL`] order.
 pub fn read_stats(dir: &Path) -> Result<Vec<(Stat, u64)>> {
     let map = open_pinned(dir, MAP_STATS)?;

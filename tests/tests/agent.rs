@@ -103,3 +103,45 @@ fn an_idle_agent_does_not_sync_and_a_change_syncs_once() {
         "the agent went on syncing after the change"
     );
 }
+
+/// An event-driven sync looks at the frontends of the Services that changed, and at nothing
+/// else: one endpoint of one of 500 Services changes → one frontend looked at, its slot
+/// rewritten, no other Service's entries touched.
+#[test]
+fn an_event_driven_sync_looks_only_at_what_changed() {
+    let mut c = Cluster::new("scoped", 0);
+    c.write_manifest("many.yaml", &services_manifest(0, 500));
+    c.start_agent_with(&["--resync-seconds", "3600"]);
+    let lines = |c: &Cluster| -> Vec<String> {
+        c.agent_log()
+            .lines()
+            .filter(|l| l.contains("programmed datapath"))
+            .map(str::to_owned)
+            .collect()
+    };
+    let before = lines(&c).len();
+    let field = |l: &str, k: &str| -> String {
+        l.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("no {k}= in {l}"))
+            .to_owned()
+    };
+    // Service s7 loses one of its four endpoints (its own file, so the big one is unchanged).
+    let one = services_manifest(7, 1).replace(", {addresses: [198.18.20.13]}", "");
+    let many = services_manifest(0, 500).replace(&services_manifest(7, 1), "");
+    c.write_manifest("many.yaml", &many);
+    c.write_manifest("s7.yaml", &one);
+    let line = wait_for(Duration::from_secs(10), || {
+        let l = lines(&c);
+        let last = l.last()?;
+        (l.len() > before && field(last, "services") == "500").then(|| last.clone())
+    })
+    .unwrap_or_else(|| panic!("no sync after the change:\n{}", c.agent_log()));
+    assert_eq!(field(&line, "scoped"), "1", "frontends looked at: {line}");
+    // Slot 4 goes, the count changes; the backend entry may go too: a handful, not 500.
+    let ops: usize = field(&line, "ops").parse().expect("ops");
+    assert!(
+        (1..=4).contains(&ops),
+        "{ops} map writes for one endpoint: {line}"
+    );
+}

@@ -1,210 +1,663 @@
-//! The whole desired state from all Services and slices: per-object cache, parallel
-//! resolution, conflicts between Services (oldest wins).
-use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-use std::collections::HashMap;
+//! The whole desired state from all Services and slices, kept between syncs: a sync resolves
+//! only the Services whose objects (or slices) changed, and re-decides only the frontends they
+//! claim or claimed. Conflicts between Services: oldest wins.
+//!
+//! Objects are recognised by identity (`Arc::ptr_eq`): a source hands out the same `Arc` for an
+//! object until it changes (kube-rs stores; the manifest source for unchanged objects), and
+//! keeps its objects in a stable order, so the changed objects are the [`crate::Window`]
+//! between the unchanged prefix and suffix of the snapshot. The cache holds the `Arc`s, so an
+//! address can never be reused by another object while an entry refers to it.
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use super::{
-    Config, Desired, Error, HealthCheck, LABEL_SERVICE_NAME, NsName, ObjectRef, Slice, SliceRes,
-    SvcRes, ns_name, resolve_frontends, resolve_service, resolve_slice,
-};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-/// Results of the previous build, reused for objects that are the very same (`Arc::ptr_eq`):
-/// a source hands out the same `Arc` for an object until it changes (kube-rs stores; the
-/// manifest source for unchanged files). The cache holds the `Arc`s, so an address can never be
-/// reused by another object while an entry refers to it. Entries not used by a build are
-/// dropped; a change of [`Config`] (say, the node's zone) empties it.
+use super::{
+    Config, Desired, Error, Frontend, FrontendState, HealthCheck, LABEL_SERVICE_NAME, NsName,
+    ObjectRef, Slice, SliceRes, SvcRes, ns_name, resolve_frontends, resolve_service, resolve_slice,
+};
+use crate::Window;
+
+/// A Service's claim of a frontend (or healthCheckNodePort): its result, and where in it the
+/// frontend is.
+#[derive(Debug, Clone)]
+struct Claim {
+    res: Arc<SvcRes>,
+    index: usize,
+}
+
+impl Claim {
+    fn state(&self) -> &FrontendState {
+        &self.res.frontends[self.index].1
+    }
+
+    fn id(&self) -> &NsName {
+        &self.res.svc.id
+    }
+
+    /// Who claims first: the oldest Service (no timestamp: last), then by namespace/name;
+    /// within one Service, its first frontend of the kind.
+    fn age(&self) -> (bool, Option<k8s_openapi::jiff::Timestamp>, &NsName, usize) {
+        let s = &self.res.svc;
+        (s.created.is_none(), s.created, &s.id, self.index)
+    }
+}
+
+/// What the last build left: per-object results, who claims what, and the desired state.
+/// [`build`] and [`update`] take a sync's snapshot and change only what its changed objects
+/// touch; a change of [`Config`] (say, the node's zone) starts afresh.
 #[derive(Debug, Default)]
 pub struct Cache {
     cfg: Option<Config>,
+    last_services: Vec<Arc<Service>>,
+    last_slices: Vec<Arc<EndpointSlice>>,
+    /// Objects of the last snapshot by address: how often it holds them, and their id (`None`:
+    /// no name).
+    service_objs: HashMap<usize, (u32, Option<NsName>)>,
+    slice_objs: HashMap<usize, (u32, Option<NsName>)>,
+    /// Id → the objects with that id (more than one: duplicates; the first in the snapshot's
+    /// order is used).
+    service_defs: HashMap<NsName, Vec<Arc<Service>>>,
+    slice_defs: HashMap<NsName, Vec<Arc<EndpointSlice>>>,
+    /// Objects without a name, by kind.
+    nameless: (u32, u32),
+    /// Slice id → the object used, what it resolved to, and the Service it is for.
     slices: HashMap<NsName, SliceEntry>,
+    /// Service id → the ids of the slices labelled for it.
+    by_service: HashMap<NsName, BTreeSet<NsName>>,
+    /// Service id → the object used, the slice objects it was resolved with, the result (`None`:
+    /// it resolved to nothing) and the problems found.
     services: HashMap<NsName, SvcEntry>,
+    claims: HashMap<Frontend, Vec<Claim>>,
+    health: HashMap<u16, Vec<Claim>>,
+    desired: Desired,
+    /// The desired frontends with a Maglev table (Maglev on, some backend), and its size.
+    maglev: std::collections::BTreeMap<Frontend, u32>,
+    /// Where problems are, so a build reports them all without looking at every object.
+    slices_with_errors: BTreeSet<NsName>,
+    services_with_errors: BTreeSet<NsName>,
+    duplicate_services: BTreeSet<NsName>,
+    duplicate_slices: BTreeSet<NsName>,
+    contested: BTreeSet<Frontend>,
+    contested_health: BTreeSet<u16>,
 }
 
-/// A slice object and what it resolved to.
-pub(crate) type SliceEntry = (Arc<EndpointSlice>, Arc<SliceRes>);
-/// A Service object, the slice objects it was resolved with, and the result.
-pub(crate) type SvcEntry = (Arc<Service>, Vec<Arc<EndpointSlice>>, Arc<SvcRes>);
+/// A slice object, what it resolved to, and the Service it is for.
+type SliceEntry = (Arc<EndpointSlice>, Arc<SliceRes>, Option<NsName>);
+
+/// A Service object, its slice objects, its result and its problems.
+type SvcEntry = (
+    Arc<Service>,
+    Vec<Arc<EndpointSlice>>,
+    Option<Arc<SvcRes>>,
+    Vec<Error>,
+);
+
+/// What a build changed: the frontends whose desired state differs from the last build's
+/// (`None`: possibly all of them — the first build, or after a change of [`Config`]).
+pub type Changed = Option<BTreeSet<Frontend>>;
 
 /// Builds the desired state. Returns it with every problem found; a problem only ever removes
-/// the object (or endpoint, or port) it is about. `cache` carries per-object results from one
-/// build to the next (pass `&mut Cache::default()` for a one-off build).
+/// the object (or endpoint, or port) it is about. `cache` carries the state from one build to
+/// the next (pass `&mut Cache::default()` for a one-off build).
 pub fn build(
     services: &[Arc<Service>],
     slices: &[Arc<EndpointSlice>],
     cfg: &Config,
     cache: &mut Cache,
 ) -> (Desired, Vec<Error>) {
-    if cache.cfg.as_ref() != Some(cfg) {
+    let (_, errors) = update(services, slices, cfg, cache);
+    (cache.desired.clone(), errors)
+}
+
+/// [`build`] without the copy: the desired state stays in the cache ([`Cache::desired`]);
+/// returns the frontends that changed and every problem found.
+pub fn update(
+    services: &[Arc<Service>],
+    slices: &[Arc<EndpointSlice>],
+    cfg: &Config,
+    cache: &mut Cache,
+) -> (Changed, Vec<Error>) {
+    let fresh = cache.cfg.as_ref() != Some(cfg);
+    if fresh {
         *cache = Cache {
             cfg: Some(cfg.clone()),
             ..Cache::default()
         };
     }
-    let mut errors = Vec::new();
-    let (next_slices, by_service) = slices_phase(slices, cache, &mut errors);
-    let (next_services, mut resolved) =
-        services_phase(services, &by_service, cfg, cache, &mut errors);
-    cache.slices = next_slices;
-    cache.services = next_services;
-    // `None` timestamps sort last: an object without one cannot prove it is older.
-    resolved.sort_by(|a, b| {
-        let (a, b) = (&a.svc, &b.svc);
-        (a.created.is_none(), a.created, &a.id).cmp(&(b.created.is_none(), b.created, &b.id))
-    });
-
-    let desired = assemble(&resolved, &mut errors);
-    (desired, errors)
+    let mut dirty_services = BTreeSet::new();
+    cache.take_slices(slices, &mut dirty_services);
+    cache.take_services(services, &mut dirty_services);
+    let mut touched = BTreeSet::new();
+    let mut touched_health = BTreeSet::new();
+    cache.resolve(
+        &dirty_services,
+        services,
+        cfg,
+        &mut touched,
+        &mut touched_health,
+    );
+    let changed = cache.decide(&touched, &touched_health);
+    let errors = cache.errors();
+    (if fresh { None } else { Some(changed) }, errors)
 }
 
-/// Slices: deduplicated, resolved (or taken from the cache), grouped by their Service.
-pub(crate) fn slices_phase(
-    slices: &[Arc<EndpointSlice>],
-    cache: &Cache,
-    errors: &mut Vec<Error>,
-) -> (
-    HashMap<NsName, SliceEntry>,
-    HashMap<NsName, Vec<SliceEntry>>,
-) {
-    let mut next_slices = HashMap::with_capacity(slices.len());
-    let mut by_service: HashMap<NsName, Vec<SliceEntry>> = HashMap::new();
-    for slice in slices {
-        let Some(id) = ns_name(&slice.metadata) else {
-            errors.push(Error::MissingName {
-                kind: "EndpointSlice",
-            });
-            continue;
-        };
-        if next_slices.contains_key(&id) {
-            errors.push(Error::Duplicate {
-                object: ObjectRef {
-                    kind: "EndpointSlice",
-                    id,
-                },
-            });
-            continue;
+impl Cache {
+    /// The desired state as of the last build.
+    #[must_use]
+    pub fn desired(&self) -> &Desired {
+        &self.desired
+    }
+
+    /// The desired frontends that want a Maglev table, with its size, in frontend order
+    /// (for [`crate::sync::maglev_off`]).
+    #[must_use]
+    pub fn maglev(&self) -> &std::collections::BTreeMap<Frontend, u32> {
+        &self.maglev
+    }
+
+    /// Takes in the snapshot's slices; marks the Services whose slices changed.
+    fn take_slices(&mut self, slices: &[Arc<EndpointSlice>], dirty: &mut BTreeSet<NsName>) {
+        let w = Window::of(&self.last_slices, slices);
+        if w.is_empty() {
+            return;
         }
-        let Some(svc_name) = slice
+        let mut ids = BTreeSet::new();
+        for s in &slices[w.prefix..w.new_end] {
+            match enter(&mut self.slice_objs, s, |s| ns_name(&s.metadata)) {
+                Entered::New(Some(id)) => {
+                    self.slice_defs
+                        .entry(id.clone())
+                        .or_default()
+                        .push(s.clone());
+                    ids.insert(id);
+                }
+                Entered::New(None) => self.nameless.1 += 1,
+                Entered::Again => ids.extend(self.slice_objs[&addr(s)].1.clone()), // moved
+            }
+        }
+        for s in &self.last_slices[w.prefix..w.old_end] {
+            match leave(&mut self.slice_objs, s) {
+                Left::Gone(Some(id)) => {
+                    forget(&mut self.slice_defs, &id, s);
+                    ids.insert(id);
+                }
+                Left::Gone(None) => self.nameless.1 -= 1,
+                Left::Stays(id) => ids.extend(id),
+            }
+        }
+        self.last_slices.clear();
+        self.last_slices.extend_from_slice(slices);
+        for id in ids {
+            self.define_slice(&id, slices, dirty);
+        }
+    }
+
+    /// Brings one slice id up to date with its first object.
+    fn define_slice(
+        &mut self,
+        id: &NsName,
+        order: &[Arc<EndpointSlice>],
+        dirty: &mut BTreeSet<NsName>,
+    ) {
+        let defs = self.slice_defs.get(id).map_or(&[][..], Vec::as_slice);
+        let first = first_of(defs, order);
+        if defs.len() > 1 {
+            self.duplicate_slices.insert(id.clone());
+        } else {
+            self.duplicate_slices.remove(id);
+        }
+        if let (Some(f), Some((o, _, _))) = (&first, self.slices.get(id))
+            && Arc::ptr_eq(f, o)
+        {
+            return; // the same object
+        }
+        if let Some((_, _, Some(svc))) = self.slices.remove(id) {
+            if let Some(set) = self.by_service.get_mut(&svc) {
+                set.remove(id);
+                if set.is_empty() {
+                    self.by_service.remove(&svc);
+                }
+            }
+            dirty.insert(svc);
+        }
+        self.slices_with_errors.remove(id);
+        let Some(slice) = first else { return };
+        let svc = slice
             .metadata
             .labels
             .as_ref()
             .and_then(|l| l.get(LABEL_SERVICE_NAME))
-        else {
-            continue; // not managed for a Service
-        };
-        let res = match cache.slices.get(&id) {
-            Some((a, r)) if Arc::ptr_eq(a, slice) => r.clone(),
-            _ => {
-                let mut errs = Vec::new();
-                let object = ObjectRef {
-                    kind: "EndpointSlice",
-                    id: id.clone(),
-                };
-                let slice_res = resolve_slice(slice, &object, &mut errs);
-                Arc::new(SliceRes {
-                    slice: slice_res,
-                    errors: errs,
-                })
-            }
-        };
-        errors.extend(res.errors.iter().cloned());
-        by_service
-            .entry(NsName {
+            .map(|name| NsName {
                 namespace: id.namespace.clone(),
-                name: svc_name.clone(),
-            })
+                name: name.clone(),
+            });
+        let Some(svc) = svc else {
+            // Not managed for a Service: no resolution, no problems.
+            self.slices.insert(
+                id.clone(),
+                (
+                    slice,
+                    Arc::new(SliceRes {
+                        slice: None,
+                        errors: Vec::new(),
+                    }),
+                    None,
+                ),
+            );
+            return;
+        };
+        let mut errs = Vec::new();
+        let object = ObjectRef {
+            kind: "EndpointSlice",
+            id: id.clone(),
+        };
+        let res = Arc::new(SliceRes {
+            slice: resolve_slice(&slice, &object, &mut errs),
+            errors: errs,
+        });
+        if !res.errors.is_empty() {
+            self.slices_with_errors.insert(id.clone());
+        }
+        self.by_service
+            .entry(svc.clone())
             .or_default()
-            .push((slice.clone(), res.clone()));
-        next_slices.insert(id, (slice.clone(), res));
+            .insert(id.clone());
+        self.slices
+            .insert(id.clone(), (slice, res, Some(svc.clone())));
+        dirty.insert(svc);
     }
 
-    (next_slices, by_service)
-}
+    /// Takes in the snapshot's Services; marks the changed ones.
+    fn take_services(&mut self, services: &[Arc<Service>], dirty: &mut BTreeSet<NsName>) {
+        let w = Window::of(&self.last_services, services);
+        if w.is_empty() {
+            return;
+        }
+        for s in &services[w.prefix..w.new_end] {
+            match enter(&mut self.service_objs, s, |s| ns_name(&s.metadata)) {
+                Entered::New(Some(id)) => {
+                    self.service_defs
+                        .entry(id.clone())
+                        .or_default()
+                        .push(s.clone());
+                    dirty.insert(id);
+                }
+                Entered::New(None) => self.nameless.0 += 1,
+                Entered::Again => dirty.extend(self.service_objs[&addr(s)].1.clone()), // moved
+            }
+        }
+        for s in &self.last_services[w.prefix..w.old_end] {
+            match leave(&mut self.service_objs, s) {
+                Left::Gone(Some(id)) => {
+                    forget(&mut self.service_defs, &id, s);
+                    dirty.insert(id);
+                }
+                Left::Gone(None) => self.nameless.0 -= 1,
+                Left::Stays(id) => dirty.extend(id),
+            }
+        }
+        self.last_services.clear();
+        self.last_services.extend_from_slice(services);
+    }
 
-/// Services: resolved with their slices (or taken from the cache).
-pub(crate) fn services_phase(
-    services: &[Arc<Service>],
-    by_service: &HashMap<NsName, Vec<SliceEntry>>,
-    cfg: &Config,
-    cache: &Cache,
-    errors: &mut Vec<Error>,
-) -> (HashMap<NsName, SvcEntry>, Vec<Arc<SvcRes>>) {
-    let mut next_services = HashMap::with_capacity(services.len());
-    let mut resolved: Vec<Arc<SvcRes>> = Vec::new();
-    let empty = Vec::new();
-    // Each Service with its slices, and its cached result when the objects are the same.
-    let work: Vec<Work<'_>> = services
-        .iter()
-        .map(|svc| {
-            let mine = ns_name(&svc.metadata)
-                .and_then(|id| by_service.get(&id))
-                .unwrap_or(&empty);
-            let cached = ns_name(&svc.metadata)
-                .and_then(|id| cache.services.get(&id))
-                .filter(|(a, sl, _)| {
-                    Arc::ptr_eq(a, svc)
-                        && sl.len() == mine.len()
-                        && sl.iter().zip(mine).all(|(x, (y, _))| Arc::ptr_eq(x, y))
-                })
-                .map(|(_, _, r)| r.clone());
-            (svc, mine, cached)
-        })
-        .collect();
-    // The rest resolved in parallel (pure per object), one chunk per CPU; merged in order.
-    let fresh = resolve_parallel(&work, cfg);
-    for ((svc, mine, cached), fresh) in work.iter().zip(fresh) {
-        let res = match (cached, fresh) {
-            (Some(r), _) => r.clone(),
-            (None, Ok(r)) => r,
-            (None, Err(errs)) => {
-                errors.extend(errs);
+    /// Resolves the dirty Services (in parallel when there are many) and moves their claims.
+    fn resolve(
+        &mut self,
+        dirty: &BTreeSet<NsName>,
+        order: &[Arc<Service>],
+        cfg: &Config,
+        touched: &mut BTreeSet<Frontend>,
+        touched_health: &mut BTreeSet<u16>,
+    ) {
+        let mut work = Vec::new();
+        for id in dirty {
+            let defs = self.service_defs.get(id).map_or(&[][..], Vec::as_slice);
+            if defs.len() > 1 {
+                self.duplicate_services.insert(id.clone());
+            } else {
+                self.duplicate_services.remove(id);
+            }
+            let svc = first_of(defs, order);
+            let slice_objs: Vec<Arc<EndpointSlice>> = self
+                .by_service
+                .get(id)
+                .into_iter()
+                .flatten()
+                .map(|s| self.slices[s].0.clone())
+                .collect();
+            let same = match (&svc, self.services.get(id)) {
+                (Some(s), Some((o, sl, _, _))) => {
+                    Arc::ptr_eq(s, o)
+                        && sl.len() == slice_objs.len()
+                        && sl.iter().zip(&slice_objs).all(|(a, b)| Arc::ptr_eq(a, b))
+                }
+                _ => false,
+            };
+            if same {
                 continue;
             }
-        };
-        errors.extend(res.errors.iter().cloned());
-        if next_services.contains_key(&res.svc.id) {
-            errors.push(Error::Duplicate {
-                object: ObjectRef {
-                    kind: "Service",
-                    id: res.svc.id.clone(),
-                },
-            });
-            continue;
+            if let Some((_, _, res, _)) = self.services.remove(id) {
+                self.services_with_errors.remove(id);
+                if let Some(res) = res {
+                    self.unclaim(&res, touched, touched_health);
+                }
+            }
+            if let Some(svc) = svc {
+                let valid: Vec<Arc<SliceRes>> = self
+                    .by_service
+                    .get(id)
+                    .into_iter()
+                    .flatten()
+                    .map(|s| self.slices[s].1.clone())
+                    .collect();
+                work.push((id.clone(), svc, slice_objs, valid));
+            }
         }
-        let slice_arcs: Vec<Arc<EndpointSlice>> = mine.iter().map(|(a, _)| a.clone()).collect();
-        next_services.insert(
-            res.svc.id.clone(),
-            ((*svc).clone(), slice_arcs, res.clone()),
-        );
-        resolved.push(res);
+        let results = resolve_parallel(&work, cfg);
+        for ((id, svc, slice_objs, _), (res, errs)) in work.into_iter().zip(results) {
+            if let Some(res) = &res {
+                self.claim(res, touched, touched_health);
+            }
+            if !errs.is_empty() {
+                self.services_with_errors.insert(id.clone());
+            }
+            self.services.insert(id, (svc, slice_objs, res, errs));
+        }
     }
-    (next_services, resolved)
+
+    fn claim(
+        &mut self,
+        res: &Arc<SvcRes>,
+        touched: &mut BTreeSet<Frontend>,
+        touched_health: &mut BTreeSet<u16>,
+    ) {
+        for (i, (fe, ..)) in res.frontends.iter().enumerate() {
+            let v = self.claims.entry(*fe).or_default();
+            let c = Claim {
+                res: res.clone(),
+                index: i,
+            };
+            let at = v.partition_point(|x| x.age() < c.age());
+            v.insert(at, c);
+            touched.insert(*fe);
+        }
+        if let Some((port, _)) = res.health {
+            let v = self.health.entry(port).or_default();
+            let c = Claim {
+                res: res.clone(),
+                index: 0,
+            };
+            let at = v.partition_point(|x| x.age() < c.age());
+            v.insert(at, c);
+            touched_health.insert(port);
+        }
+    }
+
+    fn unclaim(
+        &mut self,
+        res: &Arc<SvcRes>,
+        touched: &mut BTreeSet<Frontend>,
+        touched_health: &mut BTreeSet<u16>,
+    ) {
+        for (fe, ..) in &res.frontends {
+            if let Some(v) = self.claims.get_mut(fe) {
+                v.retain(|c| !Arc::ptr_eq(&c.res, res));
+                if v.is_empty() {
+                    self.claims.remove(fe);
+                }
+            }
+            touched.insert(*fe);
+        }
+        if let Some((port, _)) = res.health {
+            if let Some(v) = self.health.get_mut(&port) {
+                v.retain(|c| !Arc::ptr_eq(&c.res, res));
+                if v.is_empty() {
+                    self.health.remove(&port);
+                }
+            }
+            touched_health.insert(port);
+        }
+    }
+
+    /// Re-decides the touched frontends and healthCheckNodePorts from their claims; returns the
+    /// frontends whose desired state changed.
+    fn decide(
+        &mut self,
+        touched: &BTreeSet<Frontend>,
+        touched_health: &BTreeSet<u16>,
+    ) -> BTreeSet<Frontend> {
+        let mut changed = BTreeSet::new();
+        for fe in touched {
+            let claims = self.claims.get(fe).map_or(&[][..], Vec::as_slice);
+            let winner = claims.first();
+            if claims.iter().any(|c| c.id() != claims[0].id()) {
+                self.contested.insert(*fe);
+            } else {
+                self.contested.remove(fe);
+            }
+            match winner.map(Claim::state) {
+                Some(st) if st.maglev != 0 && !st.backends.is_empty() => {
+                    self.maglev.insert(*fe, st.maglev);
+                }
+                _ => {
+                    self.maglev.remove(fe);
+                }
+            }
+            let now = self.desired.frontends.get(fe);
+            match (winner, now) {
+                (Some(w), Some(st)) if w.state() == st => {}
+                (Some(w), _) => {
+                    self.desired.frontends.insert(*fe, w.state().clone());
+                    changed.insert(*fe);
+                }
+                (None, Some(_)) => {
+                    self.desired.frontends.remove(fe);
+                    changed.insert(*fe);
+                }
+                (None, None) => {}
+            }
+        }
+        for port in touched_health {
+            let claims = self.health.get(port).map_or(&[][..], Vec::as_slice);
+            if claims.len() > 1 {
+                self.contested_health.insert(*port);
+            } else {
+                self.contested_health.remove(port);
+            }
+            match claims.first() {
+                Some(w) => {
+                    let local_endpoints = w.res.health.map_or(0, |(_, n)| n);
+                    self.desired.health_checks.insert(
+                        *port,
+                        HealthCheck {
+                            service: w.res.svc.id.clone(),
+                            local_endpoints,
+                        },
+                    );
+                }
+                None => {
+                    self.desired.health_checks.remove(port);
+                }
+            }
+        }
+        changed
+    }
+
+    /// Every problem of the current state: costs what is wrong, not what is there.
+    fn errors(&self) -> Vec<Error> {
+        let mut errors = Vec::new();
+        for _ in 0..self.nameless.0 {
+            errors.push(Error::MissingName { kind: "Service" });
+        }
+        for _ in 0..self.nameless.1 {
+            errors.push(Error::MissingName {
+                kind: "EndpointSlice",
+            });
+        }
+        for id in &self.slices_with_errors {
+            errors.extend(self.slices[id].1.errors.iter().cloned());
+        }
+        dup_errors(
+            "EndpointSlice",
+            &self.duplicate_slices,
+            &self.slice_defs,
+            &mut errors,
+        );
+        for id in &self.services_with_errors {
+            errors.extend(self.services[id].3.iter().cloned());
+        }
+        dup_errors(
+            "Service",
+            &self.duplicate_services,
+            &self.service_defs,
+            &mut errors,
+        );
+        for fe in &self.contested {
+            let claims = &self.claims[fe];
+            let winner = claims[0].id();
+            for c in claims.iter().filter(|c| c.id() != winner) {
+                let (_, _, addr_field, port_index) = &c.res.frontends[c.index];
+                errors.push(Error::Conflict {
+                    object: ObjectRef {
+                        kind: "Service",
+                        id: c.id().clone(),
+                    },
+                    field: format!("{addr_field} / spec.ports[{port_index}]"),
+                    frontend: *fe,
+                    winner: winner.clone(),
+                });
+            }
+        }
+        for port in &self.contested_health {
+            let claims = &self.health[port];
+            for c in &claims[1..] {
+                errors.push(Error::HealthCheckConflict {
+                    object: ObjectRef {
+                        kind: "Service",
+                        id: c.id().clone(),
+                    },
+                    port: *port,
+                    winner: claims[0].id().clone(),
+                });
+            }
+        }
+        errors
+    }
 }
 
-/// Resolution of the entries of `work` without a cached result (`Ok` for cached ones is never
-/// read): `Err` carries the errors of a Service that resolved to nothing.
-pub(crate) type Resolved = Result<Arc<SvcRes>, Vec<Error>>;
-
-/// A Service to resolve: the object, its slices, and its cached result when still valid.
-pub(crate) type Work<'a> = (&'a Arc<Service>, &'a Vec<SliceEntry>, Option<Arc<SvcRes>>);
-
-pub(crate) fn resolve_parallel(work: &[Work<'_>], cfg: &Config) -> Vec<Resolved> {
-    let one = |(svc, mine, cached): &Work<'_>| {
-        if cached.is_some() {
-            return Err(Vec::new());
+fn dup_errors<T>(
+    kind: &'static str,
+    ids: &BTreeSet<NsName>,
+    defs: &HashMap<NsName, Vec<T>>,
+    errors: &mut Vec<Error>,
+) {
+    for id in ids {
+        for _ in 1..defs.get(id).map_or(1, Vec::len) {
+            errors.push(Error::Duplicate {
+                object: ObjectRef {
+                    kind,
+                    id: id.clone(),
+                },
+            });
         }
+    }
+}
+
+/// The address of an object, identifying it while the `Arc` is held.
+fn addr<T>(o: &Arc<T>) -> usize {
+    Arc::as_ptr(o) as usize
+}
+
+/// What [`enter`] found.
+enum Entered {
+    /// A new object: its id (`None`: no name).
+    New(Option<NsName>),
+    /// One already in the snapshot (moved, or repeated).
+    Again,
+}
+
+/// Counts one more occurrence of an object.
+fn enter<T>(
+    seen: &mut HashMap<usize, (u32, Option<NsName>)>,
+    o: &Arc<T>,
+    id: impl FnOnce(&T) -> Option<NsName>,
+) -> Entered {
+    let e = seen.entry(addr(o)).or_insert_with(|| (0, id(o)));
+    e.0 += 1;
+    if e.0 == 1 {
+        Entered::New(e.1.clone())
+    } else {
+        Entered::Again
+    }
+}
+
+/// What [`leave`] found.
+enum Left {
+    /// The object's last occurrence went: its id.
+    Gone(Option<NsName>),
+    /// It is still in the snapshot (moved): its id.
+    Stays(Option<NsName>),
+}
+
+fn leave<T>(seen: &mut HashMap<usize, (u32, Option<NsName>)>, o: &Arc<T>) -> Left {
+    let a = addr(o);
+    let Some(e) = seen.get_mut(&a) else {
+        return Left::Stays(None);
+    };
+    e.0 -= 1;
+    if e.0 > 0 {
+        return Left::Stays(e.1.clone());
+    }
+    Left::Gone(seen.remove(&a).and_then(|(_, id)| id))
+}
+
+fn forget<T>(defs: &mut HashMap<NsName, Vec<Arc<T>>>, id: &NsName, o: &Arc<T>) {
+    if let Some(v) = defs.get_mut(id) {
+        v.retain(|x| !Arc::ptr_eq(x, o));
+        if v.is_empty() {
+            defs.remove(id);
+        }
+    }
+}
+
+/// The first of `defs` in the snapshot's order (one: that one, without a look).
+fn first_of<T>(defs: &[Arc<T>], order: &[Arc<T>]) -> Option<Arc<T>> {
+    match defs {
+        [] => None,
+        [one] => Some(one.clone()),
+        many => order
+            .iter()
+            .find(|o| many.iter().any(|m| Arc::ptr_eq(m, o)))
+            .cloned(),
+    }
+}
+
+/// A Service to resolve: its id, the object, its slice objects and their results.
+type Work = (
+    NsName,
+    Arc<Service>,
+    Vec<Arc<EndpointSlice>>,
+    Vec<Arc<SliceRes>>,
+);
+
+/// Resolves each Service of `work` (its result, or `None`, and its problems), in parallel when
+/// there are many (a cold start), merged in order.
+fn resolve_parallel(work: &[Work], cfg: &Config) -> Vec<(Option<Arc<SvcRes>>, Vec<Error>)> {
+    let one = |(_, svc, _, slices): &Work| {
         let mut errs = Vec::new();
         let Some(s) = resolve_service(svc, cfg, &mut errs) else {
-            return Err(errs);
+            return (None, errs);
         };
-        let valid: Vec<&Slice> = mine.iter().filter_map(|(_, r)| r.slice.as_ref()).collect();
-        Ok(Arc::new(resolve_frontends(s, &valid, cfg, errs)))
+        let valid: Vec<&Slice> = slices.iter().filter_map(|r| r.slice.as_ref()).collect();
+        let res = resolve_frontends(s, &valid, cfg, errs);
+        let errs = res.errors.clone();
+        (Some(Arc::new(res)), errs)
     };
-    let todo = work.iter().filter(|w| w.2.is_none()).count();
     let threads = std::thread::available_parallelism()
         .map_or(1, std::num::NonZero::get)
-        .min(todo.div_ceil(1024).max(1));
+        .min(work.len().div_ceil(1024).max(1));
     if threads <= 1 {
         return work.iter().map(one).collect();
     }
@@ -219,52 +672,4 @@ pub(crate) fn resolve_parallel(work: &[Work<'_>], cfg: &Config) -> Vec<Resolved>
             .flat_map(|h| h.join().expect("model thread"))
             .collect()
     })
-}
-
-/// Frontends of the resolved Services, oldest Service first; later claimants of a frontend are
-/// reported, never served.
-pub(crate) fn assemble(resolved: &[Arc<SvcRes>], errors: &mut Vec<Error>) -> Desired {
-    let mut desired = Desired::default();
-    for res in resolved {
-        let svc = &res.svc;
-        for (fe, st, addr_field, port_index) in &res.frontends {
-            if let Some(winner) = desired.frontends.get(fe) {
-                if winner.service != svc.id {
-                    errors.push(Error::Conflict {
-                        object: ObjectRef {
-                            kind: "Service",
-                            id: svc.id.clone(),
-                        },
-                        field: format!("{addr_field} / spec.ports[{port_index}]"),
-                        frontend: *fe,
-                        winner: winner.service.clone(),
-                    });
-                }
-                continue;
-            }
-            desired.frontends.insert(*fe, st.clone());
-        }
-        if let Some((port, local_endpoints)) = res.health {
-            match desired.health_checks.get(&port) {
-                Some(winner) => errors.push(Error::HealthCheckConflict {
-                    object: ObjectRef {
-                        kind: "Service",
-                        id: svc.id.clone(),
-                    },
-                    port,
-                    winner: winner.service.clone(),
-                }),
-                None => {
-                    desired.health_checks.insert(
-                        port,
-                        HealthCheck {
-                            service: svc.id.clone(),
-                            local_endpoints,
-                        },
-                    );
-                }
-            }
-        }
-    }
-    desired
 }

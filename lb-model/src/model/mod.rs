@@ -14,7 +14,7 @@ mod frontends;
 pub mod types;
 mod validation;
 
-pub use build::{Cache, build};
+pub use build::{Cache, Changed, build, update};
 // Crate-internal helpers the parts use of each other (no `pub`: not part of the API).
 use endpoints::{Ep, Selected, Slice, SliceRes, resolve_slice, select};
 use frontends::{SvcPort, SvcRes, resolve_frontends, resolve_service};

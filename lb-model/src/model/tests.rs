@@ -807,3 +807,177 @@ fn many_services_resolve_in_parallel_in_order() {
     let first = build(&s, &e, &Config::default(), &mut cache);
     assert_eq!(build(&s, &e, &Config::default(), &mut cache), first);
 }
+
+/// Random edits of a small cluster — Services added, changed (addresses that collide, ages,
+/// NodePorts, health-check ports), removed, duplicated, moved; slices added, changed, removed,
+/// unlabelled, nameless — and after each sync: the kept state equals a build from scratch,
+/// the problems are the same, and the frontends reported changed are exactly those whose
+/// desired state changed (none of a Service that did not change).
+mod incremental {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn one<T: Clone>(yaml: &str, pick: impl Fn(&crate::Objects) -> Vec<Arc<T>>) -> Arc<T> {
+        let mut errors = Vec::new();
+        let o = crate::manifest::parse_str(std::path::Path::new("p.yaml"), yaml, &mut errors)
+            .expect("yaml");
+        pick(&o)[0].clone()
+    }
+
+    fn service(i: u8, v: u8) -> Arc<Service> {
+        let age = v % 3;
+        let spec = match v % 4 {
+            0 => format!(
+                "{{clusterIP: 198.19.0.{}, ports: [{{name: http, port: 80}}]}}",
+                i % 3
+            ),
+            1 => format!(
+                "{{type: NodePort, clusterIP: 198.19.1.{i}, ports: [{{name: http, port: 80, nodePort: {}}}]}}",
+                30000 + u16::from(i % 2)
+            ),
+            2 => format!(
+                "{{type: LoadBalancer, clusterIP: 198.19.2.{i}, externalTrafficPolicy: Local, healthCheckNodePort: {}, ports: [{{name: http, port: 80, nodePort: {}}}]}}",
+                32000 + u16::from(i % 2),
+                31000 + u16::from(i)
+            ),
+            _ => format!(
+                "{{clusterIPs: [198.19.3.{i}, '2001:db8::{i}'], ipFamilies: [IPv4, IPv6], ports: [{{name: dns, port: 53, protocol: UDP}}, {{name: http, port: 80}}]}}"
+            ),
+        };
+        let y = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: n, creationTimestamp: '2024-01-01T00:00:0{age}Z'}}\nspec: {spec}\n"
+        );
+        one(&y, |o| o.services.clone())
+    }
+
+    fn slice(name: u8, svc: u8, eps: &[(u8, bool)], labelled: bool) -> Arc<EndpointSlice> {
+        let labels = if labelled {
+            format!("labels: {{kubernetes.io/service-name: s{svc}}}")
+        } else {
+            "labels: {}".to_owned()
+        };
+        let eps: Vec<String> = eps
+            .iter()
+            .map(|(a, ready)| {
+                format!(
+                    "{{addresses: [198.18.0.{a}], conditions: {{ready: {ready}}}, nodeName: node-{}}}",
+                    a % 2
+                )
+            })
+            .collect();
+        let y = format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: e{name}, namespace: n, {labels}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}, {{name: dns, port: 53, protocol: UDP}}]\nendpoints: [{}]\n",
+            eps.join(", ")
+        );
+        one(&y, |o| o.slices.clone())
+    }
+
+    #[derive(Debug, Clone)]
+    enum Edit {
+        AddService(u8, u8),
+        RemoveService(usize),
+        ReplaceService(usize, u8),
+        AddSlice(u8, u8, Vec<(u8, bool)>, bool),
+        RemoveSlice(usize),
+        SwapServices(usize, usize),
+        Repeat(usize),
+        Nameless,
+    }
+
+    fn edit() -> impl Strategy<Value = Edit> {
+        prop_oneof![
+            (0u8..5, 0u8..8).prop_map(|(i, v)| Edit::AddService(i, v)),
+            (0usize..16).prop_map(Edit::RemoveService),
+            (0usize..16, 0u8..8).prop_map(|(i, v)| Edit::ReplaceService(i, v)),
+            (
+                0u8..6,
+                0u8..5,
+                proptest::collection::vec((0u8..6, any::<bool>()), 0..4),
+                proptest::bool::weighted(0.9)
+            )
+                .prop_map(|(n, s, e, l)| Edit::AddSlice(n, s, e, l)),
+            (0usize..16).prop_map(Edit::RemoveSlice),
+            (0usize..16, 0usize..16).prop_map(|(a, b)| Edit::SwapServices(a, b)),
+            (0usize..16).prop_map(Edit::Repeat),
+            Just(Edit::Nameless),
+        ]
+    }
+
+    fn apply(e: Edit, s: &mut Vec<Arc<Service>>, l: &mut Vec<Arc<EndpointSlice>>) {
+        match e {
+            Edit::AddService(i, v) => s.push(service(i, v)),
+            Edit::RemoveService(k) if !s.is_empty() => {
+                let k = k % s.len();
+                s.remove(k);
+            }
+            Edit::ReplaceService(k, v) if !s.is_empty() => {
+                let k = k % s.len();
+                let i: u8 = s[k]
+                    .metadata
+                    .name
+                    .as_deref()
+                    .map_or(0, |n| n[1..].parse().unwrap_or(0));
+                s[k] = service(i, v);
+            }
+            Edit::AddSlice(n, svc, eps, labelled) => l.push(slice(n, svc, &eps, labelled)),
+            Edit::RemoveSlice(k) if !l.is_empty() => {
+                let k = k % l.len();
+                l.remove(k);
+            }
+            Edit::SwapServices(a, b) if !s.is_empty() => {
+                let n = s.len();
+                s.swap(a % n, b % n);
+            }
+            Edit::Repeat(k) if !s.is_empty() => {
+                let o = s[k % s.len()].clone();
+                s.push(o);
+            }
+            Edit::Nameless => {
+                let mut o = (*service(9, 0)).clone();
+                o.metadata.name = None;
+                s.insert(0, Arc::new(o));
+            }
+            _ => {}
+        }
+    }
+
+    fn sorted(errors: &[Error]) -> Vec<String> {
+        let mut v: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        v.sort();
+        v
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        #[test]
+        fn an_updated_model_equals_one_built_from_scratch(
+            edits in proptest::collection::vec(edit(), 1..24)
+        ) {
+            let cfg = Config {
+                node_name: "node-0".into(),
+                maglev: 251,
+                ..Config::default()
+            };
+            let (mut s, mut l) = (Vec::new(), Vec::new());
+            let mut cache = Cache::default();
+            let _ = update(&s, &l, &cfg, &mut cache);
+            for e in edits {
+                let before = cache.desired().clone();
+                apply(e, &mut s, &mut l);
+                let (changed, errors) = update(&s, &l, &cfg, &mut cache);
+                let (fresh, fresh_errors) = build(&s, &l, &cfg, &mut Cache::default());
+                prop_assert_eq!(cache.desired(), &fresh);
+                prop_assert_eq!(sorted(&errors), sorted(&fresh_errors));
+                let changed = changed.expect("the same Config: a scoped change");
+                prop_assert_eq!(changed, crate::sync::changed(&before, &fresh));
+                let maglev: std::collections::BTreeMap<Frontend, u32> = fresh
+                    .frontends
+                    .iter()
+                    .filter(|(_, st)| st.maglev != 0 && !st.backends.is_empty())
+                    .map(|(f, st)| (*f, st.maglev))
+                    .collect();
+                prop_assert_eq!(cache.maglev(), &maglev);
+            }
+        }
+    }
+}

@@ -427,7 +427,14 @@ proptest! {
         let mut scoped = full.clone();
         converge(&b, &mut full);
 
-        let ops = diff_scoped(&b, &scoped, &changed(&a, &b));
+        let dirty = changed(&a, &b);
+        let ops = diff_scoped(&b, &b, &scoped, &dirty);
+        // Given only the dirty frontends' states (as the agent does), the same writes.
+        let only_dirty = Desired {
+            frontends: b.frontends.iter().filter(|(f, _)| dirty.contains(f)).map(|(f, s)| (*f, s.clone())).collect(),
+            health_checks: b.health_checks.clone(),
+        };
+        prop_assert_eq!(&diff_scoped(&only_dirty, &b, &scoped, &dirty), &ops);
         let mut w = Checked { shadow: scoped.clone(), external: externals(&[&a, &b]) };
         apply(&ops, &mut w, &mut scoped).expect("infallible");
         prop_assert_eq!(&scoped, &full, "scoped ≠ full");
@@ -440,7 +447,7 @@ proptest! {
         let mut shadow = Shadow::default();
         converge(&seq[0], &mut shadow);
         for w in seq.windows(2) {
-            let ops = diff_scoped(&w[1], &shadow, &changed(&w[0], &w[1]));
+            let ops = diff_scoped(&w[1], &w[1], &shadow, &changed(&w[0], &w[1]));
             let mut c = Checked { shadow: shadow.clone(), external: externals(&[&w[0], &w[1]]) };
             apply(&ops, &mut c, &mut shadow).expect("infallible");
             prop_assert_eq!(served(&shadow), expected(&w[1]));
