@@ -14,7 +14,7 @@
 //! 6. backends no longer referenced;
 //! 7. VIP markers no longer needed.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
@@ -149,7 +149,12 @@ pub struct AffMatch {
 
 /// Our mirror of the service and backend maps: exactly what is in the kernel, as far as we
 /// know. Filled from the pinned maps on start (adoption), then kept in step by [`apply`].
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+///
+/// Beside the maps it keeps an index ([`ShadowIndex`]: backend ids by backend, slot references
+/// per backend, free ids, entries per family), built on first use and kept in step by
+/// [`Shadow::apply`], so a scoped sync never walks the whole mirror. The fields may be filled
+/// directly only before the first diff (adoption).
+#[derive(Clone, Debug, Default)]
 pub struct Shadow {
     pub svc: BTreeMap<SvcKey, SvcValue>,
     pub backends: BTreeMap<u32, Backend>,
@@ -157,11 +162,187 @@ pub struct Shadow {
     pub src_ranges: BTreeSet<SrcRange>,
     /// Maglev table chunks by {frontend id, chunk}.
     pub maglev: BTreeMap<MaglevKey, MaglevIds>,
+    idx: std::sync::OnceLock<ShadowIndex>,
+}
+
+impl PartialEq for Shadow {
+    fn eq(&self, o: &Self) -> bool {
+        self.svc == o.svc
+            && self.backends == o.backends
+            && self.aff_match == o.aff_match
+            && self.src_ranges == o.src_ranges
+            && self.maglev == o.maglev
+    }
+}
+
+impl Eq for Shadow {}
+
+/// Ids from 1 up, and the lowest free one from a point, without a scan of the used ones: the
+/// holes below the highest used id are kept.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Ids {
+    top: u32,
+    holes: BTreeSet<u32>,
+}
+
+impl Ids {
+    fn take(&mut self, id: u32) {
+        if id > self.top {
+            // Ids are handed out lowest-free, so a jump is small; a huge one (a foreign map)
+            // leaves its gap unrecorded rather than filling memory.
+            if id - self.top <= 1 << 20 {
+                self.holes.extend(self.top + 1..id);
+            }
+            self.top = id;
+        } else {
+            self.holes.remove(&id);
+        }
+    }
+
+    fn free(&mut self, id: u32) {
+        if id == self.top {
+            self.top -= 1;
+            while self.top > 0 && self.holes.remove(&self.top) {
+                self.top -= 1;
+            }
+        } else if id < self.top {
+            self.holes.insert(id);
+        }
+    }
+
+    /// The lowest free id at or above `from` (from 1).
+    fn lowest_free(&self, from: u32) -> u32 {
+        let from = from.max(1);
+        self.holes
+            .range(from..)
+            .next()
+            .copied()
+            .unwrap_or_else(|| from.max(self.top + 1))
+    }
+}
+
+/// What a diff needs to know of the whole mirror, kept in step with it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct ShadowIndex {
+    /// Backend → its id.
+    by_backend: HashMap<Backend, u32>,
+    backend_ids: Ids,
+    /// Backend id → the slots that refer to it.
+    refs: HashMap<u32, u32>,
+    /// Frontend ids (slot 0 of a frontend entry).
+    fe_ids: Ids,
+    fe_id_count: HashMap<u32, u32>,
+    /// Service-map entries and backends per family: `[svc4, svc6, be4, be6]`.
+    usage: Usage,
+}
+
+fn is_fe(k: &SvcKey, v: &SvcValue) -> bool {
+    k.slot == 0 && v.flags & SVC_FLAG_VIP_MARKER == 0
+}
+
+fn family(ip: &IpAddr) -> usize {
+    usize::from(ip.is_ipv6())
+}
+
+impl ShadowIndex {
+    fn of(s: &Shadow) -> Self {
+        let mut ix = Self::default();
+        for (k, v) in &s.svc {
+            ix.put_svc(k, v);
+        }
+        for (id, b) in &s.backends {
+            ix.put_backend(*id, b);
+        }
+        ix
+    }
+
+    fn put_svc(&mut self, k: &SvcKey, v: &SvcValue) {
+        self.usage[family(&k.addr)] += 1;
+        if k.slot > 0 {
+            *self.refs.entry(v.backend_id).or_default() += 1;
+        } else if is_fe(k, v) {
+            let n = self.fe_id_count.entry(v.backend_id).or_default();
+            *n += 1;
+            if *n == 1 {
+                self.fe_ids.take(v.backend_id);
+            }
+        }
+    }
+
+    fn del_svc(&mut self, k: &SvcKey, v: &SvcValue) {
+        self.usage[family(&k.addr)] -= 1;
+        if k.slot > 0 {
+            if let Some(n) = self.refs.get_mut(&v.backend_id) {
+                *n -= 1;
+                if *n == 0 {
+                    self.refs.remove(&v.backend_id);
+                }
+            }
+        } else if is_fe(k, v)
+            && let Some(n) = self.fe_id_count.get_mut(&v.backend_id)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.fe_id_count.remove(&v.backend_id);
+                self.fe_ids.free(v.backend_id);
+            }
+        }
+    }
+
+    fn put_backend(&mut self, id: u32, b: &Backend) {
+        self.usage[2 + family(&b.addr.ip())] += 1;
+        self.by_backend.insert(*b, id);
+        self.backend_ids.take(id);
+    }
+
+    fn del_backend(&mut self, id: u32, b: &Backend) {
+        self.usage[2 + family(&b.addr.ip())] -= 1;
+        if self.by_backend.get(b) == Some(&id) {
+            self.by_backend.remove(b);
+        }
+        self.backend_ids.free(id);
+    }
 }
 
 impl Shadow {
-    /// Applies one operation to the mirror.
+    /// The index of the mirror (built on first use).
+    pub(crate) fn index(&self) -> &ShadowIndex {
+        self.idx.get_or_init(|| ShadowIndex::of(self))
+    }
+
+    /// Applies one operation to the mirror (and its index, once built).
     pub fn apply(&mut self, op: &MapOp) {
+        if let Some(ix) = self.idx.get_mut() {
+            match *op {
+                MapOp::PutBackend { id, backend } => {
+                    if let Some(old) = self.backends.get(&id) {
+                        ix.del_backend(id, old);
+                    }
+                    ix.put_backend(id, &backend);
+                }
+                MapOp::DelBackend { id, .. } => {
+                    if let Some(old) = self.backends.get(&id) {
+                        ix.del_backend(id, old);
+                    }
+                }
+                MapOp::PutSvc { key, value } => {
+                    if let Some(old) = self.svc.get(&key) {
+                        ix.del_svc(&key, old);
+                    }
+                    ix.put_svc(&key, &value);
+                }
+                MapOp::DelSvc { key } => {
+                    if let Some(old) = self.svc.get(&key) {
+                        ix.del_svc(&key, old);
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.apply_maps(op);
+    }
+
+    fn apply_maps(&mut self, op: &MapOp) {
         match *op {
             MapOp::PutMaglev { key, ref ids } => {
                 self.maglev.insert(key, Arc::clone(ids));
@@ -252,19 +433,13 @@ fn image_of<'a>(
     frontends: impl Iterator<Item = (&'a Frontend, &'a FrontendState)>,
     current: &Shadow,
 ) -> Shadow {
-    let known: HashMap<Backend, u32> = current.backends.iter().map(|(id, b)| (*b, *id)).collect();
+    let cix = current.index();
+    let known = &cix.by_backend;
     let mut next_id = 1u32;
     let mut ids: HashMap<Backend, u32> = HashMap::new();
     let mut want = Shadow::default();
     // Frontend ids (slot 0 `backend_id`, keying affinity state): kept while the frontend
     // exists, else the lowest id no frontend uses.
-    let is_fe = |k: &SvcKey, v: &SvcValue| k.slot == 0 && v.flags & SVC_FLAG_VIP_MARKER == 0;
-    let cur_fe_ids: BTreeSet<u32> = current
-        .svc
-        .iter()
-        .filter(|(k, v)| is_fe(k, v))
-        .map(|(_, v)| v.backend_id)
-        .collect();
     let mut used_fe_ids: BTreeSet<u32> = BTreeSet::new();
     let mut next_fe_id = 1u32;
     // Frontends of one Service port share their endpoints (node addresses, LB IPs): one table.
@@ -286,10 +461,9 @@ fn image_of<'a>(
             };
             let id = *ids.entry(be).or_insert_with(|| {
                 known.get(&be).copied().unwrap_or_else(|| {
-                    while current.backends.contains_key(&next_id)
-                        || want.backends.contains_key(&next_id)
-                    {
-                        next_id += 1;
+                    next_id = cix.backend_ids.lowest_free(next_id);
+                    while want.backends.contains_key(&next_id) {
+                        next_id = cix.backend_ids.lowest_free(next_id + 1);
                     }
                     next_id
                 })
@@ -337,8 +511,9 @@ fn image_of<'a>(
             .map(|v| v.backend_id)
             .filter(|id| *id != 0 && !used_fe_ids.contains(id));
         let fe_id = kept.unwrap_or_else(|| {
-            while cur_fe_ids.contains(&next_fe_id) || used_fe_ids.contains(&next_fe_id) {
-                next_fe_id += 1;
+            next_fe_id = cix.fe_ids.lowest_free(next_fe_id);
+            while used_fe_ids.contains(&next_fe_id) {
+                next_fe_id = cix.fe_ids.lowest_free(next_fe_id + 1);
             }
             next_fe_id
         });
@@ -609,15 +784,10 @@ pub fn fit(
     cap: &Capacity,
     dirty: Option<&BTreeSet<Frontend>>,
 ) -> Vec<(Frontend, crate::model::NsName)> {
-    let fam = |ip: &IpAddr| usize::from(ip.is_ipv6());
-    let mut usage: Usage = [0; 4];
-    for k in current.svc.keys() {
-        usage[fam(&k.addr)] += 1;
-    }
-    let known: HashSet<Backend> = current.backends.values().copied().collect();
-    for b in &known {
-        usage[2 + fam(&b.addr.ip())] += 1;
-    }
+    let fam = family;
+    let cix = current.index();
+    let mut usage: Usage = cix.usage;
+    let known = &cix.by_backend;
     // Only frontends that change can grow: with a dirty set, only those are looked at.
     let candidates: Vec<Frontend> = match dirty {
         Some(d) => d
@@ -649,7 +819,7 @@ pub fn fit(
             .collect();
         let new_bes: BTreeSet<Backend> = bs
             .into_iter()
-            .filter(|b| !known.contains(b) && !added_bes.contains(b))
+            .filter(|b| !known.contains_key(b) && !added_bes.contains(b))
             .collect();
         if new_keys.is_empty() && new_bes.is_empty() {
             continue; // occupies only entries that exist already
@@ -891,18 +1061,28 @@ fn unreferenced(
     if candidates.is_empty() {
         return Vec::new();
     }
-    let mut refs: HashMap<u32, usize> = HashMap::new();
-    for (k, v) in &current.svc {
-        if k.slot > 0
-            && candidates.contains(&v.backend_id)
-            && !k.to_frontend().is_some_and(|f| dirty.contains(&f))
-        {
-            *refs.entry(v.backend_id).or_default() += 1;
+    // References from slots now (the index), less those of the dirty frontends (rewritten),
+    // plus those of what they become.
+    let mut refs: HashMap<u32, i64> = candidates
+        .iter()
+        .map(|id| {
+            let n = current.index().refs.get(id).copied().unwrap_or(0);
+            (*id, i64::from(n))
+        })
+        .collect();
+    for fe in dirty {
+        let k = SvcKey::frontend(fe);
+        for (_, v) in current.svc.range(k.with_slot(1)..=k.with_slot(u16::MAX)) {
+            if let Some(n) = refs.get_mut(&v.backend_id) {
+                *n -= 1;
+            }
         }
     }
     for (k, v) in &want.svc {
-        if k.slot > 0 && candidates.contains(&v.backend_id) {
-            *refs.entry(v.backend_id).or_default() += 1;
+        if k.slot > 0
+            && let Some(n) = refs.get_mut(&v.backend_id)
+        {
+            *n += 1;
         }
     }
     candidates

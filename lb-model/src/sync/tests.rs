@@ -452,6 +452,8 @@ proptest! {
             apply(&ops, &mut c, &mut shadow).expect("infallible");
             prop_assert_eq!(served(&shadow), expected(&w[1]));
             prop_assert!(diff(&w[1], &shadow).is_empty());
+            // The index kept in step by the writes is the index of what the mirror holds.
+            prop_assert_eq!(shadow.index(), &super::ShadowIndex::of(&shadow));
         }
     }
 }
