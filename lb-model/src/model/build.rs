@@ -19,6 +19,9 @@ use super::{
 };
 use crate::Window;
 
+/// An object's namespace/name, shared by the maps that key on it.
+type Id = Arc<NsName>;
+
 /// A Service's claim of a frontend (or healthCheckNodePort): its result, and where in it the
 /// frontend is.
 #[derive(Debug, Clone)]
@@ -54,37 +57,37 @@ pub struct Cache {
     last_slices: Vec<Arc<EndpointSlice>>,
     /// Objects of the last snapshot by address: how often it holds them, and their id (`None`:
     /// no name).
-    service_objs: HashMap<usize, (u32, Option<NsName>)>,
-    slice_objs: HashMap<usize, (u32, Option<NsName>)>,
+    service_objs: HashMap<usize, (u32, Option<Id>)>,
+    slice_objs: HashMap<usize, (u32, Option<Id>)>,
     /// Id → the objects with that id (more than one: duplicates; the first in the snapshot's
     /// order is used).
-    service_defs: HashMap<NsName, Vec<Arc<Service>>>,
-    slice_defs: HashMap<NsName, Vec<Arc<EndpointSlice>>>,
+    service_defs: HashMap<Id, Vec<Arc<Service>>>,
+    slice_defs: HashMap<Id, Vec<Arc<EndpointSlice>>>,
     /// Objects without a name, by kind.
     nameless: (u32, u32),
     /// Slice id → the object used, what it resolved to, and the Service it is for.
-    slices: HashMap<NsName, SliceEntry>,
+    slices: HashMap<Id, SliceEntry>,
     /// Service id → the ids of the slices labelled for it.
-    by_service: HashMap<NsName, BTreeSet<NsName>>,
+    by_service: HashMap<Id, BTreeSet<Id>>,
     /// Service id → the object used, the slice objects it was resolved with, the result (`None`:
     /// it resolved to nothing) and the problems found.
-    services: HashMap<NsName, SvcEntry>,
+    services: HashMap<Id, SvcEntry>,
     claims: HashMap<Frontend, Vec<Claim>>,
     health: HashMap<u16, Vec<Claim>>,
     desired: Desired,
     /// The desired frontends with a Maglev table (Maglev on, some backend), and its size.
     maglev: std::collections::BTreeMap<Frontend, u32>,
     /// Where problems are, so a build reports them all without looking at every object.
-    slices_with_errors: BTreeSet<NsName>,
-    services_with_errors: BTreeSet<NsName>,
-    duplicate_services: BTreeSet<NsName>,
-    duplicate_slices: BTreeSet<NsName>,
+    slices_with_errors: BTreeSet<Id>,
+    services_with_errors: BTreeSet<Id>,
+    duplicate_services: BTreeSet<Id>,
+    duplicate_slices: BTreeSet<Id>,
     contested: BTreeSet<Frontend>,
     contested_health: BTreeSet<u16>,
 }
 
 /// A slice object, what it resolved to, and the Service it is for.
-type SliceEntry = (Arc<EndpointSlice>, Arc<SliceRes>, Option<NsName>);
+type SliceEntry = (Arc<EndpointSlice>, Arc<SliceRes>, Option<Id>);
 
 /// A Service object, its slice objects, its result and its problems.
 type SvcEntry = (
@@ -158,14 +161,16 @@ impl Cache {
     }
 
     /// Takes in the snapshot's slices; marks the Services whose slices changed.
-    fn take_slices(&mut self, slices: &[Arc<EndpointSlice>], dirty: &mut BTreeSet<NsName>) {
+    fn take_slices(&mut self, slices: &[Arc<EndpointSlice>], dirty: &mut BTreeSet<Id>) {
         let w = Window::of(&self.last_slices, slices);
         if w.is_empty() {
             return;
         }
         let mut ids = BTreeSet::new();
         for s in &slices[w.prefix..w.new_end] {
-            match enter(&mut self.slice_objs, s, |s| ns_name(&s.metadata)) {
+            match enter(&mut self.slice_objs, s, |s| {
+                ns_name(&s.metadata).map(Arc::new)
+            }) {
                 Entered::New(Some(id)) => {
                     self.slice_defs
                         .entry(id.clone())
@@ -195,12 +200,7 @@ impl Cache {
     }
 
     /// Brings one slice id up to date with its first object.
-    fn define_slice(
-        &mut self,
-        id: &NsName,
-        order: &[Arc<EndpointSlice>],
-        dirty: &mut BTreeSet<NsName>,
-    ) {
+    fn define_slice(&mut self, id: &Id, order: &[Arc<EndpointSlice>], dirty: &mut BTreeSet<Id>) {
         let defs = self.slice_defs.get(id).map_or(&[][..], Vec::as_slice);
         let first = first_of(defs, order);
         if defs.len() > 1 {
@@ -229,9 +229,11 @@ impl Cache {
             .labels
             .as_ref()
             .and_then(|l| l.get(LABEL_SERVICE_NAME))
-            .map(|name| NsName {
-                namespace: id.namespace.clone(),
-                name: name.clone(),
+            .map(|name| {
+                Arc::new(NsName {
+                    namespace: id.namespace.clone(),
+                    name: name.clone(),
+                })
             });
         let Some(svc) = svc else {
             // Not managed for a Service: no resolution, no problems.
@@ -251,7 +253,7 @@ impl Cache {
         let mut errs = Vec::new();
         let object = ObjectRef {
             kind: "EndpointSlice",
-            id: id.clone(),
+            id: (**id).clone(),
         };
         let res = Arc::new(SliceRes {
             slice: resolve_slice(&slice, &object, &mut errs),
@@ -270,13 +272,15 @@ impl Cache {
     }
 
     /// Takes in the snapshot's Services; marks the changed ones.
-    fn take_services(&mut self, services: &[Arc<Service>], dirty: &mut BTreeSet<NsName>) {
+    fn take_services(&mut self, services: &[Arc<Service>], dirty: &mut BTreeSet<Id>) {
         let w = Window::of(&self.last_services, services);
         if w.is_empty() {
             return;
         }
         for s in &services[w.prefix..w.new_end] {
-            match enter(&mut self.service_objs, s, |s| ns_name(&s.metadata)) {
+            match enter(&mut self.service_objs, s, |s| {
+                ns_name(&s.metadata).map(Arc::new)
+            }) {
                 Entered::New(Some(id)) => {
                     self.service_defs
                         .entry(id.clone())
@@ -305,7 +309,7 @@ impl Cache {
     /// Resolves the dirty Services (in parallel when there are many) and moves their claims.
     fn resolve(
         &mut self,
-        dirty: &BTreeSet<NsName>,
+        dirty: &BTreeSet<Id>,
         order: &[Arc<Service>],
         cfg: &Config,
         touched: &mut BTreeSet<Frontend>,
@@ -549,8 +553,8 @@ impl Cache {
 
 fn dup_errors<T>(
     kind: &'static str,
-    ids: &BTreeSet<NsName>,
-    defs: &HashMap<NsName, Vec<T>>,
+    ids: &BTreeSet<Id>,
+    defs: &HashMap<Id, Vec<T>>,
     errors: &mut Vec<Error>,
 ) {
     for id in ids {
@@ -558,7 +562,7 @@ fn dup_errors<T>(
             errors.push(Error::Duplicate {
                 object: ObjectRef {
                     kind,
-                    id: id.clone(),
+                    id: (**id).clone(),
                 },
             });
         }
@@ -573,16 +577,16 @@ fn addr<T>(o: &Arc<T>) -> usize {
 /// What [`enter`] found.
 enum Entered {
     /// A new object: its id (`None`: no name).
-    New(Option<NsName>),
+    New(Option<Id>),
     /// One already in the snapshot (moved, or repeated).
     Again,
 }
 
 /// Counts one more occurrence of an object.
 fn enter<T>(
-    seen: &mut HashMap<usize, (u32, Option<NsName>)>,
+    seen: &mut HashMap<usize, (u32, Option<Id>)>,
     o: &Arc<T>,
-    id: impl FnOnce(&T) -> Option<NsName>,
+    id: impl FnOnce(&T) -> Option<Id>,
 ) -> Entered {
     let e = seen.entry(addr(o)).or_insert_with(|| (0, id(o)));
     e.0 += 1;
@@ -596,12 +600,12 @@ fn enter<T>(
 /// What [`leave`] found.
 enum Left {
     /// The object's last occurrence went: its id.
-    Gone(Option<NsName>),
+    Gone(Option<Id>),
     /// It is still in the snapshot (moved): its id.
-    Stays(Option<NsName>),
+    Stays(Option<Id>),
 }
 
-fn leave<T>(seen: &mut HashMap<usize, (u32, Option<NsName>)>, o: &Arc<T>) -> Left {
+fn leave<T>(seen: &mut HashMap<usize, (u32, Option<Id>)>, o: &Arc<T>) -> Left {
     let a = addr(o);
     let Some(e) = seen.get_mut(&a) else {
         return Left::Stays(None);
@@ -613,7 +617,7 @@ fn leave<T>(seen: &mut HashMap<usize, (u32, Option<NsName>)>, o: &Arc<T>) -> Lef
     Left::Gone(seen.remove(&a).and_then(|(_, id)| id))
 }
 
-fn forget<T>(defs: &mut HashMap<NsName, Vec<Arc<T>>>, id: &NsName, o: &Arc<T>) {
+fn forget<T>(defs: &mut HashMap<Id, Vec<Arc<T>>>, id: &Id, o: &Arc<T>) {
     if let Some(v) = defs.get_mut(id) {
         v.retain(|x| !Arc::ptr_eq(x, o));
         if v.is_empty() {
@@ -636,7 +640,7 @@ fn first_of<T>(defs: &[Arc<T>], order: &[Arc<T>]) -> Option<Arc<T>> {
 
 /// A Service to resolve: its id, the object, its slice objects and their results.
 type Work = (
-    NsName,
+    Id,
     Arc<Service>,
     Vec<Arc<EndpointSlice>>,
     Vec<Arc<SliceRes>>,
