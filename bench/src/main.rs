@@ -197,13 +197,23 @@ fn lanes(c: &Cluster, a: &Args) -> (f64, f64, f64) {
     (median(&mut d), median(&mut v), median(&mut r))
 }
 
-/// N Services (VIPs 198.19.128.0 upwards) × 4 endpoints each, in one multi-document file.
+/// The ClusterIP and port of loaded Service `i`: every address of 198.19.2.0–198.19.255.255
+/// in turn (198.19.0.0/23 is the bed's own), then the same addresses again on the next port
+/// (100,000 Services need more VIPs than 198.18.0.0/15 has beside the bed's endpoints).
+fn loaded_vip(i: usize) -> (String, u16) {
+    const PER_PORT: usize = 65_536 - 512;
+    let a = 512 + i % PER_PORT;
+    let port = 80 + u16::try_from(i / PER_PORT).expect("fewer than 4 million Services");
+    (format!("198.19.{}.{}", a / 256, a % 256), port)
+}
+
+/// N Services ([`loaded_vip`]) × 4 endpoints each, in one multi-document file.
 fn many_services(n: usize) -> String {
     let mut s = String::with_capacity(n * 700);
     for i in 0..n {
-        let vip = format!("198.19.{}.{}", 128 + i / 250, 1 + i % 250);
+        let (vip, port) = loaded_vip(i);
         let name = format!("svc-{i}");
-        s.push_str(&service(&name, &[&vip], &[("http", 80, "TCP")]));
+        s.push_str(&service(&name, &[&vip], &[("http", port, "TCP")]));
         s.push_str("---\n");
         let eps: Vec<String> = (0..4)
             .map(|k| {

@@ -100,6 +100,18 @@ impl Window {
     pub fn is_empty(&self) -> bool {
         self.prefix == self.old_end && self.prefix == self.new_end
     }
+
+    /// Makes `old` equal to `new` by replacing only the window (`new`: the snapshot the
+    /// window was taken against): reference counts are touched for the changed objects only —
+    /// at 50,000 objects, a whole-vector copy is 100,000 atomic operations on as many cache
+    /// lines (~3 ms).
+    pub fn apply<T>(&self, old: &mut Vec<Arc<T>>, new: &[Arc<T>]) {
+        old.splice(
+            self.prefix..self.old_end,
+            new[self.prefix..self.new_end].iter().cloned(),
+        );
+        debug_assert_eq!(old.len(), new.len());
+    }
 }
 
 #[cfg(test)]
@@ -128,6 +140,14 @@ mod window_tests {
         let n: Vec<Arc<u8>> = (0..3).map(Arc::new).collect();
         assert_eq!(w(&v, &n), (0, 6, 3));
         assert_eq!(w(&[], &v), (0, 0, 6));
+        // Applying a window makes the old snapshot the new one.
+        for (old, new) in [(&v, &r), (&v, &i), (&i, &v), (&v, &n)] {
+            let mut o = old.clone();
+            Window::of(&o, new).apply(&mut o, new);
+            assert!(
+                o.iter().zip(new.iter()).all(|(a, b)| Arc::ptr_eq(a, b)) && o.len() == new.len()
+            );
+        }
         // A repeated object: prefix and suffix never overlap.
         let a = Arc::new(1u8);
         assert_eq!(

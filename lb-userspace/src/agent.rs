@@ -373,7 +373,8 @@ impl State {
         ok
     }
 
-    /// Metrics and health after a sync of `objs`. Returns whether any object changed.
+    /// Metrics and health after a sync of `objs`. Returns whether it was a big one (the first,
+    /// or [`TRIM_AFTER`] objects changed or more): then what it freed is worth returning.
     fn account(&mut self, objs: &Objects, ok: bool) -> bool {
         let (_, services) = changes(&self.prev_services, &objs.services);
         let (fresh_slices, slices) = changes(&self.prev_slices, &objs.slices);
@@ -423,11 +424,14 @@ impl State {
         }
         self.health.lock().expect("health lock").node_eligible =
             crate::metrics::node_eligible(objs.node.as_deref());
-        self.prev_services.clone_from(&objs.services);
-        self.prev_slices.clone_from(&objs.slices);
+        // Only the changed window is replaced (no reference count of 100,000 objects touched).
+        lb_model::Window::of(&self.prev_services, &objs.services)
+            .apply(&mut self.prev_services, &objs.services);
+        lb_model::Window::of(&self.prev_slices, &objs.slices)
+            .apply(&mut self.prev_slices, &objs.slices);
         let first = !self.synced_once;
         self.synced_once = true;
-        first || services + slices > 0
+        first || services + slices >= TRIM_AFTER
     }
 
     fn sync_snapshot(
@@ -650,9 +654,13 @@ impl State {
     }
 }
 
-/// Returns freed memory to the kernel after a sync that changed something: a 10,000-Service
-/// resync allocates (and frees) a few hundred MiB of YAML trees, and every change frees what
-/// it replaced, which glibc would otherwise keep as RSS.
+/// Objects changed in one sync from which freed memory is returned to the kernel: a trim
+/// walks the whole heap (milliseconds at 50,000 Services), worth it after a bulk change, not
+/// after every endpoint flip.
+const TRIM_AFTER: u64 = 1024;
+
+/// Returns freed memory to the kernel after a big sync: a 10,000-Service resync allocates (and
+/// frees) a few hundred MiB of YAML trees, which glibc would otherwise keep as RSS.
 fn trim_heap() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only walks the allocator's own free lists.

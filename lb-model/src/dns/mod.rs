@@ -480,7 +480,7 @@ impl Builder {
                 // Gone objects were just removed; their keys are asked of the object itself.
                 dirty.extend(key_cached(&self.slices, s).or_else(|| slice_key(s)));
             }
-            self.last_slices.clone_from(&objs.slices);
+            w.apply(&mut self.last_slices, &objs.slices);
         }
         let w = Window::of(&self.last_services, &objs.services);
         if !w.is_empty() {
@@ -500,7 +500,7 @@ impl Builder {
             {
                 dirty.extend(key_cached(&self.services, s).or_else(|| svc_key(s)));
             }
-            self.last_services.clone_from(&objs.services);
+            w.apply(&mut self.last_services, &objs.services);
         }
         dirty
     }

@@ -192,8 +192,7 @@ impl Cache {
                 Left::Stays(id) => ids.extend(id),
             }
         }
-        self.last_slices.clear();
-        self.last_slices.extend_from_slice(slices);
+        w.apply(&mut self.last_slices, slices);
         for id in ids {
             self.define_slice(&id, slices, dirty);
         }
@@ -302,8 +301,7 @@ impl Cache {
                 Left::Stays(id) => dirty.extend(id),
             }
         }
-        self.last_services.clear();
-        self.last_services.extend_from_slice(services);
+        w.apply(&mut self.last_services, services);
     }
 
     /// Resolves the dirty Services (in parallel when there are many) and moves their claims.
