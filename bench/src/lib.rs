@@ -112,3 +112,49 @@ pub fn program(c: &Cluster, file: &str, text: &str, timeout: Duration) -> (Durat
     .expect("agent programmed the Services");
     (t.elapsed(), line)
 }
+
+/// Run time per call of the socket hooks (`sock4_connect`, …) while `work` runs, from the
+/// kernel's own accounting (`BPF_ENABLE_STATS`: on only while this holds its fd, so nothing
+/// else on the machine pays for it). Returns (program, calls, ns per call) for every hook of
+/// the bed's agent that ran (its programs: those using the bed's pinned service map).
+pub fn hook_costs(c: &Cluster, work: impl FnOnce()) -> Vec<(String, u64, f64)> {
+    let svc_map = aya::maps::MapData::from_pin(c.bpffs.path.join(lb_common::MAP_SVC4))
+        .and_then(|m| m.info())
+        .expect("the bed's pinned service map")
+        .id();
+    let sample = || -> std::collections::BTreeMap<(u32, String), (u64, u64)> {
+        aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .filter(|p| {
+                p.map_ids()
+                    .ok()
+                    .flatten()
+                    .is_some_and(|ids| ids.contains(&svc_map))
+            })
+            .filter_map(|p| {
+                let name = p.name_as_str()?.to_owned();
+                name.starts_with("sock").then(|| {
+                    (
+                        (p.id(), name),
+                        (p.run_count(), p.run_time().as_nanos() as u64),
+                    )
+                })
+            })
+            .collect()
+    };
+    let _stats =
+        aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS (run time)");
+    let before = sample();
+    work();
+    let after = sample();
+    let mut out: Vec<(String, u64, f64)> = after
+        .into_iter()
+        .filter_map(|((id, name), (n, t))| {
+            let (n0, t0) = before.get(&(id, name.clone())).copied().unwrap_or((0, 0));
+            let calls = n - n0;
+            (calls > 0).then(|| (name, calls, (t - t0) as f64 / calls as f64))
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}

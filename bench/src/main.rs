@@ -666,6 +666,9 @@ fn main() {
         a.rounds, a.round_secs
     );
     let one = lanes(&c, &a);
+    let hooks_one = lb_bench::hook_costs(&c, || {
+        rate(&c, "198.19.0.10:80", 1.0);
+    });
 
     eprintln!(
         "programming {} Services × 4 endpoints from a manifest directory",
@@ -694,6 +697,9 @@ fn main() {
 
     eprintln!("lane pair with {frontends} Services loaded");
     let many = lanes(&c, &a);
+    let hooks_many = lb_bench::hook_costs(&c, || {
+        rate(&c, "198.19.0.10:80", 1.0);
+    });
 
     let rss_mib = agent_rss_mib(&c);
 
@@ -709,6 +715,16 @@ fn main() {
         "| {frontends} | {:.0} | {:.0} | {:.3} |",
         many.0, many.1, many.2
     );
+    let _ = writeln!(md);
+    let _ = writeln!(
+        md,
+        "Socket hooks, kernel run time per call (`BPF_ENABLE_STATS`, 1 s of the ClusterIP lane):\n\n| Services loaded | hook | calls | ns per call |\n|---:|---|---:|---:|"
+    );
+    for (n, hooks) in [(1, &hooks_one), (frontends, &hooks_many)] {
+        for (name, calls, ns) in hooks {
+            let _ = writeln!(md, "| {n} | `{name}` | {calls} | {ns:.0} |");
+        }
+    }
     let _ = writeln!(md);
     let _ = writeln!(
         md,
