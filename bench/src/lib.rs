@@ -158,3 +158,88 @@ pub fn hook_costs(c: &Cluster, work: impl FnOnce()) -> Vec<(String, u64, f64)> {
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
 }
+
+/// One scale of the growth table.
+pub struct GrowthRow {
+    pub services: usize,
+    /// Cold programming from a manifest directory, wall seconds.
+    pub cold_s: f64,
+    /// Agent RSS after it.
+    pub rss_mib: u64,
+    /// `sock4_connect` run time per call.
+    pub connect_ns: f64,
+    /// One change through the API double → pinned map, p99.
+    pub p99_ms: f64,
+    /// Agent RSS in that run.
+    pub api_rss_mib: u64,
+}
+
+/// The growth chart (`growth.svg` in `dir`): agent RSS, cold programming time and one-change
+/// p99 against the Service count, log scale.
+pub fn growth_chart(rows: &[GrowthRow], dir: &std::path::Path) -> Option<std::path::PathBuf> {
+    use plotters::prelude::*;
+    let path = dir.join("growth.svg");
+    let max_n = rows.iter().map(|r| r.services).max()? as f64;
+    let root = SVGBackend::new(&path, (900, 540)).into_drawing_area();
+    let pts = |f: &dyn Fn(&GrowthRow) -> f64| -> Vec<(f64, f64)> {
+        rows.iter().map(|r| (r.services as f64, f(r))).collect()
+    };
+    let series = [
+        (
+            "agent RSS, manifests (MiB)",
+            BLUE,
+            pts(&|r| r.rss_mib as f64),
+        ),
+        (
+            "agent RSS, API (MiB)",
+            GREEN,
+            pts(&|r| r.api_rss_mib as f64),
+        ),
+        (
+            "cold programming (×100 ms)",
+            RED,
+            pts(&|r| (r.cold_s * 10.0).max(1.0)),
+        ),
+        ("change → map p99 (ms)", BLACK, pts(&|r| r.p99_ms)),
+    ];
+    let ymax = series
+        .iter()
+        .flat_map(|s| s.2.iter().map(|p| p.1))
+        .fold(1.0_f64, f64::max)
+        * 1.1;
+    let drawn = (|| -> Result<(), Box<dyn std::error::Error>> {
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption("How the agent's costs grow", ("sans-serif", 22))
+            .margin(14)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d((500.0..max_n * 1.5).log_scale(), 0.0..ymax)?;
+        chart
+            .configure_mesh()
+            .x_desc("Services × 4 endpoints")
+            .draw()?;
+        for (label, color, pts) in series {
+            chart
+                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
+                .label(label)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
+            chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
+        root.present()?;
+        Ok(())
+    })();
+    drop(root);
+    match drawn {
+        Ok(()) => Some(path),
+        Err(e) => {
+            eprintln!("chart growth.svg: {e}");
+            None
+        }
+    }
+}

@@ -63,6 +63,10 @@ struct Args {
     dns_rounds: usize,
     /// Only the DNS comparison.
     only_dns: bool,
+    /// Service counts of the growth table (empty = skip).
+    growth_scales: Vec<usize>,
+    /// Only the growth table.
+    only_growth: bool,
     /// Where the results (JSON, Markdown) go.
     out_dir: Option<String>,
     /// Where the whole Markdown report is written (e.g. BENCHMARKS.md).
@@ -90,6 +94,8 @@ fn parse_args() -> Args {
         dns_scales: vec![100, 10_000],
         dns_rounds: 3,
         only_dns: false,
+        growth_scales: Vec::new(),
+        only_growth: false,
         out_dir: None,
         benchmarks_md: None,
     };
@@ -142,6 +148,14 @@ fn parse_args() -> Args {
             }
             "--dns-rounds" => a.dns_rounds = val.parse().expect("--dns-rounds"),
             "--only-dns" => a.only_dns = val.parse().expect("--only-dns"),
+            "--growth-scales" => {
+                a.growth_scales = val
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(|s| s.parse().expect("--growth-scales"))
+                    .collect();
+            }
+            "--only-growth" => a.only_growth = val.parse().expect("--only-growth"),
             "--out-dir" => a.out_dir = Some(val.clone()),
             "--benchmarks-md" => a.benchmarks_md = Some(val.clone()),
             f => panic!("unknown flag {f}"),
@@ -197,29 +211,36 @@ fn lanes(c: &Cluster, a: &Args) -> (f64, f64, f64) {
     (median(&mut d), median(&mut v), median(&mut r))
 }
 
-/// The ClusterIP and port of loaded Service `i`: every address of 198.19.2.0–198.19.255.255
-/// in turn (198.19.0.0/23 is the bed's own), then the same addresses again on the next port
-/// (100,000 Services need more VIPs than 198.18.0.0/15 has beside the bed's endpoints).
-fn loaded_vip(i: usize) -> (String, u16) {
-    const PER_PORT: usize = 65_536 - 512;
-    let a = 512 + i % PER_PORT;
-    let port = 80 + u16::try_from(i / PER_PORT).expect("fewer than 4 million Services");
-    (format!("198.19.{}.{}", a / 256, a % 256), port)
+/// The ClusterIP of loaded Service `i`: every address of 198.19.2.0–198.19.255.255 in turn
+/// (198.19.0.0/23 is the bed's own), then of 198.18.96.0–198.18.255.255 (the bed's pods are
+/// in 198.18.0.0/24, the loaded endpoints in 198.18.64.0/19): 105,984 distinct ClusterIPs, as
+/// a cluster's would be (two Services cannot share one).
+fn loaded_vip(i: usize) -> String {
+    const HIGH: usize = 65_536 - 512;
+    const LOW: usize = 40_960;
+    assert!(i < HIGH + LOW, "at most {} loaded Services", HIGH + LOW);
+    if i < HIGH {
+        let a = 512 + i;
+        format!("198.19.{}.{}", a / 256, a % 256)
+    } else {
+        let a = 96 * 256 + (i - HIGH);
+        format!("198.18.{}.{}", a / 256, a % 256)
+    }
 }
 
 /// N Services ([`loaded_vip`]) × 4 endpoints each, in one multi-document file.
 fn many_services(n: usize) -> String {
     let mut s = String::with_capacity(n * 700);
     for i in 0..n {
-        let (vip, port) = loaded_vip(i);
+        let vip = loaded_vip(i);
         let name = format!("svc-{i}");
-        s.push_str(&service(&name, &[&vip], &[("http", port, "TCP")]));
+        s.push_str(&service(&name, &[&vip], &[("http", 80, "TCP")]));
         s.push_str("---\n");
         let eps: Vec<String> = (0..4)
             .map(|k| {
                 format!(
                     "198.18.{}.{}",
-                    64 + (i * 4 + k) / 250 % 128,
+                    64 + (i * 4 + k) / 250 % 32,
                     1 + (i * 4 + k) % 250
                 )
             })
@@ -242,7 +263,7 @@ fn many_services(n: usize) -> String {
 
 /// Change written to the API double → visible in the pinned map: p50/p99 over `n` changes, with
 /// `loaded` other Services × 4 endpoints in the API. Returns (p50 ms, p99 ms, max ms, RSS MiB).
-fn api_latency(n: usize, loaded: usize) -> (f64, f64, f64, u64) {
+fn api_latency(n: usize, loaded: usize, flags: &[&str]) -> (f64, f64, f64, u64) {
     use lb_tests::apiserver::ApiServer;
     let mut c = Cluster::new("benchapi", 2);
     let api = ApiServer::start(&c.logs.path);
@@ -264,7 +285,7 @@ fn api_latency(n: usize, loaded: usize) -> (f64, f64, f64, u64) {
         api.apply_yaml(&many_services(loaded).replace("---\n", "\n---\n"));
     }
     c.kubeconfig = Some(api.kubeconfig.clone());
-    c.start_agent();
+    c.start_agent_with(flags);
     let map = svc4_map(&c);
     wait_count(&map, 1);
     let mut ms = Vec::with_capacity(n);
@@ -604,12 +625,100 @@ fn kube_proxy_bench(a: &Args) -> String {
     md
 }
 
+/// Agent flags for `n` loaded Services: service maps big enough for 1 frontend, 4 slots and a
+/// marker each, with room for a sync's new-before-old writes.
+fn capacity_flags(n: usize) -> Vec<String> {
+    let need = (n * 6 * 5 / 4).max(lb_common::DEFAULT_SVC_ENTRIES as usize);
+    vec!["--max-service-entries".into(), need.to_string()]
+}
+
+/// How the costs grow: at each scale, cold programming from a manifest directory (wall, RSS
+/// after it, the connect hook's run time per call), and one-change propagation through the API
+/// double (p99, RSS). One scale at a time, each in a fresh bed.
+fn growth_bench(a: &Args) -> String {
+    let mut rows = Vec::new();
+    for &n in &a.growth_scales {
+        let flags = capacity_flags(n);
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let mut c = Cluster::new("benchgrow", 1);
+        c.write_manifest(
+            "web.yaml",
+            &[
+                service("web", &["198.19.0.10"], &[("http", 80, "TCP")]),
+                slice(
+                    "web-1",
+                    "web",
+                    "IPv4",
+                    &[("http", 8080, "TCP")],
+                    &[(&pod_v4(1), true, true, false)],
+                ),
+            ]
+            .join("---\n"),
+        );
+        c.start_agent_with(&flags);
+        wait_for(Duration::from_secs(5), || {
+            c.backends_of("198.19.0.10:80/TCP")
+        })
+        .expect("web programmed");
+        eprintln!("growth {n}: cold programming");
+        let (wall, line) =
+            lb_bench::program(&c, "many.yaml", &many_services(n), Duration::from_mins(5));
+        assert!(
+            line.contains(&format!("frontends={}", n + 1)),
+            "partial programming: {line}"
+        );
+        eprintln!("  {line}");
+        let rss = agent_rss_mib(&c);
+        rate(&c, "198.19.0.10:80", 0.2);
+        let hooks = lb_bench::hook_costs(&c, || {
+            rate(&c, "198.19.0.10:80", 1.0);
+        });
+        let connect_ns = hooks
+            .iter()
+            .find(|h| h.0 == "sock4_connect")
+            .map_or(f64::NAN, |h| h.2);
+        drop(c);
+        eprintln!("growth {n}: {} changes through the API", a.api_changes);
+        let (_, p99, _, api_rss) = api_latency(a.api_changes, n, &flags);
+        rows.push(lb_bench::GrowthRow {
+            services: n,
+            cold_s: wall.as_secs_f64(),
+            rss_mib: rss,
+            connect_ns,
+            p99_ms: p99,
+            api_rss_mib: api_rss,
+        });
+    }
+    let mut md = String::from(
+        "| Services × 4 endpoints | cold programming (manifests) | agent RSS after it | `sock4_connect` ns per call | change → map p99 (API) | agent RSS (API) |\n|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in &rows {
+        let _ = writeln!(
+            md,
+            "| {} | {:.2} s | {} MiB | {:.0} | {:.1} ms | {} MiB |",
+            r.services, r.cold_s, r.rss_mib, r.connect_ns, r.p99_ms, r.api_rss_mib
+        );
+    }
+    if let Some(dir) = &a.out_dir {
+        fs::create_dir_all(dir).expect("out dir");
+        fs::write(format!("{dir}/growth.md"), &md).expect("write growth.md");
+        if let Some(p) = lb_bench::growth_chart(&rows, Path::new(dir)) {
+            eprintln!("wrote {}", p.display());
+        }
+    }
+    md
+}
+
 #[expect(
     clippy::too_many_lines,
     reason = "a linear benchmark script reads best top to bottom"
 )]
 fn main() {
     let a = parse_args();
+    if a.only_growth {
+        println!("\n{}", growth_bench(&a));
+        return;
+    }
     if a.only_kube_proxy {
         let md = kube_proxy_bench(&a);
         println!("\n{md}");
@@ -759,7 +868,7 @@ fn main() {
                 "API latency: {} changes with {loaded} other Services loaded",
                 a.api_changes
             );
-            let (p50, p99, max, rss) = api_latency(a.api_changes, loaded);
+            let (p50, p99, max, rss) = api_latency(a.api_changes, loaded, &[]);
             let what = if loaded == 0 {
                 "probe Service only".to_owned()
             } else {
@@ -788,6 +897,10 @@ fn main() {
             5,
             20_000,
         ));
+    }
+    if !a.growth_scales.is_empty() {
+        let _ = writeln!(md, "\n### How the costs grow\n");
+        md.push_str(&growth_bench(&a));
     }
     if a.standalone_flips > 0 || a.standalone_services > 0 {
         let _ = writeln!(md);

@@ -76,6 +76,13 @@ enum Cmd {
         /// Run only the DNS comparison.
         #[arg(long)]
         only_dns: bool,
+        /// Service counts of the growth table (cold programming, RSS, connect hook, one-change
+        /// p99 at each; empty: skip).
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000,50000,100000")]
+        growth_scales: Vec<usize>,
+        /// Run only the growth table.
+        #[arg(long)]
+        only_growth: bool,
         /// At most ~5 minutes: the kube-proxy-shapes comparison only, at 100, 1,000 and 10,000
         /// Services, 2 rounds × 1 s.
         #[arg(long)]
@@ -97,6 +104,14 @@ fn root() -> PathBuf {
         .parent()
         .expect("workspace root")
         .to_owned()
+}
+
+/// `1,2,3`: a list flag's value.
+fn list(v: &[usize]) -> String {
+    v.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
@@ -400,6 +415,8 @@ fn main() -> Result<()> {
             dns_scales,
             dns_rounds,
             only_dns,
+            growth_scales,
+            only_growth,
             quick,
             scales,
             kp_rounds,
@@ -464,15 +481,15 @@ fn main() -> Result<()> {
                     "--only-standalone",
                     &only_standalone.to_string(),
                     "--dns-scales",
-                    &dns_scales
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join(","),
+                    &list(&dns_scales),
                     "--dns-rounds",
                     &dns_rounds.to_string(),
                     "--only-dns",
                     &only_dns.to_string(),
+                    "--growth-scales",
+                    &list(&growth_scales),
+                    "--only-growth",
+                    &only_growth.to_string(),
                 ]))
         }
     }
