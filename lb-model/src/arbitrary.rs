@@ -82,7 +82,7 @@ pub fn arb_desired() -> impl Strategy<Value = Desired> {
                     };
                     (
                         fe,
-                        FrontendState {
+                        std::sync::Arc::new(FrontendState {
                             service: NsName {
                                 namespace: "ns".into(),
                                 name: "s".into(),
@@ -97,7 +97,7 @@ pub fn arb_desired() -> impl Strategy<Value = Desired> {
                             local,
                             source_ranges,
                             maglev: if external_scope { MAGLEV_M } else { 0 },
-                        },
+                        }),
                     )
                 },
             )

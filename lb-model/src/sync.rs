@@ -419,7 +419,7 @@ type TableMemo = HashMap<(u32, Vec<(SocketAddr, u32)>), Vec<MaglevIds>>;
 
 /// The complete contents the maps should have, with backend ids reused from `current`.
 fn image(desired: &Desired, current: &Shadow) -> Shadow {
-    image_of(desired.frontends.iter(), current)
+    image_of(desired.frontends.iter().map(|(f, st)| (f, &**st)), current)
 }
 
 /// The map contents `frontends` need (their markers, frontend entries, slots, backends and
@@ -717,7 +717,7 @@ pub fn limit_maglev(desired: &mut Desired, chunks: usize) -> Vec<String> {
     let (off, msgs) = maglev_off(wanting.iter().map(|(f, m)| (f, m)), desired, chunks);
     for fe in &off {
         if let Some(st) = desired.frontends.get_mut(fe) {
-            st.maglev = 0;
+            Arc::make_mut(st).maglev = 0;
         }
     }
     msgs
@@ -836,7 +836,7 @@ pub fn fit(
             match current_backends(current, &fe) {
                 Some(now) => {
                     // Exactly what the maps hold: its backends, and no marker if it has none.
-                    let st = desired.frontends.get_mut(&fe).expect("present");
+                    let st = Arc::make_mut(desired.frontends.get_mut(&fe).expect("present"));
                     st.backends = now.iter().map(|b| b.addr).collect();
                     st.local = now.iter().filter(|b| b.local).map(|b| b.addr).collect();
                     st.external = !current.svc.contains_key(&SvcKey::marker(fe.addr));
@@ -901,7 +901,8 @@ pub fn diff_scoped(
     let want = image_of(
         dirty
             .iter()
-            .filter_map(|f| desired.frontends.get_key_value(f)),
+            .filter_map(|f| desired.frontends.get_key_value(f))
+            .map(|(f, st)| (f, &**st)),
         current,
     );
     let mut ops = Vec::new();

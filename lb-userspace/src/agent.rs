@@ -576,7 +576,7 @@ impl State {
         };
         for fe in &maglev_off {
             if let Some(st) = desired.frontends.get_mut(fe) {
-                st.maglev = 0;
+                Arc::make_mut(st).maglev = 0;
             }
         }
         self.maglev_off = maglev_off;

@@ -31,7 +31,7 @@ struct Claim {
 }
 
 impl Claim {
-    fn state(&self) -> &FrontendState {
+    fn state(&self) -> &Arc<FrontendState> {
         &self.res.frontends[self.index].1
     }
 

@@ -288,7 +288,7 @@ pub(crate) fn resolve_service(svc: &Service, cfg: &Config, errors: &mut Vec<Erro
 pub(crate) struct SvcRes {
     pub(crate) svc: Svc,
     /// (frontend, state, address field, `spec.ports` index) before conflict resolution.
-    pub(crate) frontends: Vec<(Frontend, FrontendState, String, usize)>,
+    pub(crate) frontends: Vec<(Frontend, std::sync::Arc<FrontendState>, String, usize)>,
     /// (healthCheckNodePort, distinct ready local endpoint addresses).
     pub(crate) health: Option<(u16, usize)>,
     pub(crate) errors: Vec<Error>,
@@ -379,11 +379,11 @@ pub(crate) fn resolve_frontends(
                 scope: Scope::InNode,
             };
             let st = state(sp, sel, addr.external, false);
-            frontends.push((fe, st, addr.field.clone(), sp.index));
+            frontends.push((fe, st.into(), addr.field.clone(), sp.index));
             if addr.external {
                 let sel = sel_of(ip.is_ipv6(), svc.ext_local);
                 let (fe, st) = external(sp, ip, sp.port, addr.lb, sel);
-                frontends.push((fe, st, addr.field.clone(), sp.index));
+                frontends.push((fe, st.into(), addr.field.clone(), sp.index));
             }
         }
         // NodePort for in-node clients: each node address, and 127.0.0.1 for host processes.
@@ -412,11 +412,11 @@ pub(crate) fn resolve_frontends(
             };
             let st = state(sp, sel, true, host_only);
             let field = format!("spec.ports[{}].nodePort", sp.index);
-            frontends.push((fe, st, field.clone(), sp.index));
+            frontends.push((fe, st.into(), field.clone(), sp.index));
             if !host_only {
                 let sel = sel_of(ip.is_ipv6(), svc.ext_local);
                 let (fe, st) = external(sp, ip, np, false, sel);
-                frontends.push((fe, st, field, sp.index));
+                frontends.push((fe, st.into(), field, sp.index));
             }
         }
     }

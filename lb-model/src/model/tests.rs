@@ -331,7 +331,7 @@ fn policy_case(svc_extra: &str, endpoints: &str, cfg: &Config) -> FrontendState 
     let (s, e) = objs(&yaml);
     let (d, errors) = build(&s, &e, cfg, &mut Cache::default());
     assert!(errors.is_empty(), "{errors:?}");
-    d.frontends[&fe("198.19.0.5:80", Proto::Tcp)].clone()
+    (*d.frontends[&fe("198.19.0.5:80", Proto::Tcp)]).clone()
 }
 
 fn addrs(st: &FrontendState) -> Vec<String> {

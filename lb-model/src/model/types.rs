@@ -247,7 +247,8 @@ pub struct FrontendState {
 /// The whole desired datapath state.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
-    pub frontends: BTreeMap<Frontend, FrontendState>,
+    /// Shared with the model's per-Service results: a copy of the desired state copies pointers.
+    pub frontends: BTreeMap<Frontend, std::sync::Arc<FrontendState>>,
     /// healthCheckNodePort servers this node runs: port → what it reports.
     pub health_checks: BTreeMap<u16, HealthCheck>,
 }

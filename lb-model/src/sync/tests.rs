@@ -208,14 +208,16 @@ fn removing_one_backend_moves_the_last_slot_into_the_hole() {
     let addrs: Vec<SocketAddr> = (1..=4)
         .map(|i| format!("198.18.0.{i}:80").parse().unwrap())
         .collect();
-    let st = |b: &[SocketAddr]| FrontendState {
-        service: NsName {
-            namespace: "ns".into(),
-            name: "s".into(),
-        },
-        port_name: String::new(),
-        backends: b.iter().copied().collect(),
-        ..FrontendState::default()
+    let st = |b: &[SocketAddr]| {
+        std::sync::Arc::new(FrontendState {
+            service: NsName {
+                namespace: "ns".into(),
+                name: "s".into(),
+            },
+            port_name: String::new(),
+            backends: b.iter().copied().collect(),
+            ..FrontendState::default()
+        })
     };
     let mut shadow = Shadow::default();
     converge(
@@ -281,7 +283,7 @@ fn a_service_without_endpoints_keeps_a_zero_count_frontend() {
         proto: Proto::Udp,
         scope: Scope::InNode,
     };
-    let st = FrontendState {
+    let st = std::sync::Arc::new(FrontendState {
         service: NsName {
             namespace: "ns".into(),
             name: "dns".into(),
@@ -289,7 +291,7 @@ fn a_service_without_endpoints_keeps_a_zero_count_frontend() {
         port_name: String::new(),
         backends: BTreeSet::new(),
         ..FrontendState::default()
-    };
+    });
     let mut shadow = Shadow::default();
     converge(
         &Desired {
@@ -361,16 +363,18 @@ fn count(s: &Shadow, which: usize) -> usize {
 
 #[test]
 fn fit_refuses_only_the_newcomer() {
-    let st = |n: u8| FrontendState {
-        service: NsName {
-            namespace: "ns".into(),
-            name: format!("s{n}"),
-        },
-        port_name: String::new(),
-        backends: (1..=n)
-            .map(|i| SocketAddr::new(format!("198.18.0.{i}").parse().unwrap(), 80))
-            .collect(),
-        ..FrontendState::default()
+    let st = |n: u8| {
+        std::sync::Arc::new(FrontendState {
+            service: NsName {
+                namespace: "ns".into(),
+                name: format!("s{n}"),
+            },
+            port_name: String::new(),
+            backends: (1..=n)
+                .map(|i| SocketAddr::new(format!("198.18.0.{i}").parse().unwrap(), 80))
+                .collect(),
+            ..FrontendState::default()
+        })
     };
     let fe = |last: u8| Frontend {
         addr: format!("198.19.0.{last}").parse().unwrap(),
@@ -399,7 +403,7 @@ fn fit_refuses_only_the_newcomer() {
     };
     assert_eq!(
         fit(&mut d, &shadow, &cap, None),
-        vec![(fe(2), st(2).service)]
+        vec![(fe(2), st(2).service.clone())]
     );
     assert!(!d.frontends.contains_key(&fe(2)));
     assert_eq!(d.frontends[&fe(1)], st(2));
@@ -410,7 +414,7 @@ fn fit_refuses_only_the_newcomer() {
     };
     assert_eq!(
         fit(&mut d, &shadow, &cap, None),
-        vec![(fe(1), st(3).service)]
+        vec![(fe(1), st(3).service.clone())]
     );
     assert_eq!(d.frontends[&fe(1)].backends, st(2).backends);
 }
@@ -490,14 +494,16 @@ fn a_missing_marker_is_caught_after_any_number_of_cases() {
         proto: Proto::Tcp,
         scope,
     };
-    let st = |external| FrontendState {
-        service: NsName {
-            namespace: "ns".into(),
-            name: "s".into(),
-        },
-        backends: ["198.18.0.10:80".parse().unwrap()].into(),
-        external,
-        ..FrontendState::default()
+    let st = |external| {
+        std::sync::Arc::new(FrontendState {
+            service: NsName {
+                namespace: "ns".into(),
+                name: "s".into(),
+            },
+            backends: ["198.18.0.10:80".parse().unwrap()].into(),
+            external,
+            ..FrontendState::default()
+        })
     };
     // Earlier cases: the same frontend, reached by an external address (no marker).
     for _ in 0..100 {
