@@ -68,12 +68,73 @@ pub const KINDS: &str = "Service, EndpointSlice, Endpoints, Pod, Node";
 pub struct ManifestDir {
     dir: PathBuf,
     last_good: BTreeMap<PathBuf, Objects>,
-    /// Text and per-object errors of each file as last parsed: an unchanged file is not parsed
-    /// again, and its objects stay the same `Arc`s (the agent counts changes by identity).
-    parsed: BTreeMap<PathBuf, (String, Vec<Error>)>,
+    /// Each file as last parsed (its identity on disk, a digest of its text, its per-object
+    /// errors): an unchanged file is not read again, or not parsed again, and its objects stay
+    /// the same `Arc`s (everything downstream recognises objects by identity).
+    parsed: BTreeMap<PathBuf, Parsed>,
     /// Service (namespace, name) → when it was first seen, and how many of the files' last
     /// good versions define it (at 0 it is gone, and forgotten).
     first_seen: BTreeMap<(String, String), (k8s_openapi::jiff::Timestamp, u32)>,
+}
+
+/// A file as last parsed.
+#[derive(Debug)]
+struct Parsed {
+    sig: Option<Sig>,
+    digest: Digest,
+    errors: Vec<Error>,
+}
+
+/// A file's identity on disk: device, inode, size, modification and change times (ns). The
+/// same signature, long enough after the file last changed, is the same contents: a write
+/// updates the times, write-then-rename makes a new inode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Sig {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Sig {
+    fn of(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt as _;
+        let m = fs::metadata(path).ok()?;
+        Some(Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
+
+    /// Changed more than 2 s before `now` (seconds since the epoch): file times tick in
+    /// jiffies, so a second write soon after the first may leave them as they were, and a
+    /// recent signature is not trusted (git's "racily clean" rule).
+    fn settled(&self, now: i64) -> bool {
+        self.mtime.0.max(self.ctime.0) + 2 < now
+    }
+}
+
+/// What a file's text is compared by instead of keeping the text (27 MB for 50,000 Services):
+/// its length and two independent 64-bit hashes (FNV-1a and SipHash), so that a changed file
+/// passing for unchanged is a 2^-128 event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Digest(usize, u64, u64);
+
+impl Digest {
+    fn of(text: &str) -> Self {
+        use std::hash::{Hash as _, Hasher as _};
+        let fnv = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+        // Fixed keys: the same text, the same digest, in every run.
+        let mut sip = std::hash::DefaultHasher::new();
+        text.hash(&mut sip);
+        Self(text.len(), fnv, sip.finish())
+    }
 }
 
 fn is_manifest(p: &Path) -> bool {
@@ -122,29 +183,35 @@ impl ManifestDir {
             .filter(|p| is_manifest(p))
             .collect();
         files.sort();
-        let present: BTreeSet<&PathBuf> = files.iter().collect();
-        let gone: Vec<PathBuf> = self
-            .last_good
-            .keys()
-            .filter(|p| !present.contains(p))
-            .cloned()
-            .collect();
-        for p in gone {
-            if let Some(old) = self.last_good.remove(&p) {
-                self.unsee(&old);
-            }
-        }
-        self.parsed.retain(|p, _| present.contains(p));
+        self.forget_gone(&files);
 
         let mut all = Objects::default();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
         for path in files {
+            // Taken before the read: a change after it shows as a new signature next time.
+            let sig = Sig::of(&path);
+            if let (Some(sig), Some(p), Some(good)) =
+                (sig, self.parsed.get(&path), self.last_good.get(&path))
+                && p.sig == Some(sig)
+                && sig.settled(now)
+            {
+                errors.extend(p.errors.iter().filter_map(Error::clone_per_file));
+                all.extend(good);
+                continue;
+            }
             match fs::read_to_string(&path) {
                 Ok(text)
-                    if self.parsed.get(&path).is_some_and(|(t, _)| *t == text)
+                    if self
+                        .parsed
+                        .get(&path)
+                        .is_some_and(|p| p.digest == Digest::of(&text))
                         && self.last_good.contains_key(&path) =>
                 {
-                    let (_, errs) = &self.parsed[&path];
-                    errors.extend(errs.iter().filter_map(Error::clone_per_file));
+                    let p = self.parsed.get_mut(&path).expect("checked");
+                    p.sig = sig;
+                    errors.extend(p.errors.iter().filter_map(Error::clone_per_file));
                     all.extend(&self.last_good[&path]);
                 }
                 Ok(text) => match parse_str(&path, &text, &mut errors) {
@@ -159,7 +226,14 @@ impl ManifestDir {
                             .filter_map(Error::clone_per_file)
                             .filter(|e| e.file() == Some(path.as_path()))
                             .collect();
-                        self.parsed.insert(path.clone(), (text, errs));
+                        self.parsed.insert(
+                            path.clone(),
+                            Parsed {
+                                sig,
+                                digest: Digest::of(&text),
+                                errors: errs,
+                            },
+                        );
                         if let Some(old) = self.last_good.insert(path, objs) {
                             self.unsee(&old);
                         }
@@ -183,6 +257,23 @@ impl ManifestDir {
             }
         }
         (all, errors)
+    }
+
+    /// Forgets the files that are no longer there.
+    fn forget_gone(&mut self, files: &[PathBuf]) {
+        let present: BTreeSet<&PathBuf> = files.iter().collect();
+        let gone: Vec<PathBuf> = self
+            .last_good
+            .keys()
+            .filter(|p| !present.contains(p))
+            .cloned()
+            .collect();
+        for p in gone {
+            if let Some(old) = self.last_good.remove(&p) {
+                self.unsee(&old);
+            }
+        }
+        self.parsed.retain(|p, _| present.contains(p));
     }
 
     /// A file version that no longer counts (replaced, or its file gone): the first-seen times
@@ -772,6 +863,45 @@ mod tests {
         assert!(
             stamp(&mut m, "a").expect("back").0 > t1.0,
             "forgotten, then new"
+        );
+        fs::remove_dir_all(&dir).expect("rmdir");
+    }
+
+    /// A file that has not changed for a while is not read again (its signature says so); an
+    /// in-place rewrite of the same size after that is still seen.
+    #[test]
+    fn a_settled_file_is_trusted_by_its_signature_and_a_rewrite_is_still_seen() {
+        let dir = std::env::temp_dir().join(format!("lb-src-sig-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("mkdir");
+        let f = dir.join("a.yaml");
+        let svc = |ip: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: a}}\nspec: {{clusterIP: {ip}}}\n"
+            )
+        };
+        fs::write(&f, svc("198.19.0.1")).expect("write");
+        let mut m = ManifestDir::new(&dir);
+        let first = m.read().0.services[0].clone();
+        std::thread::sleep(std::time::Duration::from_millis(3100));
+        assert!(
+            Sig::of(&f).expect("sig").settled(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .expect("clock")
+                    .as_secs() as i64
+            )
+        );
+        let again = m.read().0.services[0].clone();
+        assert!(
+            Arc::ptr_eq(&first, &again),
+            "settled and unchanged: the same object"
+        );
+        // Same size, same inode, written in place.
+        fs::write(&f, svc("198.19.0.2")).expect("rewrite");
+        let changed = m.read().0.services[0].clone();
+        assert_eq!(
+            changed.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()),
+            Some("198.19.0.2")
         );
         fs::remove_dir_all(&dir).expect("rmdir");
     }

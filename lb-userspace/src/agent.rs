@@ -277,6 +277,8 @@ struct State {
     prev_services: Vec<Arc<Service>>,
     prev_slices: Vec<Arc<EndpointSlice>>,
     synced_once: bool,
+    /// When the heap was last trimmed ([`trim_heap`]).
+    last_trim: Instant,
     /// The last sync left the maps as desired: the next event-driven sync then diffs only the
     /// frontends that changed since (else it looks at all of them).
     in_sync: bool,
@@ -367,15 +369,20 @@ impl State {
         self.metrics
             .sync_duration
             .observe(started.elapsed().as_secs_f64());
-        if self.account(&objs, ok) {
+        let (changed, big) = self.account(&objs, ok);
+        // A trim walks the whole heap: after every bulk change, and after smaller ones (or a
+        // resync) at most every TRIM_EVERY, which also returns what serving (DNS answers on the
+        // runtime's threads) left behind.
+        if big || ((changed || full) && self.last_trim.elapsed() >= TRIM_EVERY) {
             trim_heap();
+            self.last_trim = Instant::now();
         }
         ok
     }
 
-    /// Metrics and health after a sync of `objs`. Returns whether it was a big one (the first,
-    /// or [`TRIM_AFTER`] objects changed or more): then what it freed is worth returning.
-    fn account(&mut self, objs: &Objects, ok: bool) -> bool {
+    /// Metrics and health after a sync of `objs`. Returns whether any object changed, and
+    /// whether it was a big sync (the first, or [`TRIM_AFTER`] objects changed or more).
+    fn account(&mut self, objs: &Objects, ok: bool) -> (bool, bool) {
         let (_, services) = changes(&self.prev_services, &objs.services);
         let (fresh_slices, slices) = changes(&self.prev_slices, &objs.slices);
         if self.synced_once {
@@ -431,7 +438,10 @@ impl State {
             .apply(&mut self.prev_slices, &objs.slices);
         let first = !self.synced_once;
         self.synced_once = true;
-        first || services + slices >= TRIM_AFTER
+        (
+            first || services + slices > 0,
+            first || services + slices >= TRIM_AFTER,
+        )
     }
 
     fn sync_snapshot(
@@ -658,6 +668,9 @@ impl State {
 /// walks the whole heap (milliseconds at 50,000 Services), worth it after a bulk change, not
 /// after every endpoint flip.
 const TRIM_AFTER: u64 = 1024;
+
+/// Least time between two trims after small changes.
+const TRIM_EVERY: Duration = Duration::from_secs(5);
 
 /// Returns freed memory to the kernel after a big sync: a 10,000-Service resync allocates (and
 /// frees) a few hundred MiB of YAML trees, which glibc would otherwise keep as RSS.
@@ -1022,6 +1035,7 @@ pub async fn run(opts: Options) -> Result<()> {
         prev_services: Vec::new(),
         prev_slices: Vec::new(),
         synced_once: false,
+        last_trim: Instant::now(),
         in_sync: false,
         refused: BTreeSet::new(),
         maglev_off: BTreeSet::new(),
