@@ -23,6 +23,7 @@ pub mod maglev;
 pub mod manifest;
 pub mod model;
 pub mod sync;
+mod tracked;
 
 /// A complete snapshot of the objects the model needs. Objects are shared (`Arc`) with the
 /// source's own cache, so a snapshot of 10,000 Services copies pointers, not Services.

@@ -33,8 +33,9 @@ use std::sync::Arc;
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
+use crate::Objects;
 use crate::model::{LABEL_SERVICE_NAME, parse_ip};
-use crate::{Objects, Window};
+use crate::tracked::{Tracked, addr};
 
 /// The schema version `dns-version.<zone>` answers.
 pub const SCHEMA_VERSION: &str = "1.1.0";
@@ -296,11 +297,6 @@ struct Ep {
     dashed: bool,
 }
 
-/// The address of an object, identifying it while the `Arc` is held.
-fn addr<T>(o: &Arc<T>) -> usize {
-    Arc::as_ptr(o) as usize
-}
-
 /// What a key is built from and what it became.
 struct Defined {
     /// The Service object (address) and the slices (addresses, headless Services only) the
@@ -312,7 +308,7 @@ struct Defined {
 }
 
 /// Builds indexes incrementally. Objects are recognised by identity (`Arc::ptr_eq`) and the
-/// snapshot is compared with the last one by [`Window`], so a sync costs what changed: the
+/// snapshot is compared with the last one by [`crate::Window`], so a sync costs what changed: the
 /// zones of the Services whose objects (or slices) changed are rebuilt and only their entries
 /// of the index are touched.
 #[derive(Default)]
@@ -320,17 +316,11 @@ pub struct Builder {
     cfg: Option<Config>,
     /// The last index built (its shards shared with what the server answers from).
     current: Option<Index>,
-    /// The last snapshot's objects, in order.
-    last_services: Vec<Arc<Service>>,
-    last_slices: Vec<Arc<EndpointSlice>>,
-    /// Objects of the last snapshot by address: how often the snapshot holds it, and the key
-    /// (`<svc>.<ns>`, lower case) it defines or belongs to (`None`: no name, no label).
-    services: HashMap<usize, (u32, Option<Arc<str>>)>,
-    slices: HashMap<usize, (u32, Option<Arc<str>>)>,
-    /// Key → the Service objects with that name (more than one: duplicates, and the first in
-    /// the snapshot's order is used), and the slices labelled with it.
-    defs: HashMap<Arc<str>, Vec<Arc<Service>>>,
-    slices_of: HashMap<Arc<str>, Vec<Arc<EndpointSlice>>>,
+    /// The last snapshot's Services by the key they define, and slices by the key of the
+    /// Service they label (`<svc>.<ns>`, lower case). More than one Service with a key: a
+    /// duplicate, and the first in the snapshot's order is used.
+    services: Tracked<Service, Arc<str>>,
+    slices: Tracked<EndpointSlice, Arc<str>>,
     /// Key → its zone in the current index.
     defined: HashMap<Arc<str>, Defined>,
     /// Shared relative names (`""`, `_tcp`, `_http._tcp`): the same in many Services.
@@ -367,38 +357,6 @@ fn svc_key(svc: &Service) -> Option<Arc<str>> {
 fn slice_key(s: &EndpointSlice) -> Option<Arc<str>> {
     let svc = s.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
     Some(key_of(svc, s.metadata.namespace.as_deref()))
-}
-
-/// Counts one more occurrence of an object; returns its key when the object is new.
-fn enter<T>(
-    seen: &mut HashMap<usize, (u32, Option<Arc<str>>)>,
-    o: &Arc<T>,
-    key: impl FnOnce(&T) -> Option<Arc<str>>,
-) -> Option<Arc<str>> {
-    let e = seen.entry(addr(o)).or_insert_with(|| (0, key(o)));
-    e.0 += 1;
-    if e.0 == 1 { e.1.clone() } else { None }
-}
-
-/// Counts one occurrence less; returns its key when the object is gone.
-fn leave<T>(seen: &mut HashMap<usize, (u32, Option<Arc<str>>)>, o: &Arc<T>) -> Option<Arc<str>> {
-    let a = addr(o);
-    let e = seen.get_mut(&a)?;
-    e.0 -= 1;
-    if e.0 > 0 {
-        return None;
-    }
-    seen.remove(&a).and_then(|(_, k)| k)
-}
-
-/// Takes `o` out of the objects of `key`.
-fn forget<T>(of: &mut HashMap<Arc<str>, Vec<Arc<T>>>, key: &Arc<str>, o: &Arc<T>) {
-    if let Some(v) = of.get_mut(key) {
-        v.retain(|x| !Arc::ptr_eq(x, o));
-        if v.is_empty() {
-            of.remove(key);
-        }
-    }
 }
 
 impl Builder {
@@ -460,63 +418,16 @@ impl Builder {
     /// which of two duplicates is first).
     fn diff(&mut self, objs: &Objects) -> HashSet<Arc<str>> {
         let mut dirty = HashSet::new();
-        let w = Window::of(&self.last_slices, &objs.slices);
-        if !w.is_empty() {
-            // New occurrences first: a moved object is neither new nor gone.
-            for s in &objs.slices[w.prefix..w.new_end] {
-                if let Some(k) = enter(&mut self.slices, s, slice_key) {
-                    self.slices_of.entry(k).or_default().push(s.clone());
-                }
-            }
-            for s in &self.last_slices[w.prefix..w.old_end] {
-                if let Some(k) = leave(&mut self.slices, s) {
-                    forget(&mut self.slices_of, &k, s);
-                }
-            }
-            for s in objs.slices[w.prefix..w.new_end]
-                .iter()
-                .chain(&self.last_slices[w.prefix..w.old_end])
-            {
-                // Gone objects were just removed; their keys are asked of the object itself.
-                dirty.extend(key_cached(&self.slices, s).or_else(|| slice_key(s)));
-            }
-            w.apply(&mut self.last_slices, &objs.slices);
-        }
-        let w = Window::of(&self.last_services, &objs.services);
-        if !w.is_empty() {
-            for s in &objs.services[w.prefix..w.new_end] {
-                if let Some(k) = enter(&mut self.services, s, svc_key) {
-                    self.defs.entry(k).or_default().push(s.clone());
-                }
-            }
-            for s in &self.last_services[w.prefix..w.old_end] {
-                if let Some(k) = leave(&mut self.services, s) {
-                    forget(&mut self.defs, &k, s);
-                }
-            }
-            for s in objs.services[w.prefix..w.new_end]
-                .iter()
-                .chain(&self.last_services[w.prefix..w.old_end])
-            {
-                dirty.extend(key_cached(&self.services, s).or_else(|| svc_key(s)));
-            }
-            w.apply(&mut self.last_services, &objs.services);
-        }
+        self.slices.take(&objs.slices, slice_key, &mut dirty);
+        self.services.take(&objs.services, svc_key, &mut dirty);
         dirty
     }
 
     /// Brings `key` in the index up to date with its first Service object (in `services`'
     /// order) and its slices, or takes it out.
     fn define(&mut self, ix: &mut Index, key: &Arc<str>, services: &[Arc<Service>], zone: &str) {
-        let svc = match self.defs.get(key).map(Vec::as_slice) {
-            None | Some([]) => None,
-            Some([one]) => Some(one.clone()),
-            Some(many) => services
-                .iter()
-                .find(|s| many.iter().any(|m| Arc::ptr_eq(m, s)))
-                .cloned(),
-        };
-        let slices: &[Arc<EndpointSlice>] = self.slices_of.get(key).map_or(&[], Vec::as_slice);
+        let svc = self.services.first(key, services);
+        let slices = self.slices.of(key);
         let from: Vec<usize> = if svc.as_deref().is_some_and(is_headless) {
             let mut v: Vec<usize> = slices.iter().map(addr).collect();
             v.sort_unstable();
@@ -548,11 +459,6 @@ impl Builder {
         ix.add(key, &d);
         self.defined.insert(key.clone(), d);
     }
-}
-
-/// The key recorded for a (still present) object.
-fn key_cached<T>(seen: &HashMap<usize, (u32, Option<Arc<str>>)>, o: &Arc<T>) -> Option<Arc<str>> {
-    seen.get(&addr(o)).and_then(|(_, k)| k.clone())
 }
 
 /// A Service without ClusterIPs (and not an ExternalName): its names are its endpoints'.

@@ -17,7 +17,7 @@ use super::{
     Config, Desired, Error, Frontend, FrontendState, HealthCheck, LABEL_SERVICE_NAME, NsName,
     ObjectRef, Slice, SliceRes, SvcRes, ns_name, resolve_frontends, resolve_service, resolve_slice,
 };
-use crate::Window;
+use crate::tracked::Tracked;
 
 /// An object's namespace/name, shared by the maps that key on it.
 type Id = Arc<NsName>;
@@ -53,18 +53,10 @@ impl Claim {
 #[derive(Debug, Default)]
 pub struct Cache {
     cfg: Option<Config>,
-    last_services: Vec<Arc<Service>>,
-    last_slices: Vec<Arc<EndpointSlice>>,
-    /// Objects of the last snapshot by address: how often it holds them, and their id (`None`:
-    /// no name).
-    service_objs: HashMap<usize, (u32, Option<Id>)>,
-    slice_objs: HashMap<usize, (u32, Option<Id>)>,
-    /// Id → the objects with that id (more than one: duplicates; the first in the snapshot's
-    /// order is used).
-    service_defs: HashMap<Id, Vec<Arc<Service>>>,
-    slice_defs: HashMap<Id, Vec<Arc<EndpointSlice>>>,
-    /// Objects without a name, by kind.
-    nameless: (u32, u32),
+    /// The last snapshot's objects by their own namespace/name (more than one object: a
+    /// duplicate, and the first in the snapshot's order is used; no name: counted).
+    service_objs: Tracked<Service, Id>,
+    slice_objs: Tracked<EndpointSlice, Id>,
     /// Slice id → the object used, what it resolved to, and the Service it is for.
     slices: HashMap<Id, SliceEntry>,
     /// Service id → the ids of the slices labelled for it.
@@ -131,7 +123,9 @@ pub fn update(
     }
     let mut dirty_services = BTreeSet::new();
     cache.take_slices(slices, &mut dirty_services);
-    cache.take_services(services, &mut dirty_services);
+    cache
+        .service_objs
+        .take(services, id_of_service, &mut dirty_services);
     let mut touched = BTreeSet::new();
     let mut touched_health = BTreeSet::new();
     cache.resolve(
@@ -162,37 +156,8 @@ impl Cache {
 
     /// Takes in the snapshot's slices; marks the Services whose slices changed.
     fn take_slices(&mut self, slices: &[Arc<EndpointSlice>], dirty: &mut BTreeSet<Id>) {
-        let w = Window::of(&self.last_slices, slices);
-        if w.is_empty() {
-            return;
-        }
         let mut ids = BTreeSet::new();
-        for s in &slices[w.prefix..w.new_end] {
-            match enter(&mut self.slice_objs, s, |s| {
-                ns_name(&s.metadata).map(Arc::new)
-            }) {
-                Entered::New(Some(id)) => {
-                    self.slice_defs
-                        .entry(id.clone())
-                        .or_default()
-                        .push(s.clone());
-                    ids.insert(id);
-                }
-                Entered::New(None) => self.nameless.1 += 1,
-                Entered::Again => ids.extend(self.slice_objs[&addr(s)].1.clone()), // moved
-            }
-        }
-        for s in &self.last_slices[w.prefix..w.old_end] {
-            match leave(&mut self.slice_objs, s) {
-                Left::Gone(Some(id)) => {
-                    forget(&mut self.slice_defs, &id, s);
-                    ids.insert(id);
-                }
-                Left::Gone(None) => self.nameless.1 -= 1,
-                Left::Stays(id) => ids.extend(id),
-            }
-        }
-        w.apply(&mut self.last_slices, slices);
+        self.slice_objs.take(slices, id_of_slice, &mut ids);
         for id in ids {
             self.define_slice(&id, slices, dirty);
         }
@@ -200,9 +165,8 @@ impl Cache {
 
     /// Brings one slice id up to date with its first object.
     fn define_slice(&mut self, id: &Id, order: &[Arc<EndpointSlice>], dirty: &mut BTreeSet<Id>) {
-        let defs = self.slice_defs.get(id).map_or(&[][..], Vec::as_slice);
-        let first = first_of(defs, order);
-        if defs.len() > 1 {
+        let first = self.slice_objs.first(id, order);
+        if self.slice_objs.of(id).len() > 1 {
             self.duplicate_slices.insert(id.clone());
         } else {
             self.duplicate_slices.remove(id);
@@ -270,40 +234,6 @@ impl Cache {
         dirty.insert(svc);
     }
 
-    /// Takes in the snapshot's Services; marks the changed ones.
-    fn take_services(&mut self, services: &[Arc<Service>], dirty: &mut BTreeSet<Id>) {
-        let w = Window::of(&self.last_services, services);
-        if w.is_empty() {
-            return;
-        }
-        for s in &services[w.prefix..w.new_end] {
-            match enter(&mut self.service_objs, s, |s| {
-                ns_name(&s.metadata).map(Arc::new)
-            }) {
-                Entered::New(Some(id)) => {
-                    self.service_defs
-                        .entry(id.clone())
-                        .or_default()
-                        .push(s.clone());
-                    dirty.insert(id);
-                }
-                Entered::New(None) => self.nameless.0 += 1,
-                Entered::Again => dirty.extend(self.service_objs[&addr(s)].1.clone()), // moved
-            }
-        }
-        for s in &self.last_services[w.prefix..w.old_end] {
-            match leave(&mut self.service_objs, s) {
-                Left::Gone(Some(id)) => {
-                    forget(&mut self.service_defs, &id, s);
-                    dirty.insert(id);
-                }
-                Left::Gone(None) => self.nameless.0 -= 1,
-                Left::Stays(id) => dirty.extend(id),
-            }
-        }
-        w.apply(&mut self.last_services, services);
-    }
-
     /// Resolves the dirty Services (in parallel when there are many) and moves their claims.
     fn resolve(
         &mut self,
@@ -315,13 +245,12 @@ impl Cache {
     ) {
         let mut work = Vec::new();
         for id in dirty {
-            let defs = self.service_defs.get(id).map_or(&[][..], Vec::as_slice);
-            if defs.len() > 1 {
+            if self.service_objs.of(id).len() > 1 {
                 self.duplicate_services.insert(id.clone());
             } else {
                 self.duplicate_services.remove(id);
             }
-            let svc = first_of(defs, order);
+            let svc = self.service_objs.first(id, order);
             let slice_objs: Vec<Arc<EndpointSlice>> = self
                 .by_service
                 .get(id)
@@ -490,10 +419,10 @@ impl Cache {
     /// Every problem of the current state: costs what is wrong, not what is there.
     fn errors(&self) -> Vec<Error> {
         let mut errors = Vec::new();
-        for _ in 0..self.nameless.0 {
+        for _ in 0..self.service_objs.keyless() {
             errors.push(Error::MissingName { kind: "Service" });
         }
-        for _ in 0..self.nameless.1 {
+        for _ in 0..self.slice_objs.keyless() {
             errors.push(Error::MissingName {
                 kind: "EndpointSlice",
             });
@@ -504,7 +433,7 @@ impl Cache {
         dup_errors(
             "EndpointSlice",
             &self.duplicate_slices,
-            &self.slice_defs,
+            &self.slice_objs,
             &mut errors,
         );
         for id in &self.services_with_errors {
@@ -513,7 +442,7 @@ impl Cache {
         dup_errors(
             "Service",
             &self.duplicate_services,
-            &self.service_defs,
+            &self.service_objs,
             &mut errors,
         );
         for fe in &self.contested {
@@ -552,11 +481,11 @@ impl Cache {
 fn dup_errors<T>(
     kind: &'static str,
     ids: &BTreeSet<Id>,
-    defs: &HashMap<Id, Vec<T>>,
+    objs: &Tracked<T, Id>,
     errors: &mut Vec<Error>,
 ) {
     for id in ids {
-        for _ in 1..defs.get(id).map_or(1, Vec::len) {
+        for _ in 1..objs.of(id).len().max(1) {
             errors.push(Error::Duplicate {
                 object: ObjectRef {
                     kind,
@@ -567,73 +496,14 @@ fn dup_errors<T>(
     }
 }
 
-/// The address of an object, identifying it while the `Arc` is held.
-fn addr<T>(o: &Arc<T>) -> usize {
-    Arc::as_ptr(o) as usize
+/// A slice's own namespace/name.
+fn id_of_slice(s: &EndpointSlice) -> Option<Id> {
+    ns_name(&s.metadata).map(Arc::new)
 }
 
-/// What [`enter`] found.
-enum Entered {
-    /// A new object: its id (`None`: no name).
-    New(Option<Id>),
-    /// One already in the snapshot (moved, or repeated).
-    Again,
-}
-
-/// Counts one more occurrence of an object.
-fn enter<T>(
-    seen: &mut HashMap<usize, (u32, Option<Id>)>,
-    o: &Arc<T>,
-    id: impl FnOnce(&T) -> Option<Id>,
-) -> Entered {
-    let e = seen.entry(addr(o)).or_insert_with(|| (0, id(o)));
-    e.0 += 1;
-    if e.0 == 1 {
-        Entered::New(e.1.clone())
-    } else {
-        Entered::Again
-    }
-}
-
-/// What [`leave`] found.
-enum Left {
-    /// The object's last occurrence went: its id.
-    Gone(Option<Id>),
-    /// It is still in the snapshot (moved): its id.
-    Stays(Option<Id>),
-}
-
-fn leave<T>(seen: &mut HashMap<usize, (u32, Option<Id>)>, o: &Arc<T>) -> Left {
-    let a = addr(o);
-    let Some(e) = seen.get_mut(&a) else {
-        return Left::Stays(None);
-    };
-    e.0 -= 1;
-    if e.0 > 0 {
-        return Left::Stays(e.1.clone());
-    }
-    Left::Gone(seen.remove(&a).and_then(|(_, id)| id))
-}
-
-fn forget<T>(defs: &mut HashMap<Id, Vec<Arc<T>>>, id: &Id, o: &Arc<T>) {
-    if let Some(v) = defs.get_mut(id) {
-        v.retain(|x| !Arc::ptr_eq(x, o));
-        if v.is_empty() {
-            defs.remove(id);
-        }
-    }
-}
-
-/// The first of `defs` in the snapshot's order (one: that one, without a look).
-fn first_of<T>(defs: &[Arc<T>], order: &[Arc<T>]) -> Option<Arc<T>> {
-    match defs {
-        [] => None,
-        [one] => Some(one.clone()),
-        many => order
-            .iter()
-            .find(|o| many.iter().any(|m| Arc::ptr_eq(m, o)))
-            .cloned(),
-    }
+/// A Service's own namespace/name.
+fn id_of_service(s: &Service) -> Option<Id> {
+    ns_name(&s.metadata).map(Arc::new)
 }
 
 /// A Service to resolve: its id, the object, its slice objects and their results.
