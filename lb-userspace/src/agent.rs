@@ -311,8 +311,12 @@ type DnsState = (
 
 /// Between two snapshots (unchanged objects are the same `Arc`s, in the same order): the
 /// objects that are new or changed, and how many namespace/names were added, changed or
-/// removed. Costs what changed ([`lb_model::Window`]), not what the snapshots hold.
-fn changes<'a, K: kube::Resource>(prev: &[Arc<K>], now: &'a [Arc<K>]) -> (Vec<&'a Arc<K>>, u64) {
+/// removed; `prev` becomes `now`. Costs what changed ([`lb_model::Window`]), not what the
+/// snapshots hold.
+fn changes<'a, K: kube::Resource>(
+    prev: &mut Vec<Arc<K>>,
+    now: &'a [Arc<K>],
+) -> (Vec<&'a Arc<K>>, u64) {
     let w = lb_model::Window::of(prev, now);
     if w.is_empty() {
         return (Vec::new(), 0);
@@ -331,7 +335,11 @@ fn changes<'a, K: kube::Resource>(prev: &[Arc<K>], now: &'a [Arc<K>]) -> (Vec<&'
         .chain(gone)
         .map(|o| (o.meta().namespace.as_deref(), o.meta().name.as_deref()))
         .collect();
-    (fresh, names.len() as u64)
+    let n = names.len() as u64;
+    drop(names);
+    // `prev` becomes `now`, replacing only the window.
+    w.apply(prev, now);
+    (fresh, n)
 }
 
 /// The EndpointSlice annotation the EndpointSlice controller sets to the time of the change
@@ -383,8 +391,8 @@ impl State {
     /// Metrics and health after a sync of `objs`. Returns whether any object changed, and
     /// whether it was a big sync (the first, or [`TRIM_AFTER`] objects changed or more).
     fn account(&mut self, objs: &Objects, ok: bool) -> (bool, bool) {
-        let (_, services) = changes(&self.prev_services, &objs.services);
-        let (fresh_slices, slices) = changes(&self.prev_slices, &objs.slices);
+        let (_, services) = changes(&mut self.prev_services, &objs.services);
+        let (fresh_slices, slices) = changes(&mut self.prev_slices, &objs.slices);
         if self.synced_once {
             self.metrics.service_changes.inc_by(services);
             self.metrics.endpoint_changes.inc_by(slices);
@@ -431,11 +439,6 @@ impl State {
         }
         self.health.lock().expect("health lock").node_eligible =
             crate::metrics::node_eligible(objs.node.as_deref());
-        // Only the changed window is replaced (no reference count of 100,000 objects touched).
-        lb_model::Window::of(&self.prev_services, &objs.services)
-            .apply(&mut self.prev_services, &objs.services);
-        lb_model::Window::of(&self.prev_slices, &objs.slices)
-            .apply(&mut self.prev_slices, &objs.slices);
         let first = !self.synced_once;
         self.synced_once = true;
         (
