@@ -762,19 +762,23 @@ fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
     }
 }
 
+/// The pinned per-frontend connection counters.
+fn frontend_count_map(dir: &Path) -> Result<PerCpuHashMap<MapData, u32, u64>> {
+    let name = lb_common::MAP_SVC_CNT;
+    PerCpuHashMap::try_from(open_pinned(dir, name)?).map_err(|source| Error::Map {
+        name,
+        op: "open as per-CPU hash",
+        source,
+    })
+}
+
 /// New connections per frontend id, summed over CPUs.
 pub fn read_frontend_counts(dir: &Path) -> Result<std::collections::BTreeMap<u32, u64>> {
-    let name = lb_common::MAP_SVC_CNT;
-    let map: PerCpuHashMap<MapData, u32, u64> = PerCpuHashMap::try_from(open_pinned(dir, name)?)
-        .map_err(|source| Error::Map {
-            name,
-            op: "open as per-CPU hash",
-            source,
-        })?;
-    map.iter()
+    frontend_count_map(dir)?
+        .iter()
         .map(|kv| {
             let (id, v) = kv.map_err(|source| Error::Map {
-                name,
+                name: lb_common::MAP_SVC_CNT,
                 op: "iterate",
                 source,
             })?;
@@ -783,29 +787,35 @@ pub fn read_frontend_counts(dir: &Path) -> Result<std::collections::BTreeMap<u32
         .collect()
 }
 
+/// Deletes the counters of `ids`; returns how many there were.
+fn delete_frontend_counts(
+    map: &mut PerCpuHashMap<MapData, u32, u64>,
+    ids: impl IntoIterator<Item = u32>,
+) -> Result<usize> {
+    let mut n = 0;
+    for id in ids {
+        match map.remove(&id) {
+            Ok(()) => n += 1,
+            Err(e) => ignore_missing(Err(e)).map_err(|source| Error::Map {
+                name: lb_common::MAP_SVC_CNT,
+                op: "delete",
+                source,
+            })?,
+        }
+    }
+    Ok(n)
+}
+
 /// Deletes the connection counters of frontend ids that no longer exist, so that an id given
 /// to a new frontend later starts from zero. Returns how many were deleted.
 pub fn gc_frontend_counts(dir: &Path, live: &std::collections::BTreeSet<u32>) -> Result<usize> {
-    let name = lb_common::MAP_SVC_CNT;
-    let mut map: PerCpuHashMap<MapData, u32, u64> =
-        PerCpuHashMap::try_from(open_pinned(dir, name)?).map_err(|source| Error::Map {
-            name,
-            op: "open as per-CPU hash",
-            source,
-        })?;
+    let mut map = frontend_count_map(dir)?;
     let dead: Vec<u32> = map
         .keys()
         .filter_map(std::result::Result::ok)
         .filter(|id| !live.contains(id))
         .collect();
-    for id in &dead {
-        ignore_missing(map.remove(id)).map_err(|source| Error::Map {
-            name,
-            op: "delete",
-            source,
-        })?;
-    }
-    Ok(dead.len())
+    delete_frontend_counts(&mut map, dead)
 }
 
 /// Deletes the connection counters of these (freed) frontend ids. Returns how many there were.
@@ -816,25 +826,7 @@ pub fn remove_frontend_counts(
     if freed.is_empty() {
         return Ok(0);
     }
-    let name = lb_common::MAP_SVC_CNT;
-    let mut map: PerCpuHashMap<MapData, u32, u64> =
-        PerCpuHashMap::try_from(open_pinned(dir, name)?).map_err(|source| Error::Map {
-            name,
-            op: "open as per-CPU hash",
-            source,
-        })?;
-    let mut n = 0;
-    for id in freed {
-        match map.remove(id) {
-            Ok(()) => n += 1,
-            Err(e) => ignore_missing(Err(e)).map_err(|source| Error::Map {
-                name,
-                op: "delete",
-                source,
-            })?,
-        }
-    }
-    Ok(n)
+    delete_frontend_counts(&mut frontend_count_map(dir)?, freed.iter().copied())
 }
 
 /// Datapath counters summed over CPUs, in [`Stat::ALL`] order.
