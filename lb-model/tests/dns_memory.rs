@@ -2,10 +2,11 @@
 //! counting allocator (this test binary's own): the index of 10,000 Services must stay under
 //! 20 MiB, and a change of one Service must allocate what that Service's records take, not a
 //! copy of the index.
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+mod common;
 
+use std::sync::Arc;
+
+use common::footprint;
 use k8s_openapi::api::{
     core::v1::{Service, ServicePort, ServiceSpec},
     discovery::v1::{Endpoint, EndpointPort, EndpointSlice},
@@ -15,39 +16,8 @@ use lb_model::{
     dns::{Builder, Config},
 };
 
-/// Every allocation and its size, live and in total.
-struct Counting;
-static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
-static LIVE_ALLOCS: AtomicUsize = AtomicUsize::new(0);
-static TOTAL_BYTES: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards to the system allocator; only counts.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        LIVE_BYTES.fetch_add(l.size(), Ordering::Relaxed);
-        LIVE_ALLOCS.fetch_add(1, Ordering::Relaxed);
-        TOTAL_BYTES.fetch_add(l.size(), Ordering::Relaxed);
-        // SAFETY: the caller's layout, passed on.
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        LIVE_BYTES.fetch_sub(l.size(), Ordering::Relaxed);
-        LIVE_ALLOCS.fetch_sub(1, Ordering::Relaxed);
-        // SAFETY: a pointer this allocator returned, with its layout.
-        unsafe { System.dealloc(p, l) }
-    }
-}
-
 #[global_allocator]
-static A: Counting = Counting;
-
-/// What glibc's malloc adds to each allocation (its chunk header, rounded to 16 bytes).
-const MALLOC_OVERHEAD: usize = 16;
-
-/// Live heap bytes, with the allocator's own overhead.
-fn footprint() -> usize {
-    LIVE_BYTES.load(Ordering::Relaxed) + MALLOC_OVERHEAD * LIVE_ALLOCS.load(Ordering::Relaxed)
-}
+static A: common::Counting = common::Counting;
 
 /// A Service as the DNS bench has them: a ClusterIP, one named port, one slice of two
 /// endpoints.
@@ -124,11 +94,11 @@ fn the_index_of_10000_services_is_small_and_an_update_copies_only_what_it_touche
     assert_eq!(one.len(), N);
 
     // One Service changes its ClusterIP while the server still answers from `one`.
-    let total = TOTAL_BYTES.load(Ordering::Relaxed);
+    let total = common::total();
     let (s, _) = service(17, "198.19.200.1");
     objs.services[17] = s;
     let two = b.build(&objs, &cfg, 2);
-    let allocated = TOTAL_BYTES.load(Ordering::Relaxed) - total;
+    let allocated = common::total() - total;
     eprintln!("an update of one Service allocated {allocated} bytes");
     assert!(
         allocated < held / 50,

@@ -1,38 +1,14 @@
 //! What the kept model costs in memory per Service, counted exactly by a counting allocator
 //! (this test binary's own), beside what the API objects themselves take: the model's cache
 //! must stay under 4 KiB per Service, and a copy of the desired state must copy pointers.
-use std::alloc::{GlobalAlloc, Layout, System};
+mod common;
+
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// Live allocations and their bytes.
-struct Counting;
-static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
-static LIVE_ALLOCS: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards to the system allocator; only counts.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        LIVE_BYTES.fetch_add(l.size(), Ordering::Relaxed);
-        LIVE_ALLOCS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: the caller's layout, passed on.
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        LIVE_BYTES.fetch_sub(l.size(), Ordering::Relaxed);
-        LIVE_ALLOCS.fetch_sub(1, Ordering::Relaxed);
-        // SAFETY: a pointer this allocator returned, with its layout.
-        unsafe { System.dealloc(p, l) }
-    }
-}
+use common::footprint;
 
 #[global_allocator]
-static A: Counting = Counting;
-
-/// Live heap bytes, with glibc's 16 bytes per allocation.
-fn footprint() -> usize {
-    LIVE_BYTES.load(Ordering::Relaxed) + 16 * LIVE_ALLOCS.load(Ordering::Relaxed)
-}
+static A: common::Counting = common::Counting;
 
 #[test]
 fn the_kept_model_costs_less_than_4_kib_per_service_and_a_desired_copy_copies_pointers() {

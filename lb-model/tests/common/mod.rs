@@ -1,0 +1,42 @@
+//! A counting allocator for the memory tests: each test binary installs it
+//! (`#[global_allocator] static A: common::Counting = common::Counting;`) and reads what is
+//! live, exactly, and what was allocated in total.
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Every allocation and its size, live and in total.
+pub(crate) struct Counting;
+static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
+static LIVE_ALLOCS: AtomicUsize = AtomicUsize::new(0);
+static TOTAL_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards to the system allocator; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        LIVE_BYTES.fetch_add(l.size(), Ordering::Relaxed);
+        LIVE_ALLOCS.fetch_add(1, Ordering::Relaxed);
+        TOTAL_BYTES.fetch_add(l.size(), Ordering::Relaxed);
+        // SAFETY: the caller's layout, passed on.
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        LIVE_BYTES.fetch_sub(l.size(), Ordering::Relaxed);
+        LIVE_ALLOCS.fetch_sub(1, Ordering::Relaxed);
+        // SAFETY: a pointer this allocator returned, with its layout.
+        unsafe { System.dealloc(p, l) }
+    }
+}
+
+/// What glibc's malloc adds to each allocation (its chunk header, rounded to 16 bytes).
+const MALLOC_OVERHEAD: usize = 16;
+
+/// Live heap bytes, with the allocator's own overhead.
+pub(crate) fn footprint() -> usize {
+    LIVE_BYTES.load(Ordering::Relaxed) + MALLOC_OVERHEAD * LIVE_ALLOCS.load(Ordering::Relaxed)
+}
+
+/// Bytes allocated so far (freed or not).
+#[allow(dead_code, reason = "each test binary uses the part it needs")]
+pub(crate) fn total() -> usize {
+    TOTAL_BYTES.load(Ordering::Relaxed)
+}
