@@ -671,7 +671,7 @@ pub fn markdown(r: &Results) -> String {
 /// SVG charts of connections/s and connect p99 against the Service count, one line per lane
 /// (probe placed last in rule order: the worst case of a linear rule walk). Returns the files.
 pub fn charts(r: &Results, dir: &Path) -> Vec<PathBuf> {
-    use plotters::prelude::*;
+    use plotters::style::{BLACK, BLUE, GREEN, MAGENTA, RED};
     let lanes = [
         Lane::Direct,
         Lane::SocketLb,
@@ -703,40 +703,12 @@ pub fn charts(r: &Results, dir: &Path) -> Vec<PathBuf> {
     ] {
         let path = dir.join(file);
         let ymax = r.lanes.iter().map(f).fold(1.0_f64, f64::max) * 1.1;
-        let root = SVGBackend::new(&path, (900, 540)).into_drawing_area();
-        let drawn = (|| -> Result<(), Box<dyn std::error::Error>> {
-            root.fill(&WHITE)?;
-            let mut chart = ChartBuilder::on(&root)
-                .caption(title, ("sans-serif", 22))
-                .margin(14)
-                .x_label_area_size(40)
-                .y_label_area_size(70)
-                .build_cartesian_2d((50.0..max_scale * 1.5).log_scale(), 0.0..ymax)?;
-            chart
-                .configure_mesh()
-                .x_desc("Services × 4 endpoints")
-                .draw()?;
-            for (lane, color) in lanes.iter().zip(colors) {
-                let pts = series(*lane, f);
-                if pts.is_empty() {
-                    continue;
-                }
-                chart
-                    .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
-                    .label(lane.label())
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
-                chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
-            }
-            chart
-                .configure_series_labels()
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .draw()?;
-            root.present()?;
-            Ok(())
-        })();
-        drop(root);
-        match drawn {
+        let plotted: Vec<crate::Line> = lanes
+            .iter()
+            .zip(colors)
+            .map(|(lane, color)| (lane.label().to_string(), color, series(*lane, f)))
+            .collect();
+        match crate::line_chart(&path, title, (50.0, max_scale), ymax, &plotted) {
             Ok(()) => out.push(path),
             Err(e) => eprintln!("chart {file}: {e}"),
         }

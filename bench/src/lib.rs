@@ -174,68 +174,87 @@ pub struct GrowthRow {
     pub api_rss_mib: u64,
 }
 
-/// The growth chart (`growth.svg` in `dir`): agent RSS, cold programming time and one-change
-/// p99 against the Service count, log scale.
-pub fn growth_chart(rows: &[GrowthRow], dir: &std::path::Path) -> Option<std::path::PathBuf> {
+/// One line of a chart: its label, colour and points.
+pub type Line = (String, plotters::style::RGBColor, Vec<(f64, f64)>);
+
+/// A line chart against the Service count (log scale from `x_from` to 1.5 × `x_max`; y from 0
+/// to `ymax`), written to `path` as SVG. Lines without points are left out.
+pub fn line_chart(
+    path: &std::path::Path,
+    title: &str,
+    (x_from, x_max): (f64, f64),
+    ymax: f64,
+    lines: &[Line],
+) -> Result<(), Box<dyn std::error::Error>> {
     use plotters::prelude::*;
+    let root = SVGBackend::new(path, (900, 540)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(14)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d((x_from..x_max * 1.5).log_scale(), 0.0..ymax)?;
+    chart
+        .configure_mesh()
+        .x_desc("Services × 4 endpoints")
+        .draw()?;
+    for (label, color, pts) in lines.iter().filter(|l| !l.2.is_empty()) {
+        let color = *color;
+        chart
+            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
+            .label(label.as_str())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
+        chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+/// The growth chart (`growth.svg` in `dir`): agent RSS, cold programming time and one-change
+/// p99 against the Service count.
+pub fn growth_chart(rows: &[GrowthRow], dir: &std::path::Path) -> Option<std::path::PathBuf> {
+    use plotters::style::{BLACK, BLUE, GREEN, RED};
     let path = dir.join("growth.svg");
     let max_n = rows.iter().map(|r| r.services).max()? as f64;
-    let root = SVGBackend::new(&path, (900, 540)).into_drawing_area();
     let pts = |f: &dyn Fn(&GrowthRow) -> f64| -> Vec<(f64, f64)> {
         rows.iter().map(|r| (r.services as f64, f(r))).collect()
     };
-    let series = [
+    let lines: [Line; 4] = [
         (
-            "agent RSS, manifests (MiB)",
+            "agent RSS, manifests (MiB)".into(),
             BLUE,
             pts(&|r| r.rss_mib as f64),
         ),
         (
-            "agent RSS, API (MiB)",
+            "agent RSS, API (MiB)".into(),
             GREEN,
             pts(&|r| r.api_rss_mib as f64),
         ),
         (
-            "cold programming (×100 ms)",
+            "cold programming (×100 ms)".into(),
             RED,
-            pts(&|r| (r.cold_s * 10.0).max(1.0)),
+            pts(&|r| r.cold_s * 10.0),
         ),
-        ("change → map p99 (ms)", BLACK, pts(&|r| r.p99_ms)),
+        ("change → map p99 (ms)".into(), BLACK, pts(&|r| r.p99_ms)),
     ];
-    let ymax = series
+    let ymax = lines
         .iter()
-        .flat_map(|s| s.2.iter().map(|p| p.1))
+        .flat_map(|l| l.2.iter().map(|p| p.1))
         .fold(1.0_f64, f64::max)
         * 1.1;
-    let drawn = (|| -> Result<(), Box<dyn std::error::Error>> {
-        root.fill(&WHITE)?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption("How the agent's costs grow", ("sans-serif", 22))
-            .margin(14)
-            .x_label_area_size(40)
-            .y_label_area_size(70)
-            .build_cartesian_2d((500.0..max_n * 1.5).log_scale(), 0.0..ymax)?;
-        chart
-            .configure_mesh()
-            .x_desc("Services × 4 endpoints")
-            .draw()?;
-        for (label, color, pts) in series {
-            chart
-                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
-                .label(label)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
-            chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
-        }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
-        root.present()?;
-        Ok(())
-    })();
-    drop(root);
-    match drawn {
+    match line_chart(
+        &path,
+        "How the agent's costs grow",
+        (500.0, max_n),
+        ymax,
+        &lines,
+    ) {
         Ok(()) => Some(path),
         Err(e) => {
             eprintln!("chart growth.svg: {e}");

@@ -73,6 +73,17 @@ struct Args {
     benchmarks_md: Option<String>,
 }
 
+/// A list flag's value: `1000,10000` (empty: none).
+fn counts(flag: &str, val: &str) -> Vec<usize> {
+    val.split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse()
+                .unwrap_or_else(|_| panic!("{flag}: {s:?} is not a count"))
+        })
+        .collect()
+}
+
 fn parse_args() -> Args {
     let mut a = Args {
         services: 10_000,
@@ -112,13 +123,7 @@ fn parse_args() -> Args {
                 a.nodeport_services = val.parse().expect("--nodeport-services");
             }
             "--only-nodeport" => a.only_nodeport = val.parse().expect("--only-nodeport"),
-            "--kp-scales" => {
-                a.kp_scales = val
-                    .split(',')
-                    .filter(|s| !s.is_empty())
-                    .map(|s| s.parse().expect("--kp-scales"))
-                    .collect();
-            }
+            "--kp-scales" => a.kp_scales = counts("--kp-scales", val),
             "--kp-threads" => a.kp_threads = val.parse().expect("--kp-threads"),
             "--kp-rounds" => a.kp_rounds = val.parse().expect("--kp-rounds"),
             "--only-kube-proxy" => a.only_kube_proxy = val.parse().expect("--only-kube-proxy"),
@@ -139,22 +144,10 @@ fn parse_args() -> Args {
                 a.standalone_services = val.parse().expect("--standalone-services");
             }
             "--only-standalone" => a.only_standalone = val.parse().expect("--only-standalone"),
-            "--dns-scales" => {
-                a.dns_scales = val
-                    .split(',')
-                    .filter(|s| !s.is_empty())
-                    .map(|s| s.parse().expect("--dns-scales"))
-                    .collect();
-            }
+            "--dns-scales" => a.dns_scales = counts("--dns-scales", val),
             "--dns-rounds" => a.dns_rounds = val.parse().expect("--dns-rounds"),
             "--only-dns" => a.only_dns = val.parse().expect("--only-dns"),
-            "--growth-scales" => {
-                a.growth_scales = val
-                    .split(',')
-                    .filter(|s| !s.is_empty())
-                    .map(|s| s.parse().expect("--growth-scales"))
-                    .collect();
-            }
+            "--growth-scales" => a.growth_scales = counts("--growth-scales", val),
             "--only-growth" => a.only_growth = val.parse().expect("--only-growth"),
             "--out-dir" => a.out_dir = Some(val.clone()),
             "--benchmarks-md" => a.benchmarks_md = Some(val.clone()),

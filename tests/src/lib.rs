@@ -361,6 +361,17 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
 pub const NODE_V4: &str = "198.18.0.1";
 pub const NODE_V6: &str = "2001:db8::1";
 
+/// Agent flags for cluster DNS in a bed: served on the node's address, the cluster DNS Service
+/// at 198.19.0.53 created and steered to it, no upstream (nothing leaves the bed).
+pub const CLUSTER_DNS_FLAGS: [&str; 6] = [
+    "--dns",
+    "198.18.0.1:53",
+    "--cluster-dns",
+    "198.19.0.53",
+    "--dns-upstream",
+    "127.0.0.1:9",
+];
+
 /// IPv4 and IPv6 address of pod `i` (0 = client, 1.. = backends).
 #[must_use]
 pub fn pod_v4(i: usize) -> String {

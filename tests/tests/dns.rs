@@ -455,14 +455,7 @@ fn cluster_dns_creates_the_dns_service_and_steers_it_here() {
     let mut c = Cluster::new("dnscd", 1);
     write_web(&c, &ready(1));
     c.agent_on_node();
-    c.start_agent_with(&[
-        "--dns",
-        "198.18.0.1:53",
-        "--cluster-dns",
-        "198.19.0.53",
-        "--dns-upstream",
-        "127.0.0.1:9",
-    ]);
+    c.start_agent_with(&lb_tests::CLUSTER_DNS_FLAGS);
     let ask =
         |c: &Cluster| c.client(&["dns", "198.19.0.53:53", "web.test.svc.cluster.local"])[0].clone();
     wait_for(Duration::from_secs(5), || {

@@ -19,17 +19,6 @@ const TUTORIAL_FLAGS: [&str; 4] = [
     "198.19.255.0/28",
 ];
 
-/// Cluster DNS on the node's address, the cluster DNS Service at 198.19.0.53 steered to it, no
-/// upstream (nothing leaves the sandbox).
-const DNS_FLAGS: [&str; 6] = [
-    "--dns",
-    "198.18.0.1:53",
-    "--cluster-dns",
-    "198.19.0.53",
-    "--dns-upstream",
-    "127.0.0.1:9",
-];
-
 /// A pod's resolv.conf as kubelet writes it for namespace `demo`.
 const RESOLV_CONF: &str = "nameserver 198.19.0.53\nsearch demo.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n";
 
@@ -127,7 +116,7 @@ fn main() {
     // the standalone control plane's ranges (README of examples/tutorial) and cluster DNS.
     c.agent_on_node();
     let mut flags = TUTORIAL_FLAGS.to_vec();
-    flags.extend(DNS_FLAGS);
+    flags.extend(lb_tests::CLUSTER_DNS_FLAGS);
     c.start_agent_with(&flags);
     wait_for(Duration::from_secs(5), || {
         c.backends_of("198.19.0.20:80/TCP")
