@@ -367,16 +367,7 @@ fn change_latency(c: &Cluster, n: usize) -> (f64, f64) {
     }
     drop(tx);
     poller.join().expect("poller");
-    if let Some(l) = c
-        .agent_log()
-        .lines()
-        .rfind(|l| l.contains("programmed datapath"))
-    {
-        eprintln!(
-            "  last sync: {}",
-            l.split("programmed datapath").nth(1).unwrap_or("").trim()
-        );
-    }
+    crate::print_last_sync(c);
     ms.sort_by(f64::total_cmp);
     (crate::percentile(&ms, 0.5), crate::percentile(&ms, 0.99))
 }

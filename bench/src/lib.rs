@@ -63,16 +63,8 @@ pub fn agent_rss_mib(c: &Cluster) -> u64 {
         / 1024
 }
 
-/// The `p` quantile of sorted samples.
-#[must_use]
-pub fn percentile(sorted: &[f64], p: f64) -> f64 {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-/// Change → datapath samples (ms) as (p50, p99, max), after printing the agent's last sync
-/// line (its per-phase timings).
-#[must_use]
-pub fn latency_summary(c: &Cluster, mut ms: Vec<f64>) -> (f64, f64, f64) {
+/// Prints the agent's last "programmed datapath" line (its per-phase timings).
+pub fn print_last_sync(c: &Cluster) {
     if let Some(line) = c
         .agent_log()
         .lines()
@@ -86,6 +78,19 @@ pub fn latency_summary(c: &Cluster, mut ms: Vec<f64>) -> (f64, f64, f64) {
                 .trim()
         );
     }
+}
+
+/// The `p` quantile of sorted samples.
+#[must_use]
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Change → datapath samples (ms) as (p50, p99, max), after printing the agent's last sync
+/// line (its per-phase timings).
+#[must_use]
+pub fn latency_summary(c: &Cluster, mut ms: Vec<f64>) -> (f64, f64, f64) {
+    print_last_sync(c);
     ms.sort_by(f64::total_cmp);
     (
         percentile(&ms, 0.5),

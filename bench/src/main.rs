@@ -625,6 +625,32 @@ fn capacity_flags(n: usize) -> Vec<String> {
     vec!["--max-service-entries".into(), need.to_string()]
 }
 
+/// A bed with one backend pod and the Service `web` (198.19.0.10:80) on it, its agent
+/// started with `flags` and `web` programmed.
+fn web_bed(name: &str, flags: &[&str]) -> Cluster {
+    let mut c = Cluster::new(name, 1);
+    c.write_manifest(
+        "web.yaml",
+        &[
+            service("web", &["198.19.0.10"], &[("http", 80, "TCP")]),
+            slice(
+                "web-1",
+                "web",
+                "IPv4",
+                &[("http", 8080, "TCP")],
+                &[(&pod_v4(1), true, true, false)],
+            ),
+        ]
+        .join("---\n"),
+    );
+    c.start_agent_with(flags);
+    wait_for(Duration::from_secs(5), || {
+        c.backends_of("198.19.0.10:80/TCP")
+    })
+    .expect("web programmed");
+    c
+}
+
 /// How the costs grow: at each scale, cold programming from a manifest directory (wall, RSS
 /// after it, the connect hook's run time per call), and one-change propagation through the API
 /// double (p99, RSS). One scale at a time, each in a fresh bed.
@@ -633,26 +659,7 @@ fn growth_bench(a: &Args) -> String {
     for &n in &a.growth_scales {
         let flags = capacity_flags(n);
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-        let mut c = Cluster::new("benchgrow", 1);
-        c.write_manifest(
-            "web.yaml",
-            &[
-                service("web", &["198.19.0.10"], &[("http", 80, "TCP")]),
-                slice(
-                    "web-1",
-                    "web",
-                    "IPv4",
-                    &[("http", 8080, "TCP")],
-                    &[(&pod_v4(1), true, true, false)],
-                ),
-            ]
-            .join("---\n"),
-        );
-        c.start_agent_with(&flags);
-        wait_for(Duration::from_secs(5), || {
-            c.backends_of("198.19.0.10:80/TCP")
-        })
-        .expect("web programmed");
+        let c = web_bed("benchgrow", &flags);
         eprintln!("growth {n}: cold programming");
         let (wall, line) =
             lb_bench::program(&c, "many.yaml", &many_services(n), Duration::from_mins(5));
@@ -742,26 +749,7 @@ fn main() {
         return;
     }
 
-    let mut c = Cluster::new("bench", 1);
-    c.write_manifest(
-        "web.yaml",
-        &[
-            service("web", &["198.19.0.10"], &[("http", 80, "TCP")]),
-            slice(
-                "web-1",
-                "web",
-                "IPv4",
-                &[("http", 8080, "TCP")],
-                &[(&pod_v4(1), true, true, false)],
-            ),
-        ]
-        .join("---\n"),
-    );
-    c.start_agent();
-    wait_for(Duration::from_secs(5), || {
-        c.backends_of("198.19.0.10:80/TCP")
-    })
-    .expect("web programmed");
+    let c = web_bed("bench", &[]);
 
     eprintln!(
         "lane pair with 1 Service loaded ({} rounds × {} s each lane)",
