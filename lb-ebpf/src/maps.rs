@@ -18,9 +18,9 @@ use lb_common::maglev::{
 use lb_common::{
     AffKey, AffMatchKey, AffValue, AffxKey, Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key, Ct6Value,
     DEFAULT_AFF_ENTRIES, DEFAULT_AFF_MATCH_ENTRIES, DEFAULT_AFFX_ENTRIES, DEFAULT_BE_ENTRIES,
-    DEFAULT_CT_ENTRIES, DEFAULT_RNAT_ENTRIES, DEFAULT_SRCR_ENTRIES, DEFAULT_SVC_CNT_ENTRIES,
-    DEFAULT_SVC_ENTRIES, NodeDns, RevNat4Key, RevNat4Value, RevNat6Key, RevNat6Value, RevNatSk,
-    SrcRange4, SrcRange6, Stat, Svc4Key, Svc6Key, SvcValue,
+    DEFAULT_CT_ENTRIES, DEFAULT_RNAT_ENTRIES, DEFAULT_RNAT_RING_ENTRIES, DEFAULT_SRCR_ENTRIES,
+    DEFAULT_SVC_CNT_ENTRIES, DEFAULT_SVC_ENTRIES, NodeDns, RevNat4Key, RevNat4Value, RevNat6Key,
+    RevNat6Value, RevNatRing, RevNatSk, SrcRange4, SrcRange6, Stat, Svc4Key, Svc6Key, SvcValue,
 };
 
 #[btf_map]
@@ -61,9 +61,16 @@ pub(crate) static LB_MAGLEV_V1: HashMap<
 #[btf_map]
 pub(crate) static LB_NODE_DNS_V1: Array<NodeDns, 1> = Array::new();
 
-/// Reverse NAT of sockets whose `connect()` was translated (freed with the socket).
+/// Reverse NAT of sockets whose `connect()` was translated and that asked for their peer
+/// (freed with the socket).
 #[btf_map]
 pub(crate) static LB_RNAT_SKS_V1: SkStorage<RevNatSk> = SkStorage::new();
+
+/// Reverse NAT of translated `connect()`s, slot `cookie & mask` (`lb_common::RevNatRing`).
+/// Sized by the agent (a power of two).
+#[btf_map]
+pub(crate) static LB_RNAT_RING_V1: Array<RevNatRing, { DEFAULT_RNAT_RING_ENTRIES as usize }> =
+    Array::new();
 
 /// `BPF_F_NO_COMMON_LRU`: per-CPU LRU lists (no global lock on insert and eviction).
 const NO_COMMON_LRU: usize = 2;

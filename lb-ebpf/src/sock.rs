@@ -7,7 +7,8 @@
 //!    miss = not a service → the syscall proceeds untouched;
 //! 3. hit with count 0 → REJECT (no usable endpoint);
 //! 4. uniform random slot in 1..=count → backend id → backend address;
-//! 5. remember backend → VIP for the reverse path (connect: in the socket's storage; sendmsg:
+//! 5. remember backend → VIP for the reverse path (connect: in the ring slot of the socket's
+//!    cookie, moved into the socket's own storage when it first asks for its peer; sendmsg:
 //!    {socket cookie, backend} in an LRU map); rewrite the address.
 use aya_ebpf::{
     EbpfContext,
@@ -15,7 +16,7 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use lb_common::{
-    AffKey, RevNat4Key, RevNat4Value, RevNat6Key, RevNat6Value, RevNatSk, SCOPE_ALL,
+    AffKey, RevNat4Key, RevNat4Value, RevNat6Key, RevNat6Value, RevNatRing, RevNatSk, SCOPE_ALL,
     SVC_FLAG_HOST_ONLY, SVC_FLAG_NO_LOCAL, SVC_FLAG_NODE_DNS, SVC_FLAG_VIP_MARKER, Stat, SvcValue,
 };
 
@@ -39,9 +40,14 @@ fn from_host(ctx: &SockAddrContext) -> bool {
 }
 
 use crate::maps::{
-    LB_AFF_V1, LB_NODE_DNS_V1, LB_RNAT_SKS_V1, LB4_RNAT_SK_V1, LB6_RNAT_SK_V1, count,
-    count_frontend,
+    LB_AFF_V1, LB_NODE_DNS_V1, LB_RNAT_RING_V1, LB_RNAT_SKS_V1, LB4_RNAT_SK_V1, LB6_RNAT_SK_V1,
+    count, count_frontend,
 };
+
+/// The reverse-NAT ring's index mask (entries − 1), set by the agent at load time
+/// (`lb_common::GLOBAL_RNAT_RING_MASK`).
+#[unsafe(no_mangle)]
+static LB_RNAT_RING_MASK: u32 = 0;
 
 const ECONNREFUSED: i32 = 111;
 const ETIMEDOUT: i32 = 110;
@@ -195,9 +201,48 @@ fn node_dns<F: Family>(be: &mut Backend<F::A>) -> bool {
 
 /// `RevNatSk` as `u64` words, for word-by-word copies.
 const SK_WORDS: usize = core::mem::size_of::<RevNatSk>() / 8;
+/// `RevNatRing` as `u64` words.
+const RING_WORDS: usize = core::mem::size_of::<RevNatRing>() / 8;
 
-/// Connect: the socket's own storage, one value, freed with the socket. `false` when the
-/// kernel could not allocate it (the caller falls back to the LRU map).
+/// Copies `n` `u64` words from `src` to `dst`.
+///
+/// # Safety
+/// Both must point at `n` readable / writable, 8-byte-aligned words.
+#[inline(always)]
+unsafe fn copy_words(src: *const u64, dst: *mut u64, n: usize) {
+    for i in 0..n {
+        // SAFETY: the caller's contract; volatile keeps these word copies (a struct copy
+        // compiles to a byte loop the verifier refuses without `CAP_PERFMON`).
+        unsafe { core::ptr::write_volatile(dst.add(i), core::ptr::read_volatile(src.add(i))) };
+    }
+}
+
+/// The ring slot of socket cookie `c`.
+#[inline(always)]
+fn ring_slot(c: u64) -> Option<*mut RevNatRing> {
+    // SAFETY: read of a load-time constant (volatile: patched after compilation).
+    let mask = unsafe { core::ptr::read_volatile(&raw const LB_RNAT_RING_MASK) };
+    // The verifier inlines array lookups: no helper call.
+    LB_RNAT_RING_V1.get_ptr_mut((c as u32) & mask)
+}
+
+/// Connect: the record in the ring slot of this socket's cookie — a helper call for the cookie
+/// and six stores, where creating socket storage costs about as much as the rest of the hook.
+#[inline(always)]
+fn remember_ring(ctx: &SockAddrContext, v: &RevNatSk) -> bool {
+    let c = cookie(ctx);
+    let Some(p) = ring_slot(c) else {
+        return false;
+    };
+    let rec = RevNatRing { cookie: c, sk: *v };
+    // SAFETY: `p` is an array value (valid while the program runs), `rec` a local; both are
+    // 8-byte-aligned `RevNatRing`s.
+    unsafe { copy_words(core::ptr::from_ref(&rec).cast(), p.cast(), RING_WORDS) };
+    true
+}
+
+/// The socket's own storage, written with `v` (created when new). `false` when the kernel
+/// could not allocate it.
 #[inline(always)]
 fn remember_sk(ctx: &SockAddrContext, v: &RevNatSk) -> bool {
     // SAFETY: `ctx` is a sock_addr context, whose socket the helper takes; F_CREATE returns
@@ -206,28 +251,49 @@ fn remember_sk(ctx: &SockAddrContext, v: &RevNatSk) -> bool {
     if p.is_null() {
         return false;
     }
-    let (src, dst) = (core::ptr::from_ref(v).cast::<u64>(), p.cast::<u64>());
-    for i in 0..SK_WORDS {
-        // SAFETY: both point at an 8-byte-aligned `RevNatSk` (the map value is this socket's,
-        // valid while the program runs); volatile keeps these word stores.
-        unsafe { core::ptr::write_volatile(dst.add(i), core::ptr::read_volatile(src.add(i))) };
-    }
+    // SAFETY: both point at an 8-byte-aligned `RevNatSk` (the map value is this socket's,
+    // valid while the program runs).
+    unsafe { copy_words(core::ptr::from_ref(v).cast(), p.cast(), SK_WORDS) };
     true
 }
 
-/// The socket's storage, when its `connect()` went to `backend:port`.
+/// The VIP of this socket's translated `connect()`, when it went to `backend:port`.
+///
+/// The ring slot first: `connect()` always writes it, so a slot holding this socket's cookie is
+/// its latest connect. Then the record is moved into the socket's own storage, so that it
+/// outlives the slot (taken by a later socket after `mask + 1` more cookies). Without a ring
+/// record, the socket's storage from an earlier read.
 #[inline(always)]
 fn recall_sk(ctx: &SockAddrContext, backend: &[u8; 16], port: u16) -> Option<([u8; 16], u16)> {
+    let c = cookie(ctx);
+    if let Some(p) = ring_slot(c) {
+        let mut r = RevNatRing::default();
+        // SAFETY: as in `remember_ring`, in the other direction.
+        unsafe {
+            copy_words(
+                p.cast_const().cast(),
+                core::ptr::from_mut(&mut r).cast(),
+                RING_WORDS,
+            );
+        }
+        if r.cookie == c && r.sk.backend == *backend && r.sk.backend_port == port {
+            let _ = remember_sk(ctx, &r.sk);
+            return Some((r.sk.vip, r.sk.vip_port));
+        }
+    }
     // SAFETY: lookup without create; null when this socket has none.
     let p = unsafe { LB_RNAT_SKS_V1.get_ptr_mut(ctx) };
     if p.is_null() {
         return None;
     }
     let mut v = RevNatSk::default();
-    let (src, dst) = (p.cast::<u64>(), core::ptr::from_mut(&mut v).cast::<u64>());
-    for i in 0..SK_WORDS {
-        // SAFETY: as in `remember_sk`, in the other direction.
-        unsafe { core::ptr::write_volatile(dst.add(i), core::ptr::read_volatile(src.add(i))) };
+    // SAFETY: as in `remember_sk`, in the other direction.
+    unsafe {
+        copy_words(
+            p.cast_const().cast(),
+            core::ptr::from_mut(&mut v).cast(),
+            SK_WORDS,
+        );
     }
     (v.backend == *backend && v.backend_port == port).then_some((v.vip, v.vip_port))
 }
@@ -235,7 +301,7 @@ fn recall_sk(ctx: &SockAddrContext, backend: &[u8; 16], port: u16) -> Option<([u
 #[inline(always)]
 fn remember4(ctx: &SockAddrContext, hook: Hook, be: &Backend<[u8; 4]>, vip: [u8; 4], vport: u16) {
     if matches!(hook, Hook::Connect)
-        && remember_sk(
+        && remember_ring(
             ctx,
             &RevNatSk {
                 backend: map_v4(be.address),
@@ -411,7 +477,7 @@ pub(crate) fn xlate6_fwd(ctx: &SockAddrContext, hook: Hook) -> Result<(), Reject
         return Ok(());
     }
     let in_sk = matches!(hook, Hook::Connect)
-        && remember_sk(
+        && remember_ring(
             ctx,
             &RevNatSk {
                 backend: be.address,

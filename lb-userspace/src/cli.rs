@@ -106,9 +106,15 @@ pub struct RunArgs {
     /// `max_entries` of each backend map.
     #[arg(long, default_value_t = lb_common::DEFAULT_BE_ENTRIES)]
     pub max_backend_entries: u32,
-    /// `max_entries` of each per-socket reverse-NAT LRU map.
+    /// `max_entries` of each per-socket reverse-NAT LRU map (unconnected UDP).
     #[arg(long, default_value_t = lb_common::DEFAULT_RNAT_ENTRIES)]
     pub max_revnat_entries: u32,
+    /// Slots of the `connect()` reverse-NAT ring (a power of two; 48 bytes each). A socket's
+    /// record stays there until this many later translated sockets have passed, and for good
+    /// once the socket asks for its peer (getpeername, recvmsg); a socket that first asks
+    /// later than that sees the backend's address as its peer.
+    #[arg(long, default_value_t = lb_common::DEFAULT_RNAT_RING_ENTRIES, value_parser = parse_ring_size)]
+    pub revnat_ring_entries: u32,
     /// `max_entries` of each packet-path conntrack/NAT LRU map (two entries per flow).
     #[arg(long, default_value_t = lb_common::DEFAULT_CT_ENTRIES)]
     pub max_conntrack_entries: u32,
@@ -371,6 +377,15 @@ fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
         return Err(format!("{s:?}: the first port is above the last"));
     }
     Ok((a, b))
+}
+
+fn parse_ring_size(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    if n.is_power_of_two() && (1..=1 << 24).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!("{n}: a power of two from 1 to 16777216"))
+    }
 }
 
 fn parse_maglev_size(s: &str) -> Result<u32, String> {

@@ -137,6 +137,8 @@ pub struct Sizes {
     pub services: u32,
     pub backends: u32,
     pub revnat: u32,
+    /// Slots of the `connect()` reverse-NAT ring (a power of two).
+    pub revnat_ring: u32,
     /// Conntrack entries per family (packet path).
     pub conntrack: u32,
     /// Maglev table size M (a prime; 0 = no Maglev): a load-time global of the packet path.
@@ -262,6 +264,25 @@ pub fn netns_cookie(path: &Path) -> Result<u64> {
     .map_err(io)
 }
 
+/// Slots of the `connect()` reverse-NAT ring: a pinned ring's own size when one is adopted (the
+/// programs index it with this mask), else `wanted` rounded up to a power of two.
+fn ring_entries(bpffs: &Path, wanted: u32) -> u32 {
+    let pinned = aya::maps::MapData::from_pin(bpffs.join(lb_common::MAP_RNAT_RING))
+        .and_then(|m| m.info())
+        .map(|i| i.max_entries())
+        .ok()
+        .filter(|n| n.is_power_of_two());
+    if let Some(n) = pinned
+        && n != wanted
+    {
+        tracing::warn!(
+            map = lb_common::MAP_RNAT_RING,
+            "keeping the pinned ring's {n} slots (asked for {wanted}); remove the pin to resize"
+        );
+    }
+    pinned.unwrap_or_else(|| wanted.next_power_of_two().max(1))
+}
+
 /// Loads the datapath, adopting pinned maps, and attaches every hook to `cgroup`, replacing the
 /// links of a previous agent without a gap. Returns the map handles for `sync`.
 pub fn load_and_attach(
@@ -296,6 +317,8 @@ pub fn load_and_attach(
         loader.override_global(name, v, true);
     }
     loader.override_global(lb_common::maglev::GLOBAL_MAGLEV_M, &sizes.maglev_m, true);
+    let ring_mask = ring_entries(bpffs, sizes.revnat_ring) - 1;
+    loader.override_global(lb_common::GLOBAL_RNAT_RING_MASK, &ring_mask, true);
     // Twice the room the tables need: a sync writes new chunks before deleting old ones.
     let maglev_entries =
         2 * sizes.maglev_frontends.max(1) * lb_common::maglev::chunks(sizes.maglev_m.max(1));
@@ -309,6 +332,7 @@ pub fn load_and_attach(
         .map_max_entries(MAP_BE6, sizes.backends)
         .map_max_entries(MAP_RNAT4, sizes.revnat)
         .map_max_entries(MAP_RNAT6, sizes.revnat)
+        .map_max_entries(lb_common::MAP_RNAT_RING, ring_mask + 1)
         .map_max_entries(lb_common::MAP_CT4, sizes.conntrack)
         .map_max_entries(lb_common::MAP_CT6, sizes.conntrack)
         .map_max_entries(lb_common::maglev::MAP_MAGLEV, maglev_entries);

@@ -156,6 +156,7 @@ fn run_options(a: cli::RunArgs) -> anyhow::Result<agent::Options> {
             services: a.max_service_entries,
             backends: a.max_backend_entries,
             revnat: a.max_revnat_entries,
+            revnat_ring: a.revnat_ring_entries,
             conntrack: a.max_conntrack_entries,
             maglev_m: a.maglev_table_size,
             maglev_frontends: a.max_maglev_frontends,

@@ -86,6 +86,7 @@ pub fn expected_sizes(name: &str) -> Option<(u32, u32)> {
         ),
         n if n == MAP_MAGLEV => s(size_of::<MaglevKey>(), size_of::<MaglevChunk>()),
         n if n == lb_common::MAP_RNAT_SKS => s(4, size_of::<lb_common::RevNatSk>()),
+        n if n == lb_common::MAP_RNAT_RING => s(4, size_of::<lb_common::RevNatRing>()),
         n if n == MAP_SRCR4 => s(4 + size_of::<SrcRange4>(), 1),
         n if n == MAP_SRCR6 => s(4 + size_of::<SrcRange6>(), 1),
         n if n == lb_common::MAP_NODE_DNS => s(4, size_of::<lb_common::NodeDns>()),

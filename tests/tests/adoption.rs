@@ -52,6 +52,7 @@ fn pinned_maps_read_back_exactly_what_was_written_and_adoption_writes_nothing() 
         services: 4096,
         backends: 4096,
         revnat: 4096,
+        revnat_ring: 4096,
         conntrack: 1024,
         maglev_m: MAGLEV_M,
         maglev_frontends: 64,

@@ -48,8 +48,8 @@ fn tcp_v4_v6_and_v4_mapped_reach_a_backend_and_getpeername_shows_the_vip() {
         s["revnat_hit"] >= 15,
         "getpeername went through reverse NAT: {s:?}"
     );
-    // connect() keeps its reverse NAT in the socket's storage: the cookie-keyed LRU maps (for
-    // unconnected UDP) stay empty.
+    // connect() keeps its reverse NAT in the ring (then the socket's storage): the cookie-keyed
+    // LRU maps (for unconnected UDP) stay empty.
     for map in ["LB4_RNAT_SK_V1", "LB6_RNAT_SK_V1"] {
         let out = Command::new("bpftool")
             .args(["-j", "map", "dump", "pinned"])
@@ -59,6 +59,48 @@ fn tcp_v4_v6_and_v4_mapped_reach_a_backend_and_getpeername_shows_the_vip() {
         let v: Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
         assert_eq!(v.as_array().map(Vec::len), Some(0), "{map}: {v}");
     }
+}
+
+/// The `connect()` reverse-NAT ring wraps under churn: a socket that asked for its peer keeps
+/// the VIP (its record moved into its own storage); one that had not asked reads its backend's
+/// address once its slot is taken, never another socket's VIP.
+#[test]
+fn a_socket_that_asked_for_its_peer_keeps_the_vip_after_the_ring_wraps() {
+    let mut c = Cluster::new("ring", 2);
+    write_web(&c, &ready(2));
+    c.start_agent_with(&["--revnat-ring-entries", "16"]);
+    for (target, backends) in [
+        (
+            format!("{VIP4}:80"),
+            [1, 2].map(|i| format!("{}:8080", pod_v4(i))),
+        ),
+        (
+            format!("[{VIP6}]:80"),
+            [1, 2].map(|i| format!("[{}]:8080", pod_v6(i))),
+        ),
+    ] {
+        // 200 connections through a 16-slot ring: every slot is taken many times over.
+        let r = &c.client(&["peers", &target, "200"])[0];
+        assert_eq!(r["churn_failed"], 0, "{r}");
+        assert_eq!(r["asked_first"], target.as_str(), "{r}");
+        assert_eq!(
+            r["asked"],
+            target.as_str(),
+            "kept after the ring wrapped: {r}"
+        );
+        let quiet = r["quiet"].as_str().unwrap_or_default();
+        assert!(
+            quiet == target || backends.iter().any(|b| b == quiet),
+            "a socket's peer is its VIP or its backend: {r}"
+        );
+    }
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "show", "pinned"])
+        .arg(c.bpffs.path.join("LB_RNAT_RING_V1"))
+        .output()
+        .expect("bpftool");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    assert_eq!(v["max_entries"], 16, "the ring has the asked size: {v}");
 }
 
 #[test]

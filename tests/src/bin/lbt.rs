@@ -14,6 +14,9 @@
 //! * `lbt http ADDR PATH` — one HTTP/1.1 GET; prints the raw response (exit 1 on no answer).
 //! * `lbt loop ADDR MILLIS` — TCP connect+request+close as fast as possible for MILLIS ms;
 //!   prints `{"ok":n,"failed":m,"errors":{...}}`.
+//! * `lbt peers ADDR N` — two long-lived TCP connections, `asked` (getpeername right after
+//!   connect) and `quiet` (no getpeername yet), then N more connections through ADDR, then
+//!   getpeername of both; prints `{"asked_first","asked","quiet","churn_failed"}`.
 //!
 //! * `lbt dnsserve ADDR IP` — a stand-in DNS server (UDP): every A question is answered with IP.
 //! * `lbt dns ADDR NAME` — one A lookup over a connected UDP socket (1 s); prints
@@ -289,6 +292,26 @@ fn run_loop(addr: SocketAddr, millis: u64, max: u64) {
     println!("{}", json!({"ok": ok, "failed": failed, "errors": errors}));
 }
 
+/// Peers of long-lived connections after `n` later ones (see the module doc).
+fn peers(addr: SocketAddr, n: u64) {
+    let peer = |s: &TcpStream| s.peer_addr().map(|p| p.to_string()).unwrap_or_default();
+    let connect = || TcpStream::connect_timeout(&addr, TIMEOUT).expect("connect");
+    let asked = connect();
+    let asked_first = peer(&asked);
+    let quiet = connect();
+    let mut churn_failed = 0;
+    for _ in 0..n {
+        if tcp_once(addr)["ok"] != true {
+            churn_failed += 1;
+        }
+    }
+    println!(
+        "{}",
+        json!({"asked_first": asked_first, "asked": peer(&asked), "quiet": peer(&quiet),
+               "churn_failed": churn_failed})
+    );
+}
+
 /// A query message for `name` A, id `id`.
 fn dns_query(name: &str, id: u16) -> Vec<u8> {
     let mut m = id.to_be_bytes().to_vec();
@@ -494,6 +517,7 @@ fn main() {
             num(2) as u64,
             args.get(3).map_or(u64::MAX, |n| n.parse().expect("number")),
         ),
+        Some("peers") => peers(addr(1), num(2) as u64),
         Some("uloop") => udp_loop(addr(1), num(2) as u64),
         Some("load") => load(addr(1), num(2) as u64, num(3)),
         Some("http") => {
