@@ -121,11 +121,12 @@ pub fn program(c: &Cluster, file: &str, text: &str, timeout: Duration) -> (Durat
 /// Run time per call of the socket hooks (`sock4_connect`, …) while `work` runs, from the
 /// kernel's own accounting (`BPF_ENABLE_STATS`: on only while this holds its fd, so nothing
 /// else on the machine pays for it). Returns (program, calls, ns per call) for every hook of
-/// the bed's agent that ran (its programs: those using the bed's pinned service map).
+/// the bed's agent that ran (its programs: those using the bed's pinned stats map).
 pub fn hook_costs(c: &Cluster, work: impl FnOnce()) -> Vec<(String, u64, f64)> {
-    let svc_map = aya::maps::MapData::from_pin(c.bpffs.path.join(lb_common::MAP_SVC4))
+    // Every socket hook counts into the stats map (the reverse hooks use no service map).
+    let stats_map = aya::maps::MapData::from_pin(c.bpffs.path.join(lb_common::MAP_STATS))
         .and_then(|m| m.info())
-        .expect("the bed's pinned service map")
+        .expect("the bed's pinned stats map")
         .id();
     let sample = || -> std::collections::BTreeMap<(u32, String), (u64, u64)> {
         aya::programs::loaded_programs()
@@ -134,7 +135,7 @@ pub fn hook_costs(c: &Cluster, work: impl FnOnce()) -> Vec<(String, u64, f64)> {
                 p.map_ids()
                     .ok()
                     .flatten()
-                    .is_some_and(|ids| ids.contains(&svc_map))
+                    .is_some_and(|ids| ids.contains(&stats_map))
             })
             .filter_map(|p| {
                 let name = p.name_as_str()?.to_owned();
@@ -162,6 +163,26 @@ pub fn hook_costs(c: &Cluster, work: impl FnOnce()) -> Vec<(String, u64, f64)> {
         .collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
+}
+
+/// Mean of `v` and the half-width of its 95 % confidence interval (Student's t, n − 1 degrees
+/// of freedom; NaN half-width for fewer than two samples).
+#[must_use]
+pub fn mean_ci95(v: &[f64]) -> (f64, f64) {
+    // t(0.975, df) for df = 1..=30; beyond, the normal 1.96 is within 2 %.
+    const T: [f64; 30] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+        2.052, 2.048, 2.045, 2.042,
+    ];
+    let n = v.len();
+    let mean = v.iter().sum::<f64>() / n as f64;
+    if n < 2 {
+        return (mean, f64::NAN);
+    }
+    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    let t = T.get(n - 2).copied().unwrap_or(1.96);
+    (mean, t * (var / n as f64).sqrt())
 }
 
 /// One scale of the growth table.
@@ -265,5 +286,26 @@ pub fn growth_chart(rows: &[GrowthRow], dir: &std::path::Path) -> Option<std::pa
             eprintln!("chart growth.svg: {e}");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mean_ci95;
+
+    #[test]
+    fn confidence_interval_of_a_known_sample() {
+        // Mean 2, sample variance 2/3, n = 4: half-width t(3) × √(2/3) / √4.
+        let (m, h) = mean_ci95(&[1.0, 2.0, 2.0, 3.0]);
+        assert!((m - 2.0).abs() < 1e-12);
+        let sd = (2.0f64 / 3.0).sqrt();
+        assert!((h - 3.182 * sd / 2.0).abs() < 1e-9, "{h}");
+        assert!(mean_ci95(&[5.0]).1.is_nan());
+        // Beyond 31 samples the normal quantile; identical samples: no width.
+        let (m, h) = mean_ci95(&[0.5; 40]);
+        assert!((m - 0.5).abs() < 1e-12 && h.abs() < 1e-12, "{m} {h}");
+        let (_, h) = mean_ci95(&(0..40).map(f64::from).collect::<Vec<_>>());
+        let sd = (40.0f64 * 41.0 / 12.0).sqrt();
+        assert!((h - 1.96 * sd / 40f64.sqrt()).abs() < 1e-9, "{h}");
     }
 }

@@ -22,7 +22,7 @@ use std::{
 };
 
 use lb_bench::{agent_rss_mib, latency_summary, svc4_map, wait_count};
-use lb_tests::{Cluster, Value, multinode::MultiNode, pod_v4, service, slice, wait_for};
+use lb_tests::{Cluster, Value, multinode::MultiNode, pod_v4, pod_v6, service, slice, wait_for};
 
 #[expect(
     clippy::struct_excessive_bools,
@@ -67,6 +67,10 @@ struct Args {
     growth_scales: Vec<usize>,
     /// Only the growth table.
     only_growth: bool,
+    /// Service counts of the per-hook cost table (empty = skip).
+    hook_scales: Vec<usize>,
+    /// Only the per-hook cost table.
+    only_hooks: bool,
     /// Where the results (JSON, Markdown) go.
     out_dir: Option<String>,
     /// Where the whole Markdown report is written (e.g. BENCHMARKS.md).
@@ -107,6 +111,8 @@ fn parse_args() -> Args {
         only_dns: false,
         growth_scales: Vec::new(),
         only_growth: false,
+        hook_scales: Vec::new(),
+        only_hooks: false,
         out_dir: None,
         benchmarks_md: None,
     };
@@ -149,6 +155,8 @@ fn parse_args() -> Args {
             "--only-dns" => a.only_dns = val.parse().expect("--only-dns"),
             "--growth-scales" => a.growth_scales = counts("--growth-scales", val),
             "--only-growth" => a.only_growth = val.parse().expect("--only-growth"),
+            "--hook-scales" => a.hook_scales = counts("--hook-scales", val),
+            "--only-hooks" => a.only_hooks = val.parse().expect("--only-hooks"),
             "--out-dir" => a.out_dir = Some(val.clone()),
             "--benchmarks-md" => a.benchmarks_md = Some(val.clone()),
             f => panic!("unknown flag {f}"),
@@ -179,6 +187,13 @@ fn median(v: &mut [f64]) -> f64 {
 /// Interleaved rounds: direct, vip, direct, vip, … Returns (median direct, median vip, median
 /// of per-round vip/direct ratios).
 fn lanes(c: &Cluster, a: &Args) -> (f64, f64, f64) {
+    let (d, v, mut r) = lane_rounds(c, a);
+    let (mut d, mut v) = (d, v);
+    (median(&mut d), median(&mut v), median(&mut r))
+}
+
+/// [`lanes`]' rounds: (direct rates, VIP rates, per-round VIP ÷ direct ratios).
+fn lane_rounds(c: &Cluster, a: &Args) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let (mut d, mut v, mut r) = (Vec::new(), Vec::new(), Vec::new());
     // Warm-up round for each lane (page cache, ARP/ND, socket caches).
     rate(c, &format!("{}:8080", pod_v4(1)), 0.2);
@@ -201,7 +216,7 @@ fn lanes(c: &Cluster, a: &Args) -> (f64, f64, f64) {
         v.push(y);
         r.push(y / x);
     }
-    (median(&mut d), median(&mut v), median(&mut r))
+    (d, v, r)
 }
 
 /// The ClusterIP of loaded Service `i`: every address of 198.19.2.0–198.19.255.255 in turn
@@ -625,20 +640,38 @@ fn capacity_flags(n: usize) -> Vec<String> {
     vec!["--max-service-entries".into(), need.to_string()]
 }
 
-/// A bed with one backend pod and the Service `web` (198.19.0.10:80) on it, its agent
-/// started with `flags` and `web` programmed.
+/// The bed's Service `web`: both families, 80/TCP (→ 8080) and 53/UDP (→ 5353).
+const WEB_VIP4: &str = "198.19.0.10";
+const WEB_VIP6: &str = "2001:db8:f::10";
+/// `web`'s frontends: two families × two ports.
+const WEB_FRONTENDS: usize = 4;
+
+/// A bed with one backend pod and the Service `web` ([`WEB_VIP4`], [`WEB_VIP6`]) on it, its
+/// agent started with `flags` and `web` programmed.
 fn web_bed(name: &str, flags: &[&str]) -> Cluster {
     let mut c = Cluster::new(name, 1);
+    let ports = [("http", 8080, "TCP"), ("dns", 5353, "UDP")];
     c.write_manifest(
         "web.yaml",
         &[
-            service("web", &["198.19.0.10"], &[("http", 80, "TCP")]),
+            service(
+                "web",
+                &[WEB_VIP4, WEB_VIP6],
+                &[("http", 80, "TCP"), ("dns", 53, "UDP")],
+            ),
             slice(
                 "web-1",
                 "web",
                 "IPv4",
-                &[("http", 8080, "TCP")],
+                &ports,
                 &[(&pod_v4(1), true, true, false)],
+            ),
+            slice(
+                "web-2",
+                "web",
+                "IPv6",
+                &ports,
+                &[(&pod_v6(1), true, true, false)],
             ),
         ]
         .join("---\n"),
@@ -664,7 +697,7 @@ fn growth_bench(a: &Args) -> String {
         let (wall, line) =
             lb_bench::program(&c, "many.yaml", &many_services(n), Duration::from_mins(5));
         assert!(
-            line.contains(&format!("frontends={}", n + 1)),
+            line.contains(&format!("frontends={}", n + WEB_FRONTENDS)),
             "partial programming: {line}"
         );
         eprintln!("  {line}");
@@ -709,6 +742,83 @@ fn growth_bench(a: &Args) -> String {
     md
 }
 
+/// The socket hooks, in table order.
+const HOOKS: [&str; 8] = [
+    "sock4_connect",
+    "sock4_getpeername",
+    "sock4_sendmsg",
+    "sock4_recvmsg",
+    "sock6_connect",
+    "sock6_getpeername",
+    "sock6_sendmsg",
+    "sock6_recvmsg",
+];
+
+/// Every socket hook's kernel run time per call, and ClusterIP ÷ direct connection rates with
+/// a 95 % confidence interval, at each scale in a fresh bed (`web` + n loaded Services).
+fn hooks_bench(a: &Args) -> String {
+    let mut md = format!(
+        "| Services loaded | ClusterIP ÷ direct, mean of {} rounds (95 % CI) | {} |\n|---:|---:|{}\n",
+        a.rounds,
+        HOOKS.map(|h| format!("`{h}` ns")).join(" | "),
+        "---:|".repeat(HOOKS.len())
+    );
+    for &n in &a.hook_scales {
+        let flags = capacity_flags(n);
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let c = web_bed("benchhook", &flags);
+        if n > 0 {
+            let (_, line) =
+                lb_bench::program(&c, "many.yaml", &many_services(n), Duration::from_mins(5));
+            assert!(
+                line.contains(&format!("frontends={}", n + WEB_FRONTENDS)),
+                "partial programming: {line}"
+            );
+        }
+        eprintln!("hooks {n}: {} interleaved rounds", a.rounds);
+        let (_, _, ratios) = lane_rounds(&c, a);
+        let (mean, half) = lb_bench::mean_ci95(&ratios);
+        let v4 = format!("{WEB_VIP4}:80");
+        let v6 = format!("[{WEB_VIP6}]:80");
+        let hooks = lb_bench::hook_costs(&c, || {
+            rate(&c, &v4, 1.0);
+            rate(&c, &v6, 1.0);
+            for vip in [format!("{WEB_VIP4}:53"), format!("[{WEB_VIP6}]:53")] {
+                let r = c.client(&["udp", &vip, "2000"]);
+                assert!(r.iter().all(|r| r["ok"] == true), "{vip}: {r:?}");
+            }
+        });
+        // The kernel keeps 15 bytes of a program's name (`sock4_getpeerna`).
+        let cell = |h: &str| {
+            hooks
+                .iter()
+                .find(|x| h.starts_with(x.0.as_str()))
+                .map_or_else(|| "–".to_owned(), |x| format!("{:.0}", x.2))
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {mean:.3} ± {half:.3} | {} |",
+            n + 1,
+            HOOKS.map(cell).join(" | ")
+        );
+        eprintln!("  {}", md.lines().last().unwrap_or_default());
+    }
+    let _ = writeln!(
+        md,
+        "\nConditions: `web` (both families, 80/TCP and 53/UDP) plus the loaded Services × 4 \
+         endpoints; {} interleaved rounds of {} s per lane (one closed-loop client: connect, \
+         request, response, close); hook costs by `BPF_ENABLE_STATS` over 1 s of TCP \
+         connections per family (connect, getpeername) and 2,000 unconnected UDP \
+         request/replies per family (sendmsg, recvmsg).",
+        a.rounds, a.round_secs
+    );
+    if let Some(dir) = &a.out_dir {
+        fs::create_dir_all(dir).expect("out dir");
+        fs::write(format!("{dir}/hooks.md"), &md).expect("write hooks.md");
+    }
+    md
+}
+
 #[expect(
     clippy::too_many_lines,
     reason = "a linear benchmark script reads best top to bottom"
@@ -717,6 +827,10 @@ fn main() {
     let a = parse_args();
     if a.only_growth {
         println!("\n{}", growth_bench(&a));
+        return;
+    }
+    if a.only_hooks {
+        println!("\n{}", hooks_bench(&a));
         return;
     }
     if a.only_kube_proxy {
@@ -766,7 +880,8 @@ fn main() {
     );
     let text = many_services(a.services);
     let (program_wall, line) = lb_bench::program(&c, "many.yaml", &text, Duration::from_mins(2));
-    let frontends = a.services + 1;
+    let frontends = a.services + WEB_FRONTENDS;
+    let loaded = a.services + 1;
     assert!(
         line.contains(&format!("frontends={frontends}")),
         "partial programming: {line}"
@@ -785,7 +900,7 @@ fn main() {
         .unwrap_or(0);
     eprintln!("  {line}");
 
-    eprintln!("lane pair with {frontends} Services loaded");
+    eprintln!("lane pair with {loaded} Services loaded");
     let many = lanes(&c, &a);
     let hooks_many = lb_bench::hook_costs(&c, || {
         rate(&c, "198.19.0.10:80", 1.0);
@@ -802,7 +917,7 @@ fn main() {
     let _ = writeln!(md, "| 1 | {:.0} | {:.0} | {:.3} |", one.0, one.1, one.2);
     let _ = writeln!(
         md,
-        "| {frontends} | {:.0} | {:.0} | {:.3} |",
+        "| {loaded} | {:.0} | {:.0} | {:.3} |",
         many.0, many.1, many.2
     );
     let _ = writeln!(md);
@@ -810,7 +925,7 @@ fn main() {
         md,
         "Socket hooks, kernel run time per call (`BPF_ENABLE_STATS`, 1 s of the ClusterIP lane):\n\n| Services loaded | hook | calls | ns per call |\n|---:|---|---:|---:|"
     );
-    for (n, hooks) in [(1, &hooks_one), (frontends, &hooks_many)] {
+    for (n, hooks) in [(1, &hooks_one), (loaded, &hooks_many)] {
         for (name, calls, ns) in hooks {
             let _ = writeln!(md, "| {n} | `{name}` | {calls} | {ns:.0} |");
         }
@@ -882,6 +997,13 @@ fn main() {
     if !a.growth_scales.is_empty() {
         let _ = writeln!(md, "\n### How the costs grow\n");
         md.push_str(&growth_bench(&a));
+    }
+    if !a.hook_scales.is_empty() {
+        let _ = writeln!(
+            md,
+            "\n### Socket hooks: cost per call, and ClusterIP ÷ direct\n"
+        );
+        md.push_str(&hooks_bench(&a));
     }
     if a.standalone_flips > 0 || a.standalone_services > 0 {
         let _ = writeln!(md);

@@ -136,9 +136,12 @@ pub const MAP_AFF: &str = "LB_AFF_V1";
 /// Written by the agent, for frontends with affinity only.
 pub const MAP_AFF_MATCH: &str = "LB_AFF_MATCH_V1";
 
-/// New connections per frontend: frontend id (`u32`) → per-CPU `u64`. Written by the datapath;
-/// the agent labels it with the Service and deletes the counters of removed frontends.
-pub const MAP_SVC_CNT: &str = "LB_SVC_CNT_V1";
+/// New connections per frontend: frontend id (`u32`, an index) → per-CPU `u64`; a per-CPU
+/// array, whose lookup the verifier inlines (a hash lookup cost ~60 ns per `connect()`).
+/// Written by the datapath; the agent labels it with the Service and zeroes the counters of
+/// removed frontends. Frontend ids are dense (lowest free first); ids beyond the array are not
+/// counted.
+pub const MAP_SVC_CNT: &str = "LB_SVC_CNT_V2";
 
 /// Connection tracking / NAT of the packet path, IPv4 ([`nat`]).
 pub const MAP_CT4: &str = "LB4_CT_V1";
@@ -178,9 +181,16 @@ pub const ALL_MAPS: [&str; 19] = [
 
 /// Maps of earlier layouts that this build replaced (a new name per layout): their pins are
 /// removed once this build's programs are attached, so an upgrade leaves nothing behind.
-pub const SUPERSEDED_MAPS: [&str; 3] = ["LB_STATS_V1", "LB_STATS_V2", "LB_STATS_V3"];
+pub const SUPERSEDED_MAPS: [&str; 4] = [
+    "LB_STATS_V1",
+    "LB_STATS_V2",
+    "LB_STATS_V3",
+    // A per-CPU hash (frontend id → u64) before it became a per-CPU array.
+    "LB_SVC_CNT_V1",
+];
 
-/// Default `max_entries` of the per-frontend connection counters.
+/// `max_entries` of the per-frontend connection counters (frontend ids 0..65,536): a per-CPU
+/// array, 512 KiB of kernel memory per CPU.
 pub const DEFAULT_SVC_CNT_ENTRIES: u32 = 1 << 16;
 
 /// Default `max_entries` of the service maps (frontends + backend slots + VIP markers).

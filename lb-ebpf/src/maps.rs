@@ -5,9 +5,7 @@
 //! Service and backend maps are `BPF_F_NO_PREALLOC`: kernel memory follows the entries in use,
 //! so a generous `max_entries` (room for 50,000 Services × 4 endpoints) costs nothing on a small
 //! cluster; lookups are as fast as in a preallocated map. LRU maps must preallocate.
-use aya_ebpf::btf_maps::{
-    Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, SkStorage,
-};
+use aya_ebpf::btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SkStorage};
 use aya_ebpf::{bindings::BPF_F_NO_PREALLOC, macros::btf_map};
 /// `FLAGS` of the agent-written hash maps.
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -106,15 +104,11 @@ pub(crate) static LB_AFF_MATCH_V1: HashMap<
     NO_PREALLOC,
 > = HashMap::new();
 
+/// New connections per frontend id (`lb_common::MAP_SVC_CNT`).
 #[btf_map]
-pub(crate) static LB_SVC_CNT_V1: PerCpuHashMap<
-    u32,
-    u64,
-    { DEFAULT_SVC_CNT_ENTRIES as usize },
-    NO_PREALLOC,
-> = PerCpuHashMap::new();
+pub(crate) static LB_SVC_CNT_V2: PerCpuArray<u64, { DEFAULT_SVC_CNT_ENTRIES as usize }> =
+    PerCpuArray::new();
 
-/// Adds one to this CPU's connection counter of frontend `id`.
 /// Packet-path connection tracking / NAT (lb_common::nat). LRU: preallocated.
 #[btf_map]
 pub(crate) static LB4_CT_V1: LruHashMap<Ct4Key, Ct4Value, { DEFAULT_CT_ENTRIES as usize }> =
@@ -138,16 +132,12 @@ pub(crate) static LB6_SRCR_V1: LpmTrie<SrcRange6, u8, { DEFAULT_SRCR_ENTRIES as 
 pub(crate) static LB_AFFX_V1: LruHashMap<AffxKey, AffValue, { DEFAULT_AFFX_ENTRIES as usize }> =
     LruHashMap::new();
 
+/// Adds one to this CPU's connection counter of frontend `id` (not counted beyond the array).
 #[inline(always)]
 pub(crate) fn count_frontend(id: u32) {
-    match LB_SVC_CNT_V1.get_ptr_mut(id) {
-        // SAFETY: this CPU's slot of a per-CPU value; nobody else writes it.
-        Some(c) => unsafe { *c += 1 },
-        // First connection on this frontend since it appeared: BPF_NOEXIST (1) so a racing
-        // insert from another CPU is not overwritten (that CPU's count starts at 1 too).
-        None => {
-            let _ = LB_SVC_CNT_V1.insert(id, 1u64, 1);
-        }
+    if let Some(c) = LB_SVC_CNT_V2.get_ptr_mut(id) {
+        // SAFETY: this CPU's slot of a preallocated per-CPU array; only this CPU writes it.
+        unsafe { *c += 1 };
     }
 }
 

@@ -10,7 +10,7 @@ use std::{
 
 use aya::{
     maps::{
-        HashMap, IterableMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap,
+        HashMap, IterableMap, Map, MapData, MapError, PerCpuArray,
         lpm_trie::{Key as LpmKey, LpmTrie},
     },
     sys::SyscallError,
@@ -53,6 +53,8 @@ pub enum Error {
         found: (u32, u32),
         expected: (u32, u32),
     },
+    #[error("cannot read the possible CPUs (/sys/devices/system/cpu/possible)")]
+    Cpus(#[source] std::io::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -764,62 +766,68 @@ fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
 }
 
 /// The pinned per-frontend connection counters.
-fn frontend_count_map(dir: &Path) -> Result<PerCpuHashMap<MapData, u32, u64>> {
+fn frontend_count_map(dir: &Path) -> Result<PerCpuArray<MapData, u64>> {
     let name = lb_common::MAP_SVC_CNT;
-    PerCpuHashMap::try_from(open_pinned(dir, name)?).map_err(|source| Error::Map {
+    PerCpuArray::try_from(open_pinned(dir, name)?).map_err(|source| Error::Map {
         name,
-        op: "open as per-CPU hash",
+        op: "open as per-CPU array",
         source,
     })
 }
 
-/// New connections per frontend id, summed over CPUs.
-pub fn read_frontend_counts(dir: &Path) -> Result<std::collections::BTreeMap<u32, u64>> {
-    frontend_count_map(dir)?
-        .iter()
-        .map(|kv| {
-            let (id, v) = kv.map_err(|source| Error::Map {
-                name: lb_common::MAP_SVC_CNT,
-                op: "iterate",
-                source,
-            })?;
+fn count_error(op: &'static str) -> impl FnOnce(MapError) -> Error {
+    move |source| Error::Map {
+        name: lb_common::MAP_SVC_CNT,
+        op,
+        source,
+    }
+}
+
+/// New connections of frontend ids `ids`, summed over CPUs (ids beyond the array are not
+/// counted and not listed).
+pub fn read_frontend_counts(
+    dir: &Path,
+    ids: impl IntoIterator<Item = u32>,
+) -> Result<std::collections::BTreeMap<u32, u64>> {
+    let map = frontend_count_map(dir)?;
+    let len = map.len();
+    ids.into_iter()
+        .filter(|id| *id < len)
+        .map(|id| {
+            let v = map.get(&id, 0).map_err(count_error("lookup"))?;
             Ok((id, v.iter().sum()))
         })
         .collect()
 }
 
-/// Deletes the counters of `ids`; returns how many there were.
-fn delete_frontend_counts(
-    map: &mut PerCpuHashMap<MapData, u32, u64>,
+/// Zeroes the counters of `ids` that are not zero; returns how many there were.
+fn zero_frontend_counts(
+    map: &mut PerCpuArray<MapData, u64>,
     ids: impl IntoIterator<Item = u32>,
 ) -> Result<usize> {
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| Error::Cpus(e))?;
+    let len = map.len();
     let mut n = 0;
-    for id in ids {
-        match map.remove(&id) {
-            Ok(()) => n += 1,
-            Err(e) => ignore_missing(Err(e)).map_err(|source| Error::Map {
-                name: lb_common::MAP_SVC_CNT,
-                op: "delete",
-                source,
-            })?,
+    for id in ids.into_iter().filter(|id| *id < len) {
+        let v = map.get(&id, 0).map_err(count_error("lookup"))?;
+        if v.iter().any(|c| *c != 0) {
+            let zeros = aya::maps::PerCpuValues::try_from(vec![0u64; cpus]).map_err(Error::Cpus)?;
+            map.set(id, zeros, 0).map_err(count_error("zero"))?;
+            n += 1;
         }
     }
     Ok(n)
 }
 
-/// Deletes the connection counters of frontend ids that no longer exist, so that an id given
-/// to a new frontend later starts from zero. Returns how many were deleted.
+/// Zeroes the connection counters of frontend ids that no longer exist, so that an id given to
+/// a new frontend later starts from zero. Returns how many were zeroed.
 pub fn gc_frontend_counts(dir: &Path, live: &std::collections::BTreeSet<u32>) -> Result<usize> {
     let mut map = frontend_count_map(dir)?;
-    let dead: Vec<u32> = map
-        .keys()
-        .filter_map(std::result::Result::ok)
-        .filter(|id| !live.contains(id))
-        .collect();
-    delete_frontend_counts(&mut map, dead)
+    let dead: Vec<u32> = (0..map.len()).filter(|id| !live.contains(id)).collect();
+    zero_frontend_counts(&mut map, dead)
 }
 
-/// Deletes the connection counters of these (freed) frontend ids. Returns how many there were.
+/// Zeroes the connection counters of these (freed) frontend ids. Returns how many there were.
 pub fn remove_frontend_counts(
     dir: &Path,
     freed: &std::collections::BTreeSet<u32>,
@@ -827,7 +835,7 @@ pub fn remove_frontend_counts(
     if freed.is_empty() {
         return Ok(0);
     }
-    delete_frontend_counts(&mut frontend_count_map(dir)?, freed.iter().copied())
+    zero_frontend_counts(&mut frontend_count_map(dir)?, freed.iter().copied())
 }
 
 /// Datapath counters summed over CPUs, in [`Stat::ALL`] order.

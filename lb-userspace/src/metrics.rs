@@ -161,7 +161,14 @@ impl Collector for Datapath {
         // A map that cannot be read (the agent's own pins: should not happen) yields no sample
         // rather than a failed scrape, and a fault in /healthz (logged once) until it reads again.
         let stats = maps::read_stats(&self.bpffs);
-        let counts = maps::read_frontend_counts(&self.bpffs);
+        let ids: Vec<u32> = self
+            .frontends
+            .read()
+            .expect("labels lock")
+            .keys()
+            .copied()
+            .collect();
+        let counts = maps::read_frontend_counts(&self.bpffs, ids);
         {
             let mut h = self.health.lock().expect("health lock");
             h.fault(

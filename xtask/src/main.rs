@@ -83,6 +83,13 @@ enum Cmd {
         /// Run only the growth table.
         #[arg(long)]
         only_growth: bool,
+        /// Loaded Service counts of the per-hook cost table (every socket hook, both families,
+        /// with ClusterIP ÷ direct and its 95 % confidence interval; empty: skip).
+        #[arg(long, value_delimiter = ',', default_value = "0,10000,50000")]
+        hook_scales: Vec<usize>,
+        /// Run only the per-hook cost table.
+        #[arg(long)]
+        only_hooks: bool,
         /// At most ~5 minutes: the kube-proxy-shapes comparison only, at 100, 1,000 and 10,000
         /// Services, 2 rounds × 1 s.
         #[arg(long)]
@@ -417,6 +424,8 @@ fn main() -> Result<()> {
             only_dns,
             growth_scales,
             only_growth,
+            hook_scales,
+            only_hooks,
             quick,
             scales,
             kp_rounds,
@@ -490,6 +499,10 @@ fn main() -> Result<()> {
                     &list(&growth_scales),
                     "--only-growth",
                     &only_growth.to_string(),
+                    "--hook-scales",
+                    &list(&hook_scales),
+                    "--only-hooks",
+                    &only_hooks.to_string(),
                 ]))
         }
     }
