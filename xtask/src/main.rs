@@ -398,6 +398,27 @@ fn release_bins() -> Result<()> {
     run(cargo().args(["build", "--release"]).args(BINS))
 }
 
+/// `bench --quick`: the kube-proxy-shapes comparison only, at 100, 1,000 and 10,000 Services.
+fn bench_quick(out: &Path, md: &Path, kp_threads: usize) -> Result<()> {
+    run(Command::new(root().join("target/release/lb-bench"))
+        .args([
+            "--only-kube-proxy",
+            "true",
+            "--kp-scales",
+            "100,1000,10000",
+            "--kp-rounds",
+            "2",
+            "--round-secs",
+            "1",
+            "--kp-threads",
+            &kp_threads.to_string(),
+            "--out-dir",
+        ])
+        .arg(out)
+        .arg("--benchmarks-md")
+        .arg(md))
+}
+
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Setup => setup(),
@@ -436,23 +457,7 @@ fn main() -> Result<()> {
             let out = root().join("docs/benchmarks");
             let md = root().join("BENCHMARKS.md");
             if quick {
-                return run(Command::new(root().join("target/release/lb-bench"))
-                    .args([
-                        "--only-kube-proxy",
-                        "true",
-                        "--kp-scales",
-                        "100,1000,10000",
-                        "--kp-rounds",
-                        "2",
-                        "--round-secs",
-                        "1",
-                        "--kp-threads",
-                        &kp_threads.to_string(),
-                        "--out-dir",
-                    ])
-                    .arg(&out)
-                    .arg("--benchmarks-md")
-                    .arg(&md));
+                return bench_quick(&out, &md, kp_threads);
             }
             let scales: Vec<String> = scales.iter().map(ToString::to_string).collect();
             run(Command::new(root().join("target/release/lb-bench"))
