@@ -325,7 +325,7 @@ pub struct Backend6 {
 // Measured (kernel 6.18, 2 vCPUs, `sock4_connect` per call, 1,000 Services): 1.09–1.12 µs
 // creating socket storage in connect(), 1.35–1.41 µs with a per-CPU-list LRU insert (lookup
 // first, as Cilium does), 0.89–0.91 µs for a preallocated hash insert + delete, 0.50–0.53 µs
-// with no record at all; the ring costs a cookie and five stores.
+// with no record at all; the ring costs a cookie and six stores.
 // ---------------------------------------------------------------------------------------------
 
 /// Key of `LB4_RNAT_SK_V1`.

@@ -14,9 +14,10 @@
 //! * `lbt http ADDR PATH` — one HTTP/1.1 GET; prints the raw response (exit 1 on no answer).
 //! * `lbt loop ADDR MILLIS` — TCP connect+request+close as fast as possible for MILLIS ms;
 //!   prints `{"ok":n,"failed":m,"errors":{...}}`.
-//! * `lbt peers ADDR N` — two long-lived TCP connections, `asked` (getpeername right after
-//!   connect) and `quiet` (no getpeername yet), then N more connections through ADDR, then
-//!   getpeername of both; prints `{"asked_first","asked","quiet","churn_failed"}`.
+//! * `lbt peers ADDR N` — long-lived TCP connections `asked` and `quiet`; N more connections
+//!   through ADDR with a getpeername of `asked` at once and after each (a client logging its
+//!   peer), then N more without; then getpeername of both. Prints `{"asked_during": [distinct peers],
+//!   "asked","quiet","churn_failed"}`.
 //!
 //! * `lbt dnsserve ADDR IP` — a stand-in DNS server (UDP): every A question is answered with IP.
 //! * `lbt dns ADDR NAME` — one A lookup over a connected UDP socket (1 s); prints
@@ -296,18 +297,25 @@ fn run_loop(addr: SocketAddr, millis: u64, max: u64) {
 fn peers(addr: SocketAddr, n: u64) {
     let peer = |s: &TcpStream| s.peer_addr().map(|p| p.to_string()).unwrap_or_default();
     let connect = || TcpStream::connect_timeout(&addr, TIMEOUT).expect("connect");
-    let asked = connect();
-    let asked_first = peer(&asked);
-    let quiet = connect();
     let mut churn_failed = 0;
-    for _ in 0..n {
-        if tcp_once(addr)["ok"] != true {
-            churn_failed += 1;
+    let mut churn = |k: u64| {
+        for _ in 0..k {
+            if tcp_once(addr)["ok"] != true {
+                churn_failed += 1;
+            }
         }
+    };
+    let asked = connect();
+    let mut asked_during = std::collections::BTreeSet::from([peer(&asked)]);
+    let quiet = connect();
+    for _ in 0..n {
+        churn(1);
+        asked_during.insert(peer(&asked));
     }
+    churn(n);
     println!(
         "{}",
-        json!({"asked_first": asked_first, "asked": peer(&asked), "quiet": peer(&quiet),
+        json!({"asked_during": asked_during, "asked": peer(&asked), "quiet": peer(&quiet),
                "churn_failed": churn_failed})
     );
 }
