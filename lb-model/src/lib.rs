@@ -25,6 +25,39 @@ pub mod model;
 pub mod sync;
 mod tracked;
 
+#[cfg(test)]
+mod scratch {
+    use std::{
+        fs,
+        path::{Path, PathBuf},
+    };
+
+    /// A fresh directory under the system's temp dir, removed when dropped (a failed test
+    /// leaves nothing behind).
+    pub(crate) struct Scratch(PathBuf);
+
+    impl Scratch {
+        pub(crate) fn new(tag: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!("{tag}-{}", std::process::id()));
+            fs::create_dir_all(&dir).expect("mkdir");
+            Self(dir)
+        }
+    }
+
+    impl std::ops::Deref for Scratch {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
 /// A complete snapshot of the objects the model needs. Objects are shared (`Arc`) with the
 /// source's own cache, so a snapshot of 10,000 Services copies pointers, not Services.
 #[derive(Clone, Debug, Default)]

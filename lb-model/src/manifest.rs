@@ -656,6 +656,7 @@ mod tests {
     use std::fmt::Write as _;
 
     use super::*;
+    use crate::scratch::Scratch;
 
     fn parse(text: &str) -> (Objects, Vec<Error>) {
         let mut errors = Vec::new();
@@ -794,14 +795,13 @@ mod tests {
 
     #[test]
     fn services_are_stamped_with_the_time_first_seen() {
-        let dir = std::env::temp_dir().join(format!("lb-src-stamp-{}", std::process::id()));
-        fs::create_dir_all(&dir).expect("mkdir");
+        let dir = Scratch::new("lb-src-stamp");
         fs::write(
             dir.join("a.yaml"),
             "apiVersion: v1\nkind: Service\nmetadata: {name: a}\n",
         )
         .expect("write");
-        let mut m = ManifestDir::new(&dir);
+        let mut m = ManifestDir::new(&*dir);
         let t1 = m.read().0.services[0]
             .metadata
             .creation_timestamp
@@ -864,15 +864,13 @@ mod tests {
             stamp(&mut m, "a").expect("back").0 > t1.0,
             "forgotten, then new"
         );
-        fs::remove_dir_all(&dir).expect("rmdir");
     }
 
     /// A file that has not changed for a while is not read again (its signature says so); an
     /// in-place rewrite of the same size after that is still seen.
     #[test]
     fn a_settled_file_is_trusted_by_its_signature_and_a_rewrite_is_still_seen() {
-        let dir = std::env::temp_dir().join(format!("lb-src-sig-{}", std::process::id()));
-        fs::create_dir_all(&dir).expect("mkdir");
+        let dir = Scratch::new("lb-src-sig");
         let f = dir.join("a.yaml");
         let svc = |ip: &str| {
             format!(
@@ -880,7 +878,7 @@ mod tests {
             )
         };
         fs::write(&f, svc("198.19.0.1")).expect("write");
-        let mut m = ManifestDir::new(&dir);
+        let mut m = ManifestDir::new(&*dir);
         let first = m.read().0.services[0].clone();
         std::thread::sleep(std::time::Duration::from_millis(3100));
         assert!(
@@ -903,15 +901,13 @@ mod tests {
             changed.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()),
             Some("198.19.0.2")
         );
-        fs::remove_dir_all(&dir).expect("rmdir");
     }
 
     #[test]
     fn an_unchanged_file_keeps_its_objects_and_errors() {
-        let dir = std::env::temp_dir().join(format!("lb-src-cache-{}", std::process::id()));
-        fs::create_dir_all(&dir).expect("mkdir");
+        let dir = Scratch::new("lb-src-cache");
         fs::write(dir.join("a.yaml"), "apiVersion: v1\nkind: Service\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: bad}\nspec: {ports: x}\n").expect("write");
-        let mut m = ManifestDir::new(&dir);
+        let mut m = ManifestDir::new(&*dir);
         let (o1, e1) = m.read();
         let (o2, e2) = m.read();
         assert!(
@@ -942,20 +938,18 @@ mod tests {
             "unchanged object, same Arc"
         );
         assert_eq!(o4.services.len(), 2);
-        fs::remove_dir_all(&dir).expect("rmdir");
     }
 
     #[test]
     fn a_broken_file_keeps_its_last_good_contents() {
-        let dir = std::env::temp_dir().join(format!("lb-src-test-{}", std::process::id()));
-        fs::create_dir_all(&dir).expect("mkdir");
+        let dir = Scratch::new("lb-src-test");
         let f = dir.join("svc.yaml");
         fs::write(
             &f,
             "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 198.19.0.1}\n",
         )
         .expect("write");
-        let mut m = ManifestDir::new(&dir);
+        let mut m = ManifestDir::new(&*dir);
         let (o, e) = m.read();
         assert_eq!((o.services.len(), e.len()), (1, 0));
         fs::write(
@@ -972,6 +966,5 @@ mod tests {
             o.services.is_empty(),
             "a deleted file withdraws its objects"
         );
-        fs::remove_dir_all(&dir).expect("rmdir");
     }
 }

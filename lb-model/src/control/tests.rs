@@ -425,7 +425,7 @@ fn cluster_ips_come_from_the_upper_band_and_stay_across_restarts() {
     }
     // A restart from the saved state, with the files in another order and a Service added
     // that sorts first: nothing moves.
-    let dir = std::env::temp_dir().join(format!("lb-state-{}", std::process::id()));
+    let dir = crate::scratch::Scratch::new("lb-state");
     let file = dir.join("state.json");
     save_state(&file, cp.state()).expect("save");
     let mut y2 = svc_yaml("a-new", "{ports: [{port: 80}]}");
@@ -442,7 +442,6 @@ fn cluster_ips_come_from_the_upper_band_and_stay_across_restarts() {
     let (_, _, changed) = cp2.run(&objects(&svc_yaml("s0", "{ports: [{port: 80}]}")), "n");
     assert!(changed);
     assert_eq!(cp2.state().services.len(), 1);
-    std::fs::remove_dir_all(&dir).expect("rm");
 }
 
 #[test]
