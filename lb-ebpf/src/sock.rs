@@ -199,20 +199,16 @@ fn node_dns<F: Family>(be: &mut Backend<F::A>) -> bool {
     true
 }
 
-/// `RevNatSk` as `u64` words, for word-by-word copies.
-const SK_WORDS: usize = core::mem::size_of::<RevNatSk>() / 8;
-/// `RevNatRing` as `u64` words.
-const RING_WORDS: usize = core::mem::size_of::<RevNatRing>() / 8;
-
-/// Copies `n` `u64` words from `src` to `dst`.
+/// Copies `*src` to `*dst` word by word: a struct copy compiles to a byte loop the verifier
+/// refuses without `CAP_PERFMON`. For the 8-byte-aligned reverse-NAT records.
 ///
 /// # Safety
-/// Both must point at `n` readable / writable, 8-byte-aligned words.
+/// Both must point at a valid, 8-byte-aligned `T` whose size is a multiple of 8.
 #[inline(always)]
-unsafe fn copy_words(src: *const u64, dst: *mut u64, n: usize) {
-    for i in 0..n {
-        // SAFETY: the caller's contract; volatile keeps these word copies (a struct copy
-        // compiles to a byte loop the verifier refuses without `CAP_PERFMON`).
+unsafe fn copy_record<T>(src: *const T, dst: *mut T) {
+    let (src, dst) = (src.cast::<u64>(), dst.cast::<u64>());
+    for i in 0..core::mem::size_of::<T>() / 8 {
+        // SAFETY: the caller's contract; volatile keeps these word copies.
         unsafe { core::ptr::write_volatile(dst.add(i), core::ptr::read_volatile(src.add(i))) };
     }
 }
@@ -237,7 +233,7 @@ fn remember_ring(ctx: &SockAddrContext, v: &RevNatSk) -> bool {
     let rec = RevNatRing { cookie: c, sk: *v };
     // SAFETY: `p` is an array value (valid while the program runs), `rec` a local; both are
     // 8-byte-aligned `RevNatRing`s.
-    unsafe { copy_words(core::ptr::from_ref(&rec).cast(), p.cast(), RING_WORDS) };
+    unsafe { copy_record(&raw const rec, p) };
     true
 }
 
@@ -253,7 +249,7 @@ fn remember_sk(ctx: &SockAddrContext, v: &RevNatSk) -> bool {
     }
     // SAFETY: both point at an 8-byte-aligned `RevNatSk` (the map value is this socket's,
     // valid while the program runs).
-    unsafe { copy_words(core::ptr::from_ref(v).cast(), p.cast(), SK_WORDS) };
+    unsafe { copy_record(v, p) };
     true
 }
 
@@ -269,13 +265,7 @@ fn recall_sk(ctx: &SockAddrContext, backend: &[u8; 16], port: u16) -> Option<([u
     if let Some(p) = ring_slot(c) {
         let mut r = RevNatRing::default();
         // SAFETY: as in `remember_ring`, in the other direction.
-        unsafe {
-            copy_words(
-                p.cast_const().cast(),
-                core::ptr::from_mut(&mut r).cast(),
-                RING_WORDS,
-            );
-        }
+        unsafe { copy_record(p, &raw mut r) };
         if r.cookie == c && r.sk.backend == *backend && r.sk.backend_port == port {
             let _ = remember_sk(ctx, &r.sk);
             return Some((r.sk.vip, r.sk.vip_port));
@@ -288,13 +278,7 @@ fn recall_sk(ctx: &SockAddrContext, backend: &[u8; 16], port: u16) -> Option<([u
     }
     let mut v = RevNatSk::default();
     // SAFETY: as in `remember_sk`, in the other direction.
-    unsafe {
-        copy_words(
-            p.cast_const().cast(),
-            core::ptr::from_mut(&mut v).cast(),
-            SK_WORDS,
-        );
-    }
+    unsafe { copy_record(p, &raw mut v) };
     (v.backend == *backend && v.backend_port == port).then_some((v.vip, v.vip_port))
 }
 
