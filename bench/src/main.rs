@@ -758,7 +758,7 @@ const HOOKS: [&str; 8] = [
 /// a 95 % confidence interval, at each scale in a fresh bed (`web` + n loaded Services).
 fn hooks_bench(a: &Args) -> String {
     let mut md = format!(
-        "| Services loaded | ClusterIP ÷ direct, mean of {} rounds (95 % CI) | {} |\n|---:|---:|{}\n",
+        "| Services loaded | ClusterIP ÷ direct, mean of {} rounds (95 % CI) | {} | `sock4_connect` ns, not a Service |\n|---:|---:|{}---:|\n",
         a.rounds,
         HOOKS.map(|h| format!("`{h}` ns")).join(" | "),
         "---:|".repeat(HOOKS.len())
@@ -788,18 +788,23 @@ fn hooks_bench(a: &Args) -> String {
                 assert!(r.iter().all(|r| r["ok"] == true), "{vip}: {r:?}");
             }
         });
+        // Every other connection in the cgroup pays the look-up that finds no Service.
+        let direct = lb_bench::hook_costs(&c, || {
+            rate(&c, &format!("{}:8080", pod_v4(1)), 1.0);
+        });
         // The kernel keeps 15 bytes of a program's name (`sock4_getpeerna`).
-        let cell = |h: &str| {
-            hooks
+        let cell = |costs: &[(String, u64, f64)], h: &str| {
+            costs
                 .iter()
                 .find(|x| h.starts_with(x.0.as_str()))
                 .map_or_else(|| "–".to_owned(), |x| format!("{:.0}", x.2))
         };
         let _ = writeln!(
             md,
-            "| {} | {mean:.3} ± {half:.3} | {} |",
+            "| {} | {mean:.3} ± {half:.3} | {} | {} |",
             n + 1,
-            HOOKS.map(cell).join(" | ")
+            HOOKS.map(|h| cell(&hooks, h)).join(" | "),
+            cell(&direct, "sock4_connect")
         );
         eprintln!("  {}", md.lines().last().unwrap_or_default());
     }
@@ -808,8 +813,9 @@ fn hooks_bench(a: &Args) -> String {
         "\nConditions: `web` (both families, 80/TCP and 53/UDP) plus the loaded Services × 4 \
          endpoints; {} interleaved rounds of {} s per lane (one closed-loop client: connect, \
          request, response, close); hook costs by `BPF_ENABLE_STATS` over 1 s of TCP \
-         connections per family (connect, getpeername) and 2,000 unconnected UDP \
-         request/replies per family (sendmsg, recvmsg).",
+         connections per family (connect, getpeername), 2,000 unconnected UDP \
+         request/replies per family (sendmsg, recvmsg), and 1 s of TCP connections straight to \
+         the backend pod (not a Service).",
         a.rounds, a.round_secs
     );
     if let Some(dir) = &a.out_dir {
