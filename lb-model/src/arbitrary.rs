@@ -88,7 +88,7 @@ pub fn arb_desired() -> impl Strategy<Value = Desired> {
                                 name: "s".into(),
                             },
                             port_name: String::new(),
-                            backends,
+                            backends: backends.into(),
                             no_local,
                             affinity_timeout,
                             external: external || external_scope,

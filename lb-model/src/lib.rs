@@ -10,15 +10,16 @@
 //! objects and a [`sync::MapWriter`] for the pinned BPF maps.
 use std::sync::Arc;
 
-use k8s_openapi::api::{
-    core::v1::{Endpoints, Node, Pod, Service},
-    discovery::v1::EndpointSlice,
+use crate::k8s::{
+    core::{Endpoints, Node, Pod, Service},
+    discovery::EndpointSlice,
 };
 
 #[cfg(any(test, feature = "proptest"))]
 pub mod arbitrary;
 pub mod control;
 pub mod dns;
+pub mod k8s;
 pub mod maglev;
 pub mod manifest;
 pub mod model;

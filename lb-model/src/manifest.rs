@@ -14,9 +14,9 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::api::{
-    core::v1::{Endpoints, Node, Pod, Service},
-    discovery::v1::EndpointSlice,
+use crate::k8s::{
+    core::{Endpoints, Node, Pod, Service},
+    discovery::EndpointSlice,
 };
 
 pub use crate::Objects;
@@ -317,8 +317,7 @@ impl ManifestDir {
 fn keep_unchanged(objs: &mut Objects, prev: &Objects) {
     fn same<T>(new: &mut [Arc<T>], old: &[Arc<T>])
     where
-        T: PartialEq
-            + k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>,
+        T: PartialEq + crate::k8s::Object,
     {
         let key = |o: &T| (o.metadata().namespace.clone(), o.metadata().name.clone());
         let by_key: std::collections::HashMap<_, &Arc<T>> =

@@ -7,9 +7,9 @@ mod common;
 use std::sync::Arc;
 
 use common::footprint;
-use k8s_openapi::api::{
-    core::v1::{Service, ServicePort, ServiceSpec},
-    discovery::v1::{Endpoint, EndpointPort, EndpointSlice},
+use lb_model::k8s::{
+    core::{Service, ServicePort, ServiceSpec},
+    discovery::{Endpoint, EndpointPort, EndpointSlice},
 };
 use lb_model::{
     Objects,

@@ -20,7 +20,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use lb_model::k8s::{core::Service, discovery::EndpointSlice};
 
 pub use crate::error::{Error, Result, chain};
 use crate::{
@@ -80,23 +80,23 @@ impl Standalone {
             return None;
         }
         let ips: Vec<String> = self.cluster_dns.iter().map(ToString::to_string).collect();
-        let port = |name: &str, proto: &str| k8s_openapi::api::core::v1::ServicePort {
+        let port = |name: &str, proto: &str| lb_model::k8s::core::ServicePort {
             name: Some(name.into()),
             port: 53,
             protocol: Some(proto.into()),
             ..Default::default()
         };
         Some(Arc::new(Service {
-            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            metadata: lb_model::k8s::ObjectMeta {
                 name: Some(CLUSTER_DNS_SERVICE.1.into()),
                 namespace: Some(CLUSTER_DNS_SERVICE.0.into()),
-                labels: Some(std::collections::BTreeMap::from([(
+                labels: Some(lb_model::k8s::Labels::from([(
                     "k8s-app".to_owned(),
                     "kube-dns".to_owned(),
                 )])),
                 ..Default::default()
             },
-            spec: Some(k8s_openapi::api::core::v1::ServiceSpec {
+            spec: Some(lb_model::k8s::core::ServiceSpec {
                 cluster_ip: ips.first().cloned(),
                 ip_family_policy: Some(
                     if ips.len() > 1 {
@@ -163,7 +163,7 @@ pub struct Options {
 pub fn node_addresses(
     flags: &[std::net::IpAddr],
     nodeport_addresses: &[NodePortAddress],
-    node: Option<&k8s_openapi::api::core::v1::Node>,
+    node: Option<&lb_model::k8s::core::Node>,
     local: &[std::net::IpAddr],
 ) -> Vec<std::net::IpAddr> {
     let mut out = flags.to_vec();
@@ -313,7 +313,7 @@ type DnsState = (
 /// objects that are new or changed, and how many namespace/names were added, changed or
 /// removed; `prev` becomes `now`. Costs what changed ([`lb_model::Window`]), not what the
 /// snapshots hold.
-fn changes<'a, K: kube::Resource>(
+fn changes<'a, K: lb_model::k8s::Object>(
     prev: &mut Vec<Arc<K>>,
     now: &'a [Arc<K>],
 ) -> (Vec<&'a Arc<K>>, u64) {
@@ -333,7 +333,12 @@ fn changes<'a, K: kube::Resource>(
         .iter()
         .copied()
         .chain(gone)
-        .map(|o| (o.meta().namespace.as_deref(), o.meta().name.as_deref()))
+        .map(|o| {
+            (
+                o.metadata().namespace.as_deref(),
+                o.metadata().name.as_deref(),
+            )
+        })
         .collect();
     let n = names.len() as u64;
     drop(names);
@@ -968,7 +973,7 @@ async fn start_source(
             info!("waiting for the first list of Services, EndpointSlices and this Node");
             // Until every store is complete the adopted maps stay exactly as they are.
             tokio::select! {
-                r = api.ready() => r?,
+                () = api.ready() => {}
                 _ = term.recv() => return Ok(None),
                 _ = int.recv() => return Ok(None),
             }
@@ -1107,7 +1112,7 @@ mod tests {
     #[test]
     fn node_port_addresses_follow_kube_proxy() {
         let local = ips(&["198.18.0.1", "198.18.9.1", "2001:db8::1"]);
-        let node: k8s_openapi::api::core::v1::Node = serde_json::from_value(serde_json::json!({
+        let node: lb_model::k8s::core::Node = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "n"},
             "status": {"addresses": [{"type": "InternalIP", "address": "198.18.0.1"}]}
         }))

@@ -13,7 +13,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use lb_model::k8s::{core::Service, discovery::EndpointSlice};
 
 use crate::cli::{GetOutput, GetWhat};
 
@@ -53,12 +53,20 @@ pub struct Served {
 
 /// A `List` of objects (what `kubectl get -o yaml` prints for several).
 #[must_use]
-pub fn list<T: serde::Serialize>(items: &[Arc<T>]) -> serde_json::Value {
+pub fn list<T: serde::Serialize + lb_model::k8s::Object>(items: &[Arc<T>]) -> serde_json::Value {
+    let item = |i: &T| {
+        let mut v = serde_json::to_value(i).unwrap_or_default();
+        if let Some(m) = v.as_object_mut() {
+            m.insert("apiVersion".into(), T::API_VERSION.into());
+            m.insert("kind".into(), T::KIND.into());
+        }
+        v
+    };
     serde_json::json!({
         "apiVersion": "v1",
         "kind": "List",
         "metadata": {"resourceVersion": ""},
-        "items": items.iter().map(|i| serde_json::to_value(&**i).unwrap_or_default()).collect::<Vec<_>>(),
+        "items": items.iter().map(|i| item(i)).collect::<Vec<_>>(),
     })
 }
 
@@ -149,10 +157,7 @@ fn human(d: Duration) -> String {
     }
 }
 
-fn age(
-    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-    now: SystemTime,
-) -> String {
+fn age(meta: &lb_model::k8s::ObjectMeta, now: SystemTime) -> String {
     let Some(t) = meta.creation_timestamp.as_ref() else {
         return "<unknown>".into();
     };
@@ -245,25 +250,16 @@ fn table(rows: &[Vec<String>]) -> String {
     out
 }
 
-fn namespace(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+fn namespace(meta: &lb_model::k8s::ObjectMeta) -> String {
     meta.namespace.clone().unwrap_or_else(|| "default".into())
 }
 
-fn in_ns(
-    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-    ns: Option<&str>,
-) -> bool {
+fn in_ns(meta: &lb_model::k8s::ObjectMeta, ns: Option<&str>) -> bool {
     ns.is_none_or(|ns| meta.namespace.as_deref().unwrap_or("default") == ns)
 }
 
 /// Sorted by namespace, then name (kubectl's order).
-fn sorted<
-    'a,
-    T: k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>,
->(
-    v: &'a [Arc<T>],
-    ns: Option<&str>,
-) -> Vec<&'a Arc<T>> {
+fn sorted<'a, T: lb_model::k8s::Object>(v: &'a [Arc<T>], ns: Option<&str>) -> Vec<&'a Arc<T>> {
     let mut v: Vec<&Arc<T>> = v.iter().filter(|o| in_ns(o.metadata(), ns)).collect();
     v.sort_by(|a, b| {
         let key = |o: &T| (o.metadata().namespace.clone(), o.metadata().name.clone());

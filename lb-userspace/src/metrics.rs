@@ -412,7 +412,7 @@ impl Health {
 
 /// Is this node eligible for traffic (not being deleted, not tainted for deletion)?
 #[must_use]
-pub fn node_eligible(node: Option<&k8s_openapi::api::core::v1::Node>) -> bool {
+pub fn node_eligible(node: Option<&lb_model::k8s::core::Node>) -> bool {
     let Some(n) = node else { return true };
     let deleting = n.metadata.deletion_timestamp.is_some();
     let tainted = n
@@ -499,7 +499,7 @@ mod tests {
 
     #[test]
     fn node_eligibility() {
-        use k8s_openapi::api::core::v1::{Node, NodeSpec, Taint};
+        use lb_model::k8s::core::{Node, NodeSpec, Taint};
         assert!(node_eligible(None));
         let mut n = Node::default();
         assert!(node_eligible(Some(&n)));

@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, Service, ServiceStatus};
+use crate::k8s::core::{LoadBalancerIngress, LoadBalancerStatus, Service, ServiceStatus};
 
 use super::{Error, fnv1a};
 use crate::model::{Cidr, NsName, ObjectRef, parse_ip};
@@ -447,7 +447,7 @@ fn plan(svc: &Service, id: &NsName, ranges: &Ranges) -> Result<Option<Plan>, Vec
             .map(|raw| ("spec.loadBalancerIP".to_owned(), raw.as_str()))
             .chain(LB_IP_ANNOTATIONS.iter().flat_map(|a| {
                 annotations
-                    .and_then(|m| m.get(*a))
+                    .and_then(|m| m.get(a))
                     .into_iter()
                     .flat_map(|v| v.split(','))
                     .map(move |raw| (format!("metadata.annotations[{a}]"), raw.trim()))
@@ -938,7 +938,6 @@ pub(crate) fn apply(svc: &Arc<Service>, p: &Plan, rec: &Record) -> Arc<Service> 
                         .collect(),
                 ),
             }),
-            ..s.status.unwrap_or_default()
         });
     }
     Arc::new(s)

@@ -23,9 +23,9 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{ObjectReference, Pod, Service, ServicePort};
-use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use crate::k8s::ObjectMeta;
+use crate::k8s::core::{ObjectReference, Pod, Service, ServicePort};
+use crate::k8s::discovery::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{Error, fnv1a};
@@ -208,13 +208,13 @@ pub(crate) fn slices_for(
                 hostname: hostname.clone(),
                 node_name: node.clone(),
                 zone: node.as_ref().and_then(|n| zones.get(n)).cloned(),
-                target_ref: Some(ObjectReference {
+                target_ref: Some(Box::new(ObjectReference {
                     kind: Some("Pod".into()),
                     namespace: Some(id.namespace.clone()),
                     name: Some(name.clone()),
                     uid: pod.metadata.uid.clone(),
                     ..ObjectReference::default()
-                }),
+                })),
                 ..Endpoint::default()
             };
             groups
@@ -312,7 +312,7 @@ pub(crate) fn make_slice(
             name: Some(format!("{}-{:08x}", id.name, fnv1a(key.as_bytes()) as u32)),
             namespace: Some(id.namespace.clone()),
             creation_timestamp: svc.metadata.creation_timestamp.clone(),
-            labels: Some(BTreeMap::from([
+            labels: Some(crate::k8s::Labels::from([
                 (LABEL_SERVICE_NAME.to_owned(), id.name.clone()),
                 (LABEL_MANAGED_BY.to_owned(), managed_by.to_owned()),
             ])),

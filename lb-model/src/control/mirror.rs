@@ -12,8 +12,8 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{EndpointAddress, Endpoints, Service};
-use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointSlice};
+use crate::k8s::core::{EndpointAddress, Endpoints, Service};
+use crate::k8s::discovery::{Endpoint, EndpointConditions, EndpointSlice};
 
 use super::Error;
 use super::endpointslice::{Group, PortKey, chunked};

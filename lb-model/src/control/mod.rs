@@ -19,8 +19,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Endpoints, Pod, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use crate::k8s::core::{Endpoints, Pod, Service};
+use crate::k8s::discovery::EndpointSlice;
 
 pub use alloc::{IpRange, Ranges, Record, State};
 
@@ -85,7 +85,7 @@ pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-fn id_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Option<NsName> {
+fn id_of(meta: &crate::k8s::ObjectMeta) -> Option<NsName> {
     Some(NsName {
         namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
         name: meta.name.clone()?,
@@ -401,7 +401,7 @@ impl<'a> PodIndex<'a> {
 
     /// Pods of `ns` whose labels hold every pair of `selector` (an empty selector: all of
     /// them), in file order.
-    fn matching(&self, ns: &str, selector: &BTreeMap<String, String>) -> Vec<Arc<Pod>> {
+    fn matching(&self, ns: &str, selector: &crate::k8s::Labels) -> Vec<Arc<Pod>> {
         let candidates: &[usize] = if selector.is_empty() {
             self.by_ns.get(ns).map_or(&[], Vec::as_slice)
         } else {

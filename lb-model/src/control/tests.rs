@@ -61,7 +61,7 @@ fn endpoints(o: &Objects, svc: &str) -> Vec<(String, bool, bool, bool, String)> 
             })
             .collect();
         for e in &s.endpoints {
-            let c = e.conditions.clone().unwrap_or_default();
+            let c = e.conditions.unwrap_or_default();
             let ready = c.ready.unwrap_or(true);
             v.push((
                 e.addresses[0].clone(),

@@ -31,7 +31,7 @@ use std::hash::{BuildHasher as _, Hash, RandomState};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use crate::k8s::{core::Service, discovery::EndpointSlice};
 
 use crate::Objects;
 use crate::model::{LABEL_SERVICE_NAME, parse_ip};
@@ -468,7 +468,7 @@ fn is_headless(svc: &Service) -> bool {
     })
 }
 
-fn cluster_ips(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Vec<IpAddr> {
+fn cluster_ips(spec: &crate::k8s::core::ServiceSpec) -> Vec<IpAddr> {
     match (&spec.cluster_ips, &spec.cluster_ip) {
         (Some(v), _) if !v.is_empty() => v.clone(),
         (_, Some(ip)) if !ip.is_empty() => vec![ip.clone()],

@@ -417,7 +417,7 @@ fn a_change_rebuilds_only_its_own_service() {
 /// builder updated answers exactly as one built from scratch.
 mod incremental {
     use super::*;
-    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions};
+    use crate::k8s::discovery::{Endpoint, EndpointConditions};
     use proptest::prelude::*;
 
     fn service(i: u8, ns: u8, variant: u8) -> Arc<Service> {

@@ -10,8 +10,8 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use crate::k8s::core::Service;
+use crate::k8s::discovery::EndpointSlice;
 
 use super::{
     Config, Desired, Error, Frontend, FrontendState, HealthCheck, LABEL_SERVICE_NAME, NsName,
@@ -60,7 +60,9 @@ pub struct Cache {
     /// Slice id → the object used, what it resolved to, and the Service it is for.
     slices: HashMap<Id, SliceEntry>,
     /// Service id → the ids of the slices labelled for it.
-    by_service: HashMap<Id, BTreeSet<Id>>,
+    /// (Sorted vectors: a Service has one slice or a few, and a one-entry B-tree set
+    /// allocates room for eleven.)
+    by_service: HashMap<Id, Vec<Id>>,
     /// Service id → the object used, the slice objects it was resolved with, the result (`None`:
     /// it resolved to nothing) and the problems found.
     services: HashMap<Id, SvcEntry>,
@@ -178,7 +180,9 @@ impl Cache {
         }
         if let Some((_, _, Some(svc))) = self.slices.remove(id) {
             if let Some(set) = self.by_service.get_mut(&svc) {
-                set.remove(id);
+                if let Ok(i) = set.binary_search(id) {
+                    set.remove(i);
+                }
                 if set.is_empty() {
                     self.by_service.remove(&svc);
                 }
@@ -193,10 +197,15 @@ impl Cache {
             .as_ref()
             .and_then(|l| l.get(LABEL_SERVICE_NAME))
             .map(|name| {
-                Arc::new(NsName {
+                let key = NsName {
                     namespace: id.namespace.clone(),
                     name: name.clone(),
-                })
+                };
+                // One id per Service, shared by its slices.
+                match self.by_service.get_key_value(&key) {
+                    Some((k, _)) => k.clone(),
+                    None => Arc::new(key),
+                }
             });
         let Some(svc) = svc else {
             // Not managed for a Service: no resolution, no problems.
@@ -225,10 +234,10 @@ impl Cache {
         if !res.errors.is_empty() {
             self.slices_with_errors.insert(id.clone());
         }
-        self.by_service
-            .entry(svc.clone())
-            .or_default()
-            .insert(id.clone());
+        let set = self.by_service.entry(svc.clone()).or_default();
+        if let Err(i) = set.binary_search(id) {
+            set.insert(i, id.clone());
+        }
         self.slices
             .insert(id.clone(), (slice, res, Some(svc.clone())));
         dirty.insert(svc);

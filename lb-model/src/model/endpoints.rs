@@ -1,7 +1,7 @@
 //! EndpointSlices → endpoints with conditions; which endpoints a frontend uses (readiness,
 //! terminating fallback, traffic policy, topology hints).
-use k8s_openapi::api::discovery::v1::Endpoint;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use crate::k8s::discovery::Endpoint;
+use crate::k8s::discovery::EndpointSlice;
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::net::SocketAddr;
@@ -122,6 +122,10 @@ pub(crate) fn resolve_slice(
                 .map_or_else(Vec::new, |n| n.iter().map(|n| n.name.clone()).collect()),
         });
     }
+    // Kept while the slice is: exactly as long as they are.
+    let (mut ports, mut endpoints) = (ports, endpoints);
+    ports.shrink_to_fit();
+    endpoints.shrink_to_fit();
     Some(Slice {
         v6,
         ports,

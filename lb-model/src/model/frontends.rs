@@ -1,6 +1,6 @@
 //! One Service → its frontends: ClusterIPs, externalIPs, LoadBalancer IPs, NodePorts, with
 //! affinity, source ranges and health checks.
-use k8s_openapi::api::core::v1::Service;
+use crate::k8s::core::Service;
 use std::collections::BTreeSet;
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -56,7 +56,7 @@ pub(crate) struct Svc {
 
 /// healthCheckNodePort of a LoadBalancer Service with externalTrafficPolicy Local.
 pub(crate) fn health_check_port(
-    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    spec: &crate::k8s::core::ServiceSpec,
     object: &ObjectRef,
     errors: &mut Vec<Error>,
 ) -> Option<u16> {
@@ -80,7 +80,7 @@ pub(crate) fn health_check_port(
 /// sessionAffinity ClientIP → timeout in seconds (0 = none). The API server defaults the
 /// timeout to 10800 and validates 1–86400; a bad value is reported and the default used.
 pub(crate) fn affinity_timeout(
-    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    spec: &crate::k8s::core::ServiceSpec,
     object: &ObjectRef,
     errors: &mut Vec<Error>,
 ) -> u32 {
@@ -171,7 +171,7 @@ pub(crate) fn service_addrs(
 /// `spec.loadBalancerSourceRanges`, the valid ones (an invalid one is reported and ignored,
 /// as kube-proxy does).
 pub(crate) fn source_ranges(
-    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    spec: &crate::k8s::core::ServiceSpec,
     object: &ObjectRef,
     errors: &mut Vec<Error>,
 ) -> Vec<Cidr> {
@@ -270,6 +270,11 @@ pub(crate) fn resolve_service(svc: &Service, cfg: &Config, errors: &mut Vec<Erro
     }
     let affinity_timeout = affinity_timeout(spec, &object, errors);
     let source_ranges = source_ranges(spec, &object, errors);
+    // Kept for as long as the Service is: exactly as long as they are (a vector pushed to
+    // has room for 4).
+    let (mut addrs, mut ports) = (addrs, ports);
+    addrs.shrink_to_fit();
+    ports.shrink_to_fit();
     Some(Svc {
         id,
         created: svc.metadata.creation_timestamp.as_ref().map(|t| t.0),
@@ -313,7 +318,7 @@ pub(crate) fn resolve_frontends(
     let state = |sp: &SvcPort, sel: Selected, external, host_only| FrontendState {
         service: svc.id.clone(),
         port_name: sp.name.clone(),
-        backends: sel.backends,
+        backends: sel.backends.into(),
         no_local: sel.no_local,
         affinity_timeout: svc.affinity_timeout,
         external,
@@ -322,7 +327,7 @@ pub(crate) fn resolve_frontends(
             && sp.port == 53
             && matches!(sp.proto, Proto::Tcp | Proto::Udp)
             && cfg.node_dns.as_ref() == Some(&svc.id),
-        local: sel.local,
+        local: sel.local.into(),
         source_ranges: BTreeSet::new(),
         maglev: 0,
     };
@@ -428,6 +433,7 @@ pub(crate) fn resolve_frontends(
             .collect();
         (port, local.len())
     });
+    frontends.shrink_to_fit();
     SvcRes {
         svc,
         frontends,

@@ -4,7 +4,7 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use crate::k8s::{core::Service, discovery::EndpointSlice};
 
 use super::*;
 
@@ -597,7 +597,7 @@ spec: {type: NodePort, clusterIP: 198.19.0.41, ports: [{name: a, port: 80, nodeP
 
 #[test]
 fn primary_node_addresses() {
-    use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeStatus};
+    use crate::k8s::core::{Node, NodeAddress, NodeStatus};
     let addr = |t: &str, a: &str| NodeAddress {
         type_: t.into(),
         address: a.into(),
@@ -611,7 +611,6 @@ fn primary_node_addresses() {
                 addr("InternalIP", "198.18.0.2"),
                 addr("ExternalIP", "2001:db8::5"),
             ]),
-            ..NodeStatus::default()
         }),
         ..Node::default()
     };

@@ -208,6 +208,90 @@ impl fmt::Display for Cidr {
     }
 }
 
+/// A set of socket addresses, sorted, held as one exact allocation: a frontend's backends.
+/// (A B-tree set of four backends allocates a node for eleven, 384 bytes; this, 128.) Reads
+/// like the `BTreeSet` it replaces.
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+pub struct AddrSet(Box<[SocketAddr]>);
+
+impl AddrSet {
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    #[must_use]
+    pub fn contains(&self, a: &SocketAddr) -> bool {
+        self.0.binary_search(a).is_ok()
+    }
+
+    pub fn iter(&self) -> std::slice::Iter<'_, SocketAddr> {
+        self.0.iter()
+    }
+
+    #[must_use]
+    pub fn first(&self) -> Option<&SocketAddr> {
+        self.0.first()
+    }
+
+    #[must_use]
+    pub fn as_slice(&self) -> &[SocketAddr] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for AddrSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.0.iter()).finish()
+    }
+}
+
+impl FromIterator<SocketAddr> for AddrSet {
+    fn from_iter<I: IntoIterator<Item = SocketAddr>>(it: I) -> Self {
+        let mut v: Vec<SocketAddr> = it.into_iter().collect();
+        v.sort_unstable();
+        v.dedup();
+        Self(v.into_boxed_slice())
+    }
+}
+
+impl<'a> FromIterator<&'a SocketAddr> for AddrSet {
+    fn from_iter<I: IntoIterator<Item = &'a SocketAddr>>(it: I) -> Self {
+        it.into_iter().copied().collect()
+    }
+}
+
+impl From<BTreeSet<SocketAddr>> for AddrSet {
+    fn from(s: BTreeSet<SocketAddr>) -> Self {
+        Self(s.into_iter().collect())
+    }
+}
+
+impl<const N: usize> From<[SocketAddr; N]> for AddrSet {
+    fn from(a: [SocketAddr; N]) -> Self {
+        a.into_iter().collect()
+    }
+}
+
+impl PartialEq<BTreeSet<SocketAddr>> for AddrSet {
+    fn eq(&self, o: &BTreeSet<SocketAddr>) -> bool {
+        self.len() == o.len() && self.iter().eq(o.iter())
+    }
+}
+
+impl<'a> IntoIterator for &'a AddrSet {
+    type Item = &'a SocketAddr;
+    type IntoIter = std::slice::Iter<'a, SocketAddr>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
 /// What a frontend should lead to.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[expect(
@@ -220,7 +304,7 @@ pub struct FrontendState {
     pub port_name: String,
     /// Usable backends (ready, else serving+terminating, within the traffic policy and
     /// topology); empty = REJECT, or DROP when `no_local`.
-    pub backends: BTreeSet<SocketAddr>,
+    pub backends: AddrSet,
     /// internalTrafficPolicy Local with endpoints only on other nodes: DROP, not REJECT.
     pub no_local: bool,
     /// sessionAffinity ClientIP timeout in seconds; 0 = no affinity.
@@ -235,7 +319,7 @@ pub struct FrontendState {
     /// the agent's own DNS listener while it is alive.
     pub node_dns: bool,
     /// The backends that are on this node (the packet path does not SNAT flows to them).
-    pub local: BTreeSet<SocketAddr>,
+    pub local: AddrSet,
     /// External scope, LoadBalancer IPs: `loadBalancerSourceRanges` of this family; empty =
     /// every client.
     pub source_ranges: BTreeSet<Cidr>,
@@ -301,7 +385,7 @@ impl Default for Config {
 /// A Node's primary addresses, as kube-proxy's default `--nodeport-addresses=primary` takes
 /// them: the first InternalIP of each family, else the first ExternalIP of that family.
 #[must_use]
-pub fn primary_addresses(node: Option<&k8s_openapi::api::core::v1::Node>) -> Vec<IpAddr> {
+pub fn primary_addresses(node: Option<&crate::k8s::core::Node>) -> Vec<IpAddr> {
     let addrs: Vec<(String, IpAddr)> = node
         .and_then(|n| n.status.as_ref()?.addresses.as_ref())
         .into_iter()

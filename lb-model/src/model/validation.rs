@@ -82,9 +82,7 @@ pub fn parse_ip(s: &str) -> Result<IpAddr, &'static str> {
     s.parse::<IpAddr>().map_err(|_| "not an IP literal")
 }
 
-pub(crate) fn ns_name(
-    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-) -> Option<NsName> {
+pub(crate) fn ns_name(meta: &crate::k8s::ObjectMeta) -> Option<NsName> {
     Some(NsName {
         namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
         name: meta.name.clone()?,

@@ -5,7 +5,7 @@ use proptest::prelude::*;
 use super::*;
 use crate::{
     arbitrary::arb_desired,
-    model::{FrontendState, NsName, Proto, Scope},
+    model::{AddrSet, FrontendState, NsName, Proto, Scope},
 };
 
 /// A writer that checks, after every single write, what a concurrent datapath could observe.
@@ -140,7 +140,7 @@ fn served(s: &Shadow) -> BTreeMap<SvcKey, BTreeSet<SocketAddr>> {
 fn expected(d: &Desired) -> BTreeMap<SvcKey, BTreeSet<SocketAddr>> {
     d.frontends
         .iter()
-        .map(|(fe, st)| (SvcKey::frontend(fe), st.backends.clone()))
+        .map(|(fe, st)| (SvcKey::frontend(fe), st.backends.iter().copied().collect()))
         .collect()
 }
 
@@ -289,7 +289,7 @@ fn a_service_without_endpoints_keeps_a_zero_count_frontend() {
             name: "dns".into(),
         },
         port_name: String::new(),
-        backends: BTreeSet::new(),
+        backends: AddrSet::default(),
         ..FrontendState::default()
     });
     let mut shadow = Shadow::default();
@@ -339,7 +339,7 @@ proptest! {
         }
         for (fe, st) in &b.frontends {
             if !refused.iter().any(|(r, _)| r == fe) {
-                prop_assert_eq!(after.get(&SvcKey::frontend(fe)), Some(&st.backends), "admitted as desired");
+                prop_assert_eq!(after.get(&SvcKey::frontend(fe)).cloned().map(AddrSet::from), Some(st.backends.clone()), "admitted as desired");
             }
         }
     }

@@ -6,23 +6,22 @@
 //! the reflector swaps in the complete new list on `InitDone` and the next snapshot simply no
 //! longer contains what was deleted meanwhile.
 use std::{
+    borrow::Cow,
+    collections::BTreeMap,
     path::Path,
     sync::{Arc, Mutex, RwLock},
 };
 
 use futures::StreamExt as _;
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{
-    Api, Client, Config, Resource,
+    Api, Client, Config,
     config::{KubeConfigOptions, Kubeconfig},
-    runtime::{
-        WatchStreamExt as _,
-        reflector::{self, Store},
-        watcher,
-    },
+    runtime::{WatchStreamExt as _, watcher},
+};
+use lb_model::k8s::{
+    core::{Node, Service},
+    discovery::EndpointSlice,
 };
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
@@ -45,8 +44,6 @@ pub enum Error {
     InCluster(#[source] kube::config::InClusterError),
     #[error("cannot build a Kubernetes client")]
     Client(#[source] kube::Error),
-    #[error("the {kind} watcher stopped before its first list completed")]
-    NotReady { kind: &'static str },
 }
 
 /// What the agent watches: (API group, resource) with verbs list and watch (get comes with
@@ -85,27 +82,185 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, Error> {
     Client::try_from(config).map_err(Error::Client)
 }
 
-/// A reflector store that a restarted watch task replaces (see [`spawn_reflector`]).
-type Shared<K> = Arc<RwLock<Store<K>>>;
+/// One watched object as the API sends it: the full `ObjectMeta` (kube-rs's watcher reads the
+/// resourceVersion from it) beside the slim object's other fields. The store keeps only the slim
+/// object ([`Wire::into_slim`]); the full metadata is dropped as soon as the event is applied.
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct Wire<T> {
+    #[serde(default)]
+    metadata: ObjectMeta,
+    #[serde(flatten)]
+    obj: T,
+}
 
-/// Runs one watcher into a reflector store; every change wakes the agent through `wake`.
+/// A slim kind the API source watches, named after its full `k8s-openapi` type.
+pub trait Watched:
+    lb_model::k8s::Object + DeserializeOwned + Clone + std::fmt::Debug + Send + Sync + 'static
+{
+    type Api: k8s_openapi::Resource;
+    fn set_metadata(&mut self, meta: lb_model::k8s::ObjectMeta);
+}
+
+macro_rules! watched {
+    ($slim:ty, $api:ty) => {
+        impl Watched for $slim {
+            type Api = $api;
+            fn set_metadata(&mut self, meta: lb_model::k8s::ObjectMeta) {
+                self.metadata = meta;
+            }
+        }
+    };
+}
+watched!(Service, k8s_openapi::api::core::v1::Service);
+watched!(
+    EndpointSlice,
+    k8s_openapi::api::discovery::v1::EndpointSlice
+);
+watched!(Node, k8s_openapi::api::core::v1::Node);
+
+impl<T: Watched> Wire<T> {
+    fn into_slim(self) -> T {
+        let mut obj = self.obj;
+        obj.set_metadata(self.metadata.into());
+        obj
+    }
+}
+
+impl<T: Watched> kube::Resource for Wire<T> {
+    type DynamicType = ();
+    type Scope = <T::Api as k8s_openapi::Resource>::Scope;
+
+    fn kind((): &()) -> Cow<'_, str> {
+        <T::Api as k8s_openapi::Resource>::KIND.into()
+    }
+    fn group((): &()) -> Cow<'_, str> {
+        <T::Api as k8s_openapi::Resource>::GROUP.into()
+    }
+    fn version((): &()) -> Cow<'_, str> {
+        <T::Api as k8s_openapi::Resource>::VERSION.into()
+    }
+    fn api_version((): &()) -> Cow<'_, str> {
+        <T::Api as k8s_openapi::Resource>::API_VERSION.into()
+    }
+    fn plural((): &()) -> Cow<'_, str> {
+        <T::Api as k8s_openapi::Resource>::URL_PATH_SEGMENT.into()
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+/// Namespace (empty for cluster-scoped kinds) and name.
+type Key = (String, String);
+
+fn key_of(m: &lb_model::k8s::ObjectMeta) -> Key {
+    (
+        m.namespace.clone().unwrap_or_default(),
+        m.name.clone().unwrap_or_default(),
+    )
+}
+
+/// One kind's slim objects by namespace/name, in key order (so an unchanged store snapshots
+/// to the same `Arc`s in the same order, and a change is a small [`lb_model::Window`]).
+pub struct Store<T> {
+    objs: RwLock<BTreeMap<Key, Arc<T>>>,
+    ready: tokio::sync::watch::Sender<bool>,
+}
+
+impl<T> Store<T> {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            objs: RwLock::new(BTreeMap::new()),
+            ready: tokio::sync::watch::channel(false).0,
+        })
+    }
+
+    fn state(&self) -> Vec<Arc<T>> {
+        self.objs
+            .read()
+            .expect("store lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Waits until the first list is complete; `Err` if the writer is gone before.
+    async fn wait_until_ready(&self) -> Result<(), ()> {
+        let mut rx = self.ready.subscribe();
+        rx.wait_for(|r| *r).await.map(|_| ()).map_err(|_| ())
+    }
+}
+
+/// Applies watcher events to a [`Store`] as kube-rs's reflector does: a relist (`Init` …
+/// `InitDone`) is gathered aside and replaces the whole content at once, so a reader never sees
+/// a half list.
+pub struct Writer<T> {
+    store: Arc<Store<T>>,
+    relist: Option<BTreeMap<Key, Arc<T>>>,
+}
+
+impl<T: Watched> Writer<T> {
+    pub fn apply_watcher_event(&mut self, ev: watcher::Event<Wire<T>>) {
+        match ev {
+            watcher::Event::Init => self.relist = Some(BTreeMap::new()),
+            watcher::Event::InitApply(w) => {
+                let o = w.into_slim();
+                self.relist
+                    .get_or_insert_default()
+                    .insert(key_of(o.metadata()), Arc::new(o));
+            }
+            watcher::Event::InitDone => {
+                let all = self.relist.take().unwrap_or_default();
+                *self.store.objs.write().expect("store lock") = all;
+                self.store.ready.send_replace(true);
+            }
+            watcher::Event::Apply(w) => {
+                let o = w.into_slim();
+                self.store
+                    .objs
+                    .write()
+                    .expect("store lock")
+                    .insert(key_of(o.metadata()), Arc::new(o));
+            }
+            watcher::Event::Delete(w) => {
+                let k = key_of(&w.metadata.clone().into());
+                self.store.objs.write().expect("store lock").remove(&k);
+            }
+        }
+    }
+}
+
+fn store<T>() -> (Arc<Store<T>>, Writer<T>) {
+    let s = Store::new();
+    (
+        s.clone(),
+        Writer {
+            store: s,
+            relist: None,
+        },
+    )
+}
+
+/// A store that a restarted watch task replaces (see [`spawn_reflector`]).
+type Shared<T> = Arc<RwLock<Arc<Store<T>>>>;
+
+/// Runs one watcher into a store; every change wakes the agent through `wake`.
 ///
 /// The watch task is supervised: kube-rs's backoff retries failed requests, but should the task
 /// itself end or panic, its store would freeze while everything looked healthy. The supervisor
 /// then reports a fault in `/healthz` (logged once), starts a new watcher with a new store after
 /// a pause, and swaps the new store in only once its first list is complete — until then the
 /// agent keeps syncing from the last complete list, never from an empty one.
-fn spawn_reflector<K>(
-    api: Api<K>,
+fn spawn_reflector<T: Watched>(
+    api: Api<Wire<T>>,
     cfg: watcher::Config,
     kind: &'static str,
     wake: mpsc::Sender<()>,
     health: Arc<Mutex<Health>>,
-) -> Shared<K>
-where
-    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
-{
+) -> Shared<T> {
     let w = wake.clone();
     supervise(kind, wake, health, RESTART_PAUSE, move |writer| {
         watch(api.clone(), cfg.clone(), writer, kind, w.clone())
@@ -115,20 +270,19 @@ where
 /// The supervisor of [`spawn_reflector`]: runs `watch_into(writer)` as a task, and whenever
 /// that task ends or panics, reports the fault and starts it again into a new store, which
 /// replaces the shared one once complete.
-fn supervise<K, F, Fut>(
+fn supervise<T, F, Fut>(
     kind: &'static str,
     wake: mpsc::Sender<()>,
     health: Arc<Mutex<Health>>,
     pause: std::time::Duration,
     watch_into: F,
-) -> Shared<K>
+) -> Shared<T>
 where
-    K: Resource + Clone + Send + Sync + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
-    F: Fn(reflector::store::Writer<K>) -> Fut + Send + 'static,
+    T: Watched,
+    F: Fn(Writer<T>) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let (reader, writer) = reflector::store::<K>();
+    let (reader, writer) = store::<T>();
     let shared = Arc::new(RwLock::new(reader));
     let slot = shared.clone();
     let what = FAULTS
@@ -140,7 +294,7 @@ where
         loop {
             let w = writer.take().unwrap_or_else(|| {
                 // A replacement: its store goes live once complete.
-                let (reader, w) = reflector::store::<K>();
+                let (reader, w) = store::<T>();
                 let live = slot.clone();
                 let (health, wake) = (health.clone(), wake.clone());
                 tokio::spawn(async move {
@@ -168,6 +322,9 @@ where
     shared
 }
 
+/// How often [`ApiSource::ready`] looks again for a replaced store.
+const READY_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Pause before a dead watch task is replaced.
 const RESTART_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -179,32 +336,34 @@ const FAULTS: [(&str, &str); 3] = [
 ];
 
 /// One watch stream into `writer`, until the stream ends.
-async fn watch<K>(
-    api: Api<K>,
+async fn watch<T: Watched>(
+    api: Api<Wire<T>>,
     cfg: watcher::Config,
-    writer: reflector::store::Writer<K>,
+    mut writer: Writer<T>,
     kind: &'static str,
     wake: mpsc::Sender<()>,
-) where
-    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
-{
-    let stream = watcher(api, cfg).default_backoff().reflect(writer);
+) {
+    let stream = watcher(api, cfg).default_backoff();
     let mut stream = std::pin::pin!(stream);
     let mut failing = false;
     while let Some(ev) = stream.next().await {
         match ev {
-            // The store is only swapped on InitDone: waking on Init/InitApply would show the
-            // old list again, harmless but useless.
-            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
-            Ok(watcher::Event::InitDone) => {
-                debug!(kind, "list complete");
+            Ok(ev) => {
+                // The store is only swapped on InitDone: waking on Init/InitApply would show
+                // the old list again, harmless but useless.
+                let wakes = match &ev {
+                    watcher::Event::Init | watcher::Event::InitApply(_) => false,
+                    watcher::Event::InitDone => {
+                        debug!(kind, "list complete");
+                        true
+                    }
+                    watcher::Event::Apply(_) | watcher::Event::Delete(_) => true,
+                };
                 failing = false;
-                let _ = wake.try_send(());
-            }
-            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
-                failing = false;
-                let _ = wake.try_send(());
+                writer.apply_watcher_event(ev);
+                if wakes {
+                    let _ = wake.try_send(());
+                }
             }
             // The backoff retries; the stores keep their last complete state meanwhile. One
             // warning per outage, not one per retry.
@@ -227,21 +386,21 @@ impl ApiSource {
         health: &Arc<Mutex<Health>>,
     ) -> Self {
         let services = spawn_reflector(
-            Api::<Service>::all(client.clone()),
+            Api::<Wire<Service>>::all(client.clone()),
             watcher::Config::default(),
             "Service",
             wake.clone(),
             health.clone(),
         );
         let slices = spawn_reflector(
-            Api::<EndpointSlice>::all(client.clone()),
+            Api::<Wire<EndpointSlice>>::all(client.clone()),
             watcher::Config::default(),
             "EndpointSlice",
             wake.clone(),
             health.clone(),
         );
         let node = spawn_reflector(
-            Api::<Node>::all(client.clone()),
+            Api::<Wire<Node>>::all(client.clone()),
             watcher::Config::default().fields(&format!("metadata.name={node_name}")),
             "Node",
             wake.clone(),
@@ -255,25 +414,21 @@ impl ApiSource {
     }
 
     /// Waits until every store holds a complete first list. Syncing before that would withdraw
-    /// every Service the maps hold.
-    pub async fn ready(&self) -> Result<(), Error> {
-        let services = self.services.read().expect("store lock").clone();
-        services
-            .wait_until_ready()
-            .await
-            .map_err(|_| Error::NotReady { kind: "Service" })?;
-        let slices = self.slices.read().expect("store lock").clone();
-        slices
-            .wait_until_ready()
-            .await
-            .map_err(|_| Error::NotReady {
-                kind: "EndpointSlice",
-            })?;
-        let node = self.node.read().expect("store lock").clone();
-        node.wait_until_ready()
-            .await
-            .map_err(|_| Error::NotReady { kind: "Node" })?;
-        Ok(())
+    /// every Service the maps hold. A watch task that dies first is restarted into a new store
+    /// ([`supervise`]), which is waited for in its turn.
+    pub async fn ready(&self) {
+        async fn complete<T>(s: &Shared<T>) {
+            loop {
+                let store = s.read().expect("store lock").clone();
+                let wait = store.wait_until_ready();
+                if let Ok(Ok(())) = tokio::time::timeout(READY_POLL, wait).await {
+                    return;
+                }
+            }
+        }
+        complete(&self.services).await;
+        complete(&self.slices).await;
+        complete(&self.node).await;
     }
 
     /// A consistent-per-kind snapshot of the stores.
@@ -304,16 +459,16 @@ mod tests {
     fn watches_match_the_watched_types() {
         let typed = [
             (
-                Service::group(&()).into_owned(),
-                Service::plural(&()).into_owned(),
+                Wire::<Service>::group(&()).into_owned(),
+                Wire::<Service>::plural(&()).into_owned(),
             ),
             (
-                EndpointSlice::group(&()).into_owned(),
-                EndpointSlice::plural(&()).into_owned(),
+                Wire::<EndpointSlice>::group(&()).into_owned(),
+                Wire::<EndpointSlice>::plural(&()).into_owned(),
             ),
             (
-                Node::group(&()).into_owned(),
-                Node::plural(&()).into_owned(),
+                Wire::<Node>::group(&()).into_owned(),
+                Wire::<Node>::plural(&()).into_owned(),
             ),
         ];
         let declared: Vec<(String, String)> = WATCHES
@@ -323,6 +478,73 @@ mod tests {
         assert_eq!(declared, typed);
     }
 
+    /// A watch event's object (as the API sends it, with fields `lb` does not read) lands in
+    /// the store slim: identity, labels and creation time kept, `managedFields` and the
+    /// resourceVersion dropped; a relist replaces the content at once, a delete removes by
+    /// namespace/name.
+    #[tokio::test]
+    async fn the_store_keeps_slim_objects_by_namespace_and_name() {
+        let wire = |name: &str, port: i32| -> Wire<Service> {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {
+                    "name": name, "namespace": "t", "resourceVersion": "41", "uid": "u-1",
+                    "creationTimestamp": "2026-01-01T00:00:00Z",
+                    "labels": {"app": name},
+                    "managedFields": [{"manager": "kubectl", "operation": "Apply"}]
+                },
+                "spec": {"clusterIP": "198.19.0.10", "ports": [{"port": port}]}
+            }))
+            .expect("a watch event's Service")
+        };
+        let (store, mut w) = store::<Service>();
+        w.apply_watcher_event(watcher::Event::Init);
+        w.apply_watcher_event(watcher::Event::InitApply(wire("b", 80)));
+        assert!(
+            store.state().is_empty(),
+            "a relist shows only once complete"
+        );
+        w.apply_watcher_event(watcher::Event::InitApply(wire("a", 80)));
+        w.apply_watcher_event(watcher::Event::InitDone);
+        store.wait_until_ready().await.expect("ready");
+        let names = |s: &Store<Service>| -> Vec<String> {
+            s.state()
+                .iter()
+                .filter_map(|o| o.metadata.name.clone())
+                .collect()
+        };
+        assert_eq!(names(&store), ["a", "b"]);
+        let a = store.state()[0].clone();
+        assert_eq!(a.metadata.uid.as_deref(), Some("u-1"));
+        assert_eq!(a.metadata.namespace.as_deref(), Some("t"));
+        assert!(a.metadata.creation_timestamp.is_some());
+        assert_eq!(
+            a.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("app"))
+                .map(String::as_str),
+            Some("a")
+        );
+        let before = store.state();
+        w.apply_watcher_event(watcher::Event::Apply(wire("a", 81)));
+        let after = store.state();
+        assert!(Arc::ptr_eq(&before[1], &after[1]), "b is the same object");
+        assert_eq!(
+            after[0]
+                .spec
+                .as_ref()
+                .expect("spec")
+                .ports
+                .as_ref()
+                .expect("ports")[0]
+                .port,
+            81
+        );
+        w.apply_watcher_event(watcher::Event::Delete(wire("b", 0)));
+        assert_eq!(names(&store), ["a"]);
+    }
+
     /// A watch task that panics: its store keeps the last complete list (never an empty one),
     /// `/healthz` reports the fault, and the restarted watch's store replaces it once complete,
     /// clearing the fault.
@@ -330,15 +552,13 @@ mod tests {
     async fn a_dead_watch_task_is_restarted_and_its_store_swapped_in_once_complete() {
         use std::sync::atomic::{AtomicUsize, Ordering};
 
-        use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-
-        let svc = |name: &str| Service {
+        let svc = |name: &str| Wire {
             metadata: ObjectMeta {
                 name: Some(name.into()),
                 namespace: Some("ns".into()),
                 ..ObjectMeta::default()
             },
-            ..Service::default()
+            obj: Service::default(),
         };
         let runs = Arc::new(AtomicUsize::new(0));
         let (wake, _rx) = mpsc::channel(1);
@@ -355,9 +575,9 @@ mod tests {
                 let (first, second) = (first.clone(), second.clone());
                 async move {
                     let obj = if n == 0 { first } else { second };
-                    w.apply_watcher_event(&watcher::Event::Init);
-                    w.apply_watcher_event(&watcher::Event::InitApply(obj));
-                    w.apply_watcher_event(&watcher::Event::InitDone);
+                    w.apply_watcher_event(watcher::Event::Init);
+                    w.apply_watcher_event(watcher::Event::InitApply(obj));
+                    w.apply_watcher_event(watcher::Event::InitDone);
                     assert!(n != 0, "watch task dies after its first list");
                     // A healthy watch runs on.
                     std::future::pending::<()>().await;

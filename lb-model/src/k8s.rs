@@ -1,0 +1,782 @@
+//! The Kubernetes objects `lb` reads, slim: only the fields the model, the control plane and
+//! DNS use, with the API's own field names and shapes (so they read like `k8s-openapi`'s),
+//! and nothing else — serde skips every other field as it parses. A Service, an EndpointSlice,
+//! a Pod kept for 50,000 Services is what a node agent pays on every node, so unused fields,
+//! `managedFields`, the `kubectl.kubernetes.io/last-applied-configuration` annotation and the
+//! full `ObjectMeta` are never held.
+//!
+//! Labels, annotations and selectors are a [`Labels`]: a sorted vector, not a B-tree (a B-tree
+//! with one label allocates a node for eleven). Timestamps, `IntOrString`, owner and target
+//! references are `k8s-openapi`'s own types.
+//!
+//! Serializing writes the fields kept, in the API's spelling (`lb-agent get -o yaml`).
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub use k8s_openapi::api::core::v1::ObjectReference;
+pub use k8s_openapi::apimachinery::pkg::{
+    apis::meta::v1::{OwnerReference, Time},
+    util::intstr::IntOrString,
+};
+
+/// String → string, sorted by key, one entry per key: labels, annotations, selectors. Reads
+/// like the `BTreeMap<String, String>` of the API types (`get`, `iter`, `insert`, …).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Labels(Vec<(String, String)>);
+
+impl Labels {
+    #[must_use]
+    pub fn get(&self, key: &str) -> Option<&String> {
+        self.find(key).ok().map(|i| &self.0[i].1)
+    }
+
+    #[must_use]
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.find(key).is_ok()
+    }
+
+    /// Sets `key`; returns the value it had.
+    pub fn insert(&mut self, key: String, value: String) -> Option<String> {
+        match self.find(&key) {
+            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, value)),
+            Err(i) => {
+                self.0.insert(i, (key, value));
+                None
+            }
+        }
+    }
+
+    pub fn remove(&mut self, key: &str) -> Option<String> {
+        self.find(key).ok().map(|i| self.0.remove(i).1)
+    }
+
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&String, &String)> {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+
+    pub fn keys(&self) -> impl ExactSizeIterator<Item = &String> {
+        self.0.iter().map(|(k, _)| k)
+    }
+
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn find(&self, key: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|(k, _)| k.as_str().cmp(key))
+    }
+}
+
+impl std::ops::Index<&str> for Labels {
+    type Output = String;
+    /// The value of `key`; panics when there is none, as a map's index does.
+    fn index(&self, key: &str) -> &String {
+        self.get(key)
+            .unwrap_or_else(|| panic!("no entry {key:?} in {self:?}"))
+    }
+}
+
+impl<'a> IntoIterator for &'a Labels {
+    type Item = (&'a String, &'a String);
+    type IntoIter = std::iter::Map<
+        std::slice::Iter<'a, (String, String)>,
+        fn(&'a (String, String)) -> (&'a String, &'a String),
+    >;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+}
+
+impl FromIterator<(String, String)> for Labels {
+    /// The last value of a repeated key wins, as in a map.
+    fn from_iter<I: IntoIterator<Item = (String, String)>>(it: I) -> Self {
+        let map: BTreeMap<String, String> = it.into_iter().collect();
+        Self::from(map)
+    }
+}
+
+impl From<BTreeMap<String, String>> for Labels {
+    fn from(m: BTreeMap<String, String>) -> Self {
+        let mut v: Vec<(String, String)> = m.into_iter().collect();
+        v.shrink_to_fit();
+        Self(v)
+    }
+}
+
+impl<const N: usize> From<[(String, String); N]> for Labels {
+    fn from(a: [(String, String); N]) -> Self {
+        a.into_iter().collect()
+    }
+}
+
+impl Serialize for Labels {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for Labels {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // `key: null` values are dropped, as the API server drops them.
+        let m = BTreeMap::<String, Option<String>>::deserialize(d)?;
+        Ok(m.into_iter().filter_map(|(k, v)| Some((k, v?))).collect())
+    }
+}
+
+/// Annotations too large to be worth keeping and never read (`kubectl apply`'s copy of the
+/// whole object).
+const DROPPED_ANNOTATIONS: [&str; 1] = ["kubectl.kubernetes.io/last-applied-configuration"];
+
+fn annotations<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Labels>, D::Error> {
+    let Some(mut a) = Option::<Labels>::deserialize(d)? else {
+        return Ok(None);
+    };
+    for k in DROPPED_ANNOTATIONS {
+        a.remove(k);
+    }
+    Ok(Some(a))
+}
+
+/// A list exactly as long as it is: serde grows a vector as it reads (to room for 4 items
+/// at first), and one Service port in room for 4 is 336 bytes nobody uses, per object.
+fn vec<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
+    Ok(opt_vec(d)?.unwrap_or_default())
+}
+
+/// A field the API calls required, read as `k8s-openapi` reads it: absent or `null` is the
+/// default (an EndpointSlice with no endpoints comes with `endpoints: null`), so that the model
+/// names the field when its value is no good, and a watch never fails on one object.
+fn or_default<'de, D: serde::Deserializer<'de>, T: Deserialize<'de> + Default>(
+    d: D,
+) -> Result<T, D::Error> {
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+fn opt_vec<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Vec<T>>, D::Error> {
+    let mut v = Option::<Vec<T>>::deserialize(d)?;
+    if let Some(v) = &mut v {
+        v.shrink_to_fit();
+    }
+    Ok(v)
+}
+
+/// The metadata kept: identity, labels and annotations, creation and deletion, owners.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectMeta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub labels: Option<Labels>,
+    #[serde(
+        default,
+        deserialize_with = "annotations",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub annotations: Option<Labels>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub creation_timestamp: Option<Time>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deletion_timestamp: Option<Time>,
+    #[serde(
+        default,
+        deserialize_with = "opt_vec",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub owner_references: Option<Vec<OwnerReference>>,
+}
+
+impl From<k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta> for ObjectMeta {
+    /// The kept fields of the API's metadata (the API source's watch reads the full type,
+    /// which kube-rs needs, and keeps this).
+    fn from(m: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Self {
+        let map = |m: Option<BTreeMap<String, String>>| m.map(Labels::from);
+        let mut annotations = map(m.annotations);
+        if let Some(a) = &mut annotations {
+            for k in DROPPED_ANNOTATIONS {
+                a.remove(k);
+            }
+        }
+        Self {
+            name: m.name,
+            namespace: m.namespace,
+            uid: m.uid,
+            labels: map(m.labels),
+            annotations,
+            creation_timestamp: m.creation_timestamp,
+            deletion_timestamp: m.deletion_timestamp,
+            owner_references: m.owner_references,
+        }
+    }
+}
+
+/// What every slim object has: its metadata, and the API's `kind` / `apiVersion`.
+pub trait Object {
+    const KIND: &'static str;
+    const API_VERSION: &'static str;
+    fn metadata(&self) -> &ObjectMeta;
+}
+
+macro_rules! object {
+    ($t:ident, $kind:literal, $api:literal) => {
+        impl Object for $t {
+            const KIND: &'static str = $kind;
+            const API_VERSION: &'static str = $api;
+            fn metadata(&self) -> &ObjectMeta {
+                &self.metadata
+            }
+        }
+    };
+}
+
+pub mod core {
+    //! `v1`: Service, Pod, Node, Endpoints.
+    use serde::{Deserialize, Serialize};
+
+    pub use super::ObjectReference;
+    use super::{IntOrString, Labels, Object, ObjectMeta};
+
+    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+    pub struct Service {
+        #[serde(default, deserialize_with = "super::or_default")]
+        pub metadata: ObjectMeta,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub spec: Option<ServiceSpec>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub status: Option<ServiceStatus>,
+    }
+    object!(Service, "Service", "v1");
+
+    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct ServiceSpec {
+        #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+        pub type_: Option<String>,
+        #[serde(rename = "clusterIP", skip_serializing_if = "Option::is_none")]
+        pub cluster_ip: Option<String>,
+        #[serde(
+            rename = "clusterIPs",
+            default,
+            deserialize_with = "super::opt_vec",
+            skip_serializing_if = "Option::is_none"
+        )]
+        pub cluster_ips: Option<Vec<String>>,
+        #[serde(
+            default,
+            deserialize_with = "super::opt_vec",
+            skip_serializing_if = "Option::is_none"
+        )]
+        pub ip_families: Option<Vec<String>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub ip_family_policy: Option<String>,
+        #[serde(
+            default,
+            deserialize_with = "super::opt_vec",
+            skip_serializing_if = "Option::is_none"
+        )]
+        pub ports: Option<Vec<ServicePort>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub selector: Option<Labels>,
+        #[serde(
+            rename = "externalIPs",
+            default,
+            deserialize_with = "super::opt_vec",
+            skip_serializing_if = "Option::is_none"
+        )]
+        pub external_ips: Option<Vec<String>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub external_name: Option<String>,
+        #[serde(rename = "loadBalancerIP", skip_serializing_if = "Option::is_none")]
+        pub load_balancer_ip: Option<String>,
+        #[serde(
+            default,
+            deserialize_with = "super::opt_vec",
+            skip_serializing_if = "Option::is_none"
+        )]
+        pub load_balancer_source_ranges: Option<Vec<String>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub load_balancer_class: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub allocate_load_balancer_node_ports: Option<bool>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub external_traffic_policy: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub internal_traffic_policy: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub health_check_node_port: Option<i32>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub session_affinity: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub session_affinity_config: Option<SessionAffinityConfig>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub publish_not_ready_addresses: Option<bool>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub traffic_distribution: Option<String>,
+    }
+
+    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct ServicePort {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub name: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub protocol: Option<String>,
+        #[serde(default, deserialize_with = "super::or_default")]
+        pub port: i32,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub target_port: Option<IntOrString>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub node_port: Option<i32>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub app_protocol: Option<String>,
+    }
+
+    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct SessionAffinityConfig {
+        #[serde(rename = "clientIP", skip_serializing_if = "Option::is_none")]
+        pub client_ip: Option<ClientIPConfig>,
+    }
+
+    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct ClientIPConfig {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub timeout_seconds: Option<i32>,
+    }
+
+    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct ServiceStatus {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub load_balancer: Option<LoadBalancerStatus>,
+    }
+
+    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct LoadBalancerStatus {
+        #[serde(
+            default,
+            deserialize_with = "super::opt_vec",
+            skip_serializing_if = "Option::is_none"
+        )]
+        pub ingress: Option<Vec<LoadBalancerIngress>>,
+    }
+
+    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct LoadBalancerIngress {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub ip: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub hostname: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub ip_mode: Option<String>,
+    }
+
+    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+    pub struct Node {
+        #[serde(default, deserialize_with = "super::or_default")]
+        pub metadata: ObjectMeta,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub spec: Option<NodeSpec>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub status: Option<NodeStatus>,
+    }
+    object!(Node, "Node", "v1");
+
+    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct NodeSpec {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub unschedulable: Option<bool>,
+        #[serde(
+            default,
+            deserialize_with = "super::opt_vec",
+            skip_serializing_if = "Option::is_none"
+        )]
+        pub taints: Option<Vec<Taint>>,
+    }
+
+    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Taint {
+        #[serde(default, deserialize_with = "super::or_default")]
+        pub key: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub value: Option<String>,
+        #[serde(default, deserialize_with = "super::or_default")]
+        pub effect: String,
+    }
+
+    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct NodeStatus {
+        #[serde(
+            default,
+            deserialize_with = "super::opt_vec",
+            skip_serializing_if = "Option::is_none"
+        )]
+        pub addresses: Option<Vec<NodeAddress>>,
+    }
+
+    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct NodeAddress {
+        #[serde(default, deserialize_with = "super::or_default")]
+        pub address: String,
+        #[serde(rename = "type", default, deserialize_with = "super::or_default")]
+        pub type_: String,
+    }
+
+    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+    pub struct Pod {
+        #[serde(default, deserialize_with = "super::or_default")]
+        pub metadata: ObjectMeta,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub spec: Option<PodSpec>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub status: Option<PodStatus>,
+    }
+    object!(Pod, "Pod", "v1");
+
+    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct PodSpec {
+        #[serde(default, deserialize_with = "super::vec")]
+        pub containers: Vec<Container>,
+        #[serde(
+            default,
+            deserialize_with = "super::opt_vec",
+            skip_serializing_if = "Option::is_none"
+        )]
+        pub init_containers: Option<Vec<Container>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub node_name: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub hostname: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub subdomain: Option<String>,
+    }
+
+    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Container {
+        #[serde(default, deserialize_with = "super::or_default")]
+        pub name: String,
+        #[serde(
+            default,
+            deserialize_with = "super::opt_vec",
+            skip_serializing_if = "Option::is_none"
+        )]
+        pub ports: Option<Vec<ContainerPort>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub restart_policy: Option<String>,
+    }
+
+    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct ContainerPort {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub name: Option<String>,
+        #[serde(default, deserialize_with = "super::or_default")]
+        pub container_port: i32,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub protocol: Option<String>,
+    }
+
+    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct PodStatus {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub phase: Option<String>,
+        #[serde(rename = "podIP", skip_serializing_if = "Option::is_none")]
+        pub pod_ip: Option<String>,
+        #[serde(
+            rename = "podIPs",
+            default,
+            deserialize_with = "super::opt_vec",
+            skip_serializing_if = "Option::is_none"
+        )]
+        pub pod_ips: Option<Vec<PodIP>>,
+        #[serde(
+            default,
+            deserialize_with = "super::opt_vec",
+            skip_serializing_if = "Option::is_none"
+        )]
+        pub conditions: Option<Vec<PodCondition>>,
+    }
+
+    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+    pub struct PodIP {
+        #[serde(default, deserialize_with = "super::or_default")]
+        pub ip: String,
+    }
+
+    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+    pub struct PodCondition {
+        #[serde(rename = "type", default, deserialize_with = "super::or_default")]
+        pub type_: String,
+        #[serde(default, deserialize_with = "super::or_default")]
+        pub status: String,
+    }
+
+    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+    pub struct Endpoints {
+        #[serde(default, deserialize_with = "super::or_default")]
+        pub metadata: ObjectMeta,
+        #[serde(
+            default,
+            deserialize_with = "super::opt_vec",
+            skip_serializing_if = "Option::is_none"
+        )]
+        pub subsets: Option<Vec<EndpointSubset>>,
+    }
+    object!(Endpoints, "Endpoints", "v1");
+
+    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct EndpointSubset {
+        #[serde(
+            default,
+            deserialize_with = "super::opt_vec",
+            skip_serializing_if = "Option::is_none"
+        )]
+        pub addresses: Option<Vec<EndpointAddress>>,
+        #[serde(
+            default,
+            deserialize_with = "super::opt_vec",
+            skip_serializing_if = "Option::is_none"
+        )]
+        pub not_ready_addresses: Option<Vec<EndpointAddress>>,
+        #[serde(
+            default,
+            deserialize_with = "super::opt_vec",
+            skip_serializing_if = "Option::is_none"
+        )]
+        pub ports: Option<Vec<EndpointPort>>,
+    }
+
+    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct EndpointAddress {
+        #[serde(default, deserialize_with = "super::or_default")]
+        pub ip: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub hostname: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub node_name: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub target_ref: Option<Box<ObjectReference>>,
+    }
+
+    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct EndpointPort {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub name: Option<String>,
+        #[serde(default, deserialize_with = "super::or_default")]
+        pub port: i32,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub protocol: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub app_protocol: Option<String>,
+    }
+}
+
+pub mod discovery {
+    //! `discovery.k8s.io/v1`: EndpointSlice.
+    use serde::{Deserialize, Serialize};
+
+    use super::{Object, ObjectMeta, ObjectReference};
+
+    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct EndpointSlice {
+        #[serde(default, deserialize_with = "super::or_default")]
+        pub metadata: ObjectMeta,
+        #[serde(default, deserialize_with = "super::or_default")]
+        pub address_type: String,
+        #[serde(default, deserialize_with = "super::vec")]
+        pub endpoints: Vec<Endpoint>,
+        #[serde(
+            default,
+            deserialize_with = "super::opt_vec",
+            skip_serializing_if = "Option::is_none"
+        )]
+        pub ports: Option<Vec<EndpointPort>>,
+    }
+    object!(EndpointSlice, "EndpointSlice", "discovery.k8s.io/v1");
+
+    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Endpoint {
+        #[serde(default, deserialize_with = "super::vec")]
+        pub addresses: Vec<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub conditions: Option<EndpointConditions>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub hostname: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub node_name: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub zone: Option<String>,
+        /// Boxed, as `target_ref`: most endpoints have none, and an endpoint is held per
+        /// address of every slice.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub hints: Option<Box<EndpointHints>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub target_ref: Option<Box<ObjectReference>>,
+    }
+
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct EndpointConditions {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub ready: Option<bool>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub serving: Option<bool>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub terminating: Option<bool>,
+    }
+
+    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct EndpointHints {
+        #[serde(
+            default,
+            deserialize_with = "super::opt_vec",
+            skip_serializing_if = "Option::is_none"
+        )]
+        pub for_zones: Option<Vec<ForZone>>,
+        #[serde(
+            default,
+            deserialize_with = "super::opt_vec",
+            skip_serializing_if = "Option::is_none"
+        )]
+        pub for_nodes: Option<Vec<ForNode>>,
+    }
+
+    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+    pub struct ForZone {
+        #[serde(default, deserialize_with = "super::or_default")]
+        pub name: String,
+    }
+
+    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+    pub struct ForNode {
+        #[serde(default, deserialize_with = "super::or_default")]
+        pub name: String,
+    }
+
+    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct EndpointPort {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub name: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub port: Option<i32>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub protocol: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub app_protocol: Option<String>,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Labels, core::Service, discovery::EndpointSlice};
+
+    #[test]
+    fn labels_read_like_a_map_and_stay_sorted() {
+        let mut l: Labels = [
+            ("b".to_owned(), "2".to_owned()),
+            ("a".to_owned(), "1".to_owned()),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(l.keys().collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(l.get("b").map(String::as_str), Some("2"));
+        assert_eq!(l.insert("a".into(), "9".into()).as_deref(), Some("1"));
+        assert_eq!(l.insert("c".into(), "3".into()), None);
+        assert_eq!(l.remove("b").as_deref(), Some("2"));
+        assert_eq!(
+            l.iter().collect::<Vec<_>>(),
+            [
+                (&"a".to_owned(), &"9".to_owned()),
+                (&"c".to_owned(), &"3".to_owned())
+            ]
+        );
+        assert!(!l.contains_key("b"));
+        assert_eq!(l["c"], "3");
+    }
+
+    /// Unknown fields are skipped, null label values dropped, `kubectl apply`'s copy of the
+    /// object dropped, lists kept exactly as long as they are, and what the API requires
+    /// still required.
+    #[test]
+    fn an_object_parses_into_only_what_is_kept() {
+        let svc: Service = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {
+                "name": "web", "namespace": "t", "resourceVersion": "7",
+                "managedFields": [{"manager": "kubectl", "fieldsV1": {"f:spec": {}}}],
+                "labels": {"app": "web", "gone": null},
+                "annotations": {
+                    "kubectl.kubernetes.io/last-applied-configuration": "{\"huge\": true}",
+                    "keep": "me"
+                }
+            },
+            "spec": {
+                "clusterIPs": ["198.19.0.10"],
+                "ports": [{"name": "http", "port": 80, "protocol": "TCP"}],
+                "someFutureField": {"a": 1}
+            },
+            "status": {"conditions": []}
+        }))
+        .expect("a Service");
+        let m = &svc.metadata;
+        assert_eq!(m.labels.as_ref().map(Labels::len), Some(1));
+        let a = m.annotations.as_ref().expect("annotations");
+        assert_eq!(
+            (a.len(), a.get("keep").map(String::as_str)),
+            (1, Some("me"))
+        );
+        let spec = svc.spec.as_ref().expect("spec");
+        let ports = spec.ports.as_ref().expect("ports");
+        assert_eq!((ports.len(), ports.capacity()), (1, 1));
+        let ips = spec.cluster_ips.as_ref().expect("clusterIPs");
+        assert_eq!((ips.len(), ips.capacity()), (1, 1));
+
+        // Required by the API, absent or null here: the default, as k8s-openapi reads it
+        // (the model then names the field).
+        let svc: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "x"}, "spec": {"ports": [{"name": "http", "port": null}]}
+        }))
+        .expect("a port without its number");
+        assert_eq!(svc.spec.expect("spec").ports.expect("ports")[0].port, 0);
+        let s: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": null, "addressType": "IPv4", "endpoints": null
+        }))
+        .expect("a slice with no endpoints");
+        assert!(s.endpoints.is_empty());
+        let s: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "addressType": "IPv4", "endpoints": [{"conditions": {"ready": true}}]
+        }))
+        .expect("an endpoint without addresses");
+        assert!(s.endpoints[0].addresses.is_empty());
+    }
+}
