@@ -1,0 +1,87 @@
+//! What the agent keeps per Service in manifest mode, stage by stage, counted exactly by a
+//! counting allocator (this test binary's own): the parsed objects, the control plane's
+//! allocated copies, the kept model, the shadow of the maps and the DNS builder, for 10,000
+//! Services of the bench's shape. Each stage has a budget a little above what it takes, so a
+//! change that makes the agent fatter per Service fails here, by name, before any bench.
+mod common;
+
+use std::fmt::Write as _;
+
+use common::footprint;
+
+#[global_allocator]
+static A: common::Counting = common::Counting;
+
+struct Null;
+impl lb_model::sync::MapWriter for Null {
+    type Error = std::convert::Infallible;
+    fn write(&mut self, _: &lb_model::sync::MapOp) -> Result<(), Self::Error> {
+        Ok(())
+    }
+}
+
+#[test]
+fn each_stage_keeps_no_more_than_its_budget_per_service() {
+    const N: usize = 10_000;
+    let mut yaml = String::new();
+    for i in 0..N {
+        let (a, e) = (512 + i, 1 + i % 250);
+        let _ = write!(
+            yaml,
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: test}}\n\
+             spec: {{clusterIPs: ['198.19.{}.{}'], ports: [{{name: http, port: 80, protocol: TCP}}]}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: svc-{i}-1, namespace: test, labels: {{kubernetes.io/service-name: svc-{i}}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\n\
+             endpoints: [{{addresses: ['198.18.64.{e}'], conditions: {{ready: true, serving: true, terminating: false}}}}, {{addresses: ['198.18.65.{e}']}}, {{addresses: ['198.18.66.{e}']}}, {{addresses: ['198.18.67.{e}']}}]\n---\n",
+            a / 256,
+            a % 256
+        );
+    }
+    let f0 = footprint();
+    let mut errors = Vec::new();
+    let o = lb_model::manifest::parse_str(std::path::Path::new("m.yaml"), &yaml, &mut errors)
+        .expect("manifests");
+    let f1 = footprint();
+    let mut cp = lb_model::control::ControlPlane::new(
+        lb_model::control::Ranges::default(),
+        lb_model::control::State::default(),
+    );
+    let (o2, errs, _) = cp.run(&o, "node-a");
+    assert!(errs.is_empty(), "{errs:?}");
+    let f2 = footprint();
+    let cfg = lb_model::model::Config::default();
+    let mut cache = lb_model::model::Cache::default();
+    let (_, problems) = lb_model::model::update(&o2.services, &o2.slices, &cfg, &mut cache);
+    assert!(problems.is_empty(), "{problems:?}");
+    let f3 = footprint();
+    let mut shadow = lb_model::sync::Shadow::default();
+    let ops = lb_model::sync::diff(cache.desired(), &shadow);
+    lb_model::sync::apply(&ops, &mut Null, &mut shadow).unwrap();
+    drop(ops);
+    let _ = shadow.svc.len();
+    let f4 = footprint();
+    let mut b = lb_model::dns::Builder::default();
+    let ix = b.build(&o2, &lb_model::dns::Config::default(), 1);
+    let f5 = footprint();
+    let per = |a: usize, b: usize| (b - a) / N;
+    let stages = [
+        ("parsed objects", per(f0, f1), 2_560),
+        ("control plane", per(f1, f2), 2_048),
+        ("model", per(f2, f3), 3_072),
+        ("shadow", per(f3, f4), 512),
+        ("DNS", per(f4, f5), 1_536),
+    ];
+    let total: usize = stages.iter().map(|s| s.1).sum();
+    eprintln!(
+        "per Service: {stages:?}; total {total} B; DNS names {}",
+        ix.len()
+    );
+    for (stage, bytes, budget) in stages {
+        assert!(
+            bytes <= budget,
+            "{stage}: {bytes} B per Service, over its budget of {budget} B"
+        );
+    }
+    assert!(total <= 9_216, "{total} B per Service in all");
+}
