@@ -7,7 +7,6 @@
 //! longer contains what was deleted meanwhile.
 use std::{
     borrow::Cow,
-    collections::BTreeMap,
     path::Path,
     sync::{Arc, Mutex, RwLock},
 };
@@ -153,38 +152,33 @@ impl<T: Watched> kube::Resource for Wire<T> {
     }
 }
 
-/// Namespace (empty for cluster-scoped kinds) and name.
-type Key = (String, String);
-
-fn key_of(m: &lb_model::k8s::ObjectMeta) -> Key {
+/// Namespace (empty for cluster-scoped kinds) and name, borrowed from the object.
+fn key_of(m: &lb_model::k8s::ObjectMeta) -> (&str, &str) {
     (
-        m.namespace.clone().unwrap_or_default(),
-        m.name.clone().unwrap_or_default(),
+        m.namespace.as_deref().unwrap_or_default(),
+        m.name.as_deref().unwrap_or_default(),
     )
 }
 
-/// One kind's slim objects by namespace/name, in key order (so an unchanged store snapshots
-/// to the same `Arc`s in the same order, and a change is a small [`lb_model::Window`]).
+/// One kind's slim objects, sorted by namespace/name: an unchanged store snapshots to the
+/// same `Arc`s in the same order, so a change is a small [`lb_model::Window`]; a snapshot is
+/// one copy of a vector of pointers (a B-tree walk of 50,000 objects took 5 ms), and the key is
+/// the object's own metadata, not a second copy of its name.
 pub struct Store<T> {
-    objs: RwLock<BTreeMap<Key, Arc<T>>>,
+    objs: RwLock<Vec<Arc<T>>>,
     ready: tokio::sync::watch::Sender<bool>,
 }
 
-impl<T> Store<T> {
+impl<T: lb_model::k8s::Object> Store<T> {
     fn new() -> Arc<Self> {
         Arc::new(Self {
-            objs: RwLock::new(BTreeMap::new()),
+            objs: RwLock::new(Vec::new()),
             ready: tokio::sync::watch::channel(false).0,
         })
     }
 
     fn state(&self) -> Vec<Arc<T>> {
-        self.objs
-            .read()
-            .expect("store lock")
-            .values()
-            .cloned()
-            .collect()
+        self.objs.read().expect("store lock").clone()
     }
 
     /// Waits until the first list is complete; `Err` if the writer is gone before.
@@ -194,23 +188,35 @@ impl<T> Store<T> {
     }
 }
 
+/// Where an object with `meta`'s key is (`Ok`) or belongs (`Err`) in a sorted vector.
+fn find<T: lb_model::k8s::Object>(
+    v: &[Arc<T>],
+    meta: &lb_model::k8s::ObjectMeta,
+) -> Result<usize, usize> {
+    let k = key_of(meta);
+    v.binary_search_by(|o| key_of(o.metadata()).cmp(&k))
+}
+
 /// Applies watcher events to a [`Store`] as kube-rs's reflector does: a relist (`Init` …
 /// `InitDone`) is gathered aside and replaces the whole content at once, so a reader never sees
 /// a half list.
 pub struct Writer<T> {
     store: Arc<Store<T>>,
-    relist: Option<BTreeMap<Key, Arc<T>>>,
+    relist: Option<Vec<Arc<T>>>,
 }
 
 impl<T: Watched> Writer<T> {
     pub fn apply_watcher_event(&mut self, ev: watcher::Event<Wire<T>>) {
+        fn put<T: Watched>(v: &mut Vec<Arc<T>>, o: T) {
+            match find(v, o.metadata()) {
+                Ok(i) => v[i] = Arc::new(o),
+                Err(i) => v.insert(i, Arc::new(o)),
+            }
+        }
         match ev {
-            watcher::Event::Init => self.relist = Some(BTreeMap::new()),
+            watcher::Event::Init => self.relist = Some(Vec::new()),
             watcher::Event::InitApply(w) => {
-                let o = w.into_slim();
-                self.relist
-                    .get_or_insert_default()
-                    .insert(key_of(o.metadata()), Arc::new(o));
+                put(self.relist.get_or_insert_default(), w.into_slim());
             }
             watcher::Event::InitDone => {
                 let all = self.relist.take().unwrap_or_default();
@@ -218,22 +224,23 @@ impl<T: Watched> Writer<T> {
                 self.store.ready.send_replace(true);
             }
             watcher::Event::Apply(w) => {
-                let o = w.into_slim();
-                self.store
-                    .objs
-                    .write()
-                    .expect("store lock")
-                    .insert(key_of(o.metadata()), Arc::new(o));
+                put(
+                    &mut self.store.objs.write().expect("store lock"),
+                    w.into_slim(),
+                );
             }
             watcher::Event::Delete(w) => {
-                let k = key_of(&w.metadata.clone().into());
-                self.store.objs.write().expect("store lock").remove(&k);
+                let meta: lb_model::k8s::ObjectMeta = w.metadata.into();
+                let mut v = self.store.objs.write().expect("store lock");
+                if let Ok(i) = find(&v, &meta) {
+                    v.remove(i);
+                }
             }
         }
     }
 }
 
-fn store<T>() -> (Arc<Store<T>>, Writer<T>) {
+fn store<T: lb_model::k8s::Object>() -> (Arc<Store<T>>, Writer<T>) {
     let s = Store::new();
     (
         s.clone(),
@@ -417,7 +424,7 @@ impl ApiSource {
     /// every Service the maps hold. A watch task that dies first is restarted into a new store
     /// ([`supervise`]), which is waited for in its turn.
     pub async fn ready(&self) {
-        async fn complete<T>(s: &Shared<T>) {
+        async fn complete<T: lb_model::k8s::Object>(s: &Shared<T>) {
             loop {
                 let store = s.read().expect("store lock").clone();
                 let wait = store.wait_until_ready();
