@@ -23,8 +23,25 @@ pub(crate) struct Ep {
     pub(crate) ready: bool,
     pub(crate) serving_terminating: bool,
     pub(crate) node: Option<String>,
-    pub(crate) zone_hints: Vec<String>,
-    pub(crate) node_hints: Vec<String>,
+    /// Topology hints, when the endpoint has any (most have none: boxed).
+    pub(crate) hints: Option<Box<Hints>>,
+}
+
+/// An endpoint's `hints.forZones` and `hints.forNodes` names.
+#[derive(Debug)]
+pub(crate) struct Hints {
+    zones: Vec<String>,
+    nodes: Vec<String>,
+}
+
+impl Ep {
+    pub(crate) fn zone_hints(&self) -> &[String] {
+        self.hints.as_ref().map_or(&[], |h| &h.zones)
+    }
+
+    pub(crate) fn node_hints(&self) -> &[String] {
+        self.hints.as_ref().map_or(&[], |h| &h.nodes)
+    }
 }
 
 /// The parts of one valid `EndpointSlice` the model uses.
@@ -85,13 +102,13 @@ pub(crate) fn resolve_slice(
         let Some(first) = ep.addresses.first() else {
             continue;
         };
-        let field = format!("endpoints[{i}].addresses[0]");
+        let field = || format!("endpoints[{i}].addresses[0]");
         let addr = match parse_ip(first) {
             Ok(a) => a,
             Err(reason) => {
                 errors.push(Error::BadAddress {
                     object: object.clone(),
-                    field,
+                    field: field(),
                     value: first.clone(),
                     reason,
                 });
@@ -101,7 +118,7 @@ pub(crate) fn resolve_slice(
         if addr.is_ipv6() != v6 {
             errors.push(Error::WrongFamily {
                 object: object.clone(),
-                field,
+                field: field(),
                 value: first.clone(),
                 expected: if v6 { "IPv6" } else { "IPv4" },
             });
@@ -114,12 +131,22 @@ pub(crate) fn resolve_slice(
             ready,
             serving_terminating: serving && terminating,
             node: ep.node_name.clone(),
-            zone_hints: hints
-                .and_then(|h| h.for_zones.as_ref())
-                .map_or_else(Vec::new, |z| z.iter().map(|z| z.name.clone()).collect()),
-            node_hints: hints
-                .and_then(|h| h.for_nodes.as_ref())
-                .map_or_else(Vec::new, |n| n.iter().map(|n| n.name.clone()).collect()),
+            hints: hints.map(|h| {
+                Box::new(Hints {
+                    zones: h
+                        .for_zones
+                        .iter()
+                        .flatten()
+                        .map(|z| z.name.clone())
+                        .collect(),
+                    nodes: h
+                        .for_nodes
+                        .iter()
+                        .flatten()
+                        .map(|n| n.name.clone())
+                        .collect(),
+                })
+            }),
         });
     }
     // Kept while the slice is: exactly as long as they are.
@@ -165,14 +192,14 @@ pub(crate) fn topology(eps: &[(&Ep, u16)], cfg: &Config) -> Topology {
     if ready().next().is_none() {
         return Topology::Any;
     }
-    if ready().all(|(e, _)| !e.node_hints.is_empty())
-        && ready().any(|(e, _)| e.node_hints.contains(&cfg.node_name))
+    if ready().all(|(e, _)| !e.node_hints().is_empty())
+        && ready().any(|(e, _)| e.node_hints().contains(&cfg.node_name))
     {
         return Topology::SameNode;
     }
     if let Some(zone) = &cfg.zone
-        && ready().all(|(e, _)| !e.zone_hints.is_empty())
-        && ready().any(|(e, _)| e.zone_hints.contains(zone))
+        && ready().all(|(e, _)| !e.zone_hints().is_empty())
+        && ready().any(|(e, _)| e.zone_hints().contains(zone))
     {
         return Topology::SameZone;
     }
@@ -182,8 +209,11 @@ pub(crate) fn topology(eps: &[(&Ep, u16)], cfg: &Config) -> Topology {
 pub(crate) fn allowed(e: &Ep, t: Topology, cfg: &Config) -> bool {
     match t {
         Topology::Any => true,
-        Topology::SameNode => e.node_hints.contains(&cfg.node_name),
-        Topology::SameZone => cfg.zone.as_ref().is_some_and(|z| e.zone_hints.contains(z)),
+        Topology::SameNode => e.node_hints().contains(&cfg.node_name),
+        Topology::SameZone => cfg
+            .zone
+            .as_ref()
+            .is_some_and(|z| e.zone_hints().contains(z)),
     }
 }
 

@@ -27,7 +27,8 @@ pub(crate) struct SvcPort {
 pub(crate) struct SvcAddr {
     pub(crate) ip: IpAddr,
     /// Where it came from, for error messages (`spec.clusterIPs[0]`, `spec.externalIPs[1]`, …).
-    pub(crate) field: String,
+    /// (Shared with the frontends made from it.)
+    pub(crate) field: std::sync::Arc<str>,
     /// externalIPs / LoadBalancer ingress: not a cluster VIP (no marker, see FrontendState).
     pub(crate) external: bool,
     /// A LoadBalancer ingress IP (`loadBalancerSourceRanges` apply).
@@ -127,7 +128,7 @@ pub(crate) fn service_addrs(
                 let lb = field.starts_with("status.");
                 addrs.push(SvcAddr {
                     ip,
-                    field,
+                    field: field.into(),
                     external,
                     lb,
                 });
@@ -293,7 +294,12 @@ pub(crate) fn resolve_service(svc: &Service, cfg: &Config, errors: &mut Vec<Erro
 pub(crate) struct SvcRes {
     pub(crate) svc: Svc,
     /// (frontend, state, address field, `spec.ports` index) before conflict resolution.
-    pub(crate) frontends: Vec<(Frontend, std::sync::Arc<FrontendState>, String, usize)>,
+    pub(crate) frontends: Vec<(
+        Frontend,
+        std::sync::Arc<FrontendState>,
+        std::sync::Arc<str>,
+        usize,
+    )>,
     /// (healthCheckNodePort, distinct ready local endpoint addresses).
     pub(crate) health: Option<(u16, usize)>,
     pub(crate) errors: Vec<Error>,
@@ -416,7 +422,7 @@ pub(crate) fn resolve_frontends(
                 scope: Scope::InNode,
             };
             let st = state(sp, sel, true, host_only);
-            let field = format!("spec.ports[{}].nodePort", sp.index);
+            let field: std::sync::Arc<str> = format!("spec.ports[{}].nodePort", sp.index).into();
             frontends.push((fe, st.into(), field.clone(), sp.index));
             if !host_only {
                 let sel = sel_of(ip.is_ipv6(), svc.ext_local);
