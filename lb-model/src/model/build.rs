@@ -15,7 +15,7 @@ use crate::k8s::discovery::EndpointSlice;
 
 use super::{
     Config, Desired, Error, Frontend, FrontendState, HealthCheck, LABEL_SERVICE_NAME, NsName,
-    ObjectRef, Slice, SliceRes, SvcRes, ns_name, resolve_frontends, resolve_service, resolve_slice,
+    ObjectRef, Slice, SvcRes, ns_name, resolve_frontends, resolve_service, resolve_slice,
 };
 use crate::tracked::Tracked;
 
@@ -81,7 +81,10 @@ pub struct Cache {
 }
 
 /// A slice object, what it resolved to, and the Service it is for.
-type SliceEntry = (Arc<EndpointSlice>, Arc<SliceRes>, Option<Id>);
+///
+/// A slice's resolved form is not kept: it is made again from the object whenever its Service
+/// is resolved (a few microseconds), which saves holding every endpoint twice.
+type SliceEntry = (Arc<EndpointSlice>, Vec<Error>, Option<Id>);
 
 /// A Service object, its slice objects, its result and its problems.
 type SvcEntry = (
@@ -209,17 +212,7 @@ impl Cache {
             });
         let Some(svc) = svc else {
             // Not managed for a Service: no resolution, no problems.
-            self.slices.insert(
-                id.clone(),
-                (
-                    slice,
-                    Arc::new(SliceRes {
-                        slice: None,
-                        errors: Vec::new(),
-                    }),
-                    None,
-                ),
-            );
+            self.slices.insert(id.clone(), (slice, Vec::new(), None));
             return;
         };
         let mut errs = Vec::new();
@@ -227,11 +220,10 @@ impl Cache {
             kind: "EndpointSlice",
             id: (**id).clone(),
         };
-        let res = Arc::new(SliceRes {
-            slice: resolve_slice(&slice, &object, &mut errs),
-            errors: errs,
-        });
-        if !res.errors.is_empty() {
+        // Only its problems are kept (see SliceEntry).
+        let _ = resolve_slice(&slice, &object, &mut errs);
+        errs.shrink_to_fit();
+        if !errs.is_empty() {
             self.slices_with_errors.insert(id.clone());
         }
         let set = self.by_service.entry(svc.clone()).or_default();
@@ -239,7 +231,7 @@ impl Cache {
             set.insert(i, id.clone());
         }
         self.slices
-            .insert(id.clone(), (slice, res, Some(svc.clone())));
+            .insert(id.clone(), (slice, errs, Some(svc.clone())));
         dirty.insert(svc);
     }
 
@@ -285,18 +277,11 @@ impl Cache {
                 }
             }
             if let Some(svc) = svc {
-                let valid: Vec<Arc<SliceRes>> = self
-                    .by_service
-                    .get(id)
-                    .into_iter()
-                    .flatten()
-                    .map(|s| self.slices[s].1.clone())
-                    .collect();
-                work.push((id.clone(), svc, slice_objs, valid));
+                work.push((id.clone(), svc, slice_objs));
             }
         }
         let results = resolve_parallel(&work, cfg);
-        for ((id, svc, slice_objs, _), (res, errs)) in work.into_iter().zip(results) {
+        for ((id, svc, slice_objs), (res, errs)) in work.into_iter().zip(results) {
             if let Some(res) = &res {
                 self.claim(res, touched, touched_health);
             }
@@ -437,7 +422,7 @@ impl Cache {
             });
         }
         for id in &self.slices_with_errors {
-            errors.extend(self.slices[id].1.errors.iter().cloned());
+            errors.extend(self.slices[id].1.iter().cloned());
         }
         dup_errors(
             "EndpointSlice",
@@ -515,23 +500,29 @@ fn id_of_service(s: &Service) -> Option<Id> {
     ns_name(&s.metadata).map(Arc::new)
 }
 
-/// A Service to resolve: its id, the object, its slice objects and their results.
-type Work = (
-    Id,
-    Arc<Service>,
-    Vec<Arc<EndpointSlice>>,
-    Vec<Arc<SliceRes>>,
-);
+/// A Service to resolve: its id, the object and its slice objects.
+type Work = (Id, Arc<Service>, Vec<Arc<EndpointSlice>>);
 
 /// Resolves each Service of `work` (its result, or `None`, and its problems), in parallel when
 /// there are many (a cold start), merged in order.
 fn resolve_parallel(work: &[Work], cfg: &Config) -> Vec<(Option<Arc<SvcRes>>, Vec<Error>)> {
-    let one = |(_, svc, _, slices): &Work| {
+    let one = |(_, svc, slices): &Work| {
         let mut errs = Vec::new();
         let Some(s) = resolve_service(svc, cfg, &mut errs) else {
             return (None, errs);
         };
-        let valid: Vec<&Slice> = slices.iter().filter_map(|r| r.slice.as_ref()).collect();
+        // The slices again (their problems were recorded when they were taken in, so this
+        // pass's are dropped, and so is the name it would put in them).
+        let unnamed = ObjectRef {
+            kind: "EndpointSlice",
+            id: NsName::default(),
+        };
+        let mut dropped = Vec::new();
+        let resolved: Vec<Slice> = slices
+            .iter()
+            .filter_map(|o| resolve_slice(o, &unnamed, &mut dropped))
+            .collect();
+        let valid: Vec<&Slice> = resolved.iter().collect();
         let res = resolve_frontends(s, &valid, cfg, errs);
         let errs = res.errors.clone();
         (Some(Arc::new(res)), errs)

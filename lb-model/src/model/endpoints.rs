@@ -149,22 +149,11 @@ pub(crate) fn resolve_slice(
             }),
         });
     }
-    // Kept while the slice is: exactly as long as they are.
-    let (mut ports, mut endpoints) = (ports, endpoints);
-    ports.shrink_to_fit();
-    endpoints.shrink_to_fit();
     Some(Slice {
         v6,
         ports,
         endpoints,
     })
-}
-
-/// One EndpointSlice, resolved once per object (kept while the object is unchanged).
-#[derive(Debug)]
-pub(crate) struct SliceRes {
-    pub(crate) slice: Option<Slice>,
-    pub(crate) errors: Vec<Error>,
 }
 
 /// The backends a frontend uses.
