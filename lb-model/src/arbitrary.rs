@@ -86,7 +86,8 @@ pub fn arb_desired() -> impl Strategy<Value = Desired> {
                             service: NsName {
                                 namespace: "ns".into(),
                                 name: "s".into(),
-                            },
+                            }
+                            .into(),
                             port_name: String::new(),
                             backends: backends.into(),
                             no_local,

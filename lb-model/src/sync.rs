@@ -832,7 +832,7 @@ pub fn fit(
             u[2 + fam(&b.addr.ip())] += 1;
         }
         if exceeds(&u, cap) {
-            refused.push((fe, desired.frontends[&fe].service.clone()));
+            refused.push((fe, (*desired.frontends[&fe].service).clone()));
             match current_backends(current, &fe) {
                 Some(now) => {
                     // Exactly what the maps hold: its backends, and no marker if it has none.

@@ -397,7 +397,7 @@ impl Cache {
                     self.desired.health_checks.insert(
                         *port,
                         HealthCheck {
-                            service: w.res.svc.id.clone(),
+                            service: (*w.res.svc.id).clone(),
                             local_endpoints,
                         },
                     );

@@ -38,7 +38,8 @@ pub(crate) struct SvcAddr {
 /// The frontend-relevant parts of one valid Service.
 #[derive(Debug)]
 pub(crate) struct Svc {
-    pub(crate) id: NsName,
+    /// Shared with every frontend state of the Service.
+    pub(crate) id: std::sync::Arc<NsName>,
     pub(crate) created: Option<k8s_openapi::jiff::Timestamp>,
     /// ClusterIPs, then externalIPs, then LoadBalancer ingress IPs.
     pub(crate) addrs: Vec<SvcAddr>,
@@ -277,7 +278,7 @@ pub(crate) fn resolve_service(svc: &Service, cfg: &Config, errors: &mut Vec<Erro
     addrs.shrink_to_fit();
     ports.shrink_to_fit();
     Some(Svc {
-        id,
+        id: std::sync::Arc::new(id),
         created: svc.metadata.creation_timestamp.as_ref().map(|t| t.0),
         addrs,
         ports,
@@ -318,7 +319,7 @@ pub(crate) fn resolve_frontends(
 ) -> SvcRes {
     let object = ObjectRef {
         kind: "Service",
-        id: svc.id.clone(),
+        id: (*svc.id).clone(),
     };
     let mut frontends = Vec::new();
     let state = |sp: &SvcPort, sel: Selected, external, host_only| FrontendState {
@@ -332,7 +333,7 @@ pub(crate) fn resolve_frontends(
         node_dns: !external
             && sp.port == 53
             && matches!(sp.proto, Proto::Tcp | Proto::Udp)
-            && cfg.node_dns.as_ref() == Some(&svc.id),
+            && cfg.node_dns.as_ref() == Some(&*svc.id),
         local: sel.local.into(),
         source_ranges: BTreeSet::new(),
         maglev: 0,

@@ -299,7 +299,8 @@ impl<'a> IntoIterator for &'a AddrSet {
     reason = "each bool is one independent SVC_FLAG_* bit of the frontend's map entry"
 )]
 pub struct FrontendState {
-    pub service: NsName,
+    /// Shared by the Service's frontends.
+    pub service: std::sync::Arc<NsName>,
     /// The service port's name ("" when unnamed).
     pub port_name: String,
     /// Usable backends (ready, else serving+terminating, within the traffic policy and

@@ -213,7 +213,8 @@ fn removing_one_backend_moves_the_last_slot_into_the_hole() {
             service: NsName {
                 namespace: "ns".into(),
                 name: "s".into(),
-            },
+            }
+            .into(),
             port_name: String::new(),
             backends: b.iter().copied().collect(),
             ..FrontendState::default()
@@ -287,7 +288,8 @@ fn a_service_without_endpoints_keeps_a_zero_count_frontend() {
         service: NsName {
             namespace: "ns".into(),
             name: "dns".into(),
-        },
+        }
+        .into(),
         port_name: String::new(),
         backends: AddrSet::default(),
         ..FrontendState::default()
@@ -368,7 +370,8 @@ fn fit_refuses_only_the_newcomer() {
             service: NsName {
                 namespace: "ns".into(),
                 name: format!("s{n}"),
-            },
+            }
+            .into(),
             port_name: String::new(),
             backends: (1..=n)
                 .map(|i| SocketAddr::new(format!("198.18.0.{i}").parse().unwrap(), 80))
@@ -403,7 +406,7 @@ fn fit_refuses_only_the_newcomer() {
     };
     assert_eq!(
         fit(&mut d, &shadow, &cap, None),
-        vec![(fe(2), st(2).service.clone())]
+        vec![(fe(2), (*st(2).service).clone())]
     );
     assert!(!d.frontends.contains_key(&fe(2)));
     assert_eq!(d.frontends[&fe(1)], st(2));
@@ -414,7 +417,7 @@ fn fit_refuses_only_the_newcomer() {
     };
     assert_eq!(
         fit(&mut d, &shadow, &cap, None),
-        vec![(fe(1), st(3).service.clone())]
+        vec![(fe(1), (*st(3).service).clone())]
     );
     assert_eq!(d.frontends[&fe(1)].backends, st(2).backends);
 }
@@ -499,7 +502,8 @@ fn a_missing_marker_is_caught_after_any_number_of_cases() {
             service: NsName {
                 namespace: "ns".into(),
                 name: "s".into(),
-            },
+            }
+            .into(),
             backends: ["198.18.0.10:80".parse().unwrap()].into(),
             external,
             ..FrontendState::default()
