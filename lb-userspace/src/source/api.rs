@@ -1,9 +1,9 @@
-//! The API source: kube-rs watchers (with backoff) feeding reflector stores for Services,
-//! EndpointSlices and this Node.
+//! The API source: kube-rs watchers (with backoff) feeding the agent's own stores of slim
+//! objects ([`lb_model::k8s`]) for Services, EndpointSlices and this Node.
 //!
 //! Every event only *wakes* the agent; the agent then takes a snapshot of all stores and diffs.
 //! Delete events are never acted on by themselves: after a disconnect, a `410 Gone` or a relist,
-//! the reflector swaps in the complete new list on `InitDone` and the next snapshot simply no
+//! the store swaps in the complete new list on `InitDone` and the next snapshot simply no
 //! longer contains what was deleted meanwhile.
 use std::{
     borrow::Cow,
@@ -53,7 +53,7 @@ pub const WATCHES: [(&str, &str); 3] = [
     ("", "nodes"),
 ];
 
-/// The three reflector stores. Cloning is cheap (they are shared handles).
+/// The three stores. Cloning is cheap (they are shared handles).
 #[derive(Clone)]
 pub struct ApiSource {
     services: Shared<Service>,
@@ -251,7 +251,7 @@ fn store<T: lb_model::k8s::Object>() -> (Arc<Store<T>>, Writer<T>) {
     )
 }
 
-/// A store that a restarted watch task replaces (see [`spawn_reflector`]).
+/// A store that a restarted watch task replaces (see [`spawn_watch`]).
 type Shared<T> = Arc<RwLock<Arc<Store<T>>>>;
 
 /// Runs one watcher into a store; every change wakes the agent through `wake`.
@@ -261,7 +261,7 @@ type Shared<T> = Arc<RwLock<Arc<Store<T>>>>;
 /// then reports a fault in `/healthz` (logged once), starts a new watcher with a new store after
 /// a pause, and swaps the new store in only once its first list is complete — until then the
 /// agent keeps syncing from the last complete list, never from an empty one.
-fn spawn_reflector<T: Watched>(
+fn spawn_watch<T: Watched>(
     api: Api<Wire<T>>,
     cfg: watcher::Config,
     kind: &'static str,
@@ -274,7 +274,7 @@ fn spawn_reflector<T: Watched>(
     })
 }
 
-/// The supervisor of [`spawn_reflector`]: runs `watch_into(writer)` as a task, and whenever
+/// The supervisor of [`spawn_watch`]: runs `watch_into(writer)` as a task, and whenever
 /// that task ends or panics, reports the fault and starts it again into a new store, which
 /// replaces the shared one once complete.
 fn supervise<T, F, Fut>(
@@ -392,21 +392,21 @@ impl ApiSource {
         wake: &mpsc::Sender<()>,
         health: &Arc<Mutex<Health>>,
     ) -> Self {
-        let services = spawn_reflector(
+        let services = spawn_watch(
             Api::<Wire<Service>>::all(client.clone()),
             watcher::Config::default(),
             "Service",
             wake.clone(),
             health.clone(),
         );
-        let slices = spawn_reflector(
+        let slices = spawn_watch(
             Api::<Wire<EndpointSlice>>::all(client.clone()),
             watcher::Config::default(),
             "EndpointSlice",
             wake.clone(),
             health.clone(),
         );
-        let node = spawn_reflector(
+        let node = spawn_watch(
             Api::<Wire<Node>>::all(client.clone()),
             watcher::Config::default().fields(&format!("metadata.name={node_name}")),
             "Node",

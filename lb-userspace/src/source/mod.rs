@@ -4,7 +4,7 @@
 //!
 //! * [`manifest`]: a directory of YAML/JSON files (`lb-agent run --manifests DIR`), parsed by
 //!   `lb_model::manifest`.
-//! * [`api`]: the Kubernetes API through kube-rs watchers and reflector stores.
+//! * [`api`]: the Kubernetes API through kube-rs watchers, kept slim in the agent's own stores.
 pub mod api;
 
 pub use lb_model::{
