@@ -54,7 +54,12 @@ impl<T, K: Clone + Eq + Hash> Tracked<T, K> {
             let e = self.seen.entry(addr(o)).or_insert_with(|| (0, key(o)));
             e.0 += 1;
             match (&e.1, e.0) {
-                (Some(k), 1) => self.by_key.entry(k.clone()).or_default().push(o.clone()),
+                // Room for one: a key almost always has one object.
+                (Some(k), 1) => self
+                    .by_key
+                    .entry(k.clone())
+                    .or_insert_with(|| Vec::with_capacity(1))
+                    .push(o.clone()),
                 (None, 1) => self.keyless += 1,
                 _ => {}
             }
