@@ -5,8 +5,6 @@
 //! change that makes the agent fatter per Service fails here, by name, before any bench.
 mod common;
 
-use std::fmt::Write as _;
-
 use common::footprint;
 
 #[global_allocator]
@@ -23,21 +21,7 @@ impl lb_model::sync::MapWriter for Null {
 #[test]
 fn each_stage_keeps_no_more_than_its_budget_per_service() {
     const N: usize = 10_000;
-    let mut yaml = String::new();
-    for i in 0..N {
-        let (a, e) = (512 + i, 1 + i % 250);
-        let _ = write!(
-            yaml,
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: test}}\n\
-             spec: {{clusterIPs: ['198.19.{}.{}'], ports: [{{name: http, port: 80, protocol: TCP}}]}}\n---\n\
-             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
-             metadata: {{name: svc-{i}-1, namespace: test, labels: {{kubernetes.io/service-name: svc-{i}}}}}\n\
-             addressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\n\
-             endpoints: [{{addresses: ['198.18.64.{e}'], conditions: {{ready: true, serving: true, terminating: false}}}}, {{addresses: ['198.18.65.{e}']}}, {{addresses: ['198.18.66.{e}']}}, {{addresses: ['198.18.67.{e}']}}]\n---\n",
-            a / 256,
-            a % 256
-        );
-    }
+    let yaml = common::bench_manifests(N);
     let f0 = footprint();
     let mut errors = Vec::new();
     let o = lb_model::manifest::parse_str(std::path::Path::new("m.yaml"), &yaml, &mut errors)

@@ -3,8 +3,6 @@
 //! must stay under 4 KiB per Service, and a copy of the desired state must copy pointers.
 mod common;
 
-use std::fmt::Write as _;
-
 use common::footprint;
 
 #[global_allocator]
@@ -13,22 +11,7 @@ static A: common::Counting = common::Counting;
 #[test]
 fn the_kept_model_costs_less_than_4_kib_per_service_and_a_desired_copy_copies_pointers() {
     const N: usize = 10_000;
-    // As the bench loads them: a ClusterIP, one named port, one slice of 4 endpoints.
-    let mut yaml = String::new();
-    for i in 0..N {
-        let (a, e) = (512 + i, 1 + i % 250);
-        let _ = write!(
-            yaml,
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: bench}}\n\
-             spec: {{clusterIP: 198.19.{}.{}, ports: [{{name: http, port: 80}}]}}\n---\n\
-             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
-             metadata: {{name: svc-{i}-1, namespace: bench, labels: {{kubernetes.io/service-name: svc-{i}}}}}\n\
-             addressType: IPv4\nports: [{{name: http, port: 8080}}]\n\
-             endpoints: [{{addresses: [198.18.64.{e}]}}, {{addresses: [198.18.65.{e}]}}, {{addresses: [198.18.66.{e}]}}, {{addresses: [198.18.67.{e}]}}]\n---\n",
-            a / 256,
-            a % 256
-        );
-    }
+    let yaml = common::bench_manifests(N);
     let f0 = footprint();
     let mut errors = Vec::new();
     let o = lb_model::manifest::parse_str(std::path::Path::new("m.yaml"), &yaml, &mut errors)

@@ -40,3 +40,26 @@ pub(crate) fn footprint() -> usize {
 pub(crate) fn total() -> usize {
     TOTAL_BYTES.load(Ordering::Relaxed)
 }
+
+/// `n` Services as the bench loads them: a ClusterIP, one named port, one slice of 4
+/// endpoints, as one YAML stream.
+#[allow(dead_code, reason = "each test binary uses the part it needs")]
+pub(crate) fn bench_manifests(n: usize) -> String {
+    use std::fmt::Write as _;
+    let mut yaml = String::new();
+    for i in 0..n {
+        let (a, e) = (512 + i, 1 + i % 250);
+        let _ = write!(
+            yaml,
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: bench}}\n\
+             spec: {{clusterIP: 198.19.{}.{}, ports: [{{name: http, port: 80}}]}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: svc-{i}-1, namespace: bench, labels: {{kubernetes.io/service-name: svc-{i}}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: 8080}}]\n\
+             endpoints: [{{addresses: [198.18.64.{e}]}}, {{addresses: [198.18.65.{e}]}}, {{addresses: [198.18.66.{e}]}}, {{addresses: [198.18.67.{e}]}}]\n---\n",
+            a / 256,
+            a % 256
+        );
+    }
+    yaml
+}
