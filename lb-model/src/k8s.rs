@@ -125,8 +125,12 @@ impl Serialize for Labels {
 impl<'de> Deserialize<'de> for Labels {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         // `key: null` values are dropped, as the API server drops them.
+        // The map is sorted with one entry per key already: straight into the vector.
         let m = BTreeMap::<String, Option<String>>::deserialize(d)?;
-        Ok(m.into_iter().filter_map(|(k, v)| Some((k, v?))).collect())
+        let mut v: Vec<(String, String)> =
+            m.into_iter().filter_map(|(k, v)| Some((k, v?))).collect();
+        v.shrink_to_fit();
+        Ok(Self(v))
     }
 }
 
