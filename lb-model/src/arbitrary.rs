@@ -88,7 +88,7 @@ pub fn arb_desired() -> impl Strategy<Value = Desired> {
                                 name: "s".into(),
                             }
                             .into(),
-                            port_name: String::new(),
+                            port_name: crate::k8s::Str::default(),
                             backends: backends.into(),
                             no_local,
                             affinity_timeout,

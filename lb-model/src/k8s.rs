@@ -5,29 +5,35 @@
 //! `managedFields`, the `kubectl.kubernetes.io/last-applied-configuration` annotation and the
 //! full `ObjectMeta` are never held.
 //!
+//! Strings are a [`Str`], which holds up to 24 bytes in place: names, namespaces, addresses,
+//! port names and the API's enum values (`TCP`, `IPv4`, `ClusterIP`) cost no allocation.
 //! Labels, annotations and selectors are a [`Labels`]: a sorted vector, not a B-tree (a B-tree
-//! with one label allocates a node for eleven). Timestamps, `IntOrString`, owner and target
-//! references are `k8s-openapi`'s own types.
+//! with one label allocates a node for eleven). An endpoint's target reference keeps kind,
+//! namespace, name and uid. Timestamps, `IntOrString` and owner references are `k8s-openapi`'s
+//! own types.
 //!
 //! Serializing writes the fields kept, in the API's spelling (`lb-agent get -o yaml`).
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-pub use k8s_openapi::api::core::v1::ObjectReference;
 pub use k8s_openapi::apimachinery::pkg::{
     apis::meta::v1::{OwnerReference, Time},
     util::intstr::IntOrString,
 };
 
+/// A string of an object: up to 24 bytes (names, namespaces, addresses, ports' names, the
+/// API's enum values) held in place, without an allocation of its own.
+pub type Str = compact_str::CompactString;
+
 /// String → string, sorted by key, one entry per key: labels, annotations, selectors. Reads
-/// like the `BTreeMap<String, String>` of the API types (`get`, `iter`, `insert`, …).
+/// like the `BTreeMap<Str, Str>` of the API types (`get`, `iter`, `insert`, …).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Labels(Vec<(String, String)>);
+pub struct Labels(Vec<(Str, Str)>);
 
 impl Labels {
     #[must_use]
-    pub fn get(&self, key: &str) -> Option<&String> {
+    pub fn get(&self, key: &str) -> Option<&Str> {
         self.find(key).ok().map(|i| &self.0[i].1)
     }
 
@@ -37,7 +43,8 @@ impl Labels {
     }
 
     /// Sets `key`; returns the value it had.
-    pub fn insert(&mut self, key: String, value: String) -> Option<String> {
+    pub fn insert(&mut self, key: impl Into<Str>, value: impl Into<Str>) -> Option<Str> {
+        let (key, value) = (key.into(), value.into());
         match self.find(&key) {
             Ok(i) => Some(std::mem::replace(&mut self.0[i].1, value)),
             Err(i) => {
@@ -47,15 +54,15 @@ impl Labels {
         }
     }
 
-    pub fn remove(&mut self, key: &str) -> Option<String> {
+    pub fn remove(&mut self, key: &str) -> Option<Str> {
         self.find(key).ok().map(|i| self.0.remove(i).1)
     }
 
-    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&String, &String)> {
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&Str, &Str)> {
         self.0.iter().map(|(k, v)| (k, v))
     }
 
-    pub fn keys(&self) -> impl ExactSizeIterator<Item = &String> {
+    pub fn keys(&self) -> impl ExactSizeIterator<Item = &Str> {
         self.0.iter().map(|(k, _)| k)
     }
 
@@ -75,43 +82,44 @@ impl Labels {
 }
 
 impl std::ops::Index<&str> for Labels {
-    type Output = String;
+    type Output = Str;
     /// The value of `key`; panics when there is none, as a map's index does.
-    fn index(&self, key: &str) -> &String {
+    fn index(&self, key: &str) -> &Str {
         self.get(key)
             .unwrap_or_else(|| panic!("no entry {key:?} in {self:?}"))
     }
 }
 
 impl<'a> IntoIterator for &'a Labels {
-    type Item = (&'a String, &'a String);
-    type IntoIter = std::iter::Map<
-        std::slice::Iter<'a, (String, String)>,
-        fn(&'a (String, String)) -> (&'a String, &'a String),
-    >;
+    type Item = (&'a Str, &'a Str);
+    type IntoIter =
+        std::iter::Map<std::slice::Iter<'a, (Str, Str)>, fn(&'a (Str, Str)) -> (&'a Str, &'a Str)>;
     fn into_iter(self) -> Self::IntoIter {
         self.0.iter().map(|(k, v)| (k, v))
     }
 }
 
-impl FromIterator<(String, String)> for Labels {
+impl<K: Into<Str>, V: Into<Str>> FromIterator<(K, V)> for Labels {
     /// The last value of a repeated key wins, as in a map.
-    fn from_iter<I: IntoIterator<Item = (String, String)>>(it: I) -> Self {
-        let map: BTreeMap<String, String> = it.into_iter().collect();
-        Self::from(map)
-    }
-}
-
-impl From<BTreeMap<String, String>> for Labels {
-    fn from(m: BTreeMap<String, String>) -> Self {
-        let mut v: Vec<(String, String)> = m.into_iter().collect();
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(it: I) -> Self {
+        let map: BTreeMap<Str, Str> = it.into_iter().map(|(k, v)| (k.into(), v.into())).collect();
+        let mut v: Vec<(Str, Str)> = map.into_iter().collect();
         v.shrink_to_fit();
         Self(v)
     }
 }
 
-impl<const N: usize> From<[(String, String); N]> for Labels {
-    fn from(a: [(String, String); N]) -> Self {
+impl From<BTreeMap<String, String>> for Labels {
+    fn from(m: BTreeMap<String, String>) -> Self {
+        // Already sorted, one entry per key.
+        let mut v: Vec<(Str, Str)> = m.into_iter().map(|(k, v)| (k.into(), v.into())).collect();
+        v.shrink_to_fit();
+        Self(v)
+    }
+}
+
+impl<K: Into<Str>, V: Into<Str>, const N: usize> From<[(K, V); N]> for Labels {
+    fn from(a: [(K, V); N]) -> Self {
         a.into_iter().collect()
     }
 }
@@ -126,9 +134,8 @@ impl<'de> Deserialize<'de> for Labels {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         // `key: null` values are dropped, as the API server drops them.
         // The map is sorted with one entry per key already: straight into the vector.
-        let m = BTreeMap::<String, Option<String>>::deserialize(d)?;
-        let mut v: Vec<(String, String)> =
-            m.into_iter().filter_map(|(k, v)| Some((k, v?))).collect();
+        let m = BTreeMap::<Str, Option<Str>>::deserialize(d)?;
+        let mut v: Vec<(Str, Str)> = m.into_iter().filter_map(|(k, v)| Some((k, v?))).collect();
         v.shrink_to_fit();
         Ok(Self(v))
     }
@@ -178,11 +185,11 @@ fn opt_vec<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
 #[serde(rename_all = "camelCase")]
 pub struct ObjectMeta {
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
+    pub name: Option<Str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub namespace: Option<String>,
+    pub namespace: Option<Str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub uid: Option<String>,
+    pub uid: Option<Str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub labels: Option<Labels>,
     #[serde(
@@ -215,9 +222,9 @@ impl From<k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta> for Object
             }
         }
         Self {
-            name: m.name,
-            namespace: m.namespace,
-            uid: m.uid,
+            name: m.name.map(Str::from),
+            namespace: m.namespace.map(Str::from),
+            uid: m.uid.map(Str::from),
             labels: map(m.labels),
             annotations,
             creation_timestamp: m.creation_timestamp,
@@ -225,6 +232,20 @@ impl From<k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta> for Object
             owner_references: m.owner_references,
         }
     }
+}
+
+/// Another object an object names (an endpoint's Pod): what `lb-agent get` shows of it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectReference {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<Str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<Str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<Str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uid: Option<Str>,
 }
 
 /// What every slim object has: its metadata, and the API's `kind` / `apiVersion`.
@@ -251,7 +272,7 @@ pub mod core {
     use serde::{Deserialize, Serialize};
 
     pub use super::ObjectReference;
-    use super::{IntOrString, Labels, Object, ObjectMeta};
+    use super::{IntOrString, Labels, Object, ObjectMeta, Str};
 
     #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
     pub struct Service {
@@ -268,24 +289,24 @@ pub mod core {
     #[serde(rename_all = "camelCase")]
     pub struct ServiceSpec {
         #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
-        pub type_: Option<String>,
+        pub type_: Option<Str>,
         #[serde(rename = "clusterIP", skip_serializing_if = "Option::is_none")]
-        pub cluster_ip: Option<String>,
+        pub cluster_ip: Option<Str>,
         #[serde(
             rename = "clusterIPs",
             default,
             deserialize_with = "super::opt_vec",
             skip_serializing_if = "Option::is_none"
         )]
-        pub cluster_ips: Option<Vec<String>>,
+        pub cluster_ips: Option<Vec<Str>>,
         #[serde(
             default,
             deserialize_with = "super::opt_vec",
             skip_serializing_if = "Option::is_none"
         )]
-        pub ip_families: Option<Vec<String>>,
+        pub ip_families: Option<Vec<Str>>,
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub ip_family_policy: Option<String>,
+        pub ip_family_policy: Option<Str>,
         #[serde(
             default,
             deserialize_with = "super::opt_vec",
@@ -300,44 +321,44 @@ pub mod core {
             deserialize_with = "super::opt_vec",
             skip_serializing_if = "Option::is_none"
         )]
-        pub external_ips: Option<Vec<String>>,
+        pub external_ips: Option<Vec<Str>>,
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub external_name: Option<String>,
+        pub external_name: Option<Str>,
         #[serde(rename = "loadBalancerIP", skip_serializing_if = "Option::is_none")]
-        pub load_balancer_ip: Option<String>,
+        pub load_balancer_ip: Option<Str>,
         #[serde(
             default,
             deserialize_with = "super::opt_vec",
             skip_serializing_if = "Option::is_none"
         )]
-        pub load_balancer_source_ranges: Option<Vec<String>>,
+        pub load_balancer_source_ranges: Option<Vec<Str>>,
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub load_balancer_class: Option<String>,
+        pub load_balancer_class: Option<Str>,
         #[serde(skip_serializing_if = "Option::is_none")]
         pub allocate_load_balancer_node_ports: Option<bool>,
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub external_traffic_policy: Option<String>,
+        pub external_traffic_policy: Option<Str>,
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub internal_traffic_policy: Option<String>,
+        pub internal_traffic_policy: Option<Str>,
         #[serde(skip_serializing_if = "Option::is_none")]
         pub health_check_node_port: Option<i32>,
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub session_affinity: Option<String>,
+        pub session_affinity: Option<Str>,
         #[serde(skip_serializing_if = "Option::is_none")]
         pub session_affinity_config: Option<SessionAffinityConfig>,
         #[serde(skip_serializing_if = "Option::is_none")]
         pub publish_not_ready_addresses: Option<bool>,
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub traffic_distribution: Option<String>,
+        pub traffic_distribution: Option<Str>,
     }
 
     #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
     #[serde(rename_all = "camelCase")]
     pub struct ServicePort {
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub name: Option<String>,
+        pub name: Option<Str>,
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub protocol: Option<String>,
+        pub protocol: Option<Str>,
         #[serde(default, deserialize_with = "super::or_default")]
         pub port: i32,
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -345,7 +366,7 @@ pub mod core {
         #[serde(skip_serializing_if = "Option::is_none")]
         pub node_port: Option<i32>,
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub app_protocol: Option<String>,
+        pub app_protocol: Option<Str>,
     }
 
     #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -384,11 +405,11 @@ pub mod core {
     #[serde(rename_all = "camelCase")]
     pub struct LoadBalancerIngress {
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub ip: Option<String>,
+        pub ip: Option<Str>,
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub hostname: Option<String>,
+        pub hostname: Option<Str>,
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub ip_mode: Option<String>,
+        pub ip_mode: Option<Str>,
     }
 
     #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -419,11 +440,11 @@ pub mod core {
     #[serde(rename_all = "camelCase")]
     pub struct Taint {
         #[serde(default, deserialize_with = "super::or_default")]
-        pub key: String,
+        pub key: Str,
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub value: Option<String>,
+        pub value: Option<Str>,
         #[serde(default, deserialize_with = "super::or_default")]
-        pub effect: String,
+        pub effect: Str,
     }
 
     #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -441,9 +462,9 @@ pub mod core {
     #[serde(rename_all = "camelCase")]
     pub struct NodeAddress {
         #[serde(default, deserialize_with = "super::or_default")]
-        pub address: String,
+        pub address: Str,
         #[serde(rename = "type", default, deserialize_with = "super::or_default")]
-        pub type_: String,
+        pub type_: Str,
     }
 
     #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -469,18 +490,18 @@ pub mod core {
         )]
         pub init_containers: Option<Vec<Container>>,
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub node_name: Option<String>,
+        pub node_name: Option<Str>,
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub hostname: Option<String>,
+        pub hostname: Option<Str>,
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub subdomain: Option<String>,
+        pub subdomain: Option<Str>,
     }
 
     #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
     #[serde(rename_all = "camelCase")]
     pub struct Container {
         #[serde(default, deserialize_with = "super::or_default")]
-        pub name: String,
+        pub name: Str,
         #[serde(
             default,
             deserialize_with = "super::opt_vec",
@@ -488,27 +509,27 @@ pub mod core {
         )]
         pub ports: Option<Vec<ContainerPort>>,
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub restart_policy: Option<String>,
+        pub restart_policy: Option<Str>,
     }
 
     #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
     #[serde(rename_all = "camelCase")]
     pub struct ContainerPort {
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub name: Option<String>,
+        pub name: Option<Str>,
         #[serde(default, deserialize_with = "super::or_default")]
         pub container_port: i32,
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub protocol: Option<String>,
+        pub protocol: Option<Str>,
     }
 
     #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
     #[serde(rename_all = "camelCase")]
     pub struct PodStatus {
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub phase: Option<String>,
+        pub phase: Option<Str>,
         #[serde(rename = "podIP", skip_serializing_if = "Option::is_none")]
-        pub pod_ip: Option<String>,
+        pub pod_ip: Option<Str>,
         #[serde(
             rename = "podIPs",
             default,
@@ -527,15 +548,15 @@ pub mod core {
     #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
     pub struct PodIP {
         #[serde(default, deserialize_with = "super::or_default")]
-        pub ip: String,
+        pub ip: Str,
     }
 
     #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
     pub struct PodCondition {
         #[serde(rename = "type", default, deserialize_with = "super::or_default")]
-        pub type_: String,
+        pub type_: Str,
         #[serde(default, deserialize_with = "super::or_default")]
-        pub status: String,
+        pub status: Str,
     }
 
     #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -578,11 +599,11 @@ pub mod core {
     #[serde(rename_all = "camelCase")]
     pub struct EndpointAddress {
         #[serde(default, deserialize_with = "super::or_default")]
-        pub ip: String,
+        pub ip: Str,
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub hostname: Option<String>,
+        pub hostname: Option<Str>,
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub node_name: Option<String>,
+        pub node_name: Option<Str>,
         #[serde(skip_serializing_if = "Option::is_none")]
         pub target_ref: Option<Box<ObjectReference>>,
     }
@@ -591,13 +612,13 @@ pub mod core {
     #[serde(rename_all = "camelCase")]
     pub struct EndpointPort {
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub name: Option<String>,
+        pub name: Option<Str>,
         #[serde(default, deserialize_with = "super::or_default")]
         pub port: i32,
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub protocol: Option<String>,
+        pub protocol: Option<Str>,
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub app_protocol: Option<String>,
+        pub app_protocol: Option<Str>,
     }
 }
 
@@ -605,7 +626,7 @@ pub mod discovery {
     //! `discovery.k8s.io/v1`: EndpointSlice.
     use serde::{Deserialize, Serialize};
 
-    use super::{Object, ObjectMeta, ObjectReference};
+    use super::{Object, ObjectMeta, ObjectReference, Str};
 
     #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
     #[serde(rename_all = "camelCase")]
@@ -613,7 +634,7 @@ pub mod discovery {
         #[serde(default, deserialize_with = "super::or_default")]
         pub metadata: ObjectMeta,
         #[serde(default, deserialize_with = "super::or_default")]
-        pub address_type: String,
+        pub address_type: Str,
         #[serde(default, deserialize_with = "super::vec")]
         pub endpoints: Vec<Endpoint>,
         #[serde(
@@ -629,15 +650,15 @@ pub mod discovery {
     #[serde(rename_all = "camelCase")]
     pub struct Endpoint {
         #[serde(default, deserialize_with = "super::vec")]
-        pub addresses: Vec<String>,
+        pub addresses: Vec<Str>,
         #[serde(skip_serializing_if = "Option::is_none")]
         pub conditions: Option<EndpointConditions>,
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub hostname: Option<String>,
+        pub hostname: Option<Str>,
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub node_name: Option<String>,
+        pub node_name: Option<Str>,
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub zone: Option<String>,
+        pub zone: Option<Str>,
         /// Boxed, as `target_ref`: most endpoints have none, and an endpoint is held per
         /// address of every slice.
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -677,32 +698,32 @@ pub mod discovery {
     #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
     pub struct ForZone {
         #[serde(default, deserialize_with = "super::or_default")]
-        pub name: String,
+        pub name: Str,
     }
 
     #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
     pub struct ForNode {
         #[serde(default, deserialize_with = "super::or_default")]
-        pub name: String,
+        pub name: Str,
     }
 
     #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
     #[serde(rename_all = "camelCase")]
     pub struct EndpointPort {
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub name: Option<String>,
+        pub name: Option<Str>,
         #[serde(skip_serializing_if = "Option::is_none")]
         pub port: Option<i32>,
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub protocol: Option<String>,
+        pub protocol: Option<Str>,
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub app_protocol: Option<String>,
+        pub app_protocol: Option<Str>,
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{Labels, core::Service, discovery::EndpointSlice};
+    use super::{Labels, Str, core::Service, discovery::EndpointSlice};
 
     #[test]
     fn labels_read_like_a_map_and_stay_sorted() {
@@ -713,16 +734,15 @@ mod tests {
         .into_iter()
         .collect();
         assert_eq!(l.keys().collect::<Vec<_>>(), ["a", "b"]);
-        assert_eq!(l.get("b").map(String::as_str), Some("2"));
-        assert_eq!(l.insert("a".into(), "9".into()).as_deref(), Some("1"));
-        assert_eq!(l.insert("c".into(), "3".into()), None);
+        assert_eq!(l.get("b").map(Str::as_str), Some("2"));
+        assert_eq!(l.insert("a", "9").as_deref(), Some("1"));
+        assert_eq!(l.insert("c", "3"), None);
         assert_eq!(l.remove("b").as_deref(), Some("2"));
         assert_eq!(
-            l.iter().collect::<Vec<_>>(),
-            [
-                (&"a".to_owned(), &"9".to_owned()),
-                (&"c".to_owned(), &"3".to_owned())
-            ]
+            l.iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect::<Vec<_>>(),
+            [("a", "9"), ("c", "3")]
         );
         assert!(!l.contains_key("b"));
         assert_eq!(l["c"], "3");
@@ -755,10 +775,7 @@ mod tests {
         let m = &svc.metadata;
         assert_eq!(m.labels.as_ref().map(Labels::len), Some(1));
         let a = m.annotations.as_ref().expect("annotations");
-        assert_eq!(
-            (a.len(), a.get("keep").map(String::as_str)),
-            (1, Some("me"))
-        );
+        assert_eq!((a.len(), a.get("keep").map(Str::as_str)), (1, Some("me")));
         let spec = svc.spec.as_ref().expect("spec");
         let ports = spec.ports.as_ref().expect("ports");
         assert_eq!((ports.len(), ports.capacity()), (1, 1));

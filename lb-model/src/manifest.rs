@@ -74,7 +74,7 @@ pub struct ManifestDir {
     parsed: BTreeMap<PathBuf, Parsed>,
     /// Service (namespace, name) → when it was first seen, and how many of the files' last
     /// good versions define it (at 0 it is gone, and forgotten).
-    first_seen: BTreeMap<(String, String), (k8s_openapi::jiff::Timestamp, u32)>,
+    first_seen: BTreeMap<(crate::k8s::Str, crate::k8s::Str), (k8s_openapi::jiff::Timestamp, u32)>,
 }
 
 /// A file as last parsed.
@@ -368,7 +368,7 @@ impl Error {
     }
 }
 
-fn svc_key(svc: &Service) -> Option<(String, String)> {
+fn svc_key(svc: &Service) -> Option<(crate::k8s::Str, crate::k8s::Str)> {
     Some((
         svc.metadata
             .namespace
@@ -695,7 +695,7 @@ mod tests {
         let names: Vec<String> = o
             .services
             .iter()
-            .map(|s| s.metadata.name.clone().unwrap())
+            .map(|s| s.metadata.name.as_deref().unwrap().to_owned())
             .collect();
         assert_eq!(names.len(), 2000);
         assert!(names.iter().enumerate().all(|(i, n)| *n == format!("s{i}")));

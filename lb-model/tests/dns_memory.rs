@@ -23,11 +23,11 @@ static A: common::Counting = common::Counting;
 /// endpoints.
 fn service(i: usize, ip: &str) -> (Arc<Service>, Arc<EndpointSlice>) {
     let mut s = Service::default();
-    s.metadata.name = Some(format!("svc-{i}"));
-    s.metadata.namespace = Some(format!("ns-{}", i % 100));
+    s.metadata.name = Some(format!("svc-{i}").into());
+    s.metadata.namespace = Some(format!("ns-{}", i % 100).into());
     s.spec = Some(ServiceSpec {
-        cluster_ip: Some(ip.to_owned()),
-        cluster_ips: Some(vec![ip.to_owned()]),
+        cluster_ip: Some(ip.into()),
+        cluster_ips: Some(vec![ip.into()]),
         ports: Some(vec![ServicePort {
             name: Some("http".into()),
             port: 80,
@@ -39,7 +39,7 @@ fn service(i: usize, ip: &str) -> (Arc<Service>, Arc<EndpointSlice>) {
         address_type: "IPv4".into(),
         ..EndpointSlice::default()
     };
-    e.metadata.name = Some(format!("svc-{i}-abcde"));
+    e.metadata.name = Some(format!("svc-{i}-abcde").into());
     e.metadata.namespace.clone_from(&s.metadata.namespace);
     e.metadata.labels = Some(
         [("kubernetes.io/service-name".to_owned(), format!("svc-{i}"))]
@@ -48,11 +48,9 @@ fn service(i: usize, ip: &str) -> (Arc<Service>, Arc<EndpointSlice>) {
     );
     e.endpoints = (0..2)
         .map(|k| Endpoint {
-            addresses: vec![format!(
-                "198.18.{}.{}",
-                (2 * i + k) / 250,
-                1 + (2 * i + k) % 250
-            )],
+            addresses: vec![
+                format!("198.18.{}.{}", (2 * i + k) / 250, 1 + (2 * i + k) % 250).into(),
+            ],
             ..Endpoint::default()
         })
         .collect();

@@ -79,7 +79,11 @@ impl Standalone {
         if self.cluster_dns.is_empty() {
             return None;
         }
-        let ips: Vec<String> = self.cluster_dns.iter().map(ToString::to_string).collect();
+        let ips: Vec<lb_model::k8s::Str> = self
+            .cluster_dns
+            .iter()
+            .map(compact_str::ToCompactString::to_compact_string)
+            .collect();
         let port = |name: &str, proto: &str| lb_model::k8s::core::ServicePort {
             name: Some(name.into()),
             port: 53,
@@ -460,10 +464,15 @@ impl State {
         full: bool,
     ) -> bool {
         // The zone can change with the Node's labels: take it from this snapshot.
-        self.cfg.zone = objs
-            .node
-            .as_ref()
-            .and_then(|n| n.metadata.labels.as_ref()?.get(model::LABEL_ZONE).cloned());
+        self.cfg.zone = objs.node.as_ref().and_then(|n| {
+            Some(
+                n.metadata
+                    .labels
+                    .as_ref()?
+                    .get(model::LABEL_ZONE)?
+                    .to_string(),
+            )
+        });
         self.cfg.node_addresses = node_addresses(
             &self.node_addresses_flag,
             &self.nodeport_addresses,
@@ -655,8 +664,8 @@ impl State {
             Some((
                 v.backend_id,
                 crate::metrics::FrontendLabel {
-                    namespace: st.service.namespace.clone(),
-                    service: st.service.name.clone(),
+                    namespace: st.service.namespace.to_string(),
+                    service: st.service.name.to_string(),
                     frontend: fe.to_string(),
                 },
             ))

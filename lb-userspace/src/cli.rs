@@ -327,8 +327,8 @@ fn parse_ns_name(s: &str) -> Result<lb_model::model::NsName, String> {
     match s.split_once('/') {
         Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
             Ok(lb_model::model::NsName {
-                namespace: ns.to_owned(),
-                name: name.to_owned(),
+                namespace: ns.into(),
+                name: name.into(),
             })
         }
         _ => Err(format!("{s:?}: expected NAMESPACE/NAME")),

@@ -170,11 +170,11 @@ fn age(meta: &lb_model::k8s::ObjectMeta, now: SystemTime) -> String {
 /// kubectl's EXTERNAL-IP column.
 fn external_ip(s: &Service) -> String {
     let spec = s.spec.clone().unwrap_or_default();
-    let external: Vec<String> = spec.external_ips.clone().unwrap_or_default();
+    let external: Vec<lb_model::k8s::Str> = spec.external_ips.clone().unwrap_or_default();
     match spec.type_.as_deref().unwrap_or("ClusterIP") {
-        "ExternalName" => spec.external_name.unwrap_or_default(),
+        "ExternalName" => spec.external_name.unwrap_or_default().into(),
         "LoadBalancer" => {
-            let mut ips: Vec<String> = s
+            let mut ips: Vec<lb_model::k8s::Str> = s
                 .status
                 .as_ref()
                 .and_then(|st| st.load_balancer.as_ref())
@@ -217,7 +217,7 @@ fn ports(s: &Service) -> String {
 }
 
 /// First three, then `+ N more...`, as kubectl abbreviates lists.
-fn abbreviate(v: &[String], empty: &str) -> String {
+fn abbreviate<S: std::borrow::Borrow<str>>(v: &[S], empty: &str) -> String {
     match v.len() {
         0 => empty.into(),
         1..=3 => v.join(","),
@@ -251,7 +251,7 @@ fn table(rows: &[Vec<String>]) -> String {
 }
 
 fn namespace(meta: &lb_model::k8s::ObjectMeta) -> String {
-    meta.namespace.clone().unwrap_or_else(|| "default".into())
+    meta.namespace.as_deref().unwrap_or("default").to_owned()
 }
 
 fn in_ns(meta: &lb_model::k8s::ObjectMeta, ns: Option<&str>) -> bool {
@@ -295,13 +295,14 @@ fn service_rows(v: &[&Arc<Service>], all: bool, wide: bool, now: SystemTime) -> 
         if all {
             r.push(namespace(&s.metadata));
         }
-        r.push(s.metadata.name.clone().unwrap_or_default());
-        r.push(spec.type_.clone().unwrap_or_else(|| "ClusterIP".into()));
+        r.push(s.metadata.name.as_deref().unwrap_or_default().to_owned());
+        r.push(spec.type_.as_deref().unwrap_or("ClusterIP").to_owned());
         r.push(
             spec.cluster_ip
-                .clone()
+                .as_deref()
                 .filter(|c| !c.is_empty())
-                .unwrap_or_else(|| "<none>".into()),
+                .unwrap_or("<none>")
+                .to_owned(),
         );
         r.push(external_ip(s));
         r.push(ports(s));
@@ -341,13 +342,13 @@ fn slice_rows(v: &[&Arc<EndpointSlice>], all: bool, now: SystemTime) -> Vec<Vec<
             .flatten()
             .map(|p| p.port.map_or_else(|| "<unset>".into(), |p| p.to_string()))
             .collect();
-        let addrs: Vec<String> = s
+        let addrs: Vec<lb_model::k8s::Str> = s
             .endpoints
             .iter()
             .flat_map(|e| e.addresses.iter().cloned())
             .collect();
-        r.push(s.metadata.name.clone().unwrap_or_default());
-        r.push(s.address_type.clone());
+        r.push(s.metadata.name.as_deref().unwrap_or_default().to_owned());
+        r.push(s.address_type.to_string());
         r.push(abbreviate(&ports, "<unset>"));
         r.push(abbreviate(&addrs, "<unset>"));
         r.push(age(&s.metadata, now));

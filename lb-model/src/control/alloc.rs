@@ -270,7 +270,7 @@ fn plan(svc: &Service, id: &NsName, ranges: &Ranges) -> Result<Option<Plan>, Vec
     };
     let mut errors = Vec::new();
     // Requested ClusterIPs.
-    let (field, raw): (&str, Vec<String>) = match (&spec.cluster_ips, &spec.cluster_ip) {
+    let (field, raw): (&str, Vec<crate::k8s::Str>) = match (&spec.cluster_ips, &spec.cluster_ip) {
         (Some(v), _) if !v.is_empty() => ("spec.clusterIPs", v.clone()),
         (_, Some(ip)) if !ip.is_empty() => ("spec.clusterIP", vec![ip.clone()]),
         _ => ("spec.clusterIPs", Vec::new()),
@@ -284,7 +284,7 @@ fn plan(svc: &Service, id: &NsName, ranges: &Ranges) -> Result<Option<Plan>, Vec
                 Err(reason) => errors.push(Error::BadAddress {
                     object: object.clone(),
                     field: format!("{field}[{i}]"),
-                    value: r.clone(),
+                    value: r.to_string(),
                     reason,
                 }),
             }
@@ -895,13 +895,17 @@ pub(crate) fn apply(svc: &Arc<Service>, p: &Plan, rec: &Record) -> Arc<Service> 
     let mut s = (**svc).clone();
     let spec = s.spec.get_or_insert_with(Default::default);
     if !p.cluster.is_empty() {
-        let ips: Vec<String> = rec.cluster_ips.iter().map(ToString::to_string).collect();
+        let ips: Vec<crate::k8s::Str> = rec
+            .cluster_ips
+            .iter()
+            .map(compact_str::ToCompactString::to_compact_string)
+            .collect();
         spec.cluster_ip = ips.first().cloned();
         spec.cluster_ips = Some(ips);
         spec.ip_families = Some(
             p.cluster
                 .iter()
-                .map(|(v6, _)| family_name(*v6).to_owned())
+                .map(|(v6, _)| family_name(*v6).into())
                 .collect(),
         );
         let two = p.cluster.len() == 2;
@@ -911,7 +915,7 @@ pub(crate) fn apply(svc: &Arc<Service>, p: &Plan, rec: &Record) -> Arc<Service> 
             } else {
                 "SingleStack"
             }
-            .to_owned()
+            .into()
         });
     }
     if let Some(ports) = spec.ports.as_mut() {
@@ -931,7 +935,7 @@ pub(crate) fn apply(svc: &Arc<Service>, p: &Plan, rec: &Record) -> Arc<Service> 
                     rec.load_balancer_ips
                         .iter()
                         .map(|ip| LoadBalancerIngress {
-                            ip: Some(ip.to_string()),
+                            ip: Some(compact_str::ToCompactString::to_compact_string(ip)),
                             ip_mode: Some("VIP".into()),
                             ..LoadBalancerIngress::default()
                         })

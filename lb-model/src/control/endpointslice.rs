@@ -23,9 +23,11 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::k8s::ObjectMeta;
-use crate::k8s::core::{ObjectReference, Pod, Service, ServicePort};
+use crate::k8s::ObjectReference;
+use crate::k8s::core::{Pod, Service, ServicePort};
 use crate::k8s::discovery::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
+use crate::k8s::{ObjectMeta, Str};
+use compact_str::ToCompactString as _;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{Error, fnv1a};
@@ -143,7 +145,7 @@ pub(crate) fn slices_for(
     svc: &Service,
     id: &NsName,
     pods: &[Arc<Pod>],
-    zones: &HashMap<String, String>,
+    zones: &HashMap<Str, Str>,
     errors: &mut Vec<Error>,
 ) -> Vec<Arc<EndpointSlice>> {
     let spec = svc.spec.as_ref();
@@ -152,7 +154,7 @@ pub(crate) fn slices_for(
         .unwrap_or(false);
     let svc_ports: &[ServicePort] = spec.and_then(|s| s.ports.as_deref()).unwrap_or(&[]);
     // (v6, port set) → endpoints, each with the Pod name it sorts by.
-    let mut groups: BTreeMap<Group, Vec<(String, Endpoint)>> = BTreeMap::new();
+    let mut groups: BTreeMap<Group, Vec<(Str, Endpoint)>> = BTreeMap::new();
     let families = address_types(svc);
     for pod in pods {
         if !eligible(pod) {
@@ -199,7 +201,7 @@ pub(crate) fn slices_for(
                 continue;
             };
             let ep = Endpoint {
-                addresses: vec![ip.to_string()],
+                addresses: vec![ip.to_compact_string()],
                 conditions: Some(EndpointConditions {
                     ready: Some(ready),
                     serving: Some(serving),
@@ -213,7 +215,6 @@ pub(crate) fn slices_for(
                     namespace: Some(id.namespace.clone()),
                     name: Some(name.clone()),
                     uid: pod.metadata.uid.clone(),
-                    ..ObjectReference::default()
                 })),
                 ..Endpoint::default()
             };
@@ -268,10 +269,10 @@ pub(crate) type Group = (bool, Vec<PortKey>);
 /// A slice port as grouping key (`EndpointPort` has no `Ord`).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct PortKey {
-    pub(crate) name: Option<String>,
-    pub(crate) protocol: String,
+    pub(crate) name: Option<Str>,
+    pub(crate) protocol: Str,
     pub(crate) port: i32,
-    pub(crate) app_protocol: Option<String>,
+    pub(crate) app_protocol: Option<Str>,
 }
 
 impl PortKey {
@@ -309,12 +310,16 @@ pub(crate) fn make_slice(
     let address_type = if v6 { "IPv6" } else { "IPv4" };
     EndpointSlice {
         metadata: ObjectMeta {
-            name: Some(format!("{}-{:08x}", id.name, fnv1a(key.as_bytes()) as u32)),
+            name: Some(compact_str::format_compact!(
+                "{}-{:08x}",
+                id.name,
+                fnv1a(key.as_bytes()) as u32
+            )),
             namespace: Some(id.namespace.clone()),
             creation_timestamp: svc.metadata.creation_timestamp.clone(),
             labels: Some(crate::k8s::Labels::from([
-                (LABEL_SERVICE_NAME.to_owned(), id.name.clone()),
-                (LABEL_MANAGED_BY.to_owned(), managed_by.to_owned()),
+                (Str::from(LABEL_SERVICE_NAME), id.name.clone()),
+                (LABEL_MANAGED_BY.into(), managed_by.into()),
             ])),
             ..ObjectMeta::default()
         },

@@ -94,7 +94,7 @@ pub(crate) fn slices_for(
                     errors.push(Error::BadAddress {
                         object: object.clone(),
                         field: format!("subsets[{s}].{field}[{at}].ip"),
-                        value: addr.ip.clone(),
+                        value: addr.ip.to_string(),
                         reason,
                     });
                     continue;
@@ -122,7 +122,7 @@ pub(crate) fn slices_for(
 
 fn endpoint(addr: &EndpointAddress, ip: IpAddr, ready: bool) -> Endpoint {
     Endpoint {
-        addresses: vec![ip.to_string()],
+        addresses: vec![compact_str::ToCompactString::to_compact_string(&ip)],
         conditions: Some(EndpointConditions {
             ready: Some(ready),
             ..EndpointConditions::default()

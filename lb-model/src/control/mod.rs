@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::k8s::Str;
 use crate::k8s::core::{Endpoints, Pod, Service};
 use crate::k8s::discovery::EndpointSlice;
 
@@ -118,7 +119,7 @@ pub struct ControlPlane {
     /// Endpoints → (object, its Service, slices made, problems).
     mirrored: HashMap<NsName, MirrorEntry>,
     /// Node name → zone, as of the last run (a change remakes every slice).
-    zones: HashMap<String, String>,
+    zones: HashMap<Str, Str>,
     /// The last allocation: its input Services, its output and its problems.
     last: Option<LastAlloc>,
 }
@@ -158,7 +159,7 @@ impl ControlPlane {
         let mut errors = Vec::new();
         let (services, changed) = self.allocate(&objs.services, &mut errors);
 
-        let zones: HashMap<String, String> = objs
+        let zones: HashMap<Str, Str> = objs
             .nodes
             .iter()
             .filter_map(|n| {

@@ -64,7 +64,7 @@ fn endpoints(o: &Objects, svc: &str) -> Vec<(String, bool, bool, bool, String)> 
             let c = e.conditions.unwrap_or_default();
             let ready = c.ready.unwrap_or(true);
             v.push((
-                e.addresses[0].clone(),
+                e.addresses[0].to_string(),
                 ready,
                 c.serving.unwrap_or(ready),
                 c.terminating.unwrap_or(false),
@@ -220,7 +220,7 @@ fn dual_stack_pods_give_a_slice_per_family_and_big_services_are_chunked() {
     let sizes: Vec<(String, usize)> = out
         .slices
         .iter()
-        .map(|s| (s.address_type.clone(), s.endpoints.len()))
+        .map(|s| (s.address_type.to_string(), s.endpoints.len()))
         .collect();
     assert_eq!(
         sizes,
@@ -396,7 +396,7 @@ fn lb_ips(o: &Objects, name: &str) -> Vec<String> {
         .and_then(|l| l.ingress.as_ref())
         .into_iter()
         .flatten()
-        .filter_map(|i| i.ip.clone())
+        .filter_map(|i| Some(i.ip.as_deref()?.to_owned()))
         .collect()
 }
 

@@ -445,8 +445,8 @@ mod incremental {
             address_type: "IPv4".into(),
             ..EndpointSlice::default()
         };
-        s.metadata.name = Some(format!("s{svc}-x"));
-        s.metadata.namespace = Some(format!("n{ns}"));
+        s.metadata.name = Some(format!("s{svc}-x").into());
+        s.metadata.namespace = Some(format!("n{ns}").into());
         s.metadata.labels = Some(
             [(LABEL_SERVICE_NAME.to_owned(), format!("s{svc}"))]
                 .into_iter()
@@ -455,8 +455,8 @@ mod incremental {
         s.endpoints = eps
             .iter()
             .map(|(a, ready)| Endpoint {
-                addresses: vec![format!("198.18.0.{a}")],
-                hostname: (a % 3 == 0).then(|| format!("h{a}")),
+                addresses: vec![format!("198.18.0.{a}").into()],
+                hostname: (a % 3 == 0).then(|| format!("h{a}").into()),
                 conditions: Some(EndpointConditions {
                     ready: Some(*ready),
                     ..EndpointConditions::default()

@@ -11,7 +11,7 @@ use super::{Config, Error, ObjectRef, Proto, SvcPort, parse_ip, port_u16};
 /// One `EndpointSlice` port, resolved.
 #[derive(Debug)]
 pub(crate) struct SlicePort {
-    pub(crate) name: String,
+    pub(crate) name: crate::k8s::Str,
     pub(crate) proto: Proto,
     pub(crate) port: u16,
 }
@@ -22,7 +22,7 @@ pub(crate) struct Ep {
     pub(crate) addr: IpAddr,
     pub(crate) ready: bool,
     pub(crate) serving_terminating: bool,
-    pub(crate) node: Option<String>,
+    pub(crate) node: Option<crate::k8s::Str>,
     /// Topology hints, when the endpoint has any (most have none: boxed).
     pub(crate) hints: Option<Box<Hints>>,
 }
@@ -30,16 +30,16 @@ pub(crate) struct Ep {
 /// An endpoint's `hints.forZones` and `hints.forNodes` names.
 #[derive(Debug)]
 pub(crate) struct Hints {
-    zones: Vec<String>,
-    nodes: Vec<String>,
+    zones: Vec<crate::k8s::Str>,
+    nodes: Vec<crate::k8s::Str>,
 }
 
 impl Ep {
-    pub(crate) fn zone_hints(&self) -> &[String] {
+    pub(crate) fn zone_hints(&self) -> &[crate::k8s::Str] {
         self.hints.as_ref().map_or(&[], |h| &h.zones)
     }
 
-    pub(crate) fn node_hints(&self) -> &[String] {
+    pub(crate) fn node_hints(&self) -> &[crate::k8s::Str] {
         self.hints.as_ref().map_or(&[], |h| &h.nodes)
     }
 }
@@ -76,7 +76,7 @@ pub(crate) fn resolve_slice(
             errors.push(Error::BadProtocol {
                 object: object.clone(),
                 field: format!("ports[{i}].protocol"),
-                value: p.protocol.clone().unwrap_or_default(),
+                value: p.protocol.clone().unwrap_or_default().into(),
             });
             continue;
         };
@@ -109,7 +109,7 @@ pub(crate) fn resolve_slice(
                 errors.push(Error::BadAddress {
                     object: object.clone(),
                     field: field(),
-                    value: first.clone(),
+                    value: first.to_string(),
                     reason,
                 });
                 continue;
@@ -119,7 +119,7 @@ pub(crate) fn resolve_slice(
             errors.push(Error::WrongFamily {
                 object: object.clone(),
                 field: field(),
-                value: first.clone(),
+                value: first.to_string(),
                 expected: if v6 { "IPv6" } else { "IPv4" },
             });
             continue;
@@ -182,27 +182,29 @@ pub(crate) fn topology(eps: &[(&Ep, u16)], cfg: &Config) -> Topology {
         return Topology::Any;
     }
     if ready().all(|(e, _)| !e.node_hints().is_empty())
-        && ready().any(|(e, _)| e.node_hints().contains(&cfg.node_name))
+        && ready().any(|(e, _)| has(e.node_hints(), &cfg.node_name))
     {
         return Topology::SameNode;
     }
     if let Some(zone) = &cfg.zone
         && ready().all(|(e, _)| !e.zone_hints().is_empty())
-        && ready().any(|(e, _)| e.zone_hints().contains(zone))
+        && ready().any(|(e, _)| has(e.zone_hints(), zone))
     {
         return Topology::SameZone;
     }
     Topology::Any
 }
 
+/// Does a hint list name `name`?
+fn has(hints: &[crate::k8s::Str], name: &str) -> bool {
+    hints.iter().any(|h| h == name)
+}
+
 pub(crate) fn allowed(e: &Ep, t: Topology, cfg: &Config) -> bool {
     match t {
         Topology::Any => true,
-        Topology::SameNode => e.node_hints().contains(&cfg.node_name),
-        Topology::SameZone => cfg
-            .zone
-            .as_ref()
-            .is_some_and(|z| e.zone_hints().contains(z)),
+        Topology::SameNode => has(e.node_hints(), &cfg.node_name),
+        Topology::SameZone => cfg.zone.as_ref().is_some_and(|z| has(e.zone_hints(), z)),
     }
 }
 

@@ -14,7 +14,7 @@ use super::{
 /// A Service port, resolved.
 #[derive(Debug)]
 pub(crate) struct SvcPort {
-    pub(crate) name: String,
+    pub(crate) name: crate::k8s::Str,
     pub(crate) proto: Proto,
     pub(crate) port: u16,
     pub(crate) index: usize,
@@ -113,7 +113,7 @@ pub(crate) fn affinity_timeout(
 /// externalIPs and its LoadBalancer ingress IPs (ipMode VIP, the default). Bad ones are named.
 pub(crate) fn service_addrs(
     svc: &Service,
-    raw_ips: &[String],
+    raw_ips: &[crate::k8s::Str],
     field_ips: &str,
     cfg: &Config,
     object: &ObjectRef,
@@ -185,7 +185,7 @@ pub(crate) fn source_ranges(
             Err(reason) => errors.push(Error::BadCidr {
                 object: object.clone(),
                 field: format!("spec.loadBalancerSourceRanges[{i}]"),
-                value: raw.clone(),
+                value: raw.to_string(),
                 reason,
             }),
         }
@@ -215,7 +215,7 @@ pub(crate) fn resolve_service(svc: &Service, cfg: &Config, errors: &mut Vec<Erro
     if spec.type_.as_deref() == Some("ExternalName") {
         return None;
     }
-    let raw_ips: Vec<String> = match (&spec.cluster_ips, &spec.cluster_ip) {
+    let raw_ips: Vec<crate::k8s::Str> = match (&spec.cluster_ips, &spec.cluster_ip) {
         (Some(ips), _) if !ips.is_empty() => ips.clone(),
         (_, Some(ip)) if !ip.is_empty() => vec![ip.clone()],
         _ => return None,
@@ -235,7 +235,7 @@ pub(crate) fn resolve_service(svc: &Service, cfg: &Config, errors: &mut Vec<Erro
             errors.push(Error::BadProtocol {
                 object: object.clone(),
                 field: format!("spec.ports[{i}].protocol"),
-                value: p.protocol.clone().unwrap_or_default(),
+                value: p.protocol.clone().unwrap_or_default().into(),
             });
             continue;
         };

@@ -20,8 +20,8 @@ pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-
 /// `namespace/name` of an object.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub struct NsName {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: crate::k8s::Str,
+    pub name: crate::k8s::Str,
 }
 
 impl fmt::Display for NsName {
@@ -302,7 +302,7 @@ pub struct FrontendState {
     /// Shared by the Service's frontends.
     pub service: std::sync::Arc<NsName>,
     /// The service port's name ("" when unnamed).
-    pub port_name: String,
+    pub port_name: crate::k8s::Str,
     /// Usable backends (ready, else serving+terminating, within the traffic policy and
     /// topology); empty = REJECT, or DROP when `no_local`.
     pub backends: AddrSet,
@@ -387,7 +387,7 @@ impl Default for Config {
 /// them: the first InternalIP of each family, else the first ExternalIP of that family.
 #[must_use]
 pub fn primary_addresses(node: Option<&crate::k8s::core::Node>) -> Vec<IpAddr> {
-    let addrs: Vec<(String, IpAddr)> = node
+    let addrs: Vec<(crate::k8s::Str, IpAddr)> = node
         .and_then(|n| n.status.as_ref()?.addresses.as_ref())
         .into_iter()
         .flatten()

@@ -3,6 +3,7 @@ use std::{collections::BTreeSet, convert::Infallible};
 use proptest::prelude::*;
 
 use super::*;
+use crate::k8s::Str;
 use crate::{
     arbitrary::arb_desired,
     model::{AddrSet, FrontendState, NsName, Proto, Scope},
@@ -215,7 +216,7 @@ fn removing_one_backend_moves_the_last_slot_into_the_hole() {
                 name: "s".into(),
             }
             .into(),
-            port_name: String::new(),
+            port_name: Str::default(),
             backends: b.iter().copied().collect(),
             ..FrontendState::default()
         })
@@ -290,7 +291,7 @@ fn a_service_without_endpoints_keeps_a_zero_count_frontend() {
             name: "dns".into(),
         }
         .into(),
-        port_name: String::new(),
+        port_name: Str::default(),
         backends: AddrSet::default(),
         ..FrontendState::default()
     });
@@ -369,10 +370,10 @@ fn fit_refuses_only_the_newcomer() {
         std::sync::Arc::new(FrontendState {
             service: NsName {
                 namespace: "ns".into(),
-                name: format!("s{n}"),
+                name: format!("s{n}").into(),
             }
             .into(),
-            port_name: String::new(),
+            port_name: Str::default(),
             backends: (1..=n)
                 .map(|i| SocketAddr::new(format!("198.18.0.{i}").parse().unwrap(), 80))
                 .collect(),

@@ -517,7 +517,7 @@ mod tests {
         let names = |s: &Store<Service>| -> Vec<String> {
             s.state()
                 .iter()
-                .filter_map(|o| o.metadata.name.clone())
+                .filter_map(|o| Some(o.metadata.name.as_deref()?.to_owned()))
                 .collect()
         };
         assert_eq!(names(&store), ["a", "b"]);
@@ -530,7 +530,7 @@ mod tests {
                 .labels
                 .as_ref()
                 .and_then(|l| l.get("app"))
-                .map(String::as_str),
+                .map(lb_model::k8s::Str::as_str),
             Some("a")
         );
         let before = store.state();
@@ -596,7 +596,7 @@ mod tests {
                 .expect("store lock")
                 .state()
                 .iter()
-                .filter_map(|o| o.metadata.name.clone())
+                .filter_map(|o| Some(o.metadata.name.as_deref()?.to_owned()))
                 .collect()
         };
         let (mut saw_fault, mut listed) = (false, false);
