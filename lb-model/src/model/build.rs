@@ -14,19 +14,42 @@ use crate::k8s::core::Service;
 use crate::k8s::discovery::EndpointSlice;
 
 use super::{
-    Config, Desired, Error, Frontend, FrontendState, HealthCheck, LABEL_SERVICE_NAME, NsName,
-    ObjectRef, Slice, SvcRes, ns_name, resolve_frontends, resolve_service, resolve_slice,
+    Claimed, Config, Desired, Error, Frontend, FrontendState, HealthCheck, LABEL_SERVICE_NAME,
+    NsName, ObjectRef, Slice, SvcRes, ns_name, resolve_frontends, resolve_service, resolve_slice,
 };
-use crate::tracked::Tracked;
+use crate::tracked::{Few, Tracked};
 
 /// An object's namespace/name, shared by the maps that key on it.
 type Id = Arc<NsName>;
+
+/// What is kept of a resolved Service: what its claims are decided by (its id and age), the
+/// frontends it claims, with where in the Service each came from (for a conflict's message),
+/// and its healthCheckNodePort. The rest of the resolution (addresses, ports) is dropped.
+#[derive(Debug)]
+struct Kept {
+    id: Id,
+    created: Option<k8s_openapi::jiff::Timestamp>,
+    frontends: Box<[Claimed]>,
+    /// (healthCheckNodePort, distinct ready local endpoint addresses).
+    health: Option<(u16, usize)>,
+}
+
+impl From<SvcRes> for Kept {
+    fn from(r: SvcRes) -> Self {
+        Self {
+            id: r.svc.id,
+            created: r.svc.created,
+            frontends: r.frontends.into_boxed_slice(),
+            health: r.health,
+        }
+    }
+}
 
 /// A Service's claim of a frontend (or healthCheckNodePort): its result, and where in it the
 /// frontend is.
 #[derive(Debug, Clone)]
 struct Claim {
-    res: Arc<SvcRes>,
+    res: Arc<Kept>,
     index: usize,
 }
 
@@ -36,13 +59,13 @@ impl Claim {
     }
 
     fn id(&self) -> &NsName {
-        &self.res.svc.id
+        &self.res.id
     }
 
     /// Who claims first: the oldest Service (no timestamp: last), then by namespace/name;
     /// within one Service, its first frontend of the kind.
     fn age(&self) -> (bool, Option<k8s_openapi::jiff::Timestamp>, &NsName, usize) {
-        let s = &self.res.svc;
+        let s = &self.res;
         (s.created.is_none(), s.created, &s.id, self.index)
     }
 }
@@ -62,12 +85,12 @@ pub struct Cache {
     /// Service id → the ids of the slices labelled for it.
     /// (Sorted vectors: a Service has one slice or a few, and a one-entry B-tree set
     /// allocates room for eleven.)
-    by_service: HashMap<Id, Vec<Id>>,
+    by_service: HashMap<Id, Few<Id>>,
     /// Service id → the object used, the slice objects it was resolved with, the result (`None`:
     /// it resolved to nothing) and the problems found.
     services: HashMap<Id, SvcEntry>,
-    claims: HashMap<Frontend, Vec<Claim>>,
-    health: HashMap<u16, Vec<Claim>>,
+    claims: HashMap<Frontend, Few<Claim>>,
+    health: HashMap<u16, Few<Claim>>,
     desired: Desired,
     /// The desired frontends with a Maglev table (Maglev on, some backend), and its size.
     maglev: std::collections::BTreeMap<Frontend, u32>,
@@ -90,7 +113,7 @@ type SliceEntry = (Arc<EndpointSlice>, Vec<Error>, Option<Id>);
 type SvcEntry = (
     Arc<Service>,
     Vec<Arc<EndpointSlice>>,
-    Option<Arc<SvcRes>>,
+    Option<Arc<Kept>>,
     Vec<Error>,
 );
 
@@ -128,9 +151,12 @@ pub fn update(
     }
     let mut dirty_services = BTreeSet::new();
     cache.take_slices(slices, &mut dirty_services);
-    cache
-        .service_objs
-        .take(services, id_of_service, &mut dirty_services);
+    let by_service = &cache.by_service;
+    cache.service_objs.take(
+        services,
+        |s| id_of_service(s, by_service),
+        &mut dirty_services,
+    );
     let mut touched = BTreeSet::new();
     let mut touched_health = BTreeSet::new();
     cache.resolve(
@@ -183,7 +209,7 @@ impl Cache {
         }
         if let Some((_, _, Some(svc))) = self.slices.remove(id) {
             if let Some(set) = self.by_service.get_mut(&svc) {
-                if let Ok(i) = set.binary_search(id) {
+                if let Ok(i) = set.as_slice().binary_search(id) {
                     set.remove(i);
                 }
                 if set.is_empty() {
@@ -204,9 +230,10 @@ impl Cache {
                     namespace: id.namespace.clone(),
                     name: name.clone(),
                 };
-                // One id per Service, shared by its slices.
-                match self.by_service.get_key_value(&key) {
-                    Some((k, _)) => k.clone(),
+                // One id per Service, shared by its slices and its own entries.
+                let known = self.by_service.get_key_value(&key).map(|(k, _)| k);
+                match known.or_else(|| self.services.get_key_value(&key).map(|(k, _)| k)) {
+                    Some(k) => k.clone(),
                     None => Arc::new(key),
                 }
             });
@@ -227,7 +254,7 @@ impl Cache {
             self.slices_with_errors.insert(id.clone());
         }
         let set = self.by_service.entry(svc.clone()).or_default();
-        if let Err(i) = set.binary_search(id) {
+        if let Err(i) = set.as_slice().binary_search(id) {
             set.insert(i, id.clone());
         }
         self.slices
@@ -255,8 +282,8 @@ impl Cache {
             let slice_objs: Vec<Arc<EndpointSlice>> = self
                 .by_service
                 .get(id)
-                .into_iter()
-                .flatten()
+                .map_or(&[][..], Few::as_slice)
+                .iter()
                 .map(|s| self.slices[s].0.clone())
                 .collect();
             let same = match (&svc, self.services.get(id)) {
@@ -294,7 +321,7 @@ impl Cache {
 
     fn claim(
         &mut self,
-        res: &Arc<SvcRes>,
+        res: &Arc<Kept>,
         touched: &mut BTreeSet<Frontend>,
         touched_health: &mut BTreeSet<u16>,
     ) {
@@ -304,7 +331,7 @@ impl Cache {
                 res: res.clone(),
                 index: i,
             };
-            let at = v.partition_point(|x| x.age() < c.age());
+            let at = v.as_slice().partition_point(|x| x.age() < c.age());
             v.insert(at, c);
             touched.insert(*fe);
         }
@@ -314,7 +341,7 @@ impl Cache {
                 res: res.clone(),
                 index: 0,
             };
-            let at = v.partition_point(|x| x.age() < c.age());
+            let at = v.as_slice().partition_point(|x| x.age() < c.age());
             v.insert(at, c);
             touched_health.insert(port);
         }
@@ -322,7 +349,7 @@ impl Cache {
 
     fn unclaim(
         &mut self,
-        res: &Arc<SvcRes>,
+        res: &Arc<Kept>,
         touched: &mut BTreeSet<Frontend>,
         touched_health: &mut BTreeSet<u16>,
     ) {
@@ -355,7 +382,7 @@ impl Cache {
     ) -> BTreeSet<Frontend> {
         let mut changed = BTreeSet::new();
         for fe in touched {
-            let claims = self.claims.get(fe).map_or(&[][..], Vec::as_slice);
+            let claims = self.claims.get(fe).map_or(&[][..], Few::as_slice);
             let winner = claims.first();
             if claims.iter().any(|c| c.id() != claims[0].id()) {
                 self.contested.insert(*fe);
@@ -385,7 +412,7 @@ impl Cache {
             }
         }
         for port in touched_health {
-            let claims = self.health.get(port).map_or(&[][..], Vec::as_slice);
+            let claims = self.health.get(port).map_or(&[][..], Few::as_slice);
             if claims.len() > 1 {
                 self.contested_health.insert(*port);
             } else {
@@ -397,7 +424,7 @@ impl Cache {
                     self.desired.health_checks.insert(
                         *port,
                         HealthCheck {
-                            service: (*w.res.svc.id).clone(),
+                            service: (*w.res.id).clone(),
                             local_endpoints,
                         },
                     );
@@ -440,7 +467,7 @@ impl Cache {
             &mut errors,
         );
         for fe in &self.contested {
-            let claims = &self.claims[fe];
+            let claims = self.claims[fe].as_slice();
             let winner = claims[0].id();
             for c in claims.iter().filter(|c| c.id() != winner) {
                 let (_, _, addr_field, port_index) = &c.res.frontends[c.index];
@@ -456,7 +483,7 @@ impl Cache {
             }
         }
         for port in &self.contested_health {
-            let claims = &self.health[port];
+            let claims = self.health[port].as_slice();
             for c in &claims[1..] {
                 errors.push(Error::HealthCheckConflict {
                     object: ObjectRef {
@@ -495,9 +522,13 @@ fn id_of_slice(s: &EndpointSlice) -> Option<Id> {
     ns_name(&s.metadata).map(Arc::new)
 }
 
-/// A Service's own namespace/name.
-fn id_of_service(s: &Service) -> Option<Id> {
-    ns_name(&s.metadata).map(Arc::new)
+/// A Service's own namespace/name (the id its slices already share, when they came first).
+fn id_of_service(s: &Service, by_service: &HashMap<Id, Few<Id>>) -> Option<Id> {
+    let id = ns_name(&s.metadata)?;
+    Some(match by_service.get_key_value(&id) {
+        Some((k, _)) => k.clone(),
+        None => Arc::new(id),
+    })
 }
 
 /// A Service to resolve: its id, the object and its slice objects.
@@ -505,7 +536,7 @@ type Work = (Id, Arc<Service>, Vec<Arc<EndpointSlice>>);
 
 /// Resolves each Service of `work` (its result, or `None`, and its problems), in parallel when
 /// there are many (a cold start), merged in order.
-fn resolve_parallel(work: &[Work], cfg: &Config) -> Vec<(Option<Arc<SvcRes>>, Vec<Error>)> {
+fn resolve_parallel(work: &[Work], cfg: &Config) -> Vec<(Option<Arc<Kept>>, Vec<Error>)> {
     let one = |(_, svc, slices): &Work| {
         let mut errs = Vec::new();
         let Some(s) = resolve_service(svc, cfg, &mut errs) else {
@@ -523,9 +554,9 @@ fn resolve_parallel(work: &[Work], cfg: &Config) -> Vec<(Option<Arc<SvcRes>>, Ve
             .filter_map(|o| resolve_slice(o, &unnamed, &mut dropped))
             .collect();
         let valid: Vec<&Slice> = resolved.iter().collect();
-        let res = resolve_frontends(s, &valid, cfg, errs);
-        let errs = res.errors.clone();
-        (Some(Arc::new(res)), errs)
+        let mut res = resolve_frontends(s, &valid, cfg, errs);
+        let errs = std::mem::take(&mut res.errors);
+        (Some(Arc::new(Kept::from(res))), errs)
     };
     let threads = std::thread::available_parallelism()
         .map_or(1, std::num::NonZero::get)

@@ -1,6 +1,7 @@
 //! One Service → its frontends: ClusterIPs, externalIPs, LoadBalancer IPs, NodePorts, with
 //! affinity, source ranges and health checks.
 use crate::k8s::core::Service;
+use compact_str::format_compact;
 use std::collections::BTreeSet;
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -28,7 +29,7 @@ pub(crate) struct SvcAddr {
     pub(crate) ip: IpAddr,
     /// Where it came from, for error messages (`spec.clusterIPs[0]`, `spec.externalIPs[1]`, …).
     /// (Shared with the frontends made from it.)
-    pub(crate) field: std::sync::Arc<str>,
+    pub(crate) field: crate::k8s::Str,
     /// externalIPs / LoadBalancer ingress: not a cluster VIP (no marker, see FrontendState).
     pub(crate) external: bool,
     /// A LoadBalancer ingress IP (`loadBalancerSourceRanges` apply).
@@ -123,13 +124,13 @@ pub(crate) fn service_addrs(
         return Vec::new();
     };
     let mut addrs = Vec::new();
-    let mut add =
-        |raw: &str, field: String, external: bool, errors: &mut Vec<Error>| match parse_ip(raw) {
+    let mut add = |raw: &str, field: crate::k8s::Str, external: bool, errors: &mut Vec<Error>| {
+        match parse_ip(raw) {
             Ok(ip) if (ip.is_ipv4() && cfg.ipv4) || (ip.is_ipv6() && cfg.ipv6) => {
                 let lb = field.starts_with("status.");
                 addrs.push(SvcAddr {
                     ip,
-                    field: field.into(),
+                    field,
                     external,
                     lb,
                 });
@@ -137,16 +138,17 @@ pub(crate) fn service_addrs(
             Ok(_) => {} // a family this node does not run
             Err(reason) => errors.push(Error::BadAddress {
                 object: object.clone(),
-                field,
+                field: field.into(),
                 value: raw.to_owned(),
                 reason,
             }),
-        };
+        }
+    };
     for (i, raw) in raw_ips.iter().enumerate() {
-        add(raw, format!("{field_ips}[{i}]"), false, errors);
+        add(raw, format_compact!("{field_ips}[{i}]"), false, errors);
     }
     for (i, raw) in spec.external_ips.iter().flatten().enumerate() {
-        add(raw, format!("spec.externalIPs[{i}]"), true, errors);
+        add(raw, format_compact!("spec.externalIPs[{i}]"), true, errors);
     }
     // LoadBalancer ingress IPs with ipMode VIP (the default); ipMode Proxy means in-cluster
     // traffic to that IP must go to the load balancer, not be short-circuited.
@@ -161,7 +163,7 @@ pub(crate) fn service_addrs(
         {
             add(
                 raw,
-                format!("status.loadBalancer.ingress[{i}].ip"),
+                format_compact!("status.loadBalancer.ingress[{i}].ip"),
                 true,
                 errors,
             );
@@ -290,17 +292,20 @@ pub(crate) fn resolve_service(svc: &Service, cfg: &Config, errors: &mut Vec<Erro
     })
 }
 
+/// A frontend a Service claims: (frontend, state, address field, `spec.ports` index).
+pub(crate) type Claimed = (
+    Frontend,
+    std::sync::Arc<FrontendState>,
+    crate::k8s::Str,
+    usize,
+);
+
 /// One Service with its frontends, resolved once per (Service, slices) pair of objects.
 #[derive(Debug)]
 pub(crate) struct SvcRes {
     pub(crate) svc: Svc,
     /// (frontend, state, address field, `spec.ports` index) before conflict resolution.
-    pub(crate) frontends: Vec<(
-        Frontend,
-        std::sync::Arc<FrontendState>,
-        std::sync::Arc<str>,
-        usize,
-    )>,
+    pub(crate) frontends: Vec<Claimed>,
     /// (healthCheckNodePort, distinct ready local endpoint addresses).
     pub(crate) health: Option<(u16, usize)>,
     pub(crate) errors: Vec<Error>,
@@ -423,7 +428,7 @@ pub(crate) fn resolve_frontends(
                 scope: Scope::InNode,
             };
             let st = state(sp, sel, true, host_only);
-            let field: std::sync::Arc<str> = format!("spec.ports[{}].nodePort", sp.index).into();
+            let field = format_compact!("spec.ports[{}].nodePort", sp.index);
             frontends.push((fe, st.into(), field.clone(), sp.index));
             if !host_only {
                 let sel = sel_of(ip.is_ipv6(), svc.ext_local);

@@ -17,7 +17,7 @@ mod validation;
 pub use build::{Cache, Changed, build, update};
 // Crate-internal helpers the parts use of each other (no `pub`: not part of the API).
 use endpoints::{Ep, Selected, Slice, resolve_slice, select};
-use frontends::{SvcPort, SvcRes, resolve_frontends, resolve_service};
+use frontends::{Claimed, SvcPort, SvcRes, resolve_frontends, resolve_service};
 pub use types::*;
 pub use validation::{Error, parse_ip};
 use validation::{ns_name, port_u16};
