@@ -455,9 +455,9 @@ fn image_of<'a>(
         let mut desired_ids = BTreeSet::new();
         for addr in &st.backends {
             let be = Backend {
-                addr: *addr,
+                addr,
                 proto: key.proto,
-                local: st.local.contains(addr),
+                local: st.local.contains(&addr),
             };
             let id = *ids.entry(be).or_insert_with(|| {
                 known.get(&be).copied().unwrap_or_else(|| {
@@ -537,11 +537,11 @@ fn image_of<'a>(
                 .iter()
                 .map(|a| {
                     let be = Backend {
-                        addr: *a,
+                        addr: a,
                         proto: key.proto,
-                        local: st.local.contains(a),
+                        local: st.local.contains(&a),
                     };
-                    (*a, ids[&be])
+                    (a, ids[&be])
                 })
                 .collect();
             let chunks = tables
@@ -746,9 +746,9 @@ fn footprint(fe: &Frontend, st: &FrontendState) -> (Vec<SvcKey>, Vec<Backend>) {
         backends
             .iter()
             .map(|a| Backend {
-                addr: *a,
+                addr: a,
                 proto: key.proto,
-                local: st.local.contains(a),
+                local: st.local.contains(&a),
             })
             .collect(),
     )

@@ -42,7 +42,7 @@ fn backends(d: &Desired, f: &Frontend) -> Vec<String> {
         .expect("frontend present")
         .backends
         .iter()
-        .map(ToString::to_string)
+        .map(|b| b.to_string())
         .collect()
 }
 
@@ -979,4 +979,27 @@ mod incremental {
             }
         }
     }
+}
+
+#[test]
+fn addr_set_is_sorted_deduplicated_and_one_form_per_set() {
+    let a = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+    let v4 = AddrSet::from([a("198.18.0.2:80"), a("198.18.0.1:80"), a("198.18.0.2:80")]);
+    assert_eq!(
+        v4.iter().map(|x| x.to_string()).collect::<Vec<_>>(),
+        ["198.18.0.1:80", "198.18.0.2:80"]
+    );
+    assert_eq!(v4, AddrSet::from([a("198.18.0.1:80"), a("198.18.0.2:80")]));
+    assert!(v4.contains(&a("198.18.0.2:80")));
+    assert!(!v4.contains(&a("[2001:db8::1]:80")));
+    assert_eq!(v4.first(), Some(a("198.18.0.1:80")));
+    let mixed = AddrSet::from([a("[2001:db8::1]:80"), a("198.18.0.1:80")]);
+    assert_eq!(mixed.len(), 2);
+    assert_eq!(mixed.first(), Some(a("198.18.0.1:80")), "IPv4 sorts first");
+    assert!(mixed.contains(&a("[2001:db8::1]:80")));
+    assert_eq!(
+        AddrSet::default(),
+        std::iter::empty::<std::net::SocketAddr>().collect::<AddrSet>()
+    );
+    assert!(AddrSet::default().is_empty());
 }

@@ -141,7 +141,7 @@ fn served(s: &Shadow) -> BTreeMap<SvcKey, BTreeSet<SocketAddr>> {
 fn expected(d: &Desired) -> BTreeMap<SvcKey, BTreeSet<SocketAddr>> {
     d.frontends
         .iter()
-        .map(|(fe, st)| (SvcKey::frontend(fe), st.backends.iter().copied().collect()))
+        .map(|(fe, st)| (SvcKey::frontend(fe), st.backends.iter().collect()))
         .collect()
 }
 
