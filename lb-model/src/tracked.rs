@@ -159,6 +159,11 @@ impl<T, K: Clone + Eq + Hash> Tracked<T, K> {
         w.apply(&mut self.last, now);
     }
 
+    /// The key stored equal to `k`, while an object has it (to share it).
+    pub(crate) fn key(&self, k: &K) -> Option<&K> {
+        self.by_key.get_key_value(k).map(|(k, _)| k)
+    }
+
     /// The objects with key `k`, in no particular order.
     pub(crate) fn of(&self, k: &K) -> &[Arc<T>] {
         self.by_key.get(k).map_or(&[], Few::as_slice)

@@ -143,14 +143,49 @@ pub enum Lookup {
     Chase { answers: Vec<Rr>, target: Arc<str> },
 }
 
-/// Everything one name holds.
+/// Everything one name holds, as one exact list of records (most names hold one kind: a
+/// Service's addresses, or its port's SRV records, or nothing at all).
 #[derive(Clone, Debug, Default)]
-struct Node {
-    a: Box<[Ipv4Addr]>,
-    aaaa: Box<[Ipv6Addr]>,
+struct Node(Box<[Rec]>);
+
+/// One record of a [`Node`].
+#[derive(Clone, Debug)]
+enum Rec {
+    A(Ipv4Addr),
+    Aaaa(Ipv6Addr),
     /// (weight, port, target); priority is always 0.
-    srv: Box<[(u16, u16, Arc<str>)]>,
-    cname: Option<Arc<str>>,
+    Srv(u16, u16, Arc<str>),
+    Cname(Arc<str>),
+}
+
+impl Node {
+    fn a(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        self.0.iter().filter_map(|r| match r {
+            Rec::A(a) => Some(*a),
+            _ => None,
+        })
+    }
+
+    fn aaaa(&self) -> impl Iterator<Item = Ipv6Addr> + '_ {
+        self.0.iter().filter_map(|r| match r {
+            Rec::Aaaa(a) => Some(*a),
+            _ => None,
+        })
+    }
+
+    fn srv(&self) -> impl Iterator<Item = (u16, u16, &Arc<str>)> + '_ {
+        self.0.iter().filter_map(|r| match r {
+            Rec::Srv(w, p, t) => Some((*w, *p, t)),
+            _ => None,
+        })
+    }
+
+    fn cname(&self) -> Option<&Arc<str>> {
+        self.0.iter().find_map(|r| match r {
+            Rec::Cname(c) => Some(c),
+            _ => None,
+        })
+    }
 }
 
 /// A [`Node`] being built.
@@ -171,12 +206,14 @@ impl NodeBuf {
     }
 
     fn done(self) -> Node {
-        Node {
-            a: self.a.into(),
-            aaaa: self.aaaa.into(),
-            srv: self.srv.into(),
-            cname: self.cname,
-        }
+        let mut recs = Vec::with_capacity(
+            self.a.len() + self.aaaa.len() + self.srv.len() + usize::from(self.cname.is_some()),
+        );
+        recs.extend(self.a.into_iter().map(Rec::A));
+        recs.extend(self.aaaa.into_iter().map(Rec::Aaaa));
+        recs.extend(self.srv.into_iter().map(|(w, p, t)| Rec::Srv(w, p, t)));
+        recs.extend(self.cname.map(Rec::Cname));
+        Node(recs.into_boxed_slice())
     }
 }
 
@@ -233,8 +270,17 @@ impl<K: Hash + Eq + Clone, V: Clone> Shards<K, V> {
         self.maps[self.shard(k)].get(k)
     }
 
+    /// The key stored equal to `k` (to share it).
+    fn key<Q>(&self, k: &Q) -> Option<&K>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.maps[self.shard(k)].get_key_value(k).map(|(k, _)| k)
+    }
+
     /// The shard of `k`, made this map's own.
-    fn map_mut(&mut self, k: &K) -> &mut HashMap<K, V> {
+    fn map_mut<Q: Hash + ?Sized>(&mut self, k: &Q) -> &mut HashMap<K, V> {
         let i = self.shard(k);
         Arc::make_mut(&mut self.maps[i])
     }
@@ -302,8 +348,7 @@ struct Defined {
     /// The Service object (address) and the slices (addresses, headless Services only) the
     /// zone was built from.
     svc: usize,
-    slices: Vec<usize>,
-    ns: Arc<str>,
+    slices: Box<[usize]>,
     zone: Arc<SvcZone>,
 }
 
@@ -334,6 +379,11 @@ impl std::fmt::Debug for Builder {
             .field("slices", &self.slices.len())
             .finish_non_exhaustive()
     }
+}
+
+/// The namespace of a key (`<svc>.<ns>`: a Service's name has no dot).
+fn namespace_of(key: &str) -> &str {
+    key.split_once('.').map_or("", |(_, ns)| ns)
 }
 
 /// `<svc>.<ns>`, lower case.
@@ -418,8 +468,19 @@ impl Builder {
     /// which of two duplicates is first).
     fn diff(&mut self, objs: &Objects) -> HashSet<Arc<str>> {
         let mut dirty = HashSet::new();
-        self.slices.take(&objs.slices, slice_key, &mut dirty);
-        self.services.take(&objs.services, svc_key, &mut dirty);
+        // One key per Service, shared by its slices' entries and its own.
+        let services = &self.services;
+        self.slices.take(
+            &objs.slices,
+            |s| slice_key(s).map(|k| services.key(&k).cloned().unwrap_or(k)),
+            &mut dirty,
+        );
+        let slices = &self.slices;
+        self.services.take(
+            &objs.services,
+            |s| svc_key(s).map(|k| slices.key(&k).cloned().unwrap_or(k)),
+            &mut dirty,
+        );
         dirty
     }
 
@@ -437,7 +498,7 @@ impl Builder {
         };
         if let (Some(o), Some(s)) = (self.defined.get(key), &svc)
             && o.svc == addr(s)
-            && o.slices == from
+            && *o.slices == *from
         {
             return; // the same objects: the same zone
         }
@@ -445,15 +506,14 @@ impl Builder {
             ix.remove(key, &o);
         }
         let Some(svc) = svc else { return };
-        let Some((_, ns)) = key.split_once('.') else {
+        if !key.contains('.') {
             return;
-        };
+        }
         let fqdn = format!("{key}.svc.{zone}");
         let z = Arc::new(svc_zone(&svc, slices, &fqdn, &mut self.labels));
         let d = Defined {
             svc: addr(&svc),
-            slices: from,
-            ns: Arc::from(ns),
+            slices: from.into(),
             zone: z,
         };
         ix.add(key, &d);
@@ -601,11 +661,12 @@ impl Index {
     /// Takes a key's zone out of the index.
     fn remove(&mut self, key: &Arc<str>, d: &Defined) {
         self.services.map_mut(key).remove(key);
-        let m = self.namespaces.map_mut(&d.ns);
-        if let Some(n) = m.get_mut(&d.ns) {
+        let ns = namespace_of(key);
+        let m = self.namespaces.map_mut(ns);
+        if let Some(n) = m.get_mut(ns) {
             *n -= 1;
             if *n == 0 {
-                m.remove(&d.ns);
+                m.remove(ns);
             }
         }
         for (ip, name) in &d.zone.ptr {
@@ -634,11 +695,14 @@ impl Index {
         self.services
             .map_mut(key)
             .insert(key.clone(), d.zone.clone());
-        *self
+        // One copy of a namespace's name, shared by its Services.
+        let ns = namespace_of(key);
+        let ns = self
             .namespaces
-            .map_mut(&d.ns)
-            .entry(d.ns.clone())
-            .or_default() += 1;
+            .key(ns)
+            .cloned()
+            .unwrap_or_else(|| Arc::from(ns));
+        *self.namespaces.map_mut(&*ns).entry(ns).or_default() += 1;
         for (ip, name) in &d.zone.ptr {
             let m = self.ptr.map_mut(ip);
             match m.get_mut(ip) {
@@ -785,7 +849,7 @@ impl Index {
                     };
                 }
             };
-            if let Some(target) = &node.cname
+            if let Some(target) = node.cname()
                 && qt != qtype::CNAME
             {
                 answers.push(Rr {
@@ -837,23 +901,23 @@ impl Index {
         };
         let any = qt == qtype::ANY;
         if qt == qtype::A || any {
-            answers.extend(node.a.iter().map(|a| rr(RData::A(*a))));
+            answers.extend(node.a().map(|a| rr(RData::A(a))));
         }
         if qt == qtype::AAAA || any {
-            answers.extend(node.aaaa.iter().map(|a| rr(RData::Aaaa(*a))));
+            answers.extend(node.aaaa().map(|a| rr(RData::Aaaa(a))));
         }
         if qt == qtype::CNAME || any {
-            answers.extend(node.cname.iter().map(|c| rr(RData::Cname(c.clone()))));
+            answers.extend(node.cname().map(|c| rr(RData::Cname(c.clone()))));
         }
         if (qt == qtype::TXT || any) && rel == "dns-version" {
             answers.push(rr(RData::Txt(Arc::from(SCHEMA_VERSION))));
         }
         if qt == qtype::SRV || any {
-            for (weight, port, target) in &node.srv {
+            for (weight, port, target) in node.srv() {
                 answers.push(rr(RData::Srv {
                     priority: 0,
-                    weight: *weight,
-                    port: *port,
+                    weight,
+                    port,
                     target: target.clone(),
                 }));
                 if let Some(t) = self.relative(target).and_then(|r| self.find(r).ok()) {
@@ -861,8 +925,8 @@ impl Index {
                         owner: Some(target.clone()),
                         data,
                     };
-                    additional.extend(t.a.iter().map(|a| extra(RData::A(*a))));
-                    additional.extend(t.aaaa.iter().map(|a| extra(RData::Aaaa(*a))));
+                    additional.extend(t.a().map(|a| extra(RData::A(a))));
+                    additional.extend(t.aaaa().map(|a| extra(RData::Aaaa(a))));
                 }
             }
         }
@@ -898,7 +962,10 @@ impl Index {
             for (rel, n) in &z.names {
                 out.push(format!(
                     "{rel}|{key}: a {:?} aaaa {:?} srv {:?} cname {:?}",
-                    n.a, n.aaaa, n.srv, n.cname
+                    n.a().collect::<Vec<_>>(),
+                    n.aaaa().collect::<Vec<_>>(),
+                    n.srv().collect::<Vec<_>>(),
+                    n.cname()
                 ));
             }
         }
