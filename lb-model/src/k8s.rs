@@ -8,23 +8,75 @@
 //! Strings are a [`Str`], which holds up to 24 bytes in place: names, namespaces, addresses,
 //! port names and the API's enum values (`TCP`, `IPv4`, `ClusterIP`) cost no allocation.
 //! Labels, annotations and selectors are a [`Labels`]: a sorted vector, not a B-tree (a B-tree
-//! with one label allocates a node for eleven). An endpoint's target reference keeps kind,
-//! namespace, name and uid. Timestamps, `IntOrString` and owner references are `k8s-openapi`'s
-//! own types.
+//! with one label allocates a node for eleven). A uid is a [`Uid`]: a UUID's 16 bytes. An
+//! endpoint's addresses are a [`List`], which holds one address in place. An endpoint's target
+//! reference keeps kind, namespace, name and uid; owner references are not kept (nothing reads
+//! them). Timestamps and `IntOrString` are `k8s-openapi`'s own types.
 //!
 //! Serializing writes the fields kept, in the API's spelling (`lb-agent get -o yaml`).
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-pub use k8s_openapi::apimachinery::pkg::{
-    apis::meta::v1::{OwnerReference, Time},
-    util::intstr::IntOrString,
-};
+pub use k8s_openapi::apimachinery::pkg::{apis::meta::v1::Time, util::intstr::IntOrString};
 
 /// A string of an object: up to 24 bytes (names, namespaces, addresses, ports' names, the
 /// API's enum values) held in place, without an allocation of its own.
 pub type Str = compact_str::CompactString;
+
+/// A list that almost always holds one item (an endpoint's addresses): one is held in place,
+/// more in a vector. Reads like a slice, parses and writes like a list.
+#[derive(Clone, PartialEq, Eq)]
+pub enum List<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T> Default for List<T> {
+    fn default() -> Self {
+        Self::Many(Vec::new())
+    }
+}
+
+impl<T> std::ops::Deref for List<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        match self {
+            Self::One(x) => std::slice::from_ref(x),
+            Self::Many(v) => v,
+        }
+    }
+}
+
+impl<T> From<Vec<T>> for List<T> {
+    fn from(mut v: Vec<T>) -> Self {
+        if v.len() == 1 {
+            Self::One(v.pop().expect("one item"))
+        } else {
+            v.shrink_to_fit();
+            Self::Many(v)
+        }
+    }
+}
+
+impl<T: std::fmt::Debug> std::fmt::Debug for List<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+impl<T: Serialize> Serialize for List<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter())
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for List<T> {
+    /// Absent or `null`: empty, as `k8s-openapi` reads a required list.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default().into())
+    }
+}
 
 /// String → string, sorted by key, one entry per key: labels, annotations, selectors. Reads
 /// like the `BTreeMap<Str, Str>` of the API types (`get`, `iter`, `insert`, …).
@@ -189,7 +241,7 @@ pub struct ObjectMeta {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub namespace: Option<Str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub uid: Option<Str>,
+    pub uid: Option<Uid>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub labels: Option<Labels>,
     #[serde(
@@ -202,12 +254,6 @@ pub struct ObjectMeta {
     pub creation_timestamp: Option<Time>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub deletion_timestamp: Option<Time>,
-    #[serde(
-        default,
-        deserialize_with = "opt_vec",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub owner_references: Option<Vec<OwnerReference>>,
 }
 
 impl From<k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta> for ObjectMeta {
@@ -224,13 +270,93 @@ impl From<k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta> for Object
         Self {
             name: m.name.map(Str::from),
             namespace: m.namespace.map(Str::from),
-            uid: m.uid.map(Str::from),
+            uid: m.uid.as_deref().map(Uid::parse),
             labels: map(m.labels),
             annotations,
             creation_timestamp: m.creation_timestamp,
             deletion_timestamp: m.deletion_timestamp,
-            owner_references: m.owner_references,
         }
+    }
+}
+
+/// An object's uid. The API server makes them UUIDs, held here as their 16 bytes (36
+/// characters would take an allocation of their own on every object); anything else is kept
+/// as it was written.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub enum Uid {
+    Uuid([u8; 16]),
+    Other(Str),
+}
+
+impl Uid {
+    /// A UUID in its canonical form (lower-case hex, 8-4-4-4-12) as 16 bytes, so that it is
+    /// written back exactly as it was read; anything else as it is.
+    #[must_use]
+    pub fn parse(s: &str) -> Self {
+        let b = s.as_bytes();
+        let dashes = [8, 13, 18, 23];
+        let mut out = [0u8; 16];
+        let mut n = 0;
+        let canonical = b.len() == 36
+            && b.iter().enumerate().all(|(i, &c)| {
+                if dashes.contains(&i) {
+                    return c == b'-';
+                }
+                let v = match c {
+                    b'0'..=b'9' => c - b'0',
+                    b'a'..=b'f' => c - b'a' + 10,
+                    _ => return false,
+                };
+                out[n / 2] |= if n % 2 == 0 { v << 4 } else { v };
+                n += 1;
+                true
+            });
+        if canonical {
+            Self::Uuid(out)
+        } else {
+            Self::Other(s.into())
+        }
+    }
+}
+
+impl std::fmt::Display for Uid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Uuid(b) => {
+                for (i, x) in b.iter().enumerate() {
+                    if matches!(i, 4 | 6 | 8 | 10) {
+                        f.write_str("-")?;
+                    }
+                    write!(f, "{x:02x}")?;
+                }
+                Ok(())
+            }
+            Self::Other(s) => f.write_str(s),
+        }
+    }
+}
+
+impl std::fmt::Debug for Uid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.to_string())
+    }
+}
+
+impl From<&str> for Uid {
+    fn from(s: &str) -> Self {
+        Self::parse(s)
+    }
+}
+
+impl Serialize for Uid {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Uid {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Self::parse(&Str::deserialize(d)?))
     }
 }
 
@@ -245,7 +371,7 @@ pub struct ObjectReference {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<Str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub uid: Option<Str>,
+    pub uid: Option<Uid>,
 }
 
 /// What every slim object has: its metadata, and the API's `kind` / `apiVersion`.
@@ -626,7 +752,7 @@ pub mod discovery {
     //! `discovery.k8s.io/v1`: EndpointSlice.
     use serde::{Deserialize, Serialize};
 
-    use super::{Object, ObjectMeta, ObjectReference, Str};
+    use super::{List, Object, ObjectMeta, ObjectReference, Str};
 
     #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
     #[serde(rename_all = "camelCase")]
@@ -649,8 +775,8 @@ pub mod discovery {
     #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
     #[serde(rename_all = "camelCase")]
     pub struct Endpoint {
-        #[serde(default, deserialize_with = "super::vec")]
-        pub addresses: Vec<Str>,
+        #[serde(default)]
+        pub addresses: List<Str>,
         #[serde(skip_serializing_if = "Option::is_none")]
         pub conditions: Option<EndpointConditions>,
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -723,7 +849,43 @@ pub mod discovery {
 
 #[cfg(test)]
 mod tests {
-    use super::{Labels, Str, core::Service, discovery::EndpointSlice};
+    use super::{Labels, List, Str, Uid, core::Service, discovery::EndpointSlice};
+
+    #[test]
+    fn a_uuid_uid_is_held_as_16_bytes_and_written_back_as_read() {
+        for s in [
+            "0b8f3a52-6c1e-4f0e-9d6a-2f1c3b4a5d6e",
+            "0B8F3A52-6C1E-4F0E-9D6A-2F1C3B4A5D6E",
+            "uid-7",
+            "",
+        ] {
+            let u = Uid::parse(s);
+            assert_eq!(u.to_string(), s);
+            let json = serde_json::to_string(&u).unwrap();
+            assert_eq!(serde_json::from_str::<Uid>(&json).unwrap(), u);
+        }
+        assert!(matches!(
+            Uid::parse("0b8f3a52-6c1e-4f0e-9d6a-2f1c3b4a5d6e"),
+            Uid::Uuid(_)
+        ));
+        assert!(matches!(
+            Uid::parse("0B8F3A52-6C1E-4F0E-9D6A-2F1C3B4A5D6E"),
+            Uid::Other(_)
+        ));
+        assert!(std::mem::size_of::<Option<Uid>>() <= 32);
+    }
+
+    #[test]
+    fn a_list_of_one_is_held_in_place() {
+        let one: List<Str> = serde_json::from_str(r#"["198.18.0.1"]"#).unwrap();
+        assert!(matches!(one, List::One(_)));
+        assert_eq!(&*one, ["198.18.0.1"]);
+        let two: List<Str> = serde_json::from_str(r#"["a", "b"]"#).unwrap();
+        assert_eq!(two.len(), 2);
+        assert_eq!(serde_json::to_string(&two).unwrap(), r#"["a","b"]"#);
+        let none: List<Str> = serde_json::from_str("null").unwrap();
+        assert!(none.is_empty());
+    }
 
     #[test]
     fn labels_read_like_a_map_and_stay_sorted() {

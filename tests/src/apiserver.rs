@@ -203,7 +203,11 @@ impl ApiServer {
                     o["metadata"]["uid"].clone(),
                     o["metadata"]["creationTimestamp"].clone(),
                 ),
-                None => (json!(format!("uid-{}", s.rv)), json!(now_rfc3339())),
+                // A UUID, as a real API server makes them.
+                None => (
+                    json!(format!("00000000-0000-4000-8000-{:012x}", s.rv)),
+                    json!(now_rfc3339()),
+                ),
             };
             obj["metadata"]["uid"] = uid;
             if obj["metadata"]["creationTimestamp"].is_null() {

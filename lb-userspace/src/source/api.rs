@@ -522,7 +522,7 @@ mod tests {
         };
         assert_eq!(names(&store), ["a", "b"]);
         let a = store.state()[0].clone();
-        assert_eq!(a.metadata.uid.as_deref(), Some("u-1"));
+        assert_eq!(a.metadata.uid, Some("u-1".into()));
         assert_eq!(a.metadata.namespace.as_deref(), Some("t"));
         assert!(a.metadata.creation_timestamp.is_some());
         assert_eq!(
