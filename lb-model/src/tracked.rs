@@ -2,6 +2,7 @@
 //! ([`crate::model::Cache`]) and the DNS index ([`crate::dns::Builder`]) both keep, so that a
 //! sync costs the objects in the changed [`Window`], not every object.
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::hash::Hash;
 use std::sync::Arc;
 
@@ -84,33 +85,39 @@ pub(crate) fn addr<T>(o: &Arc<T>) -> usize {
     Arc::as_ptr(o) as usize
 }
 
-/// The objects of the last snapshot: in order, by address (how often the snapshot holds each,
-/// and its key; `None`: it has none, say no name), and by key (more than one object: a
-/// duplicate, see [`Tracked::first`]). Holds the `Arc`s, so an address is never reused while
-/// it is tracked.
+/// The objects of the last snapshot: in order, and by key (more than one object: a duplicate,
+/// see [`Tracked::first`]). Holds the `Arc`s, so an address is never reused while it is
+/// tracked. An object's key is its own content's (`key` in [`Tracked::take`]), asked again when
+/// it leaves, so nothing is kept per object but the `Arc` in two places.
 #[derive(Debug)]
 pub(crate) struct Tracked<T, K> {
     last: Vec<Arc<T>>,
-    seen: HashMap<usize, (u32, Option<K>)>,
     by_key: HashMap<K, Few<Arc<T>>>,
-    keyless: u32,
+    /// The same `Arc` more than once in a snapshot (rare): by address, how many more times.
+    again: HashMap<usize, u32>,
+    /// Objects without a key (say, no name), by address: how many times.
+    keyless: HashMap<usize, u32>,
+    /// Distinct objects.
+    len: usize,
 }
 
 impl<T, K> Default for Tracked<T, K> {
     fn default() -> Self {
         Self {
             last: Vec::new(),
-            seen: HashMap::new(),
             by_key: HashMap::new(),
-            keyless: 0,
+            again: HashMap::new(),
+            keyless: HashMap::new(),
+            len: 0,
         }
     }
 }
 
 impl<T, K: Clone + Eq + Hash> Tracked<T, K> {
-    /// Takes in a snapshot (`key`: an object's key, asked once per new object). Adds to
-    /// `touched` the key of every object in the changed window: new, gone, or moved (which can
-    /// change which of two duplicates is first).
+    /// Takes in a snapshot (`key`: an object's key; the same object must always give the same
+    /// key). Adds to `touched` the key of every object in the changed window: new, gone, or
+    /// moved (which can change which of two duplicates is first). The keys added are the ones
+    /// held, so a caller that keeps them shares them.
     pub(crate) fn take(
         &mut self,
         now: &[Arc<T>],
@@ -123,38 +130,62 @@ impl<T, K: Clone + Eq + Hash> Tracked<T, K> {
         }
         // New occurrences first: a moved object is neither new nor gone.
         for o in &now[w.prefix..w.new_end] {
-            let e = self.seen.entry(addr(o)).or_insert_with(|| (0, key(o)));
-            e.0 += 1;
-            match (&e.1, e.0) {
-                // Room for one: a key almost always has one object.
-                (Some(k), 1) => self.by_key.entry(k.clone()).or_default().push(o.clone()),
-                (None, 1) => self.keyless += 1,
-                _ => {}
+            let Some(k) = key(o) else {
+                let n = self.keyless.entry(addr(o)).or_insert(0);
+                *n += 1;
+                if *n == 1 {
+                    self.len += 1;
+                }
+                continue;
+            };
+            let (k, objs) = match self.by_key.entry(k) {
+                Entry::Occupied(e) => {
+                    let k = e.key().clone();
+                    (k, e.into_mut())
+                }
+                Entry::Vacant(e) => {
+                    let k = e.key().clone();
+                    (k, e.insert(Few::default()))
+                }
+            };
+            if objs.as_slice().iter().any(|x| Arc::ptr_eq(x, o)) {
+                *self.again.entry(addr(o)).or_insert(0) += 1;
+            } else {
+                objs.push(o.clone());
+                self.len += 1;
             }
-            touched.extend(e.1.clone());
+            touched.extend(Some(k));
         }
         for o in &self.last[w.prefix..w.old_end] {
             let a = addr(o);
-            let Some(e) = self.seen.get_mut(&a) else {
+            let Some(k) = key(o) else {
+                if let Some(n) = self.keyless.get_mut(&a) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.keyless.remove(&a);
+                        self.len -= 1;
+                    }
+                }
                 continue;
             };
-            e.0 -= 1;
-            let k = e.1.clone();
-            if e.0 == 0 {
-                self.seen.remove(&a);
-                match &k {
-                    Some(k) => {
-                        if let Some(v) = self.by_key.get_mut(k) {
-                            v.retain(|x| !Arc::ptr_eq(x, o));
-                            if v.is_empty() {
-                                self.by_key.remove(k);
-                            }
-                        }
-                    }
-                    None => self.keyless -= 1,
+            if let Some(n) = self.again.get_mut(&a) {
+                *n -= 1;
+                if *n == 0 {
+                    self.again.remove(&a);
+                }
+            } else if let Some(objs) = self.by_key.get_mut(&k) {
+                if let Some(i) = objs.as_slice().iter().position(|x| Arc::ptr_eq(x, o)) {
+                    objs.remove(i);
+                    self.len -= 1;
+                }
+                if objs.is_empty() {
+                    let (held, _) = self.by_key.remove_entry(&k).expect("just found");
+                    touched.extend(Some(held));
+                    continue;
                 }
             }
-            touched.extend(k);
+            let held = self.key(&k).cloned().unwrap_or(k);
+            touched.extend(Some(held));
         }
         w.apply(&mut self.last, now);
     }
@@ -184,18 +215,62 @@ impl<T, K: Clone + Eq + Hash> Tracked<T, K> {
 
     /// Objects of the snapshot without a key.
     pub(crate) fn keyless(&self) -> u32 {
-        self.keyless
+        u32::try_from(self.keyless.len()).unwrap_or(u32::MAX)
     }
 
     /// Objects of the snapshot, counted once each.
     pub(crate) fn len(&self) -> usize {
-        self.seen.len()
+        self.len
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::Few;
+    use std::collections::BTreeSet;
+    use std::sync::Arc;
+
+    use super::{Few, Tracked};
+
+    #[test]
+    fn an_object_twice_is_one_object_and_leaving_empties_its_key() {
+        let key = |s: &String| (!s.is_empty()).then(|| s.to_uppercase());
+        let (a, b, b2, none) = (
+            Arc::new("a".to_owned()),
+            Arc::new("b".to_owned()),
+            Arc::new("b".to_owned()),
+            Arc::new(String::new()),
+        );
+        let mut t = Tracked::default();
+        let mut touched = BTreeSet::new();
+        let snap = [
+            a.clone(),
+            a.clone(),
+            b.clone(),
+            b2.clone(),
+            none.clone(),
+            none,
+        ];
+        t.take(&snap, key, &mut touched);
+        assert_eq!(touched, BTreeSet::from(["A".to_owned(), "B".to_owned()]));
+        assert_eq!(
+            t.of(&"A".to_owned()).len(),
+            1,
+            "the same Arc twice: one object"
+        );
+        assert_eq!(t.of(&"B".to_owned()).len(), 2, "two objects with one key");
+        assert_eq!((t.len(), t.keyless()), (4, 1));
+        assert!(Arc::ptr_eq(&t.first(&"B".to_owned(), &snap).unwrap(), &b));
+        // `a` once less, `b` gone: `a` stays, `B` has one object left.
+        let snap2 = [a.clone(), b2.clone()];
+        touched.clear();
+        t.take(&snap2, key, &mut touched);
+        assert_eq!(t.of(&"A".to_owned()).len(), 1);
+        assert!(Arc::ptr_eq(&t.of(&"B".to_owned())[0], &b2));
+        assert_eq!((t.len(), t.keyless()), (2, 0));
+        t.take(&[], key, &mut touched);
+        assert!(t.of(&"A".to_owned()).is_empty() && t.by_key.is_empty() && t.again.is_empty());
+        assert_eq!(t.len(), 0);
+    }
 
     #[test]
     fn few_holds_one_in_place_and_more_in_order() {
