@@ -9,7 +9,7 @@
 //! port names and the API's enum values (`TCP`, `IPv4`, `ClusterIP`) cost no allocation.
 //! Labels, annotations and selectors are a [`Labels`]: a sorted vector, not a B-tree (a B-tree
 //! with one label allocates a node for eleven). A uid is a [`Uid`]: a UUID's 16 bytes. An
-//! endpoint's addresses are a [`List`], which holds one address in place. An endpoint's target
+//! endpoint's addresses are a [`crate::few::Few`], which holds one address in place. An endpoint's target
 //! reference keeps kind, namespace, name and uid; owner references are not kept (nothing reads
 //! them). Timestamps and `IntOrString` are `k8s-openapi`'s own types.
 //!
@@ -23,60 +23,6 @@ pub use k8s_openapi::apimachinery::pkg::{apis::meta::v1::Time, util::intstr::Int
 /// A string of an object: up to 24 bytes (names, namespaces, addresses, ports' names, the
 /// API's enum values) held in place, without an allocation of its own.
 pub type Str = compact_str::CompactString;
-
-/// A list that almost always holds one item (an endpoint's addresses): one is held in place,
-/// more in a vector. Reads like a slice, parses and writes like a list.
-#[derive(Clone, PartialEq, Eq)]
-pub enum List<T> {
-    One(T),
-    Many(Vec<T>),
-}
-
-impl<T> Default for List<T> {
-    fn default() -> Self {
-        Self::Many(Vec::new())
-    }
-}
-
-impl<T> std::ops::Deref for List<T> {
-    type Target = [T];
-    fn deref(&self) -> &[T] {
-        match self {
-            Self::One(x) => std::slice::from_ref(x),
-            Self::Many(v) => v,
-        }
-    }
-}
-
-impl<T> From<Vec<T>> for List<T> {
-    fn from(mut v: Vec<T>) -> Self {
-        if v.len() == 1 {
-            Self::One(v.pop().expect("one item"))
-        } else {
-            v.shrink_to_fit();
-            Self::Many(v)
-        }
-    }
-}
-
-impl<T: std::fmt::Debug> std::fmt::Debug for List<T> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list().entries(self.iter()).finish()
-    }
-}
-
-impl<T: Serialize> Serialize for List<T> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(self.iter())
-    }
-}
-
-impl<'de, T: Deserialize<'de>> Deserialize<'de> for List<T> {
-    /// Absent or `null`: empty, as `k8s-openapi` reads a required list.
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Ok(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default().into())
-    }
-}
 
 /// String → string, sorted by key, one entry per key: labels, annotations, selectors. Reads
 /// like the `BTreeMap<Str, Str>` of the API types (`get`, `iter`, `insert`, …).
@@ -752,7 +698,8 @@ pub mod discovery {
     //! `discovery.k8s.io/v1`: EndpointSlice.
     use serde::{Deserialize, Serialize};
 
-    use super::{List, Object, ObjectMeta, ObjectReference, Str};
+    use super::{Object, ObjectMeta, ObjectReference, Str};
+    use crate::few::Few;
 
     #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
     #[serde(rename_all = "camelCase")]
@@ -776,7 +723,7 @@ pub mod discovery {
     #[serde(rename_all = "camelCase")]
     pub struct Endpoint {
         #[serde(default)]
-        pub addresses: List<Str>,
+        pub addresses: Few<Str>,
         #[serde(skip_serializing_if = "Option::is_none")]
         pub conditions: Option<EndpointConditions>,
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -849,7 +796,7 @@ pub mod discovery {
 
 #[cfg(test)]
 mod tests {
-    use super::{Labels, List, Str, Uid, core::Service, discovery::EndpointSlice};
+    use super::{Labels, Str, Uid, core::Service, discovery::EndpointSlice};
 
     #[test]
     fn a_uuid_uid_is_held_as_16_bytes_and_written_back_as_read() {
@@ -873,18 +820,6 @@ mod tests {
             Uid::Other(_)
         ));
         assert!(std::mem::size_of::<Option<Uid>>() <= 32);
-    }
-
-    #[test]
-    fn a_list_of_one_is_held_in_place() {
-        let one: List<Str> = serde_json::from_str(r#"["198.18.0.1"]"#).unwrap();
-        assert!(matches!(one, List::One(_)));
-        assert_eq!(&*one, ["198.18.0.1"]);
-        let two: List<Str> = serde_json::from_str(r#"["a", "b"]"#).unwrap();
-        assert_eq!(two.len(), 2);
-        assert_eq!(serde_json::to_string(&two).unwrap(), r#"["a","b"]"#);
-        let none: List<Str> = serde_json::from_str("null").unwrap();
-        assert!(none.is_empty());
     }
 
     #[test]

@@ -19,6 +19,7 @@ use crate::k8s::{
 pub mod arbitrary;
 pub mod control;
 pub mod dns;
+pub mod few;
 pub mod k8s;
 pub mod maglev;
 pub mod manifest;

@@ -7,78 +7,7 @@ use std::hash::Hash;
 use std::sync::Arc;
 
 use crate::Window;
-
-/// A short list that is almost always one item long (a key's objects, a Service's slices, a
-/// frontend's claims): one item is held in place, more in a vector. The size of a vector and
-/// no allocation of its own for the one, where a `Vec` with room for one allocates 16 bytes
-/// and more per entry of a map of tens of thousands.
-#[derive(Debug, Clone)]
-pub(crate) enum Few<T> {
-    One(T),
-    Many(Vec<T>),
-}
-
-impl<T> Default for Few<T> {
-    fn default() -> Self {
-        Self::Many(Vec::new())
-    }
-}
-
-impl<T> Few<T> {
-    pub(crate) fn as_slice(&self) -> &[T] {
-        match self {
-            Self::One(x) => std::slice::from_ref(x),
-            Self::Many(v) => v,
-        }
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.as_slice().len()
-    }
-
-    pub(crate) fn is_empty(&self) -> bool {
-        self.as_slice().is_empty()
-    }
-
-    /// Into a vector, to change it in place (and back to one item held in place after).
-    fn edit<R>(&mut self, f: impl FnOnce(&mut Vec<T>) -> R) -> R {
-        let mut v = match std::mem::take(self) {
-            Self::One(x) => vec![x],
-            Self::Many(v) => v,
-        };
-        let r = f(&mut v);
-        *self = if v.len() == 1 {
-            Self::One(v.pop().expect("one item"))
-        } else {
-            v.shrink_to_fit();
-            Self::Many(v)
-        };
-        r
-    }
-
-    pub(crate) fn insert(&mut self, i: usize, x: T) {
-        if let Self::Many(v) = self
-            && v.is_empty()
-        {
-            *self = Self::One(x);
-            return;
-        }
-        self.edit(|v| v.insert(i, x));
-    }
-
-    pub(crate) fn push(&mut self, x: T) {
-        let i = self.len();
-        self.insert(i, x);
-    }
-
-    pub(crate) fn remove(&mut self, i: usize) -> T {
-        self.edit(|v| v.remove(i))
-    }
-
-    pub(crate) fn retain(&mut self, f: impl FnMut(&T) -> bool) {
-        self.edit(|v| v.retain(f));
-    }
-}
+use crate::few::Few;
 
 /// The address of an object, identifying it while the `Arc` is held.
 pub(crate) fn addr<T>(o: &Arc<T>) -> usize {
@@ -229,7 +158,7 @@ mod tests {
     use std::collections::BTreeSet;
     use std::sync::Arc;
 
-    use super::{Few, Tracked};
+    use super::Tracked;
 
     #[test]
     fn an_object_twice_is_one_object_and_leaving_empties_its_key() {
@@ -270,21 +199,5 @@ mod tests {
         t.take(&[], key, &mut touched);
         assert!(t.of(&"A".to_owned()).is_empty() && t.by_key.is_empty() && t.again.is_empty());
         assert_eq!(t.len(), 0);
-    }
-
-    #[test]
-    fn few_holds_one_in_place_and_more_in_order() {
-        let mut f = Few::default();
-        assert!(f.is_empty());
-        f.push(2);
-        assert!(matches!(f, Few::One(2)));
-        f.insert(0, 1);
-        f.push(3);
-        assert_eq!(f.as_slice(), [1, 2, 3]);
-        assert_eq!(f.remove(1), 2);
-        f.retain(|x| *x != 1);
-        assert!(matches!(f, Few::One(3)), "back to one held in place: {f:?}");
-        f.retain(|_| false);
-        assert_eq!(f.len(), 0);
     }
 }

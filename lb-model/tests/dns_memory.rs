@@ -48,7 +48,7 @@ fn service(i: usize, ip: &str) -> (Arc<Service>, Arc<EndpointSlice>) {
     );
     e.endpoints = (0..2)
         .map(|k| Endpoint {
-            addresses: lb_model::k8s::List::One(
+            addresses: lb_model::few::Few::One(
                 format!("198.18.{}.{}", (2 * i + k) / 250, 1 + (2 * i + k) % 250).into(),
             ),
             ..Endpoint::default()

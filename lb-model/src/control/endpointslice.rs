@@ -23,10 +23,11 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use crate::few::Few;
 use crate::k8s::ObjectReference;
 use crate::k8s::core::{Pod, Service, ServicePort};
 use crate::k8s::discovery::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
-use crate::k8s::{List, ObjectMeta, Str};
+use crate::k8s::{ObjectMeta, Str};
 use compact_str::ToCompactString as _;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
@@ -201,7 +202,7 @@ pub(crate) fn slices_for(
                 continue;
             };
             let ep = Endpoint {
-                addresses: List::One(ip.to_compact_string()),
+                addresses: Few::One(ip.to_compact_string()),
                 conditions: Some(EndpointConditions {
                     ready: Some(ready),
                     serving: Some(serving),

@@ -122,7 +122,7 @@ pub(crate) fn slices_for(
 
 fn endpoint(addr: &EndpointAddress, ip: IpAddr, ready: bool) -> Endpoint {
     Endpoint {
-        addresses: crate::k8s::List::One(compact_str::ToCompactString::to_compact_string(&ip)),
+        addresses: crate::few::Few::One(compact_str::ToCompactString::to_compact_string(&ip)),
         conditions: Some(EndpointConditions {
             ready: Some(ready),
             ..EndpointConditions::default()

@@ -455,7 +455,7 @@ mod incremental {
         s.endpoints = eps
             .iter()
             .map(|(a, ready)| Endpoint {
-                addresses: crate::k8s::List::One(format!("198.18.0.{a}").into()),
+                addresses: crate::few::Few::One(format!("198.18.0.{a}").into()),
                 hostname: (a % 3 == 0).then(|| format!("h{a}").into()),
                 conditions: Some(EndpointConditions {
                     ready: Some(*ready),

@@ -17,7 +17,8 @@ use super::{
     Claimed, Config, Desired, Error, Frontend, FrontendState, HealthCheck, LABEL_SERVICE_NAME,
     NsName, ObjectRef, Slice, SvcRes, ns_name, resolve_frontends, resolve_service, resolve_slice,
 };
-use crate::tracked::{Few, Tracked};
+use crate::few::Few;
+use crate::tracked::Tracked;
 
 /// An object's namespace/name, shared by the maps that key on it.
 type Id = Arc<NsName>;
@@ -112,7 +113,7 @@ type SliceEntry = (Arc<EndpointSlice>, Vec<Error>, Option<Id>);
 /// A Service object, its slice objects, its result and its problems.
 type SvcEntry = (
     Arc<Service>,
-    Vec<Arc<EndpointSlice>>,
+    Few<Arc<EndpointSlice>>,
     Option<Arc<Kept>>,
     Vec<Error>,
 );
@@ -315,7 +316,8 @@ impl Cache {
             if !errs.is_empty() {
                 self.services_with_errors.insert(id.clone());
             }
-            self.services.insert(id, (svc, slice_objs, res, errs));
+            self.services
+                .insert(id, (svc, slice_objs.into(), res, errs));
         }
     }
 
