@@ -198,6 +198,9 @@ pub struct GrowthRow {
     pub p99_ms: f64,
     /// Agent RSS in that run.
     pub api_rss_mib: u64,
+    /// From the API: agent started → every Service programmed, wall seconds (program load
+    /// and attach, the watches' lists, the first sync).
+    pub api_start_s: f64,
 }
 
 /// One line of a chart: its label, colour and points.
@@ -242,16 +245,16 @@ pub fn line_chart(
     Ok(())
 }
 
-/// The growth chart (`growth.svg` in `dir`): agent RSS, cold programming time and one-change
-/// p99 against the Service count.
+/// The growth chart (`growth.svg` in `dir`): agent RSS, cold programming time (manifests),
+/// agent start → programmed (API) and one-change p99 against the Service count.
 pub fn growth_chart(rows: &[GrowthRow], dir: &std::path::Path) -> Option<std::path::PathBuf> {
-    use plotters::style::{BLACK, BLUE, GREEN, RED};
+    use plotters::style::{BLACK, BLUE, GREEN, MAGENTA, RED};
     let path = dir.join("growth.svg");
     let max_n = rows.iter().map(|r| r.services).max()? as f64;
     let pts = |f: &dyn Fn(&GrowthRow) -> f64| -> Vec<(f64, f64)> {
         rows.iter().map(|r| (r.services as f64, f(r))).collect()
     };
-    let lines: [Line; 4] = [
+    let lines: [Line; 5] = [
         (
             "agent RSS, manifests (MiB)".into(),
             BLUE,
@@ -263,9 +266,14 @@ pub fn growth_chart(rows: &[GrowthRow], dir: &std::path::Path) -> Option<std::pa
             pts(&|r| r.api_rss_mib as f64),
         ),
         (
-            "cold programming (×100 ms)".into(),
+            "cold programming, manifests (×100 ms)".into(),
             RED,
             pts(&|r| r.cold_s * 10.0),
+        ),
+        (
+            "agent start → programmed, API (×100 ms)".into(),
+            MAGENTA,
+            pts(&|r| r.api_start_s * 10.0),
         ),
         ("change → map p99 (ms)".into(), BLACK, pts(&|r| r.p99_ms)),
     ];
