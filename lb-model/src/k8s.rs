@@ -357,71 +357,193 @@ pub mod core {
     }
     object!(Service, "Service", "v1");
 
+    /// A Service's `spec`. The fields most Services leave unset are behind one box
+    /// ([`ServiceSpec::more`]): 224 bytes per Service instead of 408. Read and written as the
+    /// API's flat `spec`.
+    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+    #[serde(from = "FlatServiceSpec", into = "FlatServiceSpec")]
+    pub struct ServiceSpec {
+        pub type_: Option<Str>,
+        pub cluster_ip: Option<Str>,
+        pub cluster_ips: Option<Vec<Str>>,
+        pub ip_families: Option<Vec<Str>>,
+        pub ip_family_policy: Option<Str>,
+        pub ports: Option<Vec<ServicePort>>,
+        pub selector: Option<Labels>,
+        pub internal_traffic_policy: Option<Str>,
+        pub session_affinity: Option<Str>,
+        /// `None`: every field of [`ServiceSpecMore`] unset.
+        pub more: Option<Box<ServiceSpecMore>>,
+    }
+
+    /// The fields of a Service's `spec` that most Services leave unset.
+    #[derive(Clone, Debug, Default, PartialEq)]
+    pub struct ServiceSpecMore {
+        pub external_ips: Option<Vec<Str>>,
+        pub external_name: Option<Str>,
+        pub load_balancer_ip: Option<Str>,
+        pub load_balancer_source_ranges: Option<Vec<Str>>,
+        pub load_balancer_class: Option<Str>,
+        pub allocate_load_balancer_node_ports: Option<bool>,
+        pub external_traffic_policy: Option<Str>,
+        pub health_check_node_port: Option<i32>,
+        pub session_affinity_config: Option<SessionAffinityConfig>,
+        pub publish_not_ready_addresses: Option<bool>,
+        pub traffic_distribution: Option<Str>,
+    }
+
+    /// Every field unset.
+    static NO_MORE: ServiceSpecMore = ServiceSpecMore {
+        external_ips: None,
+        external_name: None,
+        load_balancer_ip: None,
+        load_balancer_source_ranges: None,
+        load_balancer_class: None,
+        allocate_load_balancer_node_ports: None,
+        external_traffic_policy: None,
+        health_check_node_port: None,
+        session_affinity_config: None,
+        publish_not_ready_addresses: None,
+        traffic_distribution: None,
+    };
+
+    impl ServiceSpec {
+        /// The fields most Services leave unset (all `None` when there are none).
+        #[must_use]
+        pub fn more(&self) -> &ServiceSpecMore {
+            self.more.as_deref().unwrap_or(&NO_MORE)
+        }
+
+        /// The same, to set one.
+        pub fn more_mut(&mut self) -> &mut ServiceSpecMore {
+            self.more.get_or_insert_default()
+        }
+    }
+
+    impl From<FlatServiceSpec> for ServiceSpec {
+        fn from(f: FlatServiceSpec) -> Self {
+            let more = ServiceSpecMore {
+                external_ips: f.external_ips,
+                external_name: f.external_name,
+                load_balancer_ip: f.load_balancer_ip,
+                load_balancer_source_ranges: f.load_balancer_source_ranges,
+                load_balancer_class: f.load_balancer_class,
+                allocate_load_balancer_node_ports: f.allocate_load_balancer_node_ports,
+                external_traffic_policy: f.external_traffic_policy,
+                health_check_node_port: f.health_check_node_port,
+                session_affinity_config: f.session_affinity_config,
+                publish_not_ready_addresses: f.publish_not_ready_addresses,
+                traffic_distribution: f.traffic_distribution,
+            };
+            Self {
+                type_: f.type_,
+                cluster_ip: f.cluster_ip,
+                cluster_ips: f.cluster_ips,
+                ip_families: f.ip_families,
+                ip_family_policy: f.ip_family_policy,
+                ports: f.ports,
+                selector: f.selector,
+                internal_traffic_policy: f.internal_traffic_policy,
+                session_affinity: f.session_affinity,
+                more: (more != NO_MORE).then(|| Box::new(more)),
+            }
+        }
+    }
+
+    impl From<ServiceSpec> for FlatServiceSpec {
+        fn from(s: ServiceSpec) -> Self {
+            let more = s.more.map(|m| *m).unwrap_or_default();
+            Self {
+                type_: s.type_,
+                cluster_ip: s.cluster_ip,
+                cluster_ips: s.cluster_ips,
+                ip_families: s.ip_families,
+                ip_family_policy: s.ip_family_policy,
+                ports: s.ports,
+                selector: s.selector,
+                internal_traffic_policy: s.internal_traffic_policy,
+                session_affinity: s.session_affinity,
+                external_ips: more.external_ips,
+                external_name: more.external_name,
+                load_balancer_ip: more.load_balancer_ip,
+                load_balancer_source_ranges: more.load_balancer_source_ranges,
+                load_balancer_class: more.load_balancer_class,
+                allocate_load_balancer_node_ports: more.allocate_load_balancer_node_ports,
+                external_traffic_policy: more.external_traffic_policy,
+                health_check_node_port: more.health_check_node_port,
+                session_affinity_config: more.session_affinity_config,
+                publish_not_ready_addresses: more.publish_not_ready_addresses,
+                traffic_distribution: more.traffic_distribution,
+            }
+        }
+    }
+
+    /// `spec` as the API writes it: what [`ServiceSpec`] is read from and written as.
     #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
     #[serde(rename_all = "camelCase")]
-    pub struct ServiceSpec {
+    struct FlatServiceSpec {
         #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
-        pub type_: Option<Str>,
+        type_: Option<Str>,
         #[serde(rename = "clusterIP", skip_serializing_if = "Option::is_none")]
-        pub cluster_ip: Option<Str>,
+        cluster_ip: Option<Str>,
         #[serde(
             rename = "clusterIPs",
             default,
             deserialize_with = "super::opt_vec",
             skip_serializing_if = "Option::is_none"
         )]
-        pub cluster_ips: Option<Vec<Str>>,
+        cluster_ips: Option<Vec<Str>>,
         #[serde(
             default,
             deserialize_with = "super::opt_vec",
             skip_serializing_if = "Option::is_none"
         )]
-        pub ip_families: Option<Vec<Str>>,
+        ip_families: Option<Vec<Str>>,
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub ip_family_policy: Option<Str>,
+        ip_family_policy: Option<Str>,
         #[serde(
             default,
             deserialize_with = "super::opt_vec",
             skip_serializing_if = "Option::is_none"
         )]
-        pub ports: Option<Vec<ServicePort>>,
+        ports: Option<Vec<ServicePort>>,
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub selector: Option<Labels>,
+        selector: Option<Labels>,
         #[serde(
             rename = "externalIPs",
             default,
             deserialize_with = "super::opt_vec",
             skip_serializing_if = "Option::is_none"
         )]
-        pub external_ips: Option<Vec<Str>>,
+        external_ips: Option<Vec<Str>>,
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub external_name: Option<Str>,
+        external_name: Option<Str>,
         #[serde(rename = "loadBalancerIP", skip_serializing_if = "Option::is_none")]
-        pub load_balancer_ip: Option<Str>,
+        load_balancer_ip: Option<Str>,
         #[serde(
             default,
             deserialize_with = "super::opt_vec",
             skip_serializing_if = "Option::is_none"
         )]
-        pub load_balancer_source_ranges: Option<Vec<Str>>,
+        load_balancer_source_ranges: Option<Vec<Str>>,
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub load_balancer_class: Option<Str>,
+        load_balancer_class: Option<Str>,
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub allocate_load_balancer_node_ports: Option<bool>,
+        allocate_load_balancer_node_ports: Option<bool>,
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub external_traffic_policy: Option<Str>,
+        external_traffic_policy: Option<Str>,
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub internal_traffic_policy: Option<Str>,
+        internal_traffic_policy: Option<Str>,
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub health_check_node_port: Option<i32>,
+        health_check_node_port: Option<i32>,
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub session_affinity: Option<Str>,
+        session_affinity: Option<Str>,
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub session_affinity_config: Option<SessionAffinityConfig>,
+        session_affinity_config: Option<SessionAffinityConfig>,
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub publish_not_ready_addresses: Option<bool>,
+        publish_not_ready_addresses: Option<bool>,
         #[serde(skip_serializing_if = "Option::is_none")]
-        pub traffic_distribution: Option<Str>,
+        traffic_distribution: Option<Str>,
     }
 
     #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -820,6 +942,44 @@ mod tests {
             Uid::Other(_)
         ));
         assert!(std::mem::size_of::<Option<Uid>>() <= 32);
+    }
+
+    #[test]
+    fn a_services_rarely_set_fields_are_boxed_only_when_set() {
+        let plain: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "a"},
+            "spec": {"type": "ClusterIP", "clusterIP": "198.19.0.1", "ports": [{"port": 80}]}
+        }))
+        .unwrap();
+        let spec = plain.spec.as_ref().unwrap();
+        assert!(spec.more.is_none());
+        assert!(std::mem::size_of::<super::core::ServiceSpec>() <= 224);
+        assert_eq!(spec.more().external_ips, None);
+        let lb = serde_json::json!({
+            "metadata": {"name": "b"},
+            "spec": {
+                "type": "LoadBalancer", "clusterIP": "198.19.0.2",
+                "externalIPs": ["198.18.9.9"], "externalTrafficPolicy": "Local",
+                "healthCheckNodePort": 30100, "publishNotReadyAddresses": true
+            }
+        });
+        let svc: Service = serde_json::from_value(lb.clone()).unwrap();
+        let more = svc.spec.as_ref().unwrap().more();
+        assert_eq!(
+            more.external_ips.as_deref(),
+            Some(&["198.18.9.9".into()][..])
+        );
+        assert_eq!(more.external_traffic_policy.as_deref(), Some("Local"));
+        assert_eq!(more.health_check_node_port, Some(30100));
+        assert_eq!(more.publish_not_ready_addresses, Some(true));
+        // Written back flat, as the API writes it.
+        assert_eq!(serde_json::to_value(&svc).unwrap(), lb);
+        let mut s = plain.spec.clone().unwrap();
+        s.more_mut().health_check_node_port = Some(30101);
+        assert_eq!(
+            serde_json::to_value(&s).unwrap()["healthCheckNodePort"],
+            30101
+        );
     }
 
     #[test]

@@ -170,9 +170,9 @@ fn age(meta: &lb_model::k8s::ObjectMeta, now: SystemTime) -> String {
 /// kubectl's EXTERNAL-IP column.
 fn external_ip(s: &Service) -> String {
     let spec = s.spec.clone().unwrap_or_default();
-    let external: Vec<lb_model::k8s::Str> = spec.external_ips.clone().unwrap_or_default();
+    let external: Vec<lb_model::k8s::Str> = spec.more().external_ips.clone().unwrap_or_default();
     match spec.type_.as_deref().unwrap_or("ClusterIP") {
-        "ExternalName" => spec.external_name.unwrap_or_default().into(),
+        "ExternalName" => spec.more().external_name.clone().unwrap_or_default().into(),
         "LoadBalancer" => {
             let mut ips: Vec<lb_model::k8s::Str> = s
                 .status

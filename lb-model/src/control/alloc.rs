@@ -383,7 +383,7 @@ fn plan(svc: &Service, id: &NsName, ranges: &Ranges) -> Result<Option<Plan>, Vec
     };
     let wants_node_ports = match ty {
         "NodePort" => true,
-        "LoadBalancer" => spec.allocate_load_balancer_node_ports != Some(false),
+        "LoadBalancer" => spec.more().allocate_load_balancer_node_ports != Some(false),
         _ => false,
     };
     let mut node_ports = Vec::new();
@@ -415,16 +415,18 @@ fn plan(svc: &Service, id: &NsName, ranges: &Ranges) -> Result<Option<Plan>, Vec
             },
         ));
     }
-    let health = (ty == "LoadBalancer" && spec.external_traffic_policy.as_deref() == Some("Local"))
-        .then(|| Need {
-            key: "health".into(),
-            field: "spec.healthCheckNodePort".into(),
-            requested: spec
-                .health_check_node_port
-                .and_then(|n| u16::try_from(n).ok())
-                .filter(|&n| n != 0),
-            value: None,
-        });
+    let health = (ty == "LoadBalancer"
+        && spec.more().external_traffic_policy.as_deref() == Some("Local"))
+    .then(|| Need {
+        key: "health".into(),
+        field: "spec.healthCheckNodePort".into(),
+        requested: spec
+            .more()
+            .health_check_node_port
+            .and_then(|n| u16::try_from(n).ok())
+            .filter(|&n| n != 0),
+        value: None,
+    });
     // LoadBalancer IPs: a status written in the manifest (a dump of a cluster) is served as
     // it is; otherwise the pool's job, per family of the Service.
     let has_status = svc
@@ -441,6 +443,7 @@ fn plan(svc: &Service, id: &NsName, ranges: &Ranges) -> Result<Option<Plan>, Vec
         let mut asked: Vec<(String, IpAddr)> = Vec::new();
         let annotations = svc.metadata.annotations.as_ref();
         let requests = spec
+            .more()
             .load_balancer_ip
             .iter()
             .filter(|s| !s.is_empty())
@@ -926,7 +929,7 @@ pub(crate) fn apply(svc: &Arc<Service>, p: &Plan, rec: &Record) -> Arc<Service> 
         }
     }
     if let Some(v) = rec.health_check_node_port {
-        spec.health_check_node_port = Some(i32::from(v));
+        spec.more_mut().health_check_node_port = Some(i32::from(v));
     }
     if !rec.load_balancer_ips.is_empty() {
         s.status = Some(ServiceStatus {

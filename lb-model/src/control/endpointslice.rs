@@ -151,7 +151,7 @@ pub(crate) fn slices_for(
 ) -> Vec<Arc<EndpointSlice>> {
     let spec = svc.spec.as_ref();
     let publish_not_ready = spec
-        .and_then(|s| s.publish_not_ready_addresses)
+        .and_then(|s| s.more().publish_not_ready_addresses)
         .unwrap_or(false);
     let svc_ports: &[ServicePort] = spec.and_then(|s| s.ports.as_deref()).unwrap_or(&[]);
     // (v6, port set) → endpoints, each with the Pod name it sorts by.

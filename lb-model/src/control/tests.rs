@@ -509,7 +509,12 @@ fn node_ports_are_allocated_shared_by_port_number_and_checked() {
     assert_eq!(node_ports(&out, "fixed"), vec![30_080]);
     assert_eq!(node_ports(&out, "nolb"), vec![0]);
     let local = svc(&out, "local").spec.as_ref().unwrap();
-    assert!(local.health_check_node_port.is_some_and(|p| p >= 30_000));
+    assert!(
+        local
+            .more()
+            .health_check_node_port
+            .is_some_and(|p| p >= 30_000)
+    );
     assert!(errors.iter().any(|e| e.starts_with(
         "Service demo/far: spec.ports[0].nodePort: Invalid value: 8080: provided port is not in the valid range. The range of valid ports is 30000-32767"
     )), "{errors:#?}");

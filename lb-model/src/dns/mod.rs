@@ -562,7 +562,8 @@ fn svc_zone(
     };
     let fq: Arc<str> = Arc::from(fqdn);
     if spec.type_.as_deref() == Some("ExternalName") {
-        if let Some(target) = spec.external_name.as_deref().filter(|t| !t.is_empty()) {
+        let target = spec.more().external_name.as_deref();
+        if let Some(target) = target.filter(|t| !t.is_empty()) {
             let t = target.trim_end_matches('.').to_ascii_lowercase();
             names.entry(label("")).or_default().cname = Some(Arc::from(t.as_str()));
         }

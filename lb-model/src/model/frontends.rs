@@ -64,11 +64,11 @@ pub(crate) fn health_check_port(
     errors: &mut Vec<Error>,
 ) -> Option<u16> {
     if spec.type_.as_deref() != Some("LoadBalancer")
-        || spec.external_traffic_policy.as_deref() != Some("Local")
+        || spec.more().external_traffic_policy.as_deref() != Some("Local")
     {
         return None;
     }
-    let raw = spec.health_check_node_port?;
+    let raw = spec.more().health_check_node_port?;
     let port = port_u16(raw);
     if port.is_none() {
         errors.push(Error::BadPort {
@@ -89,6 +89,7 @@ pub(crate) fn affinity_timeout(
 ) -> u32 {
     if spec.session_affinity.as_deref() == Some("ClientIP") {
         let t = spec
+            .more()
             .session_affinity_config
             .as_ref()
             .and_then(|c| c.client_ip.as_ref())
@@ -147,7 +148,7 @@ pub(crate) fn service_addrs(
     for (i, raw) in raw_ips.iter().enumerate() {
         add(raw, format_compact!("{field_ips}[{i}]"), false, errors);
     }
-    for (i, raw) in spec.external_ips.iter().flatten().enumerate() {
+    for (i, raw) in spec.more().external_ips.iter().flatten().enumerate() {
         add(raw, format_compact!("spec.externalIPs[{i}]"), true, errors);
     }
     // LoadBalancer ingress IPs with ipMode VIP (the default); ipMode Proxy means in-cluster
@@ -180,7 +181,7 @@ pub(crate) fn source_ranges(
     errors: &mut Vec<Error>,
 ) -> Vec<Cidr> {
     let mut out = Vec::new();
-    let ranges = spec.load_balancer_source_ranges.iter().flatten();
+    let ranges = spec.more().load_balancer_source_ranges.iter().flatten();
     for (i, raw) in ranges.enumerate() {
         match Cidr::parse(raw) {
             Ok(c) => out.push(c),
@@ -285,7 +286,7 @@ pub(crate) fn resolve_service(svc: &Service, cfg: &Config, errors: &mut Vec<Erro
         addrs,
         ports,
         local_only: spec.internal_traffic_policy.as_deref() == Some("Local"),
-        ext_local: spec.external_traffic_policy.as_deref() == Some("Local"),
+        ext_local: spec.more().external_traffic_policy.as_deref() == Some("Local"),
         source_ranges,
         health_check_port: health_check_port(spec, &object, errors),
         affinity_timeout,
