@@ -6,11 +6,20 @@ use serde::{Deserialize, Serialize};
 
 /// One item in place, or a vector (empty, or two and more). Reads like a slice; parses and
 /// writes like a list.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub enum Few<T> {
     One(T),
     Many(Vec<T>),
 }
+
+/// Equal when the items are (however they are held).
+impl<T: PartialEq> PartialEq for Few<T> {
+    fn eq(&self, o: &Self) -> bool {
+        self.as_slice() == o.as_slice()
+    }
+}
+
+impl<T: Eq> Eq for Few<T> {}
 
 impl<T> Default for Few<T> {
     fn default() -> Self {
@@ -128,5 +137,6 @@ mod tests {
         assert_eq!(serde_json::to_string(&two).unwrap(), r#"["a","b"]"#);
         let none: Few<String> = serde_json::from_str("null").unwrap();
         assert!(none.is_empty());
+        assert_eq!(Few::One(1), Few::Many(vec![1]), "equal by items");
     }
 }
