@@ -34,6 +34,7 @@ use std::sync::Arc;
 use crate::k8s::{core::Service, discovery::EndpointSlice};
 
 use crate::Objects;
+use crate::few::Few;
 use crate::model::{LABEL_SERVICE_NAME, parse_ip};
 use crate::tracked::{Tracked, addr};
 
@@ -295,22 +296,8 @@ impl<K: Hash + Eq + Clone, V: Clone> Shards<K, V> {
     }
 }
 
-/// The names an address points back to (almost always one).
-#[derive(Clone, Debug)]
-enum Ptrs {
-    One(Arc<str>),
-    /// Sorted, no duplicates.
-    Many(Box<[Arc<str>]>),
-}
-
-impl Ptrs {
-    fn as_slice(&self) -> &[Arc<str>] {
-        match self {
-            Self::One(n) => std::slice::from_ref(n),
-            Self::Many(v) => v,
-        }
-    }
-}
+/// The names an address points back to (almost always one): sorted, no duplicates.
+type Ptrs = Few<Arc<str>>;
 
 /// Every name of the cluster zone and every PTR: one [`SvcZone`] per Service, so a change
 /// rebuilds only its own Service's ([`Builder`]); every map is sharded ([`Shards`]), so a
@@ -673,20 +660,9 @@ impl Index {
         for (ip, name) in &d.zone.ptr {
             let m = self.ptr.map_mut(ip);
             let Some(p) = m.get_mut(ip) else { continue };
-            match p {
-                Ptrs::One(n) if n == name => {
-                    m.remove(ip);
-                }
-                Ptrs::One(_) => {}
-                Ptrs::Many(v) => {
-                    let mut rest: Vec<Arc<str>> =
-                        v.iter().filter(|n| *n != name).cloned().collect();
-                    *p = if rest.len() == 1 {
-                        Ptrs::One(rest.remove(0))
-                    } else {
-                        Ptrs::Many(rest.into())
-                    };
-                }
+            p.retain(|n| n != name);
+            if p.is_empty() {
+                m.remove(ip);
             }
         }
     }
@@ -705,22 +681,9 @@ impl Index {
             .unwrap_or_else(|| Arc::from(ns));
         *self.namespaces.map_mut(&*ns).entry(ns).or_default() += 1;
         for (ip, name) in &d.zone.ptr {
-            let m = self.ptr.map_mut(ip);
-            match m.get_mut(ip) {
-                None => {
-                    m.insert(*ip, Ptrs::One(name.clone()));
-                }
-                Some(p) => {
-                    let mut v = p.as_slice().to_vec();
-                    if let Err(i) = v.binary_search(name) {
-                        v.insert(i, name.clone());
-                    }
-                    *p = if v.len() == 1 {
-                        Ptrs::One(v.remove(0))
-                    } else {
-                        Ptrs::Many(v.into())
-                    };
-                }
+            let p = self.ptr.map_mut(ip).entry(*ip).or_default();
+            if let Err(i) = p.binary_search(name) {
+                p.insert(i, name.clone());
             }
         }
     }
