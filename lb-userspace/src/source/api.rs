@@ -188,12 +188,8 @@ impl<T: lb_model::k8s::Object> Store<T> {
     }
 }
 
-/// Where an object with `meta`'s key is (`Ok`) or belongs (`Err`) in a sorted vector.
-fn find<T: lb_model::k8s::Object>(
-    v: &[Arc<T>],
-    meta: &lb_model::k8s::ObjectMeta,
-) -> Result<usize, usize> {
-    let k = key_of(meta);
+/// Where an object with key `k` is (`Ok`) or belongs (`Err`) in a sorted vector.
+fn find<T: lb_model::k8s::Object>(v: &[Arc<T>], k: (&str, &str)) -> Result<usize, usize> {
     v.binary_search_by(|o| key_of(o.metadata()).cmp(&k))
 }
 
@@ -208,7 +204,7 @@ pub struct Writer<T> {
 impl<T: Watched> Writer<T> {
     pub fn apply_watcher_event(&mut self, ev: watcher::Event<Wire<T>>) {
         fn put<T: Watched>(v: &mut Vec<Arc<T>>, o: T) {
-            match find(v, o.metadata()) {
+            match find(v, key_of(o.metadata())) {
                 Ok(i) => v[i] = Arc::new(o),
                 Err(i) => v.insert(i, Arc::new(o)),
             }
@@ -225,17 +221,17 @@ impl<T: Watched> Writer<T> {
             }
             watcher::Event::InitDone => {
                 let mut all = self.relist.take().unwrap_or_default();
-                // Stable: of one key listed twice, the last one stays (as it would have
-                // replaced the first).
+                // Stable, and of one key listed twice the later object stays (as it would have
+                // replaced the earlier).
                 all.sort_by(|a, b| key_of(a.metadata()).cmp(&key_of(b.metadata())));
-                let mut kept: Vec<Arc<T>> = Vec::with_capacity(all.len());
-                for o in all {
-                    match kept.last_mut() {
-                        Some(l) if key_of(l.metadata()) == key_of(o.metadata()) => *l = o,
-                        _ => kept.push(o),
+                all.dedup_by(|later, kept| {
+                    let same = key_of(later.metadata()) == key_of(kept.metadata());
+                    if same {
+                        std::mem::swap(later, kept);
                     }
-                }
-                *self.store.objs.write().expect("store lock") = kept;
+                    same
+                });
+                *self.store.objs.write().expect("store lock") = all;
                 self.store.ready.send_replace(true);
             }
             watcher::Event::Apply(w) => {
@@ -245,9 +241,13 @@ impl<T: Watched> Writer<T> {
                 );
             }
             watcher::Event::Delete(w) => {
-                let meta: lb_model::k8s::ObjectMeta = w.metadata.into();
+                let m = &w.metadata;
+                let k = (
+                    m.namespace.as_deref().unwrap_or_default(),
+                    m.name.as_deref().unwrap_or_default(),
+                );
                 let mut v = self.store.objs.write().expect("store lock");
-                if let Ok(i) = find(&v, &meta) {
+                if let Ok(i) = find(&v, k) {
                     v.remove(i);
                 }
             }
