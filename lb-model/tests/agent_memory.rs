@@ -23,9 +23,7 @@ fn each_stage_keeps_no_more_than_its_budget_per_service() {
     const N: usize = 10_000;
     let yaml = common::bench_manifests(N);
     let f0 = footprint();
-    let mut errors = Vec::new();
-    let o = lb_model::manifest::parse_str(std::path::Path::new("m.yaml"), &yaml, &mut errors)
-        .expect("manifests");
+    let o = common::parse(&yaml);
     let f1 = footprint();
     let mut cp = lb_model::control::ControlPlane::new(
         lb_model::control::Ranges::default(),

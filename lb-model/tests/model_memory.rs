@@ -13,9 +13,7 @@ fn the_kept_model_costs_less_than_4_kib_per_service_and_a_desired_copy_copies_po
     const N: usize = 10_000;
     let yaml = common::bench_manifests(N);
     let f0 = footprint();
-    let mut errors = Vec::new();
-    let o = lb_model::manifest::parse_str(std::path::Path::new("m.yaml"), &yaml, &mut errors)
-        .expect("manifests");
+    let o = common::parse(&yaml);
     let f1 = footprint();
     let cfg = lb_model::model::Config::default();
     let mut cache = lb_model::model::Cache::default();

@@ -41,6 +41,13 @@ pub(crate) fn total() -> usize {
     TOTAL_BYTES.load(Ordering::Relaxed)
 }
 
+/// [`bench_manifests`]' text parsed.
+#[allow(dead_code, reason = "each test binary uses the part it needs")]
+pub(crate) fn parse(yaml: &str) -> lb_model::Objects {
+    lb_model::manifest::parse_str(std::path::Path::new("m.yaml"), yaml, &mut Vec::new())
+        .expect("manifests")
+}
+
 /// `n` Services as the bench loads them: a ClusterIP, one named port, one slice of 4
 /// endpoints, as one YAML stream.
 #[allow(dead_code, reason = "each test binary uses the part it needs")]
