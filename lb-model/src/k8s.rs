@@ -29,7 +29,54 @@ pub type Str = compact_str::CompactString;
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Labels(Vec<(Str, Str)>);
 
+/// Label and annotation keys and values that most objects of a cluster carry and that are
+/// longer than a [`Str`] holds in place: each is held as one static string, where it would
+/// take an allocation on every object (every EndpointSlice has the first two keys, the
+/// controller's value and the trigger-time annotation).
+const WELL_KNOWN: [&str; 22] = [
+    "kubernetes.io/service-name",
+    "endpointslice.kubernetes.io/managed-by",
+    "endpointslice-controller.k8s.io",
+    "endpointslicemirroring-controller.k8s.io",
+    "endpoints.kubernetes.io/last-change-trigger-time",
+    "endpoints.kubernetes.io/managed-by",
+    "service.kubernetes.io/headless",
+    "service.kubernetes.io/service-proxy-name",
+    "service.kubernetes.io/topology-mode",
+    "service.kubernetes.io/topology-aware-hints",
+    "app.kubernetes.io/managed-by",
+    "app.kubernetes.io/component",
+    "app.kubernetes.io/instance",
+    "app.kubernetes.io/part-of",
+    "app.kubernetes.io/version",
+    "kubernetes.io/cluster-service",
+    "topology.kubernetes.io/zone",
+    "topology.kubernetes.io/region",
+    "node.kubernetes.io/instance-type",
+    "kubectl.kubernetes.io/restartedAt",
+    "kubectl.kubernetes.io/default-container",
+    "helm.sh/chart",
+];
+
+/// `s`, as the static string of [`WELL_KNOWN`] when it is one and would take an allocation.
+fn shared(s: Str) -> Str {
+    if !s.is_heap_allocated() {
+        return s;
+    }
+    match WELL_KNOWN.iter().find(|w| **w == s) {
+        Some(w) => Str::const_new(w),
+        None => s,
+    }
+}
+
 impl Labels {
+    /// From entries sorted by key, one per key: well-known strings shared, no spare room.
+    fn new(v: impl Iterator<Item = (Str, Str)>) -> Self {
+        let mut v: Vec<(Str, Str)> = v.map(|(k, v)| (shared(k), shared(v))).collect();
+        v.shrink_to_fit();
+        Self(v)
+    }
+
     #[must_use]
     pub fn get(&self, key: &str) -> Option<&Str> {
         self.find(key).ok().map(|i| &self.0[i].1)
@@ -42,7 +89,7 @@ impl Labels {
 
     /// Sets `key`; returns the value it had.
     pub fn insert(&mut self, key: impl Into<Str>, value: impl Into<Str>) -> Option<Str> {
-        let (key, value) = (key.into(), value.into());
+        let (key, value) = (shared(key.into()), shared(value.into()));
         match self.find(&key) {
             Ok(i) => Some(std::mem::replace(&mut self.0[i].1, value)),
             Err(i) => {
@@ -101,18 +148,14 @@ impl<K: Into<Str>, V: Into<Str>> FromIterator<(K, V)> for Labels {
     /// The last value of a repeated key wins, as in a map.
     fn from_iter<I: IntoIterator<Item = (K, V)>>(it: I) -> Self {
         let map: BTreeMap<Str, Str> = it.into_iter().map(|(k, v)| (k.into(), v.into())).collect();
-        let mut v: Vec<(Str, Str)> = map.into_iter().collect();
-        v.shrink_to_fit();
-        Self(v)
+        Self::new(map.into_iter())
     }
 }
 
 impl From<BTreeMap<String, String>> for Labels {
     fn from(m: BTreeMap<String, String>) -> Self {
         // Already sorted, one entry per key.
-        let mut v: Vec<(Str, Str)> = m.into_iter().map(|(k, v)| (k.into(), v.into())).collect();
-        v.shrink_to_fit();
-        Self(v)
+        Self::new(m.into_iter().map(|(k, v)| (k.into(), v.into())))
     }
 }
 
@@ -133,9 +176,7 @@ impl<'de> Deserialize<'de> for Labels {
         // `key: null` values are dropped, as the API server drops them.
         // The map is sorted with one entry per key already: straight into the vector.
         let m = BTreeMap::<Str, Option<Str>>::deserialize(d)?;
-        let mut v: Vec<(Str, Str)> = m.into_iter().filter_map(|(k, v)| Some((k, v?))).collect();
-        v.shrink_to_fit();
-        Ok(Self(v))
+        Ok(Self::new(m.into_iter().filter_map(|(k, v)| Some((k, v?)))))
     }
 }
 
@@ -942,6 +983,44 @@ mod tests {
             Uid::Other(_)
         ));
         assert!(std::mem::size_of::<Option<Uid>>() <= 32);
+    }
+
+    #[test]
+    fn well_known_label_strings_take_no_allocation_and_read_as_written() {
+        let json = serde_json::json!({
+            "metadata": {
+                "name": "web-abcde",
+                "labels": {
+                    "kubernetes.io/service-name": "web",
+                    "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
+                    "example.com/a-label-key-longer-than-24": "x",
+                },
+                "annotations": {"endpoints.kubernetes.io/last-change-trigger-time": "2026-12-08T00:00:00Z"},
+            },
+            "addressType": "IPv4",
+            "endpoints": [],
+        });
+        let s: EndpointSlice = serde_json::from_value(json.clone()).unwrap();
+        let m = &s.metadata;
+        let labels = m.labels.as_ref().unwrap();
+        for (k, v) in labels.iter().chain(m.annotations.as_ref().unwrap().iter()) {
+            let own = k.as_str() == "example.com/a-label-key-longer-than-24";
+            assert_eq!(k.is_heap_allocated(), own, "{k}");
+            assert!(!v.is_heap_allocated(), "{v}");
+        }
+        assert_eq!(labels.get("kubernetes.io/service-name").unwrap(), "web");
+        assert_eq!(
+            serde_json::to_value(&s).unwrap()["metadata"],
+            json["metadata"]
+        );
+        // Built in code, inserted, or converted from the API's type: shared alike.
+        let mut l = Labels::from([("app.kubernetes.io/instance", "web")]);
+        l.insert("service.kubernetes.io/headless", "");
+        let api = Labels::from(std::collections::BTreeMap::from([(
+            "topology.kubernetes.io/zone".to_string(),
+            "zone-a".to_string(),
+        )]));
+        assert!(l.keys().chain(api.keys()).all(|k| !k.is_heap_allocated()));
     }
 
     #[test]
