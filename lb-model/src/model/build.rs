@@ -539,11 +539,15 @@ type Work = (Id, Arc<Service>, Vec<Arc<EndpointSlice>>);
 /// Resolves each Service of `work` (its result, or `None`, and its problems), in parallel when
 /// there are many (a cold start), merged in order.
 fn resolve_parallel(work: &[Work], cfg: &Config) -> Vec<(Option<Arc<Kept>>, Vec<Error>)> {
-    let one = |(_, svc, slices): &Work| {
+    let one = |(id, svc, slices): &Work| {
         let mut errs = Vec::new();
-        let Some(s) = resolve_service(svc, cfg, &mut errs) else {
+        let Some(mut s) = resolve_service(svc, cfg, &mut errs) else {
             return (None, errs);
         };
+        // The same name: the model's own id, so that the result and its frontends' states
+        // share it rather than hold a copy each Service.
+        debug_assert_eq!(*s.id, **id);
+        s.id = id.clone();
         // The slices again (their problems were recorded when they were taken in, so this
         // pass's are dropped, and so is the name it would put in them).
         let unnamed = ObjectRef {
