@@ -221,11 +221,15 @@ impl NodeBuf {
 /// One Service's names, relative to `<svc>.<ns>.svc.<zone>` (`""`: that name itself;
 /// `db-0`; `_http._tcp`; the empty non-terminal `_tcp`), sorted for a binary search, and the
 /// PTRs it owns. Built once per (Service, slices) pair of objects and shared between indexes
-/// while they are unchanged.
+/// while they are unchanged; the index's own entry is all the [`Builder`] keeps of a key.
 #[derive(Debug, Default)]
 struct SvcZone {
     names: Box<[(Arc<str>, Node)]>,
     ptr: Box<[(IpAddr, Arc<str>)]>,
+    /// What it was built from: the Service object (its address), and the slices (addresses,
+    /// sorted; headless Services only).
+    svc: usize,
+    slices: Box<[usize]>,
 }
 
 impl SvcZone {
@@ -330,15 +334,6 @@ struct Ep {
     dashed: bool,
 }
 
-/// What a key is built from and what it became.
-struct Defined {
-    /// The Service object (address) and the slices (addresses, headless Services only) the
-    /// zone was built from.
-    svc: usize,
-    slices: Box<[usize]>,
-    zone: Arc<SvcZone>,
-}
-
 /// Builds indexes incrementally. Objects are recognised by identity (`Arc::ptr_eq`) and the
 /// snapshot is compared with the last one by [`crate::Window`], so a sync costs what changed: the
 /// zones of the Services whose objects (or slices) changed are rebuilt and only their entries
@@ -353,8 +348,6 @@ pub struct Builder {
     /// duplicate, and the first in the snapshot's order is used.
     services: Tracked<Service, Arc<str>>,
     slices: Tracked<EndpointSlice, Arc<str>>,
-    /// Key → its zone in the current index.
-    defined: HashMap<Arc<str>, Defined>,
     /// Shared relative names (`""`, `_tcp`, `_http._tcp`): the same in many Services.
     labels: HashMap<Box<str>, Arc<str>>,
 }
@@ -483,13 +476,14 @@ impl Builder {
         } else {
             Vec::new() // a ClusterIP's names do not depend on its endpoints
         };
-        if let (Some(o), Some(s)) = (self.defined.get(key), &svc)
+        let old = ix.services.get(key).cloned();
+        if let (Some(o), Some(s)) = (&old, &svc)
             && o.svc == addr(s)
             && *o.slices == *from
         {
             return; // the same objects: the same zone
         }
-        if let Some(o) = self.defined.remove(key) {
+        if let Some(o) = old {
             ix.remove(key, &o);
         }
         let Some(svc) = svc else { return };
@@ -497,14 +491,12 @@ impl Builder {
             return;
         }
         let fqdn = format!("{key}.svc.{zone}");
-        let z = Arc::new(svc_zone(&svc, slices, &fqdn, &mut self.labels));
-        let d = Defined {
+        let z = SvcZone {
             svc: addr(&svc),
             slices: from.into(),
-            zone: z,
+            ..svc_zone(&svc, slices, &fqdn, &mut self.labels)
         };
-        ix.add(key, &d);
-        self.defined.insert(key.clone(), d);
+        ix.add(key, Arc::new(z));
     }
 }
 
@@ -642,12 +634,13 @@ fn finish(names: BTreeMap<Arc<str>, NodeBuf>, ptr: Vec<(IpAddr, Arc<str>)>) -> S
     SvcZone {
         names: names.into_iter().map(|(k, n)| (k, n.done())).collect(),
         ptr: ptr.into(),
+        ..SvcZone::default()
     }
 }
 
 impl Index {
     /// Takes a key's zone out of the index.
-    fn remove(&mut self, key: &Arc<str>, d: &Defined) {
+    fn remove(&mut self, key: &Arc<str>, z: &SvcZone) {
         self.services.map_mut(key).remove(key);
         let ns = namespace_of(key);
         let m = self.namespaces.map_mut(ns);
@@ -657,7 +650,7 @@ impl Index {
                 m.remove(ns);
             }
         }
-        for (ip, name) in &d.zone.ptr {
+        for (ip, name) in &z.ptr {
             let m = self.ptr.map_mut(ip);
             let Some(p) = m.get_mut(ip) else { continue };
             p.retain(|n| n != name);
@@ -668,10 +661,7 @@ impl Index {
     }
 
     /// Puts a key's zone into the index.
-    fn add(&mut self, key: &Arc<str>, d: &Defined) {
-        self.services
-            .map_mut(key)
-            .insert(key.clone(), d.zone.clone());
+    fn add(&mut self, key: &Arc<str>, z: Arc<SvcZone>) {
         // One copy of a namespace's name, shared by its Services.
         let ns = namespace_of(key);
         let ns = self
@@ -680,12 +670,13 @@ impl Index {
             .cloned()
             .unwrap_or_else(|| Arc::from(ns));
         *self.namespaces.map_mut(&*ns).entry(ns).or_default() += 1;
-        for (ip, name) in &d.zone.ptr {
+        for (ip, name) in &z.ptr {
             let p = self.ptr.map_mut(ip).entry(*ip).or_default();
             if let Err(i) = p.binary_search(name) {
                 p.insert(i, name.clone());
             }
         }
+        self.services.map_mut(key).insert(key.clone(), z);
     }
 }
 
