@@ -550,3 +550,54 @@ fn a_missing_marker_is_caught_after_any_number_of_cases() {
         "the writer lets a frontend without marker through"
     );
 }
+
+#[test]
+fn a_bulk_write_packs_the_mirror_and_later_syncs_build_on_it_alike() {
+    let st = |i: u32, n: u32| {
+        std::sync::Arc::new(FrontendState {
+            service: NsName {
+                namespace: "ns".into(),
+                name: format!("s{i}").into(),
+            }
+            .into(),
+            backends: (1..=n)
+                .map(|b| SocketAddr::from(([198, 18, (i >> 8) as u8, i as u8], 8000 + b as u16)))
+                .collect(),
+            ..FrontendState::default()
+        })
+    };
+    let fe = |i: u32| Frontend {
+        addr: std::net::Ipv4Addr::from(0xc613_0000 + i).into(),
+        port: 80,
+        proto: Proto::Tcp,
+        scope: Scope::InNode,
+    };
+    // 2,000 frontends of 4 backends: one write of ~18,000 operations, a bulk write.
+    let mut d = Desired::default();
+    for i in 0..2_000 {
+        d.frontends.insert(fe(i), st(i, 4));
+    }
+    let mut shadow = Shadow::default();
+    let ops = diff(&d, &shadow);
+    assert!(ops.len() >= COMPACT_AFTER, "{}", ops.len());
+    let mut plain = Shadow::default();
+    for op in &ops {
+        plain.apply(op);
+    }
+    converge(&d, &mut shadow);
+    assert_eq!(shadow, plain, "packing changes no entry");
+    // A small change afterwards: the same operations as on the mirror that was not packed,
+    // and the packed one is not packed again (a small write).
+    d.frontends.insert(fe(7), st(7, 2));
+    d.frontends.remove(&fe(8));
+    let ops = diff(&d, &shadow);
+    assert_eq!(ops, diff(&d, &plain));
+    assert!(ops.len() < COMPACT_AFTER);
+    converge(&d, &mut shadow);
+    for op in &ops {
+        plain.apply(op);
+    }
+    assert_eq!(shadow, plain);
+    assert!(diff(&d, &shadow).is_empty());
+    assert_eq!(served(&shadow), expected(&d));
+}
