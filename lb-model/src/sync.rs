@@ -304,20 +304,48 @@ impl ShadowIndex {
     }
 }
 
-/// A write of at least this many operations, and a quarter of the mirror's entries, is a bulk
-/// write (a cold start, a relist): [`apply`] packs the mirror afterwards.
-const COMPACT_AFTER: usize = 4096;
-
 impl Shadow {
-    /// Packs the mirror's B-trees as densely as they go. Entries inserted in key order (as a
-    /// bulk write inserts most of them) leave each node a little over half full; rebuilt from
-    /// their sorted entries, every node is full: a third less memory for the same entries.
-    pub fn compact(&mut self) {
-        self.svc = std::mem::take(&mut self.svc).into_iter().collect();
-        self.backends = std::mem::take(&mut self.backends).into_iter().collect();
-        self.aff_match = std::mem::take(&mut self.aff_match).into_iter().collect();
-        self.src_ranges = std::mem::take(&mut self.src_ranges).into_iter().collect();
-        self.maglev = std::mem::take(&mut self.maglev).into_iter().collect();
+    fn is_empty(&self) -> bool {
+        self.svc.is_empty()
+            && self.backends.is_empty()
+            && self.aff_match.is_empty()
+            && self.src_ranges.is_empty()
+            && self.maglev.is_empty()
+    }
+
+    /// An empty mirror filled by a write of puts only (a cold start), as [`Shadow::apply`] of
+    /// each would: every map built at once from its sorted entries, so that every B-tree node
+    /// is full. Inserted one by one, in key order as a cold start's are, each node is left a
+    /// little over half full: a third more memory for the same entries. `false` (nothing
+    /// done) when the mirror is not empty or an operation is not a put.
+    fn fill(&mut self, ops: &[MapOp]) -> bool {
+        if !self.is_empty() {
+            return false;
+        }
+        let (mut svc, mut backends, mut aff, mut ranges, mut maglev) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for op in ops {
+            match *op {
+                MapOp::PutSvc { key, value } => svc.push((key, value)),
+                MapOp::PutBackend { id, backend } => backends.push((id, backend)),
+                MapOp::PutAffMatch(m) => aff.push(m),
+                MapOp::PutSrcRange(r) => ranges.push(r),
+                MapOp::PutMaglev { key, ref ids } => maglev.push((key, Arc::clone(ids))),
+                _ => return false,
+            }
+        }
+        // A key put twice keeps its later value, as when applied in order (a B-tree built from
+        // entries keeps the last of equal keys).
+        self.svc = svc.into_iter().collect();
+        self.backends = backends.into_iter().collect();
+        self.aff_match = aff.into_iter().collect();
+        self.src_ranges = ranges.into_iter().collect();
+        self.maglev = maglev.into_iter().collect();
+        // The index, when built, from the filled maps (as it would be built on first use).
+        if self.idx.get().is_some() {
+            self.idx = std::sync::OnceLock::from(ShadowIndex::of(self));
+        }
+        true
     }
 
     /// The index of the mirror (built on first use).
@@ -1133,11 +1161,10 @@ pub fn apply<W: MapWriter>(
 ) -> Result<usize, (usize, W::Error)> {
     let r = writer.write_all(ops);
     let n = r.as_ref().map_or_else(|(n, _)| *n, |()| ops.len());
-    for op in &ops[..n] {
-        shadow.apply(op);
-    }
-    if n >= COMPACT_AFTER && n >= shadow.svc.len() / 4 {
-        shadow.compact();
+    if !shadow.fill(&ops[..n]) {
+        for op in &ops[..n] {
+            shadow.apply(op);
+        }
     }
     r.map(|()| n)
 }
