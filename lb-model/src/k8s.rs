@@ -882,6 +882,18 @@ pub mod discovery {
     }
     object!(EndpointSlice, "EndpointSlice", "discovery.k8s.io/v1");
 
+    impl EndpointSlice {
+        /// Drops the endpoints' target references, as the agent keeps a slice from the API
+        /// server. Nothing there reads them (only the standalone control plane shows them, of
+        /// the slices it makes), and the EndpointSlice controller gives every endpoint one:
+        /// its Pod's kind, namespace, name and uid, over 100 bytes an endpoint.
+        pub fn drop_target_refs(&mut self) {
+            for e in &mut self.endpoints {
+                e.target_ref = None;
+            }
+        }
+    }
+
     #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
     #[serde(rename_all = "camelCase")]
     pub struct Endpoint {
@@ -895,10 +907,12 @@ pub mod discovery {
         pub node_name: Option<Str>,
         #[serde(skip_serializing_if = "Option::is_none")]
         pub zone: Option<Str>,
-        /// Boxed, as `target_ref`: most endpoints have none, and an endpoint is held per
-        /// address of every slice.
+        /// Boxed: most endpoints have none, and an endpoint is held per address of every
+        /// slice.
         #[serde(skip_serializing_if = "Option::is_none")]
         pub hints: Option<Box<EndpointHints>>,
+        /// Boxed: the agent drops it from slices of the API server
+        /// ([`EndpointSlice::drop_target_refs`]).
         #[serde(skip_serializing_if = "Option::is_none")]
         pub target_ref: Option<Box<ObjectReference>>,
     }

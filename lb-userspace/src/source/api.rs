@@ -98,22 +98,28 @@ pub trait Watched:
 {
     type Api: k8s_openapi::Resource;
     fn set_metadata(&mut self, meta: lb_model::k8s::ObjectMeta);
+    /// Drops what the agent never reads of this kind from the API server.
+    fn trim(&mut self) {}
 }
 
 macro_rules! watched {
-    ($slim:ty, $api:ty) => {
+    ($slim:ty, $api:ty $(, $trim:expr)?) => {
         impl Watched for $slim {
             type Api = $api;
             fn set_metadata(&mut self, meta: lb_model::k8s::ObjectMeta) {
                 self.metadata = meta;
             }
+            $(fn trim(&mut self) {
+                $trim(self);
+            })?
         }
     };
 }
 watched!(Service, k8s_openapi::api::core::v1::Service);
 watched!(
     EndpointSlice,
-    k8s_openapi::api::discovery::v1::EndpointSlice
+    k8s_openapi::api::discovery::v1::EndpointSlice,
+    EndpointSlice::drop_target_refs
 );
 watched!(Node, k8s_openapi::api::core::v1::Node);
 
@@ -121,6 +127,7 @@ impl<T: Watched> Wire<T> {
     fn into_slim(self) -> T {
         let mut obj = self.obj;
         obj.set_metadata(self.metadata.into());
+        obj.trim();
         obj
     }
 }
@@ -498,6 +505,44 @@ mod tests {
             .map(|(g, r)| ((*g).to_owned(), (*r).to_owned()))
             .collect();
         assert_eq!(declared, typed);
+    }
+
+    /// A slice from the API server is kept without its endpoints' target references (nothing
+    /// reads them), and with everything the model and DNS read.
+    #[test]
+    fn a_watched_slice_is_kept_without_target_references() {
+        let w: Wire<EndpointSlice> = serde_json::from_value(serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "web-x1", "namespace": "t", "resourceVersion": "7",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [{
+                "addresses": ["198.18.0.5"], "hostname": "web-0", "nodeName": "node-a",
+                "zone": "zone-a", "conditions": {"ready": true},
+                "targetRef": {"kind": "Pod", "namespace": "t", "name": "web-0",
+                              "uid": "0b8f3a52-6c1e-4f0e-9d6a-2f1c3b4a5d6e"}
+            }]
+        }))
+        .expect("a watch event's EndpointSlice");
+        let s = w.into_slim();
+        let e = &s.endpoints[0];
+        assert_eq!(e.target_ref, None);
+        assert_eq!(
+            e.addresses.first().map(lb_model::k8s::Str::as_str),
+            Some("198.18.0.5")
+        );
+        assert_eq!(
+            (
+                e.hostname.as_deref(),
+                e.node_name.as_deref(),
+                e.zone.as_deref()
+            ),
+            (Some("web-0"), Some("node-a"), Some("zone-a"))
+        );
+        assert_eq!(e.conditions.and_then(|c| c.ready), Some(true));
+        assert_eq!(s.metadata.name.as_deref(), Some("web-x1"));
+        assert_eq!(s.ports.as_ref().map(Vec::len), Some(1));
     }
 
     /// A watch event's object (as the API sends it, with fields `lb` does not read) lands in
