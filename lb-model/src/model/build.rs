@@ -383,6 +383,11 @@ impl Cache {
         touched_health: &BTreeSet<u16>,
     ) -> BTreeSet<Frontend> {
         let mut changed = BTreeSet::new();
+        // No desired frontend yet (a first build): the winners are built into the B-tree at
+        // once, in order, which fills every node; inserted one by one in order, each node is
+        // left a little over half full.
+        let cold = self.desired.frontends.is_empty();
+        let mut won = Vec::new();
         for fe in touched {
             let claims = self.claims.get(fe).map_or(&[][..], Few::as_slice);
             let winner = claims.first();
@@ -402,6 +407,10 @@ impl Cache {
             let now = self.desired.frontends.get(fe);
             match (winner, now) {
                 (Some(w), Some(st)) if w.state() == st => {}
+                (Some(w), _) if cold => {
+                    won.push((*fe, w.state().clone()));
+                    changed.insert(*fe);
+                }
                 (Some(w), _) => {
                     self.desired.frontends.insert(*fe, w.state().clone());
                     changed.insert(*fe);
@@ -412,6 +421,9 @@ impl Cache {
                 }
                 (None, None) => {}
             }
+        }
+        if cold {
+            self.desired.frontends = won.into_iter().collect();
         }
         for port in touched_health {
             let claims = self.health.get(port).map_or(&[][..], Few::as_slice);
