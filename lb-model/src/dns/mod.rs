@@ -25,7 +25,7 @@
 //!   addresses) are for the upstream resolver ([`Lookup::Forward`]).
 pub mod wire;
 
-use std::borrow::Borrow;
+use std::borrow::{Borrow, Cow};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{BuildHasher as _, Hash, RandomState};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -219,25 +219,112 @@ impl NodeBuf {
 }
 
 /// One Service's names, relative to `<svc>.<ns>.svc.<zone>` (`""`: that name itself;
-/// `db-0`; `_http._tcp`; the empty non-terminal `_tcp`), sorted for a binary search, and the
-/// PTRs it owns. Built once per (Service, slices) pair of objects and shared between indexes
-/// while they are unchanged; the index's own entry is all the [`Builder`] keeps of a key.
+/// `db-0`; `_http._tcp`; the empty non-terminal `_tcp`), and the PTRs it owns. Built once per
+/// (Service, slices) pair of objects and shared between indexes while they are unchanged; the
+/// index's own entry is all the [`Builder`] keeps of a key.
 #[derive(Debug, Default)]
 struct SvcZone {
-    names: Box<[(Arc<str>, Node)]>,
-    ptr: Box<[(IpAddr, Arc<str>)]>,
+    names: Names,
     /// What it was built from: the Service object (its address), and the slices (addresses,
     /// sorted; headless Services only).
     svc: usize,
     slices: Box<[usize]>,
 }
 
+/// A zone's names and PTRs.
+#[derive(Debug)]
+enum Names {
+    /// Every name with its records, sorted for a binary search, and the PTRs (a headless or
+    /// ExternalName Service).
+    Built {
+        names: Box<[(Arc<str>, Node)]>,
+        ptr: Box<[(IpAddr, Arc<str>)]>,
+    },
+    /// A Service with ClusterIPs, whose names follow from its addresses and named ports, made
+    /// when asked (built out, they take four allocations a Service): its addresses at its own
+    /// name `fq`, each pointing back to it; at `_<port>._<proto>` an SRV record to `fq` for
+    /// each named port, with where `_<proto>` (an empty non-terminal) starts in the name.
+    Cluster {
+        fq: Arc<str>,
+        ips: Few<IpAddr>,
+        srv: Few<(Arc<str>, u16, u16)>,
+    },
+}
+
+impl Default for Names {
+    fn default() -> Self {
+        Self::Built {
+            names: Box::default(),
+            ptr: Box::default(),
+        }
+    }
+}
+
+/// The weight of each SRV record of a name with `n` targets (priority is always 0).
+fn srv_weight(n: usize) -> u16 {
+    (100 / n.max(1)).max(1) as u16
+}
+
 impl SvcZone {
-    fn get(&self, rel: &str) -> Option<&Node> {
-        self.names
-            .binary_search_by(|(n, _)| (**n).cmp(rel))
-            .ok()
-            .map(|i| &self.names[i].1)
+    /// The records at `rel`; `None` when the name does not exist.
+    fn get(&self, rel: &str) -> Option<Cow<'_, Node>> {
+        match &self.names {
+            Names::Built { names, .. } => names
+                .binary_search_by(|(n, _)| (**n).cmp(rel))
+                .ok()
+                .map(|i| Cow::Borrowed(&names[i].1)),
+            Names::Cluster { fq, ips, srv } => {
+                // In the order a built node holds them: A, then AAAA, then SRV.
+                let recs: Box<[Rec]> = if rel.is_empty() {
+                    let a = ips.iter().filter_map(|ip| match ip {
+                        IpAddr::V4(a) => Some(Rec::A(*a)),
+                        IpAddr::V6(_) => None,
+                    });
+                    let aaaa = ips.iter().filter_map(|ip| match ip {
+                        IpAddr::V6(a) => Some(Rec::Aaaa(*a)),
+                        IpAddr::V4(_) => None,
+                    });
+                    a.chain(aaaa).collect()
+                } else {
+                    let ours = srv.iter().filter(|(n, ..)| **n == *rel);
+                    let recs: Box<[Rec]> = ours
+                        .map(|(_, port, _)| Rec::Srv(srv_weight(1), *port, fq.clone()))
+                        .collect();
+                    // `_<proto>`: an empty non-terminal above its ports' names.
+                    let ent = || srv.iter().any(|(n, _, at)| n[usize::from(*at)..] == *rel);
+                    if recs.is_empty() && !ent() {
+                        return None;
+                    }
+                    recs
+                };
+                Some(Cow::Owned(Node(recs)))
+            }
+        }
+    }
+
+    /// The PTRs it owns: (address, the name it points back to).
+    fn ptrs(&self) -> Vec<(IpAddr, &Arc<str>)> {
+        match &self.names {
+            Names::Built { ptr, .. } => ptr.iter().map(|(ip, n)| (*ip, n)).collect(),
+            Names::Cluster { fq, ips, .. } => ips.iter().map(|ip| (*ip, fq)).collect(),
+        }
+    }
+
+    /// Every name it holds (for [`Index::dump`]).
+    #[cfg(test)]
+    fn rels(&self) -> Vec<String> {
+        let mut out: Vec<String> = match &self.names {
+            Names::Built { names, .. } => names.iter().map(|(n, _)| n.to_string()).collect(),
+            Names::Cluster { srv, .. } => std::iter::once(String::new())
+                .chain(
+                    srv.iter()
+                        .flat_map(|(n, _, at)| [n.to_string(), n[usize::from(*at)..].to_string()]),
+                )
+                .collect(),
+        };
+        out.sort();
+        out.dedup();
+        out
     }
 }
 
@@ -539,7 +626,6 @@ fn svc_zone(
     let Some(spec) = svc.spec.as_ref() else {
         return SvcZone::default();
     };
-    let fq: Arc<str> = Arc::from(fqdn);
     if spec.type_.as_deref() == Some("ExternalName") {
         let target = spec.more().external_name.as_deref();
         if let Some(target) = target.filter(|t| !t.is_empty()) {
@@ -550,6 +636,9 @@ fn svc_zone(
     }
     let ips = cluster_ips(spec);
     let headless = ips.is_empty();
+    if !headless {
+        return cluster_zone(spec, ips, Arc::from(fqdn), &mut label);
+    }
     // Ready endpoints, deduplicated by address.
     let mut ready: BTreeMap<IpAddr, Ep> = BTreeMap::new();
     if headless {
@@ -594,24 +683,18 @@ fn svc_zone(
             top.push(*ip);
         }
     }
-    // SRV targets: the Service, or each endpoint's own name.
-    let targets: Vec<Arc<str>> = if headless {
-        let mut t = Vec::new();
-        for e in ready.values() {
-            let name: Arc<str> = Arc::from(format!("{}.{fqdn}", e.hostname).as_str());
-            names
-                .entry(Arc::from(e.hostname.as_str()))
-                .or_default()
-                .push(e.ip);
-            ptr.push((e.ip, name.clone()));
-            t.push(name);
-        }
-        t
-    } else {
-        ptr.extend(ips.iter().map(|ip| (*ip, fq.clone())));
-        vec![fq]
-    };
-    let weight = (100 / targets.len().max(1)).max(1) as u16;
+    // SRV targets: each endpoint's own name.
+    let mut targets: Vec<Arc<str>> = Vec::new();
+    for e in ready.values() {
+        let name: Arc<str> = Arc::from(format!("{}.{fqdn}", e.hostname).as_str());
+        names
+            .entry(Arc::from(e.hostname.as_str()))
+            .or_default()
+            .push(e.ip);
+        ptr.push((e.ip, name.clone()));
+        targets.push(name);
+    }
+    let weight = srv_weight(targets.len());
     for p in spec.ports.iter().flatten() {
         let Some(pname) = p.name.as_deref().filter(|n| !n.is_empty()) else {
             continue; // unnamed ports have no SRV record
@@ -630,10 +713,42 @@ fn svc_zone(
     finish(names, ptr)
 }
 
+/// The names of a Service with ClusterIPs `ips` ([`Names::Cluster`]).
+fn cluster_zone(
+    spec: &crate::k8s::core::ServiceSpec,
+    ips: Vec<IpAddr>,
+    fq: Arc<str>,
+    label: &mut impl FnMut(&str) -> Arc<str>,
+) -> SvcZone {
+    let srv: Vec<(Arc<str>, u16, u16)> = spec
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|p| {
+            let pname = p.name.as_deref().filter(|n| !n.is_empty())?; // no SRV unnamed
+            let port = u16::try_from(p.port).ok()?;
+            let proto = p.protocol.as_deref().unwrap_or("TCP").to_ascii_lowercase();
+            let name = format!("_{}._{proto}", pname.to_ascii_lowercase());
+            let at = u16::try_from(name.len() - proto.len() - 1).ok()?;
+            Some((label(&name), port, at))
+        })
+        .collect();
+    SvcZone {
+        names: Names::Cluster {
+            fq,
+            ips: ips.into(),
+            srv: srv.into(),
+        },
+        ..SvcZone::default()
+    }
+}
+
 fn finish(names: BTreeMap<Arc<str>, NodeBuf>, ptr: Vec<(IpAddr, Arc<str>)>) -> SvcZone {
     SvcZone {
-        names: names.into_iter().map(|(k, n)| (k, n.done())).collect(),
-        ptr: ptr.into(),
+        names: Names::Built {
+            names: names.into_iter().map(|(k, n)| (k, n.done())).collect(),
+            ptr: ptr.into(),
+        },
         ..SvcZone::default()
     }
 }
@@ -650,12 +765,12 @@ impl Index {
                 m.remove(ns);
             }
         }
-        for (ip, name) in &z.ptr {
-            let m = self.ptr.map_mut(ip);
-            let Some(p) = m.get_mut(ip) else { continue };
+        for (ip, name) in z.ptrs() {
+            let m = self.ptr.map_mut(&ip);
+            let Some(p) = m.get_mut(&ip) else { continue };
             p.retain(|n| n != name);
             if p.is_empty() {
-                m.remove(ip);
+                m.remove(&ip);
             }
         }
     }
@@ -670,8 +785,8 @@ impl Index {
             .cloned()
             .unwrap_or_else(|| Arc::from(ns));
         *self.namespaces.map_mut(&*ns).entry(ns).or_default() += 1;
-        for (ip, name) in &z.ptr {
-            let p = self.ptr.map_mut(ip).entry(*ip).or_default();
+        for (ip, name) in z.ptrs() {
+            let p = self.ptr.map_mut(&ip).entry(ip).or_default();
             if let Err(i) = p.binary_search(name) {
                 p.insert(i, name.clone());
             }
@@ -723,10 +838,10 @@ impl Index {
 
     /// What a name (lower case, no trailing dot) is in the zone: `Err(true)` exists without
     /// records (NODATA), `Err(false)` does not exist (NXDOMAIN), `Ok(node)` has records.
-    fn find(&self, rel: &str) -> Result<&Node, bool> {
+    fn find(&self, rel: &str) -> Result<Cow<'_, Node>, bool> {
         match rel {
             "" | "svc" => return Err(true),
-            "dns-version" => return Ok(&DNS_VERSION),
+            "dns-version" => return Ok(Cow::Borrowed(&DNS_VERSION)),
             _ => {}
         }
         let Some(r) = rel.strip_suffix(".svc") else {
@@ -784,10 +899,15 @@ impl Index {
         }
         let mut answers = Vec::new();
         let mut additional = Vec::new();
-        let mut rel = rel;
+        let asked = rel;
+        // The in-zone target of the CNAME followed last (`None`: the name asked).
         let mut owner: Option<Arc<str>> = None;
         // Follow in-zone CNAMEs (ExternalName Services naming other Services), at most 8.
         for _ in 0..8 {
+            let rel = match &owner {
+                Some(t) => self.relative(t).unwrap_or_default(),
+                None => asked,
+            };
             let node = match self.find(rel) {
                 Ok(n) => n,
                 Err(exists) => {
@@ -811,17 +931,23 @@ impl Index {
                     owner: owner.clone(),
                     data: RData::Cname(target.clone()),
                 });
-                let Some(next) = self.relative(target) else {
+                if self.relative(target).is_none() {
                     return Lookup::Chase {
                         answers,
                         target: target.clone(),
                     };
-                };
+                }
                 owner = Some(target.clone());
-                rel = next;
                 continue;
             }
-            self.records(node, rel, qt, owner.as_ref(), &mut answers, &mut additional);
+            self.records(
+                &node,
+                rel,
+                qt,
+                owner.as_ref(),
+                &mut answers,
+                &mut additional,
+            );
             if answers.is_empty() {
                 return self.negative(rcode::NOERROR);
             }
@@ -914,7 +1040,8 @@ impl Index {
     fn dump(&self) -> Vec<String> {
         let mut out = Vec::new();
         for (key, z) in self.services.iter() {
-            for (rel, n) in &z.names {
+            for rel in z.rels() {
+                let n = z.get(&rel).expect("a name it holds");
                 out.push(format!(
                     "{rel}|{key}: a {:?} aaaa {:?} srv {:?} cname {:?}",
                     n.a().collect::<Vec<_>>(),
