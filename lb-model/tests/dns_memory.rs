@@ -86,8 +86,8 @@ fn the_index_of_10000_services_is_small_and_an_update_copies_only_what_it_touche
         held as f64 / 1_048_576.0
     );
     assert!(
-        held < 10 << 20,
-        "{held} bytes for {N} Services: over the 10 MiB the index may take"
+        held < 6 << 20,
+        "{held} bytes for {N} Services: over the 6 MiB the index may take"
     );
     assert_eq!(one.len(), N);
 
