@@ -29,6 +29,9 @@ fn real_main(cli: cli::Cli) -> anyhow::Result<()> {
     match cli.command {
         cli::Command::Run(a) => {
             let opts = run_options(*a)?;
+            if matches!(opts.source, agent::SourceOpt::Api { .. }) {
+                agent::single_arena();
+            }
             // Two workers: probes, health checks, watchers and signals stay answered while the
             // sync (its own blocking thread) programs the maps.
             tokio::runtime::Builder::new_multi_thread()
