@@ -25,9 +25,11 @@ pub use k8s_openapi::apimachinery::pkg::{apis::meta::v1::Time, util::intstr::Int
 pub type Str = compact_str::CompactString;
 
 /// String → string, sorted by key, one entry per key: labels, annotations, selectors. Reads
-/// like the `BTreeMap<Str, Str>` of the API types (`get`, `iter`, `insert`, …).
+/// like the `BTreeMap<Str, Str>` of the API types (`get`, `iter`, `insert`, …). One exact
+/// allocation: a boxed slice, 16 bytes in place where a vector takes 24, in every object's
+/// labels and annotations and every selector.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Labels(Vec<(Str, Str)>);
+pub struct Labels(Box<[(Str, Str)]>);
 
 /// Label and annotation keys and values that most objects of a cluster carry and that are
 /// longer than a [`Str`] holds in place: each is held as one static string, where it would
@@ -72,9 +74,15 @@ fn shared(s: Str) -> Str {
 impl Labels {
     /// From entries sorted by key, one per key: well-known strings shared, no spare room.
     fn new(v: impl Iterator<Item = (Str, Str)>) -> Self {
-        let mut v: Vec<(Str, Str)> = v.map(|(k, v)| (shared(k), shared(v))).collect();
-        v.shrink_to_fit();
-        Self(v)
+        Self(v.map(|(k, v)| (shared(k), shared(v))).collect())
+    }
+
+    /// Changes the entries as a vector (rare: the control plane's own labels).
+    fn edit<R>(&mut self, f: impl FnOnce(&mut Vec<(Str, Str)>) -> R) -> R {
+        let mut v = std::mem::take(&mut self.0).into_vec();
+        let r = f(&mut v);
+        self.0 = v.into_boxed_slice();
+        r
     }
 
     #[must_use]
@@ -93,14 +101,15 @@ impl Labels {
         match self.find(&key) {
             Ok(i) => Some(std::mem::replace(&mut self.0[i].1, value)),
             Err(i) => {
-                self.0.insert(i, (key, value));
+                self.edit(|v| v.insert(i, (key, value)));
                 None
             }
         }
     }
 
     pub fn remove(&mut self, key: &str) -> Option<Str> {
-        self.find(key).ok().map(|i| self.0.remove(i).1)
+        let i = self.find(key).ok()?;
+        Some(self.edit(|v| v.remove(i).1))
     }
 
     pub fn iter(&self) -> impl ExactSizeIterator<Item = (&Str, &Str)> {
