@@ -27,12 +27,15 @@ fn service(i: usize, ip: &str) -> (Arc<Service>, Arc<EndpointSlice>) {
     s.metadata.namespace = Some(format!("ns-{}", i % 100).into());
     s.spec = Some(ServiceSpec {
         cluster_ip: Some(ip.into()),
-        cluster_ips: Some(vec![ip.into()]),
-        ports: Some(vec![ServicePort {
-            name: Some("http".into()),
-            port: 80,
-            ..ServicePort::default()
-        }]),
+        cluster_ips: Some([ip.into()].into()),
+        ports: Some(
+            [ServicePort {
+                name: Some("http".into()),
+                port: 80,
+                ..ServicePort::default()
+            }]
+            .into(),
+        ),
         ..ServiceSpec::default()
     });
     let mut e = EndpointSlice {
@@ -54,11 +57,14 @@ fn service(i: usize, ip: &str) -> (Arc<Service>, Arc<EndpointSlice>) {
             ..Endpoint::default()
         })
         .collect();
-    e.ports = Some(vec![EndpointPort {
-        name: Some("http".into()),
-        port: Some(8080),
-        ..EndpointPort::default()
-    }]);
+    e.ports = Some(
+        [EndpointPort {
+            name: Some("http".into()),
+            port: Some(8080),
+            ..EndpointPort::default()
+        }]
+        .into(),
+    );
     (Arc::new(s), Arc::new(e))
 }
 

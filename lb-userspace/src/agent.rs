@@ -110,8 +110,8 @@ impl Standalone {
                     }
                     .into(),
                 ),
-                cluster_ips: Some(ips),
-                ports: Some(vec![port("dns", "UDP"), port("dns-tcp", "TCP")]),
+                cluster_ips: Some(ips.into()),
+                ports: Some([port("dns", "UDP"), port("dns-tcp", "TCP")].into()),
                 ..Default::default()
             }),
             status: None,

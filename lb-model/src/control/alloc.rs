@@ -271,7 +271,7 @@ fn plan(svc: &Service, id: &NsName, ranges: &Ranges) -> Result<Option<Plan>, Vec
     let mut errors = Vec::new();
     // Requested ClusterIPs.
     let (field, raw): (&str, Vec<crate::k8s::Str>) = match (&spec.cluster_ips, &spec.cluster_ip) {
-        (Some(v), _) if !v.is_empty() => ("spec.clusterIPs", v.clone()),
+        (Some(v), _) if !v.is_empty() => ("spec.clusterIPs", v.to_vec()),
         (_, Some(ip)) if !ip.is_empty() => ("spec.clusterIP", vec![ip.clone()]),
         _ => ("spec.clusterIPs", Vec::new()),
     };
@@ -904,7 +904,7 @@ pub(crate) fn apply(svc: &Arc<Service>, p: &Plan, rec: &Record) -> Arc<Service> 
             .map(compact_str::ToCompactString::to_compact_string)
             .collect();
         spec.cluster_ip = ips.first().cloned();
-        spec.cluster_ips = Some(ips);
+        spec.cluster_ips = Some(ips.into());
         spec.ip_families = Some(
             p.cluster
                 .iter()

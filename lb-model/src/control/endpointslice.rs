@@ -325,7 +325,7 @@ pub(crate) fn make_slice(
             ..ObjectMeta::default()
         },
         address_type: address_type.into(),
-        endpoints,
-        ports: Some(ports.to_vec()),
+        endpoints: endpoints.into(),
+        ports: Some(ports.into()),
     }
 }

@@ -596,7 +596,7 @@ fn is_headless(svc: &Service) -> bool {
 
 fn cluster_ips(spec: &crate::k8s::core::ServiceSpec) -> Vec<IpAddr> {
     match (&spec.cluster_ips, &spec.cluster_ip) {
-        (Some(v), _) if !v.is_empty() => v.clone(),
+        (Some(v), _) if !v.is_empty() => v.to_vec(),
         (_, Some(ip)) if !ip.is_empty() => vec![ip.clone()],
         _ => Vec::new(),
     }

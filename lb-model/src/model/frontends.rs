@@ -219,7 +219,7 @@ pub(crate) fn resolve_service(svc: &Service, cfg: &Config, errors: &mut Vec<Erro
         return None;
     }
     let raw_ips: Vec<crate::k8s::Str> = match (&spec.cluster_ips, &spec.cluster_ip) {
-        (Some(ips), _) if !ips.is_empty() => ips.clone(),
+        (Some(ips), _) if !ips.is_empty() => ips.to_vec(),
         (_, Some(ip)) if !ip.is_empty() => vec![ip.clone()],
         _ => return None,
     };

@@ -542,7 +542,7 @@ mod tests {
         );
         assert_eq!(e.conditions.and_then(|c| c.ready), Some(true));
         assert_eq!(s.metadata.name.as_deref(), Some("web-x1"));
-        assert_eq!(s.ports.as_ref().map(Vec::len), Some(1));
+        assert_eq!(s.ports.as_ref().map(|p| p.len()), Some(1));
     }
 
     /// A watch event's object (as the API sends it, with fields `lb` does not read) lands in
