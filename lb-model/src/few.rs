@@ -1,15 +1,17 @@
 //! [`Few`]: a list that almost always holds one item — an endpoint's addresses, the objects of
 //! a key, a Service's slices, a frontend's claims. One item is held in place, more in a
-//! vector: the size of a vector, and no allocation of its own for the one, where a `Vec` with
-//! room for one allocates 16 bytes and more, per entry of maps of tens of thousands.
+//! boxed slice: no bigger than a vector, and no allocation of its own for the one, where a
+//! `Vec` with room for one allocates 16 bytes and more, per entry of maps of tens of thousands.
 use serde::{Deserialize, Serialize};
 
-/// One item in place, or a vector (empty, or two and more). Reads like a slice; parses and
-/// writes like a list.
+/// One item in place, or a boxed slice (empty, or two and more). Reads like a slice; parses
+/// and writes like a list. A boxed slice (16 bytes) leaves room for a niche that tells which:
+/// a `Few` of 24-byte strings is 24 bytes and of pointers 16, where with a vector (24 bytes)
+/// they were 32.
 #[derive(Clone)]
 pub enum Few<T> {
     One(T),
-    Many(Vec<T>),
+    Many(Box<[T]>),
 }
 
 /// Equal when the items are (however they are held).
@@ -23,7 +25,7 @@ impl<T: Eq> Eq for Few<T> {}
 
 impl<T> Default for Few<T> {
     fn default() -> Self {
-        Self::Many(Vec::new())
+        Self::Many(Box::default())
     }
 }
 
@@ -42,8 +44,7 @@ impl<T> From<Vec<T>> for Few<T> {
         if v.len() == 1 {
             Self::One(v.pop().expect("one item"))
         } else {
-            v.shrink_to_fit();
-            Self::Many(v)
+            Self::Many(v.into_boxed_slice())
         }
     }
 }
@@ -58,7 +59,7 @@ impl<T> Few<T> {
     fn edit<R>(&mut self, f: impl FnOnce(&mut Vec<T>) -> R) -> R {
         let mut v = match std::mem::take(self) {
             Self::One(x) => vec![x],
-            Self::Many(v) => v,
+            Self::Many(v) => v.into_vec(),
         };
         let r = f(&mut v);
         *self = v.into();
@@ -137,6 +138,15 @@ mod tests {
         assert_eq!(serde_json::to_string(&two).unwrap(), r#"["a","b"]"#);
         let none: Few<String> = serde_json::from_str("null").unwrap();
         assert!(none.is_empty());
-        assert_eq!(Few::One(1), Few::Many(vec![1]), "equal by items");
+        assert_eq!(Few::One(1), Few::Many(Box::new([1])), "equal by items");
+    }
+
+    #[test]
+    fn is_no_bigger_than_its_item_or_a_boxed_slice() {
+        use std::mem::size_of;
+        // The item's niche holds which: a 24-byte string, or a pointer beside a boxed slice.
+        assert_eq!(size_of::<Few<crate::k8s::Str>>(), 24);
+        assert_eq!(size_of::<Few<std::sync::Arc<()>>>(), 16);
+        assert_eq!(size_of::<Few<std::sync::Arc<str>>>(), 24);
     }
 }
