@@ -108,14 +108,14 @@ pub struct Cache {
 ///
 /// A slice's resolved form is not kept: it is made again from the object whenever its Service
 /// is resolved (a few microseconds), which saves holding every endpoint twice.
-type SliceEntry = (Arc<EndpointSlice>, Vec<Error>, Option<Id>);
+type SliceEntry = (Arc<EndpointSlice>, Box<[Error]>, Option<Id>);
 
 /// A Service object, its slice objects, its result and its problems.
 type SvcEntry = (
     Arc<Service>,
     Few<Arc<EndpointSlice>>,
     Option<Arc<Kept>>,
-    Vec<Error>,
+    Box<[Error]>,
 );
 
 /// What a build changed: the frontends whose desired state differs from the last build's
@@ -240,7 +240,8 @@ impl Cache {
             });
         let Some(svc) = svc else {
             // Not managed for a Service: no resolution, no problems.
-            self.slices.insert(id.clone(), (slice, Vec::new(), None));
+            self.slices
+                .insert(id.clone(), (slice, Box::default(), None));
             return;
         };
         let mut errs = Vec::new();
@@ -250,7 +251,6 @@ impl Cache {
         };
         // Only its problems are kept (see SliceEntry).
         let _ = resolve_slice(&slice, &object, &mut errs);
-        errs.shrink_to_fit();
         if !errs.is_empty() {
             self.slices_with_errors.insert(id.clone());
         }
@@ -259,7 +259,7 @@ impl Cache {
             set.insert(i, id.clone());
         }
         self.slices
-            .insert(id.clone(), (slice, errs, Some(svc.clone())));
+            .insert(id.clone(), (slice, errs.into(), Some(svc.clone())));
         dirty.insert(svc);
     }
 
@@ -317,7 +317,7 @@ impl Cache {
                 self.services_with_errors.insert(id.clone());
             }
             self.services
-                .insert(id, (svc, slice_objs.into(), res, errs));
+                .insert(id, (svc, slice_objs.into(), res, errs.into()));
         }
     }
 
