@@ -48,11 +48,11 @@ fn each_stage_keeps_no_more_than_its_budget_per_service() {
     let f5 = footprint();
     let per = |a: usize, b: usize| (b - a) / N;
     let stages = [
-        ("parsed objects", per(f0, f1), 1_664),
+        ("parsed objects", per(f0, f1), 1_536),
         ("control plane", per(f1, f2), 1_408),
-        ("model", per(f2, f3), 1_152),
+        ("model", per(f2, f3), 1_024),
         ("shadow", per(f3, f4), 320),
-        ("DNS", per(f4, f5), 640),
+        ("DNS", per(f4, f5), 544),
     ];
     let total: usize = stages.iter().map(|s| s.1).sum();
     eprintln!(
@@ -65,5 +65,5 @@ fn each_stage_keeps_no_more_than_its_budget_per_service() {
             "{stage}: {bytes} B per Service, over its budget of {budget} B"
         );
     }
-    assert!(total <= 5_120, "{total} B per Service in all");
+    assert!(total <= 4_864, "{total} B per Service in all");
 }

@@ -27,7 +27,7 @@ fn the_kept_model_costs_less_than_4_kib_per_service_and_a_desired_copy_copies_po
     eprintln!(
         "per Service: API objects {objects} B, the kept model {model} B, a copy of the desired state {desired} B"
     );
-    assert!(model < 1152, "the kept model takes {model} B per Service");
+    assert!(model < 1024, "the kept model takes {model} B per Service");
     assert!(
         desired < 128,
         "a copy of the desired state takes {desired} B per Service: the states were copied"

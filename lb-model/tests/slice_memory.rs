@@ -69,8 +69,8 @@ fn a_real_clusters_slice_from_the_api_keeps_no_target_references() {
             .all(|s| s.endpoints.iter().all(|e| e.target_ref.is_none()))
     );
     assert!(
-        without <= 1_152,
-        "{without} B per slice as kept, over its budget of 1,152 B"
+        without <= 1_088,
+        "{without} B per slice as kept, over its budget of 1,088 B"
     );
     assert!(
         with - without >= 400,
