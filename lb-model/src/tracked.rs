@@ -2,7 +2,6 @@
 //! ([`crate::model::Cache`]) and the DNS index ([`crate::dns::Builder`]) both keep, so that a
 //! sync costs the objects in the changed [`Window`], not every object.
 use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 use std::hash::Hash;
 use std::sync::Arc;
 
@@ -67,16 +66,10 @@ impl<T, K: Clone + Eq + Hash> Tracked<T, K> {
                 }
                 continue;
             };
-            let (k, objs) = match self.by_key.entry(k) {
-                Entry::Occupied(e) => {
-                    let k = e.key().clone();
-                    (k, e.into_mut())
-                }
-                Entry::Vacant(e) => {
-                    let k = e.key().clone();
-                    (k, e.insert(Few::default()))
-                }
-            };
+            // The key held (an equal one given again is dropped).
+            let e = self.by_key.entry(k);
+            let k = e.key().clone();
+            let objs = e.or_default();
             if objs.as_slice().iter().any(|x| Arc::ptr_eq(x, o)) {
                 *self.again.entry(addr(o)).or_insert(0) += 1;
             } else {
