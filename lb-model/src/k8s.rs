@@ -7,10 +7,12 @@
 //!
 //! Strings are a [`Str`], which holds up to 24 bytes in place: names, namespaces, addresses,
 //! port names and the API's enum values (`TCP`, `IPv4`, `ClusterIP`) cost no allocation.
-//! Labels, annotations and selectors are a [`Labels`]: a sorted vector, not a B-tree (a B-tree
-//! with one label allocates a node for eleven). A uid is a [`Uid`]: a UUID's 16 bytes. An
-//! endpoint's addresses are a [`crate::few::Few`], which holds one address in place. An endpoint's target
-//! reference keeps kind, namespace, name and uid; owner references are not kept (nothing reads
+//! Labels, annotations and selectors are a [`Labels`]: a sorted boxed slice, not a B-tree (a
+//! B-tree with one label allocates a node for eleven), with well-known keys and values as
+//! static strings. Lists are boxed slices, exactly as long as they are. A uid is a [`Uid`]: a
+//! UUID's 16 bytes. An endpoint's addresses are a [`crate::few::Few`], which holds one address
+//! in place. An endpoint's target reference keeps kind, namespace, name and uid (the agent
+//! drops it from slices of the API server); owner references are not kept (nothing reads
 //! them). Timestamps and `IntOrString` are `k8s-openapi`'s own types.
 //!
 //! Serializing writes the fields kept, in the API's spelling (`lb-agent get -o yaml`).
