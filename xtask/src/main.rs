@@ -204,7 +204,10 @@ fn pinned_name() -> String {
 fn pinned_nightly() -> Result<String> {
     let date = include_str!("../../lb-ebpf/NIGHTLY").trim();
     let name = pinned_name();
-    if ok(Command::new("rustup").args(["run", &name, "rustc", "--version"])) {
+    let linked = ok(Command::new("rustup").args(["run", &name, "rustc", "--version"]));
+    // The link alone is not enough: `-Z build-std` needs the nightly's rust-src (which can be
+    // removed from the nightly the link points at).
+    if linked && has_rust_src(&name) {
         return Ok(name);
     }
     let commit_date = |tc: &str| -> Option<String> {
@@ -252,19 +255,30 @@ fn pinned_nightly() -> Result<String> {
     {
         run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", &source]))?;
     }
-    let sysroot = Command::new("rustup")
-        .args(["run", &source, "rustc", "--print", "sysroot"])
-        .output()?;
-    let sysroot = String::from_utf8(sysroot.stdout)?.trim().to_owned();
-    run(Command::new("rustup").args(["toolchain", "link", &name, &sysroot]))?;
+    if !linked {
+        let sysroot = sysroot(&source)?;
+        run(Command::new("rustup")
+            .args(["toolchain", "link", &name])
+            .arg(&sysroot))?;
+    }
     Ok(name)
 }
 
-fn install_bpf_linker(toolchain: &str) -> Result<()> {
-    let sysroot = Command::new("rustup")
+/// A toolchain's sysroot.
+fn sysroot(toolchain: &str) -> Result<PathBuf> {
+    let out = Command::new("rustup")
         .args(["run", toolchain, "rustc", "--print", "sysroot"])
         .output()?;
-    let sysroot = PathBuf::from(String::from_utf8(sysroot.stdout)?.trim());
+    Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
+}
+
+/// Whether a toolchain has rust-src (what `-Z build-std` reads).
+fn has_rust_src(toolchain: &str) -> bool {
+    sysroot(toolchain).is_ok_and(|s| s.join("lib/rustlib/src/rust/library/Cargo.lock").is_file())
+}
+
+fn install_bpf_linker(toolchain: &str) -> Result<()> {
+    let sysroot = sysroot(toolchain)?;
     let lib = fs::read_dir(sysroot.join("lib"))?
         .flatten()
         .map(|e| e.path())
